@@ -1,0 +1,96 @@
+//! Helpers shared by the end-to-end tests and benchmarks: where the guest images are, how to start
+//! bdvmm and watch its console, how to map a running guest's memory, and a tiny hand-written guest
+//! for the kvm engine.
+
+pub mod guestmem;
+pub mod tiny_guest;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Paths of the images that `images/build.sh` produced (read from its `images.env`).
+#[derive(Debug, Clone)]
+pub struct Images {
+    vars: HashMap<String, PathBuf>,
+}
+
+impl Images {
+    /// Loads `$BD_IMAGES_ENV`, else `${BACKDOORS_CACHE:-~/.cache/backdoors}/images.env`.
+    ///
+    /// Panics with instructions if the images were never built: these tests need real guests.
+    pub fn load() -> Self {
+        let path = std::env::var_os("BD_IMAGES_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache_dir().join("images.env"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "guest images not found ({}: {e}); build them with `images/build.sh` (`make test` does)",
+                path.display()
+            )
+        });
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), PathBuf::from(v.trim())))
+            .collect();
+        Self { vars }
+    }
+
+    /// One image path by its variable name (e.g. `BD_KERNEL_BZIMAGE`); panics if missing.
+    pub fn get(&self, key: &str) -> &Path {
+        let p = self
+            .vars
+            .get(key)
+            .unwrap_or_else(|| panic!("images.env has no {key}; rebuild with images/build.sh"));
+        assert!(
+            p.exists(),
+            "{key}={} does not exist; rebuild with images/build.sh",
+            p.display()
+        );
+        p
+    }
+}
+
+/// The build cache root.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("BACKDOORS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/backdoors")
+        })
+}
+
+/// The bdvmm binary: `$BDVMM_BIN`, else next to the test executable's target directory.
+pub fn bdvmm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BDVMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/bdvmm
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("bdvmm");
+    assert!(
+        bin.exists(),
+        "{} not built; run `cargo build -p bdvmm` first (`make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Parses a `System.map` into symbol -> address.
+pub fn system_map(path: &Path) -> HashMap<String, u64> {
+    let text = std::fs::read_to_string(path).expect("read System.map");
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _kind = it.next()?;
+            Some((it.next()?.to_string(), addr))
+        })
+        .collect()
+}

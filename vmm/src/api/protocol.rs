@@ -1,0 +1,122 @@
+//! The control API's wire format: one JSON object per line, in both directions, over a Unix
+//! stream socket. Each request gets exactly one reply, in order.
+//!
+//! Requests (`cmd` selects the operation):
+//!
+//! | request | reply fields (besides `"ok": true`) |
+//! |---|---|
+//! | `{"cmd":"pause","lease_ms":2000}` | `pause_ns` (time until every vCPU acknowledged), `lease_ms`, `renewed` |
+//! | `{"cmd":"resume"}` | `resume_ns`, `was_paused` |
+//! | `{"cmd":"regs","vcpu":0}` | `regs`: `rip rsp rflags cr0 cr2 cr3 cr4 efer cpl fs_base gs_base kernel_gs_base` |
+//! | `{"cmd":"memory"}` | `size`, `ranges` (`gpa size offset`), `backdoor` (`gpa size`); the memfd arrives with the reply as an `SCM_RIGHTS` ancillary message |
+//! | `{"cmd":"status"}` | `engine vcpus mem_bytes state uptime_ms pid cmdline lease_holder lease_remaining_ms pauses lease_expiries` |
+//!
+//! Errors are `{"ok": false, "error": "<what went wrong and what to do>"}`.
+//!
+//! **The pause lease.** A `pause` makes the calling connection the lease holder for `lease_ms`
+//! (default set by `bdvmm run --lease-ms`, 2000). The holder may `pause` again to renew, and
+//! `resume` to release. When the lease runs out, or the holder's connection closes for any reason
+//! (including the process dying), bdvmm resumes the guest by itself: a dead monitor can never
+//! leave a guest frozen. While one connection holds the lease, other connections' `pause` and
+//! `resume` are refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::VcpuRegs;
+use crate::layout::{GpaRange, RamRange};
+
+/// Longest request line the server accepts.
+pub const MAX_REQUEST: usize = 4096;
+/// Shortest and longest pause lease a client may ask for.
+pub const LEASE_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=600_000;
+
+/// A request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// Pause all vCPUs (or renew the lease).
+    Pause {
+        /// Lease length; the server default if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_ms: Option<u64>,
+    },
+    /// Resume all vCPUs.
+    Resume,
+    /// Registers of one vCPU.
+    Regs {
+        /// vCPU index.
+        #[serde(default)]
+        vcpu: u8,
+    },
+    /// The memfd and its map.
+    Memory,
+    /// VM status.
+    Status,
+}
+
+/// Reply to `pause`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseReply {
+    /// Nanoseconds from the request until every vCPU acknowledged (0 for a renewal).
+    pub pause_ns: u64,
+    /// The lease granted.
+    pub lease_ms: u64,
+    /// True if the caller already held the lease and this only renewed it.
+    pub renewed: bool,
+}
+
+/// Reply to `resume`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeReply {
+    /// Nanoseconds until every vCPU acknowledged (0 if it was not paused).
+    pub resume_ns: u64,
+    /// Whether the guest was paused.
+    pub was_paused: bool,
+}
+
+/// Reply to `regs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegsReply {
+    /// The registers.
+    pub regs: VcpuRegs,
+}
+
+/// Reply to `memory` (the memfd travels alongside).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryReply {
+    /// memfd size in bytes.
+    pub size: u64,
+    /// Guest-physical ranges and their memfd offsets.
+    pub ranges: Vec<RamRange>,
+    /// The reserved backdoor range.
+    pub backdoor: GpaRange,
+}
+
+/// Reply to `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// "kvm" or "tcg".
+    pub engine: String,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// "running" or "paused".
+    pub state: String,
+    /// Since bdvmm started the guest.
+    pub uptime_ms: u64,
+    /// bdvmm's pid.
+    pub pid: u32,
+    /// The kernel command line the guest got.
+    pub cmdline: String,
+    /// "you", "other" or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+    /// Time left on the current lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_remaining_ms: Option<u64>,
+    /// Pauses granted so far.
+    pub pauses: u64,
+    /// Leases that ran out or whose holder vanished.
+    pub lease_expiries: u64,
+}

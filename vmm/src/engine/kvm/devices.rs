@@ -1,0 +1,102 @@
+//! The legacy port-I/O devices of the kvm engine: COM1 (vm-superio 16550A, IRQ 4 through an irqfd)
+//! and the i8042 controller, whose CPU-reset command is how a guest without ACPI shuts down (as in
+//! Firecracker). Every other port reads as all-ones (no device) and ignores writes.
+
+use std::sync::Mutex;
+
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::ConsoleWriter;
+
+/// First port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// IRQ line of COM1.
+pub const COM1_IRQ: u32 = 4;
+const I8042_DATA: u16 = 0x60;
+const I8042_COMMAND: u16 = 0x64;
+
+/// An EventFd that vm-superio devices can trigger.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl EventFdTrigger {
+    /// A new non-blocking trigger.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+}
+
+/// The port-I/O bus, shared by all vCPU threads.
+pub struct PioBus {
+    /// COM1.
+    pub serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleWriter>>,
+    /// The i8042; its trigger fires when the guest asks for a CPU reset.
+    pub i8042: Mutex<I8042Device<EventFdTrigger>>,
+}
+
+impl PioBus {
+    /// Handles a guest `in`.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+                data[0] = lock(&self.serial).read((p - COM1_BASE) as u8);
+            }
+            I8042_DATA | I8042_COMMAND if data.len() == 1 => {
+                data[0] = lock(&self.i8042).read((port - I8042_DATA) as u8);
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles a guest `out`.
+    pub fn write(&self, port: u16, data: &[u8]) {
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
+                if let Err(e) = lock(&self.serial).write((p - COM1_BASE) as u8, data[0]) {
+                    tracing::warn!("serial write failed: {e:?}");
+                }
+            }
+            I8042_DATA | I8042_COMMAND if data.len() == 1 => {
+                if let Err(e) = lock(&self.i8042).write((port - I8042_DATA) as u8, data[0]) {
+                    tracing::warn!("i8042 write failed: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::Console;
+
+    #[test]
+    fn reset_command_fires_the_trigger_and_unknown_ports_float_high() {
+        let console = Console::new(false, None).unwrap();
+        let bus = PioBus {
+            serial: Mutex::new(Serial::new(
+                EventFdTrigger::new().unwrap(),
+                ConsoleWriter(console),
+            )),
+            i8042: Mutex::new(I8042Device::new(EventFdTrigger::new().unwrap())),
+        };
+        let mut b = [0u8; 1];
+        bus.read(0x2f8, &mut b);
+        assert_eq!(b[0], 0xff);
+        bus.write(I8042_COMMAND, &[0xfe]);
+        assert_eq!(bus.i8042.lock().unwrap().reset_evt().0.read().unwrap(), 1);
+    }
+}

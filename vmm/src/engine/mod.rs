@@ -1,0 +1,166 @@
+//! The two ways bdvmm runs a guest's vCPUs, behind one trait.
+//!
+//! * [`kvm`] — the product: rust-vmm on `/dev/kvm`, one thread per vCPU.
+//! * [`tcg`] — a `qemu-system-x86_64 -accel tcg` child on the same memfd, driven over QMP, for
+//!   hosts whose KVM cannot run a stock kernel.
+//!
+//! Both see the same memfd, memory layout and command line; the VMM's event loop and control API
+//! do not know which one runs.
+
+pub mod kvm;
+pub mod tcg;
+
+use std::os::fd::RawFd;
+
+use serde::{Deserialize, Serialize};
+
+/// Which engine to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// kvm where the host CPU has hardware virtualization (vmx/svm), tcg otherwise.
+    Auto,
+    /// rust-vmm on /dev/kvm.
+    Kvm,
+    /// QEMU TCG child process.
+    Tcg,
+}
+
+impl EngineKind {
+    /// Resolves `Auto` from `/proc/cpuinfo`; returns the choice and why.
+    pub fn resolve(self) -> (EngineKind, String) {
+        match self {
+            EngineKind::Auto => {
+                let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+                if host_has_hw_virt(&cpuinfo) {
+                    (EngineKind::Kvm, "host CPU has vmx/svm".into())
+                } else {
+                    (
+                        EngineKind::Tcg,
+                        "host CPU has no vmx/svm flag (nested or emulated KVM cannot run a stock kernel)"
+                            .into(),
+                    )
+                }
+            }
+            other => (other, "chosen with --engine".into()),
+        }
+    }
+
+    /// The engine's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Auto => "auto",
+            EngineKind::Kvm => "kvm",
+            EngineKind::Tcg => "tcg",
+        }
+    }
+}
+
+/// Whether a `/proc/cpuinfo` text shows hardware virtualization in its `flags` lines.
+pub fn host_has_hw_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuRegs {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// CR0.
+    pub cr0: u64,
+    /// CR2 (last page-fault address).
+    pub cr2: u64,
+    /// CR3 (page-table root).
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER MSR.
+    pub efer: u64,
+    /// Current privilege level (CS.DPL).
+    pub cpl: u8,
+    /// FS base.
+    pub fs_base: u64,
+    /// GS base (the kernel's per-CPU base while in kernel mode).
+    pub gs_base: u64,
+    /// KERNEL_GS_BASE MSR (the per-CPU base while in user mode), where the engine can read it.
+    pub kernel_gs_base: Option<u64>,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest shut itself down (poweroff, or reboot, which bdvmm treats as shutdown).
+    Shutdown(String),
+    /// Something went wrong: guest panic, QEMU crash, KVM error. bdvmm exits non-zero.
+    Failed(String),
+}
+
+/// What became of an engine event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ready {
+    /// Handled; keep watching.
+    Handled,
+    /// That fd is finished (end of file): stop watching it.
+    Unwatch,
+    /// The VM has ended.
+    Ended(VmExit),
+}
+
+/// Errors of the engines.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// From the kvm engine.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// From the tcg engine.
+    #[error(transparent)]
+    Tcg(#[from] tcg::TcgError),
+    /// A vCPU index beyond the configured count.
+    #[error("no vCPU {0}: the guest has {1}")]
+    NoSuchVcpu(u8, u8),
+    /// The VM has already stopped.
+    #[error("the guest has stopped")]
+    Stopped,
+}
+
+/// A running guest's vCPUs, as the event loop and control API see them.
+pub trait Engine {
+    /// "kvm" or "tcg".
+    fn name(&self) -> &'static str;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u8;
+    /// Stops every vCPU; returns only once all have acknowledged. Idempotent.
+    fn pause(&mut self) -> Result<(), EngineError>;
+    /// Lets every vCPU run again. Idempotent.
+    fn resume(&mut self) -> Result<(), EngineError>;
+    /// Registers of one vCPU (any state).
+    fn regs(&mut self, vcpu: u8) -> Result<VcpuRegs, EngineError>;
+    /// Bytes typed on the host console, for the guest's serial port.
+    fn serial_input(&mut self, bytes: &[u8]);
+    /// File descriptors the event loop must watch for this engine.
+    fn watch_fds(&self) -> Vec<RawFd>;
+    /// One of `watch_fds` is readable: handle it.
+    fn on_ready(&mut self, fd: RawFd) -> Ready;
+    /// Stops the guest for good (bdvmm is exiting). Idempotent; never blocks for long.
+    fn terminate(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hw_virt_is_read_from_flags_lines_only() {
+        assert!(host_has_hw_virt("flags\t\t: fpu vme vmx sse\n"));
+        assert!(host_has_hw_virt("model\t: x\nflags\t: svm lm\n"));
+        assert!(!host_has_hw_virt("flags\t: fpu hypervisor svm_lock\n"));
+        assert!(!host_has_hw_virt("model name\t: vmx svm\n"));
+    }
+}

@@ -1,0 +1,312 @@
+//! `bdvmm`: boot a Linux microVM on a shared memfd, with a pause lock for remote healers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use bdvmm::api::server::ApiServer;
+use bdvmm::api::ApiClient;
+use bdvmm::bootfiles;
+use bdvmm::console::Console;
+use bdvmm::engine::kvm::boot::{BootSpec, CMDLINE_MAX};
+use bdvmm::engine::kvm::KvmEngine;
+use bdvmm::engine::tcg::{TcgEngine, TcgSpec};
+use bdvmm::engine::{Engine, EngineKind, VmExit};
+use bdvmm::layout::{MemoryLayout, MAX_VCPUS};
+use bdvmm::memory::GuestRam;
+use bdvmm::vmm::Vmm;
+
+/// Exit status for bad input or set-up failures (as clap uses for usage errors).
+const EXIT_SETUP: u8 = 2;
+/// Exit status when the guest or its engine failed.
+const EXIT_GUEST_FAILED: u8 = 1;
+
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+#[derive(Parser)]
+#[command(
+    name = "bdvmm",
+    version,
+    about = "Backdoors microVM monitor: boots a Linux guest whose RAM is a shared memfd, with a pause lock for remote healers",
+    long_about = "bdvmm boots a Linux kernel (bzImage or vmlinux) and initramfs as a microVM. Guest RAM is one \
+memfd owned by bdvmm; a control API on a Unix socket lets a local client pause every vCPU under a \
+lease, read registers and map guest memory. Two engines run the vCPUs: kvm (rust-vmm, the product) \
+and tcg (a QEMU TCG child on the same memfd, for hosts whose KVM cannot run a stock kernel).\n\n\
+Exit status: 0 when the guest powers off (or reboots: bdvmm has no reboot), 1 when the guest \
+panics or its engine fails, 2 for bad input."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it powers off.
+    Run(RunArgs),
+    /// Talk to a running bdvmm's control API and print its JSON reply.
+    Ctl(CtlArgs),
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Guest kernel: a bzImage or an uncompressed ELF vmlinux (PVH entry if it has the note).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line; bdvmm appends `memmap=` and `backdoor.sb=` for the backdoor range.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u64,
+    /// Number of vCPUs (1-32).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Engine: kvm needs hardware virtualization; auto picks kvm only where /proc/cpuinfo shows vmx/svm.
+    #[arg(long, value_enum, default_value = "auto")]
+    engine: EngineKind,
+    /// Control API Unix socket (pause/resume/regs/memory/status).
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Default pause lease in milliseconds: a pause not renewed or released by then is undone.
+    #[arg(long, default_value_t = 2000)]
+    lease_ms: u64,
+    /// Also copy the serial console to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Do not copy the serial console to stdout.
+    #[arg(long)]
+    no_console_stdout: bool,
+    /// KVM device for the kvm engine.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// QEMU binary for the tcg engine.
+    #[arg(long, default_value = "qemu-system-x86_64", env = "BDVMM_QEMU")]
+    qemu: String,
+}
+
+#[derive(Parser)]
+struct CtlArgs {
+    /// The bdvmm control socket.
+    #[arg(long)]
+    api: PathBuf,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// VM status.
+    Status,
+    /// Pause the guest, hold it for --hold-ms, then exit (which resumes it).
+    Pause {
+        /// Lease in milliseconds.
+        #[arg(long)]
+        lease_ms: Option<u64>,
+        /// How long to keep the guest paused before exiting.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Resume (only the lease holder can; mostly useful to see the refusal).
+    Resume,
+    /// Registers of a vCPU.
+    Regs {
+        /// vCPU index.
+        #[arg(long, default_value_t = 0)]
+        vcpu: u8,
+    },
+    /// The guest-physical memory map (the memfd itself only reaches programs using the API).
+    Memory,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BDVMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ctl(args) => ctl(args),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("bdvmm: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    // Validate everything the user gave before touching KVM or QEMU.
+    let layout = match MemoryLayout::new(args.mem) {
+        Ok(l) => l,
+        Err(e) => return fail(EXIT_SETUP, e),
+    };
+    if !(1..=MAX_VCPUS).contains(&args.vcpus) {
+        return fail(
+            EXIT_SETUP,
+            format!(
+                "--vcpus {} is out of range: give 1 to {MAX_VCPUS}",
+                args.vcpus
+            ),
+        );
+    }
+    if !bdvmm::api::protocol::LEASE_MS_RANGE.contains(&args.lease_ms) {
+        return fail(
+            EXIT_SETUP,
+            format!(
+                "--lease-ms {} is out of range: give 1 to 600000",
+                args.lease_ms
+            ),
+        );
+    }
+    let format = match bootfiles::kernel_format(&args.kernel) {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_SETUP, e),
+    };
+    if let Some(initrd) = &args.initrd {
+        if let Err(e) = bootfiles::check_initrd(initrd) {
+            return fail(EXIT_SETUP, e);
+        }
+    }
+    let cmdline = format!("{} {}", args.cmdline.trim(), layout.cmdline_params());
+    if cmdline.len() >= CMDLINE_MAX {
+        return fail(
+            EXIT_SETUP,
+            format!(
+                "kernel command line is {} bytes; x86 Linux takes at most {}",
+                cmdline.len(),
+                CMDLINE_MAX - 1
+            ),
+        );
+    }
+    if cmdline.bytes().any(|b| b == 0 || b == b'\n') {
+        return fail(
+            EXIT_SETUP,
+            "kernel command line may not contain NUL or newline",
+        );
+    }
+    let api = match &args.api {
+        Some(p) => match ApiServer::bind(p) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(EXIT_SETUP, e),
+        },
+        None => None,
+    };
+    let log = match &args.console_log {
+        Some(p) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                return fail(
+                    EXIT_SETUP,
+                    format!("cannot open --console-log {}: {e}", p.display()),
+                )
+            }
+        },
+        None => None,
+    };
+    let console = match Console::new(!args.no_console_stdout, log) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_SETUP, format!("cannot set up the console: {e}")),
+    };
+    let (kind, why) = args.engine.resolve();
+    eprintln!(
+        "bdvmm: engine {} -> {} ({why})",
+        args.engine.name(),
+        kind.name()
+    );
+    eprintln!("bdvmm: cmdline: {cmdline}");
+    let ram = match GuestRam::new(layout) {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_SETUP, e),
+    };
+    let engine: Box<dyn Engine> = match kind {
+        EngineKind::Kvm => {
+            let spec = BootSpec {
+                kernel: &args.kernel,
+                format,
+                initrd: args.initrd.as_deref(),
+                cmdline: &cmdline,
+                vcpus: args.vcpus,
+            };
+            match KvmEngine::new(&ram, &spec, console.clone(), &args.kvm_device) {
+                Ok(e) => Box::new(e),
+                Err(e) => return fail(EXIT_SETUP, e),
+            }
+        }
+        EngineKind::Tcg | EngineKind::Auto => {
+            let spec = TcgSpec {
+                qemu: &args.qemu,
+                kernel: &args.kernel,
+                initrd: args.initrd.as_deref(),
+                cmdline: &cmdline,
+                vcpus: args.vcpus,
+            };
+            match TcgEngine::new(&ram, &spec, console.clone()) {
+                Ok(e) => Box::new(e),
+                Err(e) => return fail(EXIT_SETUP, e),
+            }
+        }
+    };
+    // Stdin goes to the guest's serial port only when a person is typing.
+    // SAFETY: isatty on a constant fd.
+    let forward_stdin = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    let vmm = match Vmm::new(
+        engine,
+        ram,
+        console,
+        api,
+        Duration::from_millis(args.lease_ms),
+        cmdline,
+        forward_stdin,
+    ) {
+        Ok(v) => v,
+        Err(e) => return fail(EXIT_SETUP, format!("cannot set up the event loop: {e}")),
+    };
+    match vmm.run() {
+        VmExit::Shutdown(reason) => {
+            eprintln!("bdvmm: guest stopped: {reason}");
+            ExitCode::SUCCESS
+        }
+        VmExit::Failed(reason) => fail(EXIT_GUEST_FAILED, reason),
+    }
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let mut client = match ApiClient::connect(&args.api) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_SETUP, e),
+    };
+    let out = match args.op {
+        CtlOp::Status => client.status().map(|r| serde_json::to_value(r).ok()),
+        CtlOp::Pause { lease_ms, hold_ms } => {
+            let r = client.pause(lease_ms.map(Duration::from_millis));
+            if r.is_ok() && hold_ms > 0 {
+                std::thread::sleep(Duration::from_millis(hold_ms));
+            }
+            r.map(|r| serde_json::to_value(r).ok())
+        }
+        CtlOp::Resume => client.resume().map(|r| serde_json::to_value(r).ok()),
+        CtlOp::Regs { vcpu } => client.regs(vcpu).map(|r| serde_json::to_value(r).ok()),
+        CtlOp::Memory => client.memory().map(|(_, r)| serde_json::to_value(r).ok()),
+    };
+    match out {
+        Ok(v) => {
+            println!("{}", v.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_GUEST_FAILED, e),
+    }
+}

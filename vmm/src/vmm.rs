@@ -1,0 +1,438 @@
+//! The VMM's event loop: one `event-manager` subscriber that owns the engine, the console, the
+//! control API and the pause lease, and decides when the VM has ended.
+//!
+//! Everything the VMM reacts to is a file descriptor: API listener and connections, the lease
+//! timer, the console's "something was seen" eventfd, the engine's own fds (vCPU exit eventfd and
+//! i8042 reset for kvm; QEMU's pidfd and pipes for tcg), a panic grace timer and, when stdin is a
+//! terminal, stdin (forwarded to the guest's serial port).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use serde::Serialize;
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api::protocol::{
+    MemoryReply, PauseReply, RegsReply, Request, ResumeReply, StatusReply, LEASE_MS_RANGE,
+};
+use crate::api::server::{ApiServer, Incoming};
+use crate::console::Console;
+use crate::engine::{Engine, Ready, VmExit};
+use crate::memory::GuestRam;
+
+const TAG_LISTENER: u32 = 1;
+const TAG_LEASE_TIMER: u32 = 2;
+const TAG_CONSOLE: u32 = 3;
+const TAG_STDIN: u32 = 4;
+const TAG_PANIC_TIMER: u32 = 5;
+const TAG_ENGINE: u32 = 0x100; // + index into the engine's watch list
+const TAG_CONN: u32 = 0x1_0000; // + connection id
+
+/// After the first line of a kernel panic, how long the rest of the report may take to print.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+
+/// The signal that asked bdvmm to stop (0 = none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Who holds the pause and until when.
+struct Lease {
+    holder: u32,
+    expires: Instant,
+}
+
+/// The VMM.
+pub struct Vmm {
+    // Drop order: the engine (vCPUs, QEMU) goes before the RAM it runs on.
+    engine: Box<dyn Engine>,
+    ram: GuestRam,
+    console: Console,
+    api: Option<ApiServer>,
+    lease: Option<Lease>,
+    default_lease: Duration,
+    lease_timer: TimerFd,
+    panic_timer: TimerFd,
+    stdin: Option<RawFd>,
+    cmdline: String,
+    started: Instant,
+    pauses: u64,
+    lease_expiries: u64,
+    exit: Option<VmExit>,
+}
+
+fn ok<T: Serialize>(reply: T) -> Value {
+    let mut v = serde_json::to_value(reply).unwrap_or_else(|_| json!({}));
+    v["ok"] = json!(true);
+    v
+}
+
+fn err(msg: impl std::fmt::Display) -> Value {
+    json!({ "ok": false, "error": msg.to_string() })
+}
+
+impl Vmm {
+    /// Wraps a started (paused) engine.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        ram: GuestRam,
+        console: Console,
+        api: Option<ApiServer>,
+        default_lease: Duration,
+        cmdline: String,
+        forward_stdin: bool,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            engine,
+            ram,
+            console,
+            api,
+            lease: None,
+            default_lease,
+            lease_timer: TimerFd::new()?,
+            panic_timer: TimerFd::new()?,
+            stdin: forward_stdin.then_some(libc::STDIN_FILENO),
+            cmdline,
+            started: Instant::now(),
+            pauses: 0,
+            lease_expiries: 0,
+            exit: None,
+        })
+    }
+
+    /// Starts the guest and runs the event loop until the VM ends (or a stop signal arrives).
+    pub fn run(mut self) -> VmExit {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_stop_signal) {
+                tracing::warn!("cannot handle signal {sig}: {e}");
+            }
+        }
+        if let Err(e) = self.engine.resume() {
+            self.engine.terminate();
+            return VmExit::Failed(format!("cannot start the guest's vCPUs: {e}"));
+        }
+        self.started = Instant::now();
+        let vmm = Arc::new(Mutex::new(self));
+        let mut manager = match EventManager::<Arc<Mutex<Vmm>>>::new() {
+            Ok(m) => m,
+            Err(e) => return VmExit::Failed(format!("cannot create the event loop: {e:?}")),
+        };
+        manager.add_subscriber(vmm.clone());
+        loop {
+            if let Err(e) = manager.run_with_timeout(100) {
+                tracing::debug!("event loop: {e:?}");
+            }
+            let mut v = vmm.lock().unwrap_or_else(|e| e.into_inner());
+            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+            if v.exit.is_none() && sig != 0 {
+                v.exit = Some(VmExit::Failed(format!(
+                    "bdvmm stopped by signal {sig}; guest terminated"
+                )));
+            }
+            if let Some(end) = v.exit.take() {
+                v.engine.terminate();
+                return v.final_exit(end);
+            }
+        }
+    }
+
+    /// A guest panic seen on the console outranks whatever the engine reported.
+    fn final_exit(&self, end: VmExit) -> VmExit {
+        match self.console.findings().panic {
+            Some(p) => VmExit::Failed(format!("guest kernel panic: {p}")),
+            None => end,
+        }
+    }
+
+    fn remaining_lease(&self) -> Option<Duration> {
+        self.lease
+            .as_ref()
+            .map(|l| l.expires.saturating_duration_since(Instant::now()))
+    }
+
+    fn arm_lease_timer(&mut self, d: Duration) {
+        if let Err(e) = self
+            .lease_timer
+            .reset(d.max(Duration::from_micros(1)), None)
+        {
+            tracing::error!("cannot arm the lease timer: {e}; resuming the guest now");
+            self.release(false);
+        }
+    }
+
+    /// Resumes the guest and forgets the lease. `expired`: count it as a lease expiry.
+    fn release(&mut self, expired: bool) {
+        if self.lease.take().is_none() {
+            return;
+        }
+        let _ = self.lease_timer.clear();
+        if expired {
+            self.lease_expiries += 1;
+        }
+        if let Err(e) = self.engine.resume() {
+            self.exit = Some(VmExit::Failed(format!("cannot resume the guest: {e}")));
+        }
+    }
+
+    fn handle(&mut self, conn: u32, req: Request) -> (Value, Option<RawFd>) {
+        match req {
+            Request::Pause { lease_ms } => {
+                let ms = lease_ms.unwrap_or(self.default_lease.as_millis() as u64);
+                if !LEASE_MS_RANGE.contains(&ms) {
+                    return (
+                        err(format!(
+                            "lease_ms {ms} out of range {}..={}",
+                            LEASE_MS_RANGE.start(),
+                            LEASE_MS_RANGE.end()
+                        )),
+                        None,
+                    );
+                }
+                let lease = Duration::from_millis(ms);
+                match &self.lease {
+                    Some(l) if l.holder != conn => (
+                        err(format!(
+                            "the guest is paused by another client (lease ends in {} ms); retry later",
+                            self.remaining_lease().unwrap_or_default().as_millis()
+                        )),
+                        None,
+                    ),
+                    Some(_) => {
+                        self.lease = Some(Lease {
+                            holder: conn,
+                            expires: Instant::now() + lease,
+                        });
+                        self.arm_lease_timer(lease);
+                        (
+                            ok(PauseReply {
+                                pause_ns: 0,
+                                lease_ms: ms,
+                                renewed: true,
+                            }),
+                            None,
+                        )
+                    }
+                    None => {
+                        let t0 = Instant::now();
+                        if let Err(e) = self.engine.pause() {
+                            return (err(format!("pause failed: {e}")), None);
+                        }
+                        let pause_ns = t0.elapsed().as_nanos() as u64;
+                        self.pauses += 1;
+                        self.lease = Some(Lease {
+                            holder: conn,
+                            expires: Instant::now() + lease,
+                        });
+                        self.arm_lease_timer(lease);
+                        (
+                            ok(PauseReply {
+                                pause_ns,
+                                lease_ms: ms,
+                                renewed: false,
+                            }),
+                            None,
+                        )
+                    }
+                }
+            }
+            Request::Resume => match &self.lease {
+                Some(l) if l.holder != conn => (
+                    err("the guest is paused by another client; only the lease holder may resume it"),
+                    None,
+                ),
+                Some(_) => {
+                    let t0 = Instant::now();
+                    self.release(false);
+                    (
+                        ok(ResumeReply {
+                            resume_ns: t0.elapsed().as_nanos() as u64,
+                            was_paused: true,
+                        }),
+                        None,
+                    )
+                }
+                None => (
+                    ok(ResumeReply {
+                        resume_ns: 0,
+                        was_paused: false,
+                    }),
+                    None,
+                ),
+            },
+            Request::Regs { vcpu } => match self.engine.regs(vcpu) {
+                Ok(regs) => (ok(RegsReply { regs }), None),
+                Err(e) => (err(e), None),
+            },
+            Request::Memory => (
+                ok(MemoryReply {
+                    size: self.ram.layout.total,
+                    ranges: self.ram.layout.ranges.clone(),
+                    backdoor: self.ram.layout.backdoor,
+                }),
+                Some(self.ram.file.as_raw_fd()),
+            ),
+            Request::Status => {
+                let holder = self.lease.as_ref().map(|l| {
+                    if l.holder == conn {
+                        "you".to_string()
+                    } else {
+                        "other".to_string()
+                    }
+                });
+                (
+                    ok(StatusReply {
+                        engine: self.engine.name().into(),
+                        vcpus: self.engine.vcpus(),
+                        mem_bytes: self.ram.layout.total,
+                        state: if self.lease.is_some() { "paused" } else { "running" }.into(),
+                        uptime_ms: self.started.elapsed().as_millis() as u64,
+                        pid: std::process::id(),
+                        cmdline: self.cmdline.clone(),
+                        lease_holder: holder,
+                        lease_remaining_ms: self.remaining_lease().map(|d| d.as_millis() as u64),
+                        pauses: self.pauses,
+                        lease_expiries: self.lease_expiries,
+                    }),
+                    None,
+                )
+            }
+        }
+    }
+
+    fn on_conn(&mut self, id: u32, ops: &mut EventOps) {
+        let Some(api) = self.api.as_mut() else { return };
+        let fd = api.conn_fd(id);
+        match api.read(id) {
+            Incoming::Requests(reqs) => {
+                for req in reqs {
+                    let (reply, fd_out) = match req {
+                        Ok(r) => self.handle(id, r),
+                        Err(e) => (err(e), None),
+                    };
+                    let api = self.api.as_mut().expect("api exists");
+                    if !api.reply(id, &reply, fd_out) {
+                        self.conn_gone(id, fd, ops);
+                        return;
+                    }
+                }
+            }
+            Incoming::Closed => self.conn_gone(id, fd, ops),
+        }
+    }
+
+    fn conn_gone(&mut self, id: u32, fd: Option<RawFd>, ops: &mut EventOps) {
+        if let Some(fd) = fd {
+            let _ = ops.remove(Events::empty_raw(fd));
+        }
+        if let Some(api) = self.api.as_mut() {
+            api.close(id);
+        }
+        if self.lease.as_ref().is_some_and(|l| l.holder == id) {
+            tracing::warn!("the client holding the pause disconnected; resuming the guest");
+            self.release(true);
+        }
+    }
+
+    fn on_console(&mut self) {
+        let _ = self.console.event.read();
+        let f = self.console.findings();
+        if f.panic_complete {
+            self.exit = Some(VmExit::Failed("guest kernel panic".into()));
+        } else if f.panic.is_some() && !self.panic_timer.is_armed().unwrap_or(false) {
+            let _ = self.panic_timer.reset(PANIC_GRACE, None);
+        }
+    }
+
+    fn on_stdin(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 1024];
+        // SAFETY: read into a valid buffer from stdin.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
+            self.stdin = None;
+            return;
+        }
+        self.engine.serial_input(&buf[..n as usize]);
+    }
+}
+
+impl MutEventSubscriber for Vmm {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut watch = vec![
+            (self.lease_timer.as_raw_fd(), TAG_LEASE_TIMER),
+            (self.panic_timer.as_raw_fd(), TAG_PANIC_TIMER),
+            (self.console.event.as_raw_fd(), TAG_CONSOLE),
+        ];
+        if let Some(api) = &self.api {
+            watch.push((api.listener_fd(), TAG_LISTENER));
+        }
+        if let Some(fd) = self.stdin {
+            watch.push((fd, TAG_STDIN));
+        }
+        for (i, fd) in self.engine.watch_fds().into_iter().enumerate() {
+            watch.push((fd, TAG_ENGINE + i as u32));
+        }
+        for (fd, tag) in watch {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {
+                self.exit = Some(VmExit::Failed(format!("cannot watch fd {fd}: {e:?}")));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let tag = events.data();
+        match tag {
+            TAG_LISTENER => {
+                let new = self.api.as_mut().map(|a| a.accept()).unwrap_or_default();
+                for (id, fd) in new {
+                    let set = EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP;
+                    if ops
+                        .add(Events::with_data_raw(fd, TAG_CONN + id, set))
+                        .is_err()
+                    {
+                        if let Some(api) = self.api.as_mut() {
+                            api.close(id);
+                        }
+                    }
+                }
+            }
+            TAG_LEASE_TIMER => {
+                let _ = self.lease_timer.wait();
+                if self.remaining_lease().is_some_and(|d| d.is_zero()) {
+                    tracing::warn!("pause lease ran out; resuming the guest");
+                    self.release(true);
+                }
+            }
+            TAG_PANIC_TIMER => {
+                let _ = self.panic_timer.wait();
+                self.exit = Some(VmExit::Failed("guest kernel panic".into()));
+            }
+            TAG_CONSOLE => self.on_console(),
+            TAG_STDIN => self.on_stdin(ops),
+            t if t >= TAG_CONN => self.on_conn(t - TAG_CONN, ops),
+            t if t >= TAG_ENGINE => {
+                let fd = events.fd();
+                match self.engine.on_ready(fd) {
+                    Ready::Handled => {}
+                    Ready::Unwatch => {
+                        let _ = ops.remove(Events::empty_raw(fd));
+                    }
+                    Ready::Ended(end) => {
+                        let _ = ops.remove(Events::empty_raw(fd));
+                        if self.exit.is_none() {
+                            self.exit = Some(end);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
