@@ -8,7 +8,8 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -119,8 +120,8 @@ impl Vmm {
             return VmExit::Failed(format!("cannot start the guest's vCPUs: {e}"));
         }
         self.started = Instant::now();
-        let vmm = Arc::new(Mutex::new(self));
-        let mut manager = match EventManager::<Arc<Mutex<Vmm>>>::new() {
+        let vmm = Rc::new(RefCell::new(self));
+        let mut manager = match EventManager::<Rc<RefCell<Vmm>>>::new() {
             Ok(m) => m,
             Err(e) => return VmExit::Failed(format!("cannot create the event loop: {e:?}")),
         };
@@ -129,7 +130,7 @@ impl Vmm {
             if let Err(e) = manager.run_with_timeout(100) {
                 tracing::debug!("event loop: {e:?}");
             }
-            let mut v = vmm.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v = vmm.borrow_mut();
             let sig = STOP_SIGNAL.load(Ordering::SeqCst);
             if v.exit.is_none() && sig != 0 {
                 v.exit = Some(VmExit::Failed(format!(

@@ -33,7 +33,7 @@ impl Qmp {
                 Err(e) => {
                     if !alive() {
                         return Err(TcgError::QemuDied(
-                            "QEMU exited before its QMP socket came up".into(),
+                            "it exited before its QMP socket came up".into(),
                         ));
                     }
                     if Instant::now() >= deadline {

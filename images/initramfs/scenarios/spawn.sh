@@ -1,0 +1,18 @@
+#!/bin/sh
+# Scenario spawn: BD_COUNT (default 500) sleeping processes of user1, then the
+# process table between markers; then hold for BD_SECONDS seconds, or forever.
+# shellcheck source=/dev/null # the guest's /etc/bd/lib.sh
+. /etc/bd/lib.sh
+log=/tmp/spawn.log
+rm -f "$log"
+bd_as "$BD_USER1" spawn --count "${BD_COUNT:-500}" --log "$log" &
+if ! bd_wait_lines "$log" '^SPAWN done' 1 3600; then
+	echo "SCENARIO spawn: spawn did not report done"
+	exit 1
+fi
+echo "BACKDOORS: ps begin"
+ps -o pid,ppid,user,stat,rss,args
+echo "BACKDOORS: ps end"
+echo "SCENARIO spawn: processes=$(bd_nprocs) user1=$(bd_nprocs_uid "$BD_USER1")"
+bd_hold
+bd_kill_uid "$BD_USER1"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs on a fresh machine (run as root; a no-op when
+# everything is present). The guest-image scripts install their own build dependencies too.
+set -euo pipefail
+
+pkgs=(
+	qemu-system-x86      # the tcg engine
+	busybox-static       # the initramfs userland
+	linux-source-6.1     # the guest kernel source
+	bc bison flex libelf-dev libssl-dev dwarves cpio xz-utils zstd kmod rsync
+	gcc make git python3 iproute2
+)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+	exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+	echo "install-deps: missing Debian packages: ${missing[*]}; run as root or install them" >&2
+	exit 1
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >&2
+apt-get install -y -q --no-install-recommends "${missing[@]}" >&2

@@ -1,0 +1,222 @@
+//! Bad input gets one line that says what to do, a non-zero exit, and never a panic or a hang.
+
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use backdoors_tests::vm::{run_to_end, Vm, VmSpec};
+use backdoors_tests::Images;
+
+/// Runs bdvmm, expects exit 2 and a single `bdvmm: error:` line containing `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let (status, stderr) = run_to_end(args, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{args:?} -> {status}\n{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("bdvmm: error:"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{args:?}: expected one error line:\n{stderr}"
+    );
+    assert!(
+        errors[0].contains(needle),
+        "{args:?}: {:?} lacks {needle:?}",
+        errors[0]
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn kernel() -> String {
+    Images::load()
+        .get("BD_KERNEL_BZIMAGE")
+        .display()
+        .to_string()
+}
+
+fn initrd() -> String {
+    Images::load().get("BD_INITRAMFS").display().to_string()
+}
+
+#[test]
+fn missing_or_corrupt_kernel() {
+    refused(
+        &["run", "--kernel", "/nonexistent/bzImage"],
+        "cannot read kernel /nonexistent/bzImage",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0x42u8; 4096]).unwrap();
+    refused(
+        &["run", "--kernel", junk.to_str().unwrap(), "--engine", "tcg"],
+        "is neither an ELF vmlinux nor a bzImage",
+    );
+    refused(&["run", "--kernel", "/tmp"], "is a directory");
+}
+
+#[test]
+fn missing_or_corrupt_initrd() {
+    let k = kernel();
+    refused(
+        &["run", "--kernel", &k, "--initrd", "/nonexistent/initrd"],
+        "cannot read initrd",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.cpio");
+    std::fs::write(&junk, b"definitely not a cpio archive").unwrap();
+    refused(
+        &["run", "--kernel", &k, "--initrd", junk.to_str().unwrap()],
+        "is not a cpio archive",
+    );
+}
+
+#[test]
+fn absurd_sizes() {
+    let k = kernel();
+    refused(
+        &["run", "--kernel", &k, "--mem", "0"],
+        "--mem 0 MiB is out of range",
+    );
+    refused(
+        &["run", "--kernel", &k, "--mem", "99999999"],
+        "is out of range",
+    );
+    refused(
+        &["run", "--kernel", &k, "--vcpus", "0"],
+        "--vcpus 0 is out of range",
+    );
+    refused(
+        &["run", "--kernel", &k, "--vcpus", "200"],
+        "--vcpus 200 is out of range",
+    );
+    refused(
+        &["run", "--kernel", &k, "--lease-ms", "0"],
+        "--lease-ms 0 is out of range",
+    );
+    let long = "x".repeat(3000);
+    refused(
+        &["run", "--kernel", &k, "--cmdline", &long],
+        "kernel command line is",
+    );
+}
+
+#[test]
+fn busy_or_bad_socket_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("busy.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let k = kernel();
+    refused(
+        &["run", "--kernel", &k, "--api", sock.to_str().unwrap()],
+        "is in use by another process",
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    refused(
+        &["run", "--kernel", &k, "--api", file.to_str().unwrap()],
+        "is not a socket",
+    );
+    refused(
+        &["run", "--kernel", &k, "--api", "/nonexistent/dir/api.sock"],
+        "cannot listen on API socket",
+    );
+}
+
+#[test]
+fn no_kvm_and_no_qemu() {
+    let k = kernel();
+    refused(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--engine",
+            "kvm",
+            "--kvm-device",
+            "/nonexistent/kvm",
+        ],
+        "cannot open /nonexistent/kvm",
+    );
+    refused(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--engine",
+            "tcg",
+            "--qemu",
+            "/nonexistent/qemu-system-x86_64",
+        ],
+        "install Debian package qemu-system-x86",
+    );
+    refused(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--engine",
+            "tcg",
+            "--qemu",
+            "no-such-qemu-binary",
+        ],
+        "no-such-qemu-binary not found",
+    );
+}
+
+#[test]
+fn qemu_that_crashes_is_reported() {
+    // A "QEMU" that dies by a signal right away stands for a crashing one.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("qemu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake qemu: about to crash' >&2\nkill -SEGV $$\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (status, stderr) = run_to_end(
+        &[
+            "run",
+            "--kernel",
+            &kernel(),
+            "--engine",
+            "tcg",
+            "--qemu",
+            fake.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("QEMU"), "{stderr}");
+    assert!(stderr.contains("fake qemu: about to crash"), "{stderr}");
+}
+
+#[test]
+fn bad_api_requests_get_errors_and_the_vm_keeps_serving() {
+    let img = Images::load();
+    let spec = VmSpec::tcg(
+        img.get("BD_KERNEL_BZIMAGE"),
+        &std::path::PathBuf::from(initrd()),
+        "bd.scenario=hello bd.halt=wait",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: ready", Duration::from_secs(60));
+    let mut c = vm.client();
+    for bad in [
+        &b"not json\n"[..],
+        b"{\"cmd\":\"explode\"}\n",
+        b"{\"cmd\":\"pause\",\"lease_ms\":0}\n",
+        b"{\"cmd\":\"regs\",\"vcpu\":7}\n",
+    ] {
+        let v = c.raw(bad).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    // An oversized request is answered and the connection closed; others keep working.
+    let mut big = vec![b'x'; 10_000];
+    big.push(b'\n');
+    let v = vm.client().raw(&big).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(c.status().unwrap().state, "running");
+    assert!(c.regs(0).is_ok());
+}

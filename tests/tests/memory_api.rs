@@ -1,0 +1,59 @@
+//! Another process maps the guest's memfd through the API and finds the kernel's `linux_banner`
+//! at the guest-physical address that System.map and the kernel's load address give.
+
+use std::time::Duration;
+
+use backdoors_tests::vm::{Vm, VmSpec};
+use backdoors_tests::{system_map, Images};
+
+fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
+    let img = Images::load();
+    let spec = VmSpec::tcg(
+        img.get(kernel_key),
+        img.get("BD_INITRAMFS"),
+        "bd.scenario=hello bd.halt=wait",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
+    let out = vm.stdout();
+    // KASLR moved the kernel; the guest says where its code starts physically.
+    let code_start = out
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim_end_matches('\r').split("HELLO iomem ").nth(1)?;
+            let (range, what) = rest.split_once(' ')?;
+            (what == "Kernel code")
+                .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("guest did not print its Kernel code range:\n{out}"));
+    let syms = system_map(img.get(map_key));
+    let phys = code_start + (syms["linux_banner"] - syms["_text"]);
+
+    let mem = vm.memory();
+    assert_eq!(mem.map().size, 512 << 20);
+    assert_eq!(mem.map().backdoor.gpa, (512 << 20) - (1 << 20));
+    let bytes = mem
+        .read(phys, 256)
+        .expect("banner address inside guest RAM");
+    let banner = String::from_utf8_lossy(&bytes);
+    let banner = banner.split('\n').next().unwrap();
+    assert!(
+        banner.starts_with("Linux version 6.1."),
+        "at {phys:#x}: {banner:?}"
+    );
+    // It is the very banner the kernel printed on the console at boot.
+    assert!(
+        out.contains(banner.trim_end()),
+        "{banner:?} not on the console"
+    );
+}
+
+#[test]
+fn linux_banner_of_the_patched_kernel_is_where_system_map_says() {
+    banner_at_its_physical_address("BD_KERNEL_BZIMAGE", "BD_KERNEL_SYSTEM_MAP");
+}
+
+#[test]
+fn linux_banner_of_the_stock_kernel_is_where_system_map_says() {
+    banner_at_its_physical_address("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
+}
