@@ -2,7 +2,6 @@
 //! bdvmm and watch its console, how to map a running guest's memory, and a tiny hand-written guest
 //! for the kvm engine.
 
-pub mod guestmem;
 pub mod tiny_guest;
 pub mod vm;
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bdvmm::api::ApiClient;
 
-use crate::guestmem::GuestMem;
+use bdvmm::api::MemoryReply;
+use introspect::mem::{MappedMem, Range};
 
 /// A bdvmm child process with its console captured.
 pub struct Vm {
@@ -195,10 +196,20 @@ impl Vm {
         }
     }
 
-    /// The guest's RAM, mapped through the API.
-    pub fn memory(&self) -> GuestMem {
+    /// The guest's RAM, mapped (read-write) through the API, and bdvmm's map of it.
+    pub fn memory(&self) -> (MappedMem, MemoryReply) {
         let (file, map) = self.client().memory().expect("memory over the API");
-        GuestMem::new(file, map).expect("map the memfd")
+        let ranges = map
+            .ranges
+            .iter()
+            .map(|r| Range {
+                gpa: r.gpa,
+                size: r.size,
+                offset: r.offset,
+            })
+            .collect();
+        let mem = MappedMem::new(file, map.size, ranges, true).expect("map the memfd");
+        (mem, map)
     }
 
     /// bdvmm's pid.

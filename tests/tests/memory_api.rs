@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{system_map, Images};
+use introspect::mem::PhysMem;
 
 fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
     let img = Images::load();
@@ -29,11 +30,11 @@ fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
     let syms = system_map(img.get(map_key));
     let phys = code_start + (syms["linux_banner"] - syms["_text"]);
 
-    let mem = vm.memory();
-    assert_eq!(mem.map().size, 512 << 20);
-    assert_eq!(mem.map().backdoor.gpa, (512 << 20) - (1 << 20));
-    let bytes = mem
-        .read(phys, 256)
+    let (mem, map) = vm.memory();
+    assert_eq!(map.size, 512 << 20);
+    assert_eq!(map.backdoor.gpa, (512 << 20) - (1 << 20));
+    let mut bytes = vec![0u8; 256];
+    mem.read(phys, &mut bytes)
         .expect("banner address inside guest RAM");
     let banner = String::from_utf8_lossy(&bytes);
     let banner = banner.split('\n').next().unwrap();

@@ -4,14 +4,14 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backdoors_tests::guestmem::GuestMem;
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{bdvmm_bin, tiny_guest, Images};
+use introspect::mem::{MappedMem, PhysMem};
 
 const COUNTER_MAGIC: &[u8] = b"BDCOUNTER-MAGIC!";
 
 /// Boots the patched kernel running the `counter` program and finds its page in guest RAM.
-fn counter_guest() -> (Vm, GuestMem, u64) {
+fn counter_guest() -> (Vm, MappedMem, u64) {
     let img = Images::load();
     let spec = VmSpec::tcg(
         img.get("BD_KERNEL_BZIMAGE"),
@@ -20,7 +20,7 @@ fn counter_guest() -> (Vm, GuestMem, u64) {
     );
     let mut vm = Vm::start(&spec);
     vm.expect("COUNTER ready", Duration::from_secs(60));
-    let mem = vm.memory();
+    let (mem, _) = vm.memory();
     let hits = mem.find(COUNTER_MAGIC, 4096);
     assert_eq!(hits.len(), 1, "expected one counter page, found {hits:x?}");
     (vm, mem, hits[0] + 24)
@@ -144,7 +144,7 @@ fn kvm_pause_stops_a_tiny_guest() {
     };
     let mut vm = Vm::start(&spec);
     vm.expect(tiny_guest::BANNER, Duration::from_secs(30));
-    let mem = vm.memory();
+    let (mem, _) = vm.memory();
     let read = || mem.read_u64(tiny_guest::COUNTER_GPA).unwrap() & 0xffff_ffff;
     assert!(
         counter_moves(read, Duration::from_secs(5)),

@@ -1,0 +1,505 @@
+//! The Sensor Box, layout version 1 (see `guest-kernel-patches/README.md`), read from guest
+//! memory with plain reads and no help from the guest.
+//!
+//! The bytes come from an untrusted guest: every offset, count and size is checked against the
+//! region before use, names are cut at their field, and nothing here can panic or allocate more
+//! than the region's size.
+
+use crate::mem::{MemError, PhysMem};
+
+/// `"BKDRSBOX"`.
+pub const MAGIC: &[u8; 8] = b"BKDRSBOX";
+/// The layout version this code reads.
+pub const VERSION: u32 = 1;
+/// Size of the header.
+pub const HEADER_SIZE: usize = 256;
+/// Size of one sensor record.
+pub const SENSOR_SIZE: usize = 64;
+/// Most sensors we accept in a table.
+pub const MAX_SENSORS: u32 = 4096;
+/// Largest region we read.
+pub const MAX_REGION: u64 = 16 << 20;
+
+/// Built-in sensor numbers.
+pub mod ids {
+    /// Timer ticks (progress).
+    pub const TIMER_TICKS: u32 = 1;
+    /// Context switches (progress).
+    pub const CONTEXT_SWITCHES: u32 = 2;
+    /// Number of tasks (level).
+    pub const NPROCS: u32 = 3;
+    /// Highest per-user fork rate (level).
+    pub const MAXPROC_RATE_PERUID: u32 = 4;
+    /// Free pages (level, lower bound).
+    pub const FREE_PAGES: u32 = 5;
+    /// Entries to the OOM handler (pressure).
+    pub const OOM_KILLER_RUNNING: u32 = 6;
+    /// Forks refused for lack of resources (pressure).
+    pub const FORK_FAILED: u32 = 7;
+    /// file-max reached (pressure).
+    pub const FILE_TABLE_FULL: u32 = 8;
+    /// Tasks killed by the OOM killer (pressure).
+    pub const OOM_KILLS: u32 = 9;
+    /// Repair requests carried out.
+    pub const REPAIRS_APPLIED: u32 = 10;
+    /// Repair requests rejected.
+    pub const REPAIRS_REJECTED: u32 = 11;
+}
+
+/// Why a Sensor Box could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SbError {
+    /// Memory could not be read.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// No Sensor Box there (yet).
+    #[error("no Sensor Box at this address (magic {0:02x?}); is the guest kernel patched and booted with backdoor.sb=?")]
+    BadMagic([u8; 8]),
+    /// A layout we do not know.
+    #[error(
+        "Sensor Box layout version {0} is not supported (this monitor reads version {VERSION})"
+    )]
+    Version(u32),
+    /// A field that breaks the layout's rules.
+    #[error("malformed Sensor Box: {0}")]
+    Malformed(String),
+    /// Every copy was torn by concurrent updates.
+    #[error("Sensor Box kept changing during {0} read attempts; pause the guest to read it")]
+    Torn(u32),
+}
+
+/// The three sensor classes of the Backdoors papers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SensorClass {
+    /// A counter that must advance within T ms.
+    Progress,
+    /// A value that must stay ≤ T (≥ T with the lower-bound flag).
+    Level,
+    /// A count of bad events that must stay ≤ T.
+    Pressure,
+    /// A class this monitor does not know (ignored by checks).
+    Unknown(u16),
+}
+
+impl SensorClass {
+    fn from_raw(c: u16) -> Self {
+        match c {
+            1 => Self::Progress,
+            2 => Self::Level,
+            3 => Self::Pressure,
+            other => Self::Unknown(other),
+        }
+    }
+}
+
+/// Sensor flag: the record is in use.
+pub const FLAG_VALID: u16 = 1;
+/// Sensor flag: a level sensor whose value must stay at or above its threshold.
+pub const FLAG_LOWER_BOUND: u16 = 2;
+
+/// One sensor ⟨ID, class, threshold, value⟩.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Sensor {
+    /// Global sensor number.
+    pub id: u32,
+    /// Its class.
+    pub class: SensorClass,
+    /// Flags (`FLAG_*`).
+    pub flags: u16,
+    /// T.
+    pub threshold: u64,
+    /// V.
+    pub value: u64,
+    /// Guest jiffies when V last changed.
+    pub updated: u64,
+    /// Name, e.g. `NPROCS`.
+    pub name: String,
+}
+
+impl Sensor {
+    /// Whether a level or pressure sensor's value breaks its threshold now. Progress sensors need
+    /// two samples and are judged by the monitor.
+    pub fn level_violated(&self) -> bool {
+        match self.class {
+            SensorClass::Level if self.flags & FLAG_LOWER_BOUND != 0 => self.value < self.threshold,
+            SensorClass::Level | SensorClass::Pressure => self.value > self.threshold,
+            _ => false,
+        }
+    }
+}
+
+/// The header fields a monitor uses.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Header {
+    /// Layout version.
+    pub version: u32,
+    /// Size of the region the kernel was given.
+    pub region_size: u32,
+    /// HZ of the guest.
+    pub hz: u32,
+    /// Random per boot.
+    pub boot_id: u64,
+    /// Sequence counter (even when stable).
+    pub seq: u64,
+    /// Guest monotonic clock at the last publish.
+    pub clock_ns: u64,
+    /// Guest jiffies at the last publish.
+    pub jiffies: u64,
+    /// Number of publishes.
+    pub publishes: u64,
+    /// Offset and size of the externalized-state descriptor.
+    pub state: (u32, u32),
+    /// Offset and size of the repair-hook mailbox.
+    pub hooks: (u32, u32),
+}
+
+/// A consistent copy of a Sensor Box.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SensorBox {
+    /// Guest-physical address it was read from.
+    pub gpa: u64,
+    /// Header.
+    pub header: Header,
+    /// The sensors in use.
+    pub sensors: Vec<Sensor>,
+    /// The externalized-state descriptor, if the kernel provides one.
+    pub state: Option<ExternalState>,
+}
+
+impl SensorBox {
+    /// The sensor with `id`.
+    pub fn sensor(&self, id: u32) -> Option<&Sensor> {
+        self.sensors.iter().find(|s| s.id == id)
+    }
+
+    /// The value of sensor `id`.
+    pub fn value(&self, id: u32) -> Option<u64> {
+        self.sensor(id).map(|s| s.value)
+    }
+
+    /// Guest-physical address of the repair-hook mailbox, if any.
+    pub fn hooks_gpa(&self) -> Option<u64> {
+        let (off, size) = self.header.hooks;
+        (off != 0 && size != 0).then(|| self.gpa + u64::from(off))
+    }
+}
+
+/// Where the guest kernel's own structures are (kernel virtual addresses unless named `_phys`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExternalState {
+    /// `kaslr_offset()`.
+    pub kaslr_offset: u64,
+    /// `phys_base`.
+    pub phys_base: u64,
+    /// Direct-map base.
+    pub page_offset_base: u64,
+    /// `vmemmap_base`.
+    pub vmemmap_base: u64,
+    /// `_text`.
+    pub text_virt: u64,
+    /// Physical address of `_text`.
+    pub text_phys: u64,
+    /// `&init_task`.
+    pub init_task: u64,
+    /// `&tasklist_lock`.
+    pub tasklist_lock: u64,
+    /// `__start_BTF`.
+    pub btf_start: u64,
+    /// Size of the BTF blob.
+    pub btf_size: u64,
+    /// Physical address of the kernel page-table root.
+    pub init_top_pgt_phys: u64,
+    /// `&jiffies_64`.
+    pub jiffies_64: u64,
+    /// `&nr_threads`.
+    pub nr_threads: u64,
+    /// `linux_banner`.
+    pub linux_banner: u64,
+    /// 4 or 5.
+    pub pgtable_levels: u32,
+    /// `nr_cpu_ids`.
+    pub nr_cpu_ids: u32,
+    /// `__per_cpu_offset`.
+    pub per_cpu_offset: u64,
+    /// `&total_forks`.
+    pub total_forks: u64,
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Checks that `off..off+len` lies inside a region of `region` bytes.
+fn within(what: &str, off: u64, len: u64, region: u64) -> Result<(), SbError> {
+    match off.checked_add(len) {
+        Some(end) if end <= region => Ok(()),
+        _ => Err(SbError::Malformed(format!(
+            "{what} ({off:#x}+{len:#x}) runs past the {region:#x}-byte region"
+        ))),
+    }
+}
+
+/// The part of the region that must be copied to parse it: from 0 to the end of the furthest
+/// table the header names. Validates the header on the way.
+pub fn extent(header: &[u8], region: u64) -> Result<u64, SbError> {
+    if header.len() < HEADER_SIZE {
+        return Err(SbError::Malformed("short header".into()));
+    }
+    let magic: [u8; 8] = header[0..8].try_into().unwrap_or([0; 8]);
+    if &magic != MAGIC {
+        return Err(SbError::BadMagic(magic));
+    }
+    let version = u32_at(header, 0x08);
+    if version != VERSION {
+        return Err(SbError::Version(version));
+    }
+    if u32_at(header, 0x0c) as usize != HEADER_SIZE {
+        return Err(SbError::Malformed(format!(
+            "header_size {}",
+            u32_at(header, 0x0c)
+        )));
+    }
+    let region_size = u64::from(u32_at(header, 0x10));
+    if region_size < HEADER_SIZE as u64 || region_size > region {
+        return Err(SbError::Malformed(format!(
+            "region_size {region_size:#x} (the range is {region:#x})"
+        )));
+    }
+    if u32_at(header, 0x14) as usize != SENSOR_SIZE {
+        return Err(SbError::Malformed(format!(
+            "sensor_size {}",
+            u32_at(header, 0x14)
+        )));
+    }
+    let sensor_off = u64::from(u32_at(header, 0x18));
+    let capacity = u32_at(header, 0x1c);
+    let count = u32_at(header, 0x20);
+    if capacity > MAX_SENSORS || count > capacity {
+        return Err(SbError::Malformed(format!(
+            "sensor_count {count} / capacity {capacity}"
+        )));
+    }
+    let table_len = u64::from(capacity) * SENSOR_SIZE as u64;
+    within("sensor table", sensor_off, table_len, region_size)?;
+    let (state_off, state_size) = (
+        u64::from(u32_at(header, 0x48)),
+        u64::from(u32_at(header, 0x4c)),
+    );
+    let (hooks_off, hooks_size) = (
+        u64::from(u32_at(header, 0x50)),
+        u64::from(u32_at(header, 0x54)),
+    );
+    within("state descriptor", state_off, state_size, region_size)?;
+    within("hook mailbox", hooks_off, hooks_size, region_size)?;
+    Ok([
+        HEADER_SIZE as u64,
+        sensor_off + table_len,
+        state_off + state_size,
+        hooks_off + hooks_size,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(HEADER_SIZE as u64))
+}
+
+/// Parses a copy of the region (at least `extent` bytes long), read from `gpa`.
+pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
+    let ext = extent(bytes, MAX_REGION)?;
+    if (bytes.len() as u64) < ext {
+        return Err(SbError::Malformed("copy shorter than the layout".into()));
+    }
+    let header = Header {
+        version: u32_at(bytes, 0x08),
+        region_size: u32_at(bytes, 0x10),
+        hz: u32_at(bytes, 0x24),
+        boot_id: u64_at(bytes, 0x28),
+        seq: u64_at(bytes, 0x30),
+        clock_ns: u64_at(bytes, 0x38),
+        jiffies: u64_at(bytes, 0x40),
+        publishes: u64_at(bytes, 0x58),
+        state: (u32_at(bytes, 0x48), u32_at(bytes, 0x4c)),
+        hooks: (u32_at(bytes, 0x50), u32_at(bytes, 0x54)),
+    };
+    let sensor_off = u32_at(bytes, 0x18) as usize;
+    let count = u32_at(bytes, 0x20) as usize;
+    let mut sensors = Vec::with_capacity(count);
+    for i in 0..count {
+        let s = &bytes[sensor_off + i * SENSOR_SIZE..sensor_off + (i + 1) * SENSOR_SIZE];
+        let flags = u16_at(s, 0x06);
+        if flags & FLAG_VALID == 0 {
+            continue;
+        }
+        let name_field = &s[0x20..0x40];
+        let name_len = name_field
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(name_field.len());
+        let name: String = name_field[..name_len]
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+            .collect();
+        sensors.push(Sensor {
+            id: u32_at(s, 0x00),
+            class: SensorClass::from_raw(u16_at(s, 0x04)),
+            flags,
+            threshold: u64_at(s, 0x08),
+            value: u64_at(s, 0x10),
+            updated: u64_at(s, 0x18),
+            name,
+        });
+    }
+    let (state_off, state_size) = (header.state.0 as usize, header.state.1 as usize);
+    let state = (state_size >= 0x90).then(|| {
+        let d = &bytes[state_off..state_off + state_size];
+        ExternalState {
+            kaslr_offset: u64_at(d, 0x08),
+            phys_base: u64_at(d, 0x10),
+            page_offset_base: u64_at(d, 0x18),
+            vmemmap_base: u64_at(d, 0x20),
+            text_virt: u64_at(d, 0x28),
+            text_phys: u64_at(d, 0x30),
+            init_task: u64_at(d, 0x38),
+            tasklist_lock: u64_at(d, 0x40),
+            btf_start: u64_at(d, 0x48),
+            btf_size: u64_at(d, 0x50),
+            init_top_pgt_phys: u64_at(d, 0x58),
+            jiffies_64: u64_at(d, 0x60),
+            nr_threads: u64_at(d, 0x68),
+            linux_banner: u64_at(d, 0x70),
+            pgtable_levels: u32_at(d, 0x78),
+            nr_cpu_ids: u32_at(d, 0x7c),
+            per_cpu_offset: u64_at(d, 0x80),
+            total_forks: u64_at(d, 0x88),
+        }
+    });
+    Ok(SensorBox {
+        gpa,
+        header,
+        sensors,
+        state,
+    })
+}
+
+/// Reads a consistent copy of the Sensor Box at `gpa` (a region of `size` bytes): copies it until
+/// the sequence counter is even and unchanged across the copy, at most `attempts` times.
+pub fn read(mem: &dyn PhysMem, gpa: u64, size: u64, attempts: u32) -> Result<SensorBox, SbError> {
+    let size = size.min(MAX_REGION);
+    let mut header = [0u8; HEADER_SIZE];
+    for _ in 0..attempts.max(1) {
+        mem.read(gpa, &mut header)?;
+        let ext = extent(&header, size)?;
+        let seq = u64_at(&header, 0x30);
+        if seq % 2 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let mut copy = vec![0u8; ext as usize];
+        mem.read(gpa, &mut copy)?;
+        if mem.read_u64(gpa + 0x30)? == seq && u64_at(&copy, 0x30) == seq {
+            return parse(&copy, gpa);
+        }
+    }
+    Err(SbError::Torn(attempts))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::mem::VecMem;
+
+    /// A well-formed Sensor Box image with two sensors and a mailbox.
+    pub(crate) fn image() -> Vec<u8> {
+        let mut b = vec![0u8; 0x4000];
+        b[0..8].copy_from_slice(MAGIC);
+        let put32 =
+            |b: &mut Vec<u8>, o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        put32(&mut b, 0x08, 1);
+        put32(&mut b, 0x0c, 256);
+        put32(&mut b, 0x10, 0x4000);
+        put32(&mut b, 0x14, 64);
+        put32(&mut b, 0x18, 0x100);
+        put32(&mut b, 0x1c, 64);
+        put32(&mut b, 0x20, 2);
+        put32(&mut b, 0x24, 250);
+        put64(&mut b, 0x30, 42);
+        put32(&mut b, 0x48, 0x1100);
+        put32(&mut b, 0x4c, 0x100);
+        put32(&mut b, 0x50, 0x2000);
+        put32(&mut b, 0x54, 64 + 64 * 32);
+        for (i, (id, class, flags, t, v, name)) in [
+            (ids::NPROCS, 2u16, 1u16, 4096u64, 55u64, "NPROCS"),
+            (ids::FREE_PAGES, 2, 3, 1024, 100, "FREE_PAGES"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let o = 0x100 + i * 64;
+            put32(&mut b, o, id);
+            b[o + 4..o + 6].copy_from_slice(&class.to_le_bytes());
+            b[o + 6..o + 8].copy_from_slice(&flags.to_le_bytes());
+            put64(&mut b, o + 8, t);
+            put64(&mut b, o + 16, v);
+            b[o + 32..o + 32 + name.len()].copy_from_slice(name.as_bytes());
+        }
+        put32(&mut b, 0x1100, 1);
+        put32(&mut b, 0x1104, 0x100);
+        put64(&mut b, 0x1100 + 0x38, 0xffff_ffff_8260_0000);
+        put32(&mut b, 0x2000, 64);
+        put32(&mut b, 0x2004, 32);
+        b
+    }
+
+    #[test]
+    fn parses_a_well_formed_box() {
+        let sb = parse(&image(), 0x1ff0_0000).unwrap();
+        assert_eq!(sb.header.hz, 250);
+        assert_eq!(sb.value(ids::NPROCS), Some(55));
+        let free = sb.sensor(ids::FREE_PAGES).unwrap();
+        assert_eq!(free.name, "FREE_PAGES");
+        assert!(
+            free.level_violated(),
+            "100 free pages < 1024 with LOWER_BOUND"
+        );
+        assert!(!sb.sensor(ids::NPROCS).unwrap().level_violated());
+        assert_eq!(sb.state.as_ref().unwrap().init_task, 0xffff_ffff_8260_0000);
+        assert_eq!(sb.hooks_gpa(), Some(0x1ff0_2000));
+    }
+
+    #[test]
+    fn rejects_lies_in_the_header() {
+        let mut b = image();
+        b[0x20] = 200; // count > capacity
+        assert!(matches!(parse(&b, 0), Err(SbError::Malformed(_))));
+        let mut b = image();
+        b[0x1c..0x20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse(&b, 0), Err(SbError::Malformed(_))));
+        let mut b = image();
+        b[0x50..0x54].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        assert!(matches!(parse(&b, 0), Err(SbError::Malformed(_))));
+        let mut b = image();
+        b[0] = b'X';
+        assert!(matches!(parse(&b, 0), Err(SbError::BadMagic(_))));
+        assert!(parse(&image()[..100], 0).is_err());
+    }
+
+    #[test]
+    fn a_box_that_never_settles_is_reported_torn() {
+        let mut b = image();
+        b[0x30] = 43; // odd: forever mid-update
+        let mem = VecMem::new(0x1000, b);
+        assert_eq!(read(&mem, 0x1000, 0x4000, 5), Err(SbError::Torn(5)));
+        mem.write(0x1030, &[44]).unwrap();
+        assert_eq!(read(&mem, 0x1000, 0x4000, 5).unwrap().header.seq, 44);
+    }
+}
