@@ -6,10 +6,10 @@
 //! i8042 reset for kvm; QEMU's pidfd and pipes for tcg), a panic grace timer and, when stdin is a
 //! terminal, stdin (forwarded to the guest's serial port).
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::cell::RefCell;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
