@@ -40,7 +40,7 @@ fn boot_hello_and_power_off(kernel_key: &str) {
     assert!(out.contains("HELLO from 6.1."), "{out}");
     // The backdoor range is reserved in the map the guest uses.
     assert!(
-        out.contains("backdoor.sb=0x1ff00000,0x100000"),
+        out.contains("backdoor.sb=0xf00000,0x100000"),
         "cmdline not passed:\n{out}"
     );
 }
@@ -114,7 +114,7 @@ fn kvm_boots_the_real_kernel_to_its_banner_and_command_line() {
     assert_eq!(echoed, passed, "the kernel saw a different command line");
     // The e820 map bdvmm built, with the backdoor range reserved, reached the kernel.
     vm.expect(
-        "BIOS-e820: [mem 0x000000000ff00000-0x000000000fffffff] reserved",
+        "BIOS-e820: [mem 0x0000000000f00000-0x0000000000ffffff] reserved",
         Duration::from_secs(30),
     );
 }

@@ -32,7 +32,7 @@ fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
 
     let (mem, map) = vm.memory();
     assert_eq!(map.size, 512 << 20);
-    assert_eq!(map.backdoor.gpa, (512 << 20) - (1 << 20));
+    assert_eq!(map.backdoor.gpa, 15 << 20);
     let mut bytes = vec![0u8; 256];
     mem.read(phys, &mut bytes)
         .expect("banner address inside guest RAM");

@@ -2,10 +2,15 @@
 //!
 //! Guest RAM is one memfd. Its first `low` bytes are mapped at guest-physical 0; whatever does not
 //! fit below [`LOW_RAM_MAX`] is mapped at 4 GiB (above the PCI/MMIO hole), exactly as QEMU's `pc`
-//! machine does with `max-ram-below-4g=3G`. The top [`BACKDOOR_SIZE`] bytes of low RAM are the
+//! machine does with `max-ram-below-4g=3G`. The MiB at [`BACKDOOR_GPA`] (15 MiB) is the
 //! **backdoor range**: still ordinary guest RAM backed by the memfd, but marked reserved in the e820
 //! map (and with `memmap=` on the command line) so the guest's allocators never use it. The patched
 //! guest kernel places its Sensor Box there (`backdoor.sb=<gpa>,<size>`).
+//!
+//! Why 15 MiB: firmware puts its ACPI tables at the top of RAM (SeaBIOS under the tcg engine) and
+//! boot loaders put the initrd there, the uncompressed kernel starts at 16 MiB
+//! (`CONFIG_PHYSICAL_START`; KASLR avoids `memmap=` ranges), and a compressed kernel loaded at
+//! 1 MiB is far smaller than 14 MiB. The MiB below 16 MiB is the one place no one else claims.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +22,9 @@ pub const GIB: u64 = 1 << 30;
 pub const LOW_RAM_MAX: u64 = 3 * GIB;
 /// Where RAM resumes above the 32-bit MMIO hole.
 pub const HIGH_RAM_START: u64 = 4 * GIB;
-/// Size of the reserved backdoor range at the top of low RAM.
+/// Guest-physical start of the reserved backdoor range.
+pub const BACKDOOR_GPA: u64 = 15 * MIB;
+/// Size of the reserved backdoor range.
 pub const BACKDOOR_SIZE: u64 = MIB;
 /// Smallest guest we accept: a 6.1 kernel with an initramfs needs some room.
 pub const MIN_MEM_MIB: u64 = 64;
@@ -113,7 +120,7 @@ impl MemoryLayout {
             total,
             ranges,
             backdoor: GpaRange {
-                gpa: low - BACKDOOR_SIZE,
+                gpa: BACKDOOR_GPA,
                 size: BACKDOOR_SIZE,
             },
         })
@@ -143,6 +150,11 @@ impl MemoryLayout {
                 E820Kind::Ram,
             ),
             (self.backdoor.gpa, self.backdoor.size, E820Kind::Reserved),
+            (
+                self.backdoor.gpa + self.backdoor.size,
+                self.low_end() - (self.backdoor.gpa + self.backdoor.size),
+                E820Kind::Ram,
+            ),
         ];
         if let Some(high) = self.ranges.get(1) {
             map.push((high.gpa, high.size, E820Kind::Ram));
@@ -168,8 +180,11 @@ mod tests {
     fn small_guest_is_one_range_with_backdoor_on_top() {
         let l = MemoryLayout::new(512).unwrap();
         assert_eq!(l.ranges.len(), 1);
-        assert_eq!(l.backdoor.gpa, 512 * MIB - MIB);
-        assert_eq!(l.gpa_to_offset(l.backdoor.gpa, 4096), Some(511 * MIB));
+        assert_eq!(l.backdoor.gpa, 15 * MIB);
+        assert_eq!(l.gpa_to_offset(l.backdoor.gpa, 4096), Some(15 * MIB));
+        let e820 = l.e820();
+        assert_eq!(e820[2], (15 * MIB, MIB, E820Kind::Reserved));
+        assert_eq!(e820[3], (16 * MIB, 496 * MIB, E820Kind::Ram));
         assert_eq!(l.gpa_to_offset(512 * MIB - 1, 2), None);
     }
 
@@ -184,7 +199,7 @@ mod tests {
             Some(LOW_RAM_MAX + 5)
         );
         assert_eq!(l.gpa_to_offset(LOW_RAM_MAX, 1), None);
-        assert_eq!(l.backdoor.gpa, LOW_RAM_MAX - MIB);
+        assert_eq!(l.backdoor.gpa, BACKDOOR_GPA);
     }
 
     #[test]

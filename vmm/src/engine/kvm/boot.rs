@@ -14,7 +14,7 @@
 //! | 0x9fc00 | MP table (EBDA) |
 //! | 0x100000 | kernel (bzImage protected-mode code, or vmlinux at its p_paddr) |
 //!
-//! The initrd goes at the top of low RAM, just below the reserved backdoor range.
+//! The initrd goes at the top of low RAM. The backdoor range (15–16 MiB) is left alone.
 
 use std::fs::File;
 use std::path::Path;
@@ -94,12 +94,22 @@ pub fn load(
         ),
     }
     .map_err(|e| KvmError::Boot(format!("cannot load kernel {}: {e}", spec.kernel.display())))?;
-    if loaded.kernel_end >= layout.backdoor.gpa {
+    let backdoor_end = layout.backdoor.gpa + layout.backdoor.size;
+    if loaded.kernel_load.0 < backdoor_end && loaded.kernel_end > layout.backdoor.gpa {
         return Err(KvmError::Boot(format!(
-            "kernel {} ends at {:#x}, past usable low RAM ({:#x}); give the guest more --mem",
+            "kernel {} ({:#x}-{:#x}) overlaps the backdoor range {:#x}-{backdoor_end:#x}",
             spec.kernel.display(),
+            loaded.kernel_load.0,
             loaded.kernel_end,
             layout.backdoor.gpa
+        )));
+    }
+    if loaded.kernel_end > layout.low_end() {
+        return Err(KvmError::Boot(format!(
+            "kernel {} ends at {:#x}, past low RAM ({:#x}); give the guest more --mem",
+            spec.kernel.display(),
+            loaded.kernel_end,
+            layout.low_end()
         )));
     }
 
@@ -189,11 +199,11 @@ fn load_initrd(
         .metadata()
         .map_err(|e| KvmError::Boot(format!("cannot stat initrd {}: {e}", path.display())))?
         .len();
-    let top = layout.backdoor.gpa.min(initrd_max.saturating_add(1));
+    let top = layout.low_end().min(initrd_max.saturating_add(1));
     let addr = top
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|a| *a > kernel_end)
+        .filter(|a| *a >= kernel_end.max(layout.backdoor.gpa + layout.backdoor.size))
         .ok_or_else(|| {
             KvmError::Boot(format!(
                 "initrd {} ({} MiB) does not fit between the kernel and the top of low RAM; give the guest more --mem",
