@@ -5,7 +5,9 @@
 . /etc/bd/lib.sh
 log=/tmp/spawn.log
 rm -f "$log"
-bd_as "$BD_USER1" spawn --count "${BD_COUNT:-500}" --log "$log" &
+bd_as_bg "$BD_USER1" spawn --count "${BD_COUNT:-500}" --log "$log"
+# shellcheck disable=SC2154 # bd_pid is set by bd_as_bg
+spawn_pid=$bd_pid
 if ! bd_wait_lines "$log" '^SPAWN done' 1 3600; then
 	echo "SCENARIO spawn: spawn did not report done"
 	exit 1
@@ -16,3 +18,6 @@ echo "BACKDOORS: ps end"
 echo "SCENARIO spawn: processes=$(bd_nprocs) user1=$(bd_nprocs_uid "$BD_USER1")"
 bd_hold
 bd_kill_uid "$BD_USER1"
+rc=$?
+wait "$spawn_pid" # reap it (it was killed)
+exit "$rc"

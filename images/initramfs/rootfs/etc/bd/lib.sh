@@ -15,14 +15,54 @@ BD_USER2=1001
 # bd_as gives the programs it starts the normal score again.
 echo -1000 >/proc/$$/oom_score_adj 2>/dev/null || true
 
-# bd_as UID CMD ARGS...: run CMD as user UID (group UID), OOM-killable.
-bd_as() {
+# bd_exec_as [--nproc N] UID CMD ARGS...: replace the current (sub)shell
+# with CMD running as user UID (group UID), OOM-killable; with --nproc,
+# RLIMIT_NPROC (soft and hard) is N, so once user UID has N processes its
+# forks fail with EAGAIN. Only call it in a subshell: it never returns.
+bd_exec_as() {
+	bd_nproc=""
+	if [ "$1" = --nproc ]; then
+		bd_nproc=$2
+		shift 2
+	fi
 	bd_uid=$1
 	shift
-	(
-		echo 0 >/proc/self/oom_score_adj 2>/dev/null
-		exec runas "$bd_uid" "$bd_uid" "$@"
-	)
+	echo 0 >/proc/self/oom_score_adj 2>/dev/null
+	# shellcheck disable=SC2086 # optional single-word arguments
+	exec runas ${bd_nproc:+--nproc "$bd_nproc"} "$bd_uid" "$bd_uid" "$@"
+}
+
+# bd_as [--nproc N] UID CMD ARGS...: run CMD as user UID (group UID),
+# OOM-killable (see bd_exec_as for --nproc); returns CMD's exit status.
+bd_as() {
+	(bd_exec_as "$@")
+}
+
+# bd_as_bg [--nproc N] UID CMD ARGS...: bd_as in the background; sets bd_pid
+# to the pid of CMD itself (the subshell execs runas, which execs CMD: one
+# pid throughout, no shell in between), so `wait "$bd_pid"` gives CMD's
+# exit status.
+bd_as_bg() {
+	(bd_exec_as "$@") &
+	# shellcheck disable=SC2034 # read by the calling scenario
+	bd_pid=$!
+}
+
+# bd_field LINE KEY: print the value of KEY=value in LINE (a program's
+# output line); prints nothing and returns 1 if LINE has no such field.
+bd_field() {
+	bd_val=$(echo " $1" | sed -n "s/.*[[:space:]]$2=\([^[:space:]]*\).*/\1/p")
+	[ -n "$bd_val" ] || return 1
+	echo "$bd_val"
+}
+
+# bd_alive PID: true while process PID exists and is not a zombie.
+bd_alive() {
+	bd_stat=""
+	[ -r "/proc/$1/stat" ] || return 1
+	read -r bd_stat 2>/dev/null <"/proc/$1/stat" || return 1
+	bd_stat=${bd_stat##*) } # "pid (comm) S ...": the state follows the comm
+	[ -n "$bd_stat" ] && [ "${bd_stat%% *}" != Z ]
 }
 
 # bd_nprocs: number of processes (threads groups) in the guest.
