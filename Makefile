@@ -27,10 +27,15 @@ lint:
 
 # The whole suite: unit tests, then end-to-end tests on real guests.
 test: images build
+	guest-kernel-patches/check.sh
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) test --workspace -- --test-threads=2
 
+# Benchmarks on real guests; sb_cost also builds the kernel variant without the Sensor Box.
 bench: images release
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench vmm
+	NOSB=$$(images/kernel/build.sh --variant nosb | tail -n 1) && \
+	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
+	$(CARGO) bench -p backdoors-tests --bench sb_cost
 
 # Boots a guest under bdvmm and runs a bounded fork bomb next to a "useful" program.
 demo: images release

@@ -9,6 +9,7 @@ pkgs=(
 	linux-source-6.1     # the guest kernel source
 	bc bison flex libelf-dev libssl-dev dwarves cpio xz-utils zstd kmod rsync
 	gcc make git python3 iproute2
+	python3-ply python3-git # checkpatch's SPDX check (guest-kernel-patches/check.sh)
 )
 missing=()
 for p in "${pkgs[@]}"; do

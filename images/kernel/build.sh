@@ -2,12 +2,17 @@
 # Build the Backdoors guest kernel: Debian's Linux 6.1 source + guest-kernel-patches/series,
 # configured with microvm.config on top of allnoconfig.
 #
-# Usage: images/kernel/build.sh [--jobs N]
+# Usage: images/kernel/build.sh [--jobs N] [--variant patched|nosb]
+#
+# --variant nosb builds the same sources with `# CONFIG_BACKDOOR_SENSOR_BOX is not set`, for
+# measuring what the Sensor Box costs; the default variant `patched` is the guest kernel.
 #
 # Everything lives under the cache, never in the checkout:
 #   $CACHE/kernel/src-<pkgver>/             pristine source as a git repo (tag `pristine`), patched per build
 #   $CACHE/kernel/build-<pkgver>/           out-of-tree build dir (make O=...), kept between runs
+#   $CACHE/kernel/build-<pkgver>-nosb/      the same for --variant nosb
 #   $CACHE/kernel/out/patched-<key16>/      results: bzImage vmlinux System.map config manifest.txt
+#   $CACHE/kernel/out/nosb-<key16>/         the same for --variant nosb
 #   $CACHE/kernel/build.log                 log of the last real build
 # CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
 #
@@ -48,9 +53,11 @@ die() { printf '[kernel] error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
-Usage: $0 [--jobs N]
+Usage: $0 [--jobs N] [--variant patched|nosb]
 Builds the Backdoors guest kernel (or reuses a cached build) and prints the output directory.
-  --jobs N   parallel make jobs (default: nproc = $(nproc))
+  --jobs N          parallel make jobs (default: nproc = $(nproc))
+  --variant patched the guest kernel (default)
+  --variant nosb    the same sources with CONFIG_BACKDOOR_SENSOR_BOX off (cost benchmark only)
 Cache root: \${BACKDOORS_CACHE:-\$HOME/.cache/backdoors} (now: $CACHE)
 EOF
 }
@@ -109,6 +116,7 @@ read_series() {
 # text; it is also written into manifest.txt.
 key_inputs() {
     local p
+    [[ $VARIANT == patched ]] || printf 'variant %s\n' "$VARIANT"
     printf 'source-package %s %s\n' "$SOURCE_PKG" "$PKG_VERSION"
     printf 'microvm.config %s\n' "$(sha256_of "$FRAGMENT")"
     printf 'build.sh %s\n' "$(sha256_of "$SCRIPT_PATH")"
@@ -208,6 +216,15 @@ apply_patches() {
 # Configure and build
 # ---------------------------------------------------------------------------------------------
 
+# --variant nosb: the fragment with the Sensor Box switched off, written to $WORK/microvm-nosb.config.
+# The configure check then verifies the `is not set` line like any other.
+make_nosb_fragment() {
+    local on='CONFIG_BACKDOOR_SENSOR_BOX=y' off='# CONFIG_BACKDOOR_SENSOR_BOX is not set'
+    grep -qxF -- "$on" "$FRAGMENT" || die "$FRAGMENT has no line '$on' to switch off for --variant nosb"
+    sed "s/^$on\$/$off/" "$FRAGMENT" >"$WORK/microvm-nosb.config"
+    FRAGMENT=$WORK/microvm-nosb.config
+}
+
 kmake() {
     run_logged make -C "$SRC" O="$BUILD" \
         KBUILD_BUILD_USER=backdoors KBUILD_BUILD_HOST=builder "$@"
@@ -280,6 +297,7 @@ install_outputs() {
     {
         printf 'key %s\n' "$KEY"
         printf 'key16 %s\n' "$KEY16"
+        printf 'variant %s\n' "$VARIANT"
         printf 'kernel-release %s\n' "$(cat "$BUILD/include/config/kernel.release")"
         printf 'built-at %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
         printf 'patches-applied %d\n' "${#PATCHES[@]}"
@@ -296,6 +314,7 @@ install_outputs() {
 # Main
 # ---------------------------------------------------------------------------------------------
 JOBS=$(nproc)
+VARIANT=patched
 while (($# > 0)); do
     case $1 in
     --jobs)
@@ -305,6 +324,15 @@ while (($# > 0)); do
         ;;
     --jobs=*)
         JOBS=${1#--jobs=}
+        shift
+        ;;
+    --variant)
+        (($# >= 2)) || die "--variant needs a value"
+        VARIANT=$2
+        shift 2
+        ;;
+    --variant=*)
+        VARIANT=${1#--variant=}
         shift
         ;;
     -h | --help)
@@ -318,6 +346,7 @@ while (($# > 0)); do
     esac
 done
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs wants a positive integer, got '$JOBS'"
+[[ $VARIANT == patched || $VARIANT == nosb ]] || die "--variant wants patched or nosb, got '$VARIANT'"
 
 mkdir -p "$WORK"
 case "$(readlink -f "$CACHE")/" in
@@ -332,7 +361,7 @@ KEY_INPUTS=$(key_inputs)
 KEY=$(sha256sum <<<"$KEY_INPUTS" | cut -d' ' -f1)
 KEY16=${KEY:0:16}
 OUT_ROOT=$WORK/out
-OUT=$OUT_ROOT/patched-$KEY16
+OUT=$OUT_ROOT/$VARIANT-$KEY16
 
 # Fast path: these exact inputs were built before.
 if outputs_complete "$OUT"; then
@@ -355,16 +384,18 @@ fi
 
 SRC=$WORK/src-$PKG_VERSION
 BUILD=$WORK/build-$PKG_VERSION
+[[ $VARIANT == patched ]] || BUILD=$BUILD-$VARIANT
 MTIME_SNAPSHOT=$WORK/.patched-mtimes
 TMP_OUT=
 trap '[[ -z ${TMP_OUT:-} ]] || rm -rf "$TMP_OUT"' EXIT
 mkdir -p "$BUILD" "$OUT_ROOT"
 : >"$LOG"
-log "building kernel $KEY16 (${#PATCHES[@]} patch(es)); cache $WORK"
+log "building kernel $VARIANT-$KEY16 (${#PATCHES[@]} patch(es)); cache $WORK"
 TOTAL_START=$SECONDS
 
 prepare_source
 apply_patches
+[[ $VARIANT != nosb ]] || make_nosb_fragment
 configure
 build_kernel
 install_outputs
