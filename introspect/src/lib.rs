@@ -1,9 +1,16 @@
 //! Reads a Linux guest's state from its physical memory alone.
 //!
+//! * [`elf`] — a minimal, bounds-checked ELF64 reader (sections, `.symtab`).
+//! * [`btf`] — struct layouts and enum values from the kernel's BTF.
 //! * [`mem`] — guest-physical memory sources (bdvmm's memfd, dump files, byte vectors).
 //! * [`sensorbox`] — the Sensor Box of a patched guest, read consistently.
 //! * [`hooks`] — the repair-hook mailbox: asking the guest kernel to kill.
 
+pub mod btf;
+pub mod elf;
 pub mod hooks;
+pub mod kernel;
 pub mod mem;
+pub mod paging;
 pub mod sensorbox;
+pub mod tasks;

@@ -219,10 +219,16 @@ impl Vm {
 }
 
 impl Drop for Vm {
+    /// Asks bdvmm to stop (SIGTERM: it ends its guest and reaps QEMU), and kills it only if it
+    /// has not exited within a few seconds.
     fn drop(&mut self) {
         if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
         }
     }
 }

@@ -1,0 +1,66 @@
+//! introspect finds a running kernel from CR3 alone: the KASLR slide, phys_base and the direct-map
+//! base, on the stock Debian kernel (System.map) and on the patched kernel (System.map, and the
+//! Sensor Box descriptor with no symbol file at all).
+
+use std::time::Duration;
+
+use backdoors_tests::vm::{Vm, VmSpec};
+use backdoors_tests::Images;
+use introspect::kernel::{self, Symbols};
+use introspect::sensorbox;
+
+fn kernel_code_phys(out: &str) -> u64 {
+    out.lines()
+        .find_map(|l| {
+            l.split("HELLO iomem ")
+                .nth(1)
+                .filter(|r| r.contains("Kernel code"))
+        })
+        .and_then(|r| u64::from_str_radix(r.split('-').next()?, 16).ok())
+        .expect("guest printed its Kernel code range")
+}
+
+fn locate_in(kernel_key: &str, map_key: &str) -> (Vm, kernel::KernelLocation, Symbols) {
+    let img = Images::load();
+    let spec = VmSpec::tcg(
+        img.get(kernel_key),
+        img.get("BD_INITRAMFS"),
+        "quiet bd.scenario=hello bd.halt=wait",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
+    let (mem, _) = vm.memory();
+    let mut c = vm.client();
+    c.pause(Some(Duration::from_secs(30))).unwrap();
+    let regs = c.regs(0).unwrap();
+    let syms = Symbols::from_file(img.get(map_key)).unwrap();
+    let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+    c.resume().unwrap();
+    // The guest's own /proc/iomem says where _text is physically.
+    let text = syms.get("_text").unwrap() + loc.slide;
+    assert_eq!(
+        loc.image_phys(text),
+        kernel_code_phys(&vm.stdout()),
+        "{loc:?}"
+    );
+    assert_eq!(loc.slide % (2 << 20), 0);
+    (vm, loc, syms)
+}
+
+#[test]
+fn locates_the_stock_debian_kernel_from_cr3_and_system_map() {
+    let (_vm, loc, _) = locate_in("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
+    assert!(loc.page_offset_base >= 0xff00_0000_0000_0000, "{loc:?}");
+}
+
+#[test]
+fn locates_the_patched_kernel_with_and_without_system_map() {
+    let (vm, loc, _) = locate_in("BD_KERNEL_BZIMAGE", "BD_KERNEL_SYSTEM_MAP");
+    let (mem, map) = vm.memory();
+    let sb = sensorbox::read(&mem, map.backdoor.gpa, map.backdoor.size, 1000).unwrap();
+    let st = sb.state.expect("descriptor");
+    let from_sb = kernel::from_descriptor(&mem, &st, 0).unwrap();
+    assert_eq!(from_sb.slide, loc.slide);
+    assert_eq!(from_sb.phys_base, loc.phys_base);
+    assert_eq!(from_sb.page_offset_base, loc.page_offset_base);
+}
