@@ -12,5 +12,6 @@ pub mod hooks;
 pub mod kernel;
 pub mod mem;
 pub mod paging;
+pub mod repair;
 pub mod sensorbox;
 pub mod tasks;

@@ -141,6 +141,8 @@ pub struct Process {
     pub task: Task,
     /// Other threads' pids.
     pub threads: Vec<u32>,
+    /// task_struct addresses of every thread, the leader's first.
+    pub thread_addrs: Vec<u64>,
     /// Ancestors up to the idle task (init has depth 1).
     pub depth: u32,
     /// Number of direct children.
@@ -195,6 +197,11 @@ impl<'m> KernelMem<'m> {
     fn read(&self, va: u64, what: &'static str, buf: &mut [u8]) -> Result<(), TaskError> {
         let base = self.phys(va & !7, what)?;
         Ok(self.mem.read(base + (va & 7), buf)?)
+    }
+
+    /// Reads a u64 at kernel virtual `va`.
+    pub fn read_u64(&self, va: u64, what: &'static str) -> Result<u64, TaskError> {
+        self.u64_at(va, what)
     }
 
     fn u64_at(&self, va: u64, what: &'static str) -> Result<u64, TaskError> {
@@ -324,6 +331,7 @@ pub fn process_table(
         let task = read_task(km, l, addr)?;
         let signal = km.u64_at(addr + l.signal, "signal")?;
         let mut threads = Vec::new();
+        let mut thread_addrs = vec![addr];
         if signal != 0 {
             for t in km.list(
                 signal + l.signal_thread_head,
@@ -333,12 +341,14 @@ pub fn process_table(
             )? {
                 if t != addr {
                     threads.push(km.u32_at(t + l.pid, "thread pid")?);
+                    thread_addrs.push(t);
                 }
             }
         }
         procs.push(Process {
             task,
             threads,
+            thread_addrs,
             depth: 0,
             children: 0,
         });

@@ -5,6 +5,9 @@
 # through the repair-hook mailbox) and reports how, then holds for
 # BD_SECONDS seconds, or forever. With BD_TIMEOUT it stops waiting after
 # that many seconds and kills the survivors itself (reported as a timeout).
+# With BD_SLEEPER=naps the sleeper is a shell that sleeps one second at a
+# time, forever (it wakes up now and then, which is when a signal posted
+# without the guest's help, on a stock kernel, gets noticed).
 # Lines:
 #   REPAIR busy pid=<p>                  the counter process itself
 #   REPAIR sleeper pid=<q>               the sleep process itself
@@ -18,14 +21,20 @@ rm -f "$log"
 bd_as_bg "$BD_USER1" counter --log "$log"
 # shellcheck disable=SC2154 # bd_pid is set by bd_as_bg
 busy=$bd_pid
-bd_as_bg "$BD_USER1" sleep 100000
+if [ "${BD_SLEEPER:-}" = naps ]; then
+	bd_as_bg "$BD_USER1" sh -c 'while :; do sleep 1; done'
+	sleeper_comm="sh"
+else
+	bd_as_bg "$BD_USER1" sleep 100000
+	sleeper_comm="sleep"
+fi
 sleeper=$bd_pid
 # Print the pids only once they are the real programs (runas has exec'd).
 if ! bd_wait_lines "$log" "^COUNTER ready pid=$busy\$" 1 60; then
 	echo "SCENARIO repair: counter did not start"
 fi
 tries=300
-while [ "$tries" -gt 0 ] && [ "$(cat "/proc/$sleeper/comm" 2>/dev/null)" != sleep ]; do
+while [ "$tries" -gt 0 ] && [ "$(cat "/proc/$sleeper/comm" 2>/dev/null)" != "$sleeper_comm" ]; do
 	sleep 0.2
 	tries=$((tries - 1))
 done
