@@ -64,3 +64,44 @@ fn locates_the_patched_kernel_with_and_without_system_map() {
     assert_eq!(from_sb.phys_base, loc.phys_base);
     assert_eq!(from_sb.page_offset_base, loc.page_offset_base);
 }
+
+#[test]
+fn bdvmm_ctl_ps_and_sb_read_a_patched_guest_with_no_symbol_files() {
+    let img = Images::load();
+    let spec = VmSpec::tcg(
+        img.get("BD_KERNEL_BZIMAGE"),
+        img.get("BD_INITRAMFS"),
+        "quiet bd.scenario=hello bd.halt=wait",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(backdoors_tests::bdvmm_bin())
+            .args(["ctl", "--api"])
+            .arg(&vm.api)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ps = ctl(&["ps"]);
+    assert!(ps.lines().next().unwrap().contains("PID"), "{ps}");
+    assert!(ps.lines().any(|l| l.ends_with(" [kthreadd]")), "{ps}");
+    assert!(
+        ps.lines().any(|l| l.split_whitespace().nth(1) == Some("1")),
+        "{ps}"
+    );
+    let sb = ctl(&["sb"]);
+    for name in ["TIMER_TICKS", "NPROCS", "FORK_FAILED", "REPAIRS_REJECTED"] {
+        assert!(sb.contains(name), "{sb}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&ctl(&["ps", "--json"])).unwrap();
+    assert!(json.as_array().unwrap().len() > 10);
+    // The guest runs on after the brief pause ps takes.
+    assert_eq!(vm.client().status().unwrap().state, "running");
+}

@@ -8,6 +8,7 @@ pub mod api;
 pub mod bootfiles;
 pub mod console;
 pub mod engine;
+pub mod inspect;
 pub mod layout;
 pub mod memory;
 pub mod vmm;

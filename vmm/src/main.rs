@@ -14,6 +14,7 @@ use bdvmm::engine::kvm::boot::{BootSpec, CMDLINE_MAX};
 use bdvmm::engine::kvm::KvmEngine;
 use bdvmm::engine::tcg::{TcgEngine, TcgSpec};
 use bdvmm::engine::{Engine, EngineKind, VmExit};
+use bdvmm::inspect;
 use bdvmm::layout::{MemoryLayout, MAX_VCPUS};
 use bdvmm::memory::GuestRam;
 use bdvmm::vmm::Vmm;
@@ -122,6 +123,24 @@ enum CtlOp {
     },
     /// The guest-physical memory map (the memfd itself only reaches programs using the API).
     Memory,
+    /// The guest's process table, by introspection (pauses the guest briefly).
+    Ps {
+        /// System.map of the guest kernel (stock guests; patched guests need none).
+        #[arg(long, requires = "vmlinux")]
+        system_map: Option<PathBuf>,
+        /// The guest kernel's vmlinux, for its BTF (stock guests).
+        #[arg(long, requires = "system_map")]
+        vmlinux: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The guest's Sensor Box (patched guests).
+    Sb {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -284,29 +303,62 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// A control-API reply as JSON to print.
+fn json<T: serde::Serialize>(
+    v: Result<T, bdvmm::api::ApiError>,
+) -> Result<Option<serde_json::Value>, String> {
+    v.map_err(|e| e.to_string())
+        .map(|r| Some(serde_json::to_value(r).unwrap_or_default()))
+}
+
 fn ctl(args: CtlArgs) -> ExitCode {
     let mut client = match ApiClient::connect(&args.api) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_SETUP, e),
     };
     let out = match args.op {
-        CtlOp::Status => client.status().map(|r| serde_json::to_value(r).ok()),
+        CtlOp::Status => json(client.status()),
         CtlOp::Pause { lease_ms, hold_ms } => {
             let r = client.pause(lease_ms.map(Duration::from_millis));
             if r.is_ok() && hold_ms > 0 {
                 std::thread::sleep(Duration::from_millis(hold_ms));
             }
-            r.map(|r| serde_json::to_value(r).ok())
+            json(r)
         }
-        CtlOp::Resume => client.resume().map(|r| serde_json::to_value(r).ok()),
-        CtlOp::Regs { vcpu } => client.regs(vcpu).map(|r| serde_json::to_value(r).ok()),
-        CtlOp::Memory => client.memory().map(|(_, r)| serde_json::to_value(r).ok()),
+        CtlOp::Resume => json(client.resume()),
+        CtlOp::Regs { vcpu } => json(client.regs(vcpu)),
+        CtlOp::Memory => json(client.memory().map(|(_, r)| r)),
+        CtlOp::Ps {
+            system_map,
+            vmlinux,
+            json: as_json,
+        } => inspect::process_table(&mut client, system_map.as_deref(), vmlinux.as_deref()).map(
+            |t| {
+                if as_json {
+                    Some(serde_json::to_value(&t).unwrap_or_default())
+                } else {
+                    inspect::print_process_table(&t);
+                    None
+                }
+            },
+        ),
+        CtlOp::Sb { json: as_json } => inspect::map_guest(&mut client)
+            .and_then(|(mem, range)| inspect::sensor_box(&mem, range))
+            .map(|sb| {
+                if as_json {
+                    Some(serde_json::to_value(&sb).unwrap_or_default())
+                } else {
+                    inspect::print_sensor_box(&sb);
+                    None
+                }
+            }),
     };
     match out {
-        Ok(v) => {
-            println!("{}", v.unwrap_or_default());
+        Ok(Some(v)) => {
+            println!("{v}");
             ExitCode::SUCCESS
         }
+        Ok(None) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_GUEST_FAILED, e),
     }
 }

@@ -1,0 +1,183 @@
+//! `bdvmm ctl ps` and `bdvmm ctl sb`: a running guest's process table and Sensor Box, read by
+//! introspection through the control API (memfd + pause lock + registers).
+//!
+//! On a patched guest nothing else is needed: the Sensor Box names `init_task` and the kernel's
+//! BTF blob in guest memory. On a stock guest, give `--system-map` and `--vmlinux` (for BTF).
+
+use std::path::Path;
+use std::time::Duration;
+
+use introspect::btf::Btf;
+use introspect::kernel::{self, KernelLocation, Symbols};
+use introspect::mem::{MappedMem, PhysMem, Range};
+use introspect::sensorbox::{self, SensorBox};
+use introspect::tasks::{self, KernelMem, Limits, Process, TaskLayout};
+
+use crate::api::ApiClient;
+
+/// Largest BTF blob we copy out of a guest.
+const MAX_GUEST_BTF: u64 = 64 << 20;
+
+/// Maps the guest's memfd read-write (repairs write through it) from the API.
+pub fn map_guest(client: &mut ApiClient) -> Result<(MappedMem, SbRange), String> {
+    let (file, map) = client.memory().map_err(|e| e.to_string())?;
+    let ranges = map
+        .ranges
+        .iter()
+        .map(|r| Range {
+            gpa: r.gpa,
+            size: r.size,
+            offset: r.offset,
+        })
+        .collect();
+    let mem = MappedMem::new(file, map.size, ranges, true).map_err(|e| e.to_string())?;
+    Ok((
+        mem,
+        SbRange {
+            gpa: map.backdoor.gpa,
+            size: map.backdoor.size,
+        },
+    ))
+}
+
+/// Where the Sensor Box may be.
+#[derive(Clone, Copy, Debug)]
+pub struct SbRange {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size.
+    pub size: u64,
+}
+
+/// Reads the Sensor Box (no pause needed: the sequence counter makes the copy consistent).
+pub fn sensor_box(mem: &dyn PhysMem, range: SbRange) -> Result<SensorBox, String> {
+    sensorbox::read(mem, range.gpa, range.size, 1000).map_err(|e| e.to_string())
+}
+
+/// Prints a Sensor Box as a table.
+pub fn print_sensor_box(sb: &SensorBox) {
+    println!(
+        "Sensor Box v{} at {:#x}: boot_id {:016x}, seq {}, jiffies {}, HZ {}",
+        sb.header.version,
+        sb.gpa,
+        sb.header.boot_id,
+        sb.header.seq,
+        sb.header.jiffies,
+        sb.header.hz
+    );
+    println!(
+        "{:>4} {:<22} {:<9} {:>20} {:>20} {:>6}",
+        "ID", "NAME", "CLASS", "VALUE", "THRESHOLD", "STATE"
+    );
+    for s in &sb.sensors {
+        let class = format!("{:?}", s.class).to_lowercase();
+        let state = if s.level_violated() { "BAD" } else { "ok" };
+        println!(
+            "{:>4} {:<22} {:<9} {:>20} {:>20} {:>6}",
+            s.id, s.name, class, s.value, s.threshold, state
+        );
+    }
+}
+
+/// Everything needed to walk the task list.
+struct Target {
+    loc: KernelLocation,
+    btf: Btf,
+    init_task: u64,
+}
+
+fn target(
+    mem: &dyn PhysMem,
+    range: SbRange,
+    cr3: u64,
+    cr4: u64,
+    system_map: Option<&Path>,
+    vmlinux: Option<&Path>,
+) -> Result<Target, String> {
+    if let (Some(map), Some(vmlinux)) = (system_map, vmlinux) {
+        let syms = Symbols::from_file(map).map_err(|e| e.to_string())?;
+        let loc = kernel::locate(mem, cr3, cr4, &syms).map_err(|e| e.to_string())?;
+        let bytes = std::fs::read(vmlinux)
+            .map_err(|e| format!("cannot read {}: {e}", vmlinux.display()))?;
+        let btf = Btf::from_elf(&bytes).map_err(|e| e.to_string())?;
+        let init_task = syms.get("init_task").ok_or("System.map has no init_task")? + loc.slide;
+        return Ok(Target {
+            loc,
+            btf,
+            init_task,
+        });
+    }
+    let sb = sensor_box(mem, range)
+        .map_err(|e| format!("{e}\n(for a stock guest give --system-map and --vmlinux)"))?;
+    let st = sb
+        .state
+        .ok_or("the Sensor Box has no externalized-state descriptor")?;
+    let loc = kernel::from_descriptor(mem, &st, cr3).map_err(|e| e.to_string())?;
+    if st.btf_size == 0 || st.btf_size > MAX_GUEST_BTF {
+        return Err(format!(
+            "guest BTF size {} is implausible; give --vmlinux",
+            st.btf_size
+        ));
+    }
+    let mut blob = vec![0u8; st.btf_size as usize];
+    mem.read(loc.image_phys(st.btf_start), &mut blob)
+        .map_err(|e| e.to_string())?;
+    let btf = Btf::parse(&blob).map_err(|e| e.to_string())?;
+    Ok(Target {
+        loc,
+        btf,
+        init_task: st.init_task,
+    })
+}
+
+/// Pauses the guest, reads its process table and resumes it.
+pub fn process_table(
+    client: &mut ApiClient,
+    system_map: Option<&Path>,
+    vmlinux: Option<&Path>,
+) -> Result<Vec<Process>, String> {
+    let (mem, range) = map_guest(client)?;
+    client
+        .pause(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        let regs = client.regs(0).map_err(|e| e.to_string())?;
+        let t = target(&mem, range, regs.cr3, regs.cr4, system_map, vmlinux)?;
+        let layout = TaskLayout::from_btf(&t.btf).map_err(|e| e.to_string())?;
+        let km = KernelMem::new(&mem, t.loc);
+        tasks::process_table(&km, &layout, t.init_task, Limits::default())
+            .map_err(|e| e.to_string())
+    })();
+    let resumed = client.resume().map_err(|e| e.to_string());
+    let table = result?;
+    resumed?;
+    Ok(table)
+}
+
+/// Prints a process table like `ps -ef`, with the tree and memory columns healers use.
+pub fn print_process_table(table: &[Process]) {
+    println!(
+        "{:>6} {:>7} {:>7} {:1} {:>4} {:>9} {:>5} {:>5} CMD",
+        "UID", "PID", "PPID", "S", "THR", "RSS_KB", "DEPTH", "CHILD"
+    );
+    for p in table {
+        let t = &p.task;
+        let rss_kb = (t.rss_anon + t.rss_file + t.rss_shmem) * 4;
+        let cmd = if t.kthread {
+            format!("[{}]", t.comm)
+        } else {
+            t.comm.clone()
+        };
+        println!(
+            "{:>6} {:>7} {:>7} {:1} {:>4} {:>9} {:>5} {:>5} {cmd}",
+            t.uid,
+            t.pid,
+            t.ppid,
+            t.state,
+            p.threads.len() + 1,
+            rss_kb,
+            p.depth,
+            p.children
+        );
+    }
+}
