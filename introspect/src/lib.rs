@@ -15,3 +15,4 @@ pub mod paging;
 pub mod repair;
 pub mod sensorbox;
 pub mod tasks;
+pub mod virtual_sensors;

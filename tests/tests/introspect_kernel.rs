@@ -105,3 +105,50 @@ fn bdvmm_ctl_ps_and_sb_read_a_patched_guest_with_no_symbol_files() {
     // The guest runs on after the brief pause ps takes.
     assert_eq!(vm.client().status().unwrap().state, "running");
 }
+
+#[test]
+fn virtual_sensors_of_the_stock_kernel_move_like_real_ones() {
+    use introspect::btf::Btf;
+    use introspect::sensorbox::ids;
+    use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+    use introspect::virtual_sensors::{VirtualSensors, TOTAL_FORKS};
+
+    let (vm, loc, syms) = locate_in("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
+    let img = Images::load();
+    let btf = Btf::from_elf(&std::fs::read(img.get("BD_STOCK_VMLINUX")).unwrap()).unwrap();
+    let (mem, _) = vm.memory();
+    let km = KernelMem::new(&mem, loc.clone());
+    let vs = VirtualSensors::new(&syms, &btf, &loc).unwrap();
+    let a = vs.sample(&km).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let b = vs.sample(&km).unwrap();
+    assert!(b.value(ids::TIMER_TICKS) > a.value(ids::TIMER_TICKS));
+    assert!(b.value(ids::CONTEXT_SWITCHES) > a.value(ids::CONTEXT_SWITCHES));
+    let free = b.value(ids::FREE_PAGES).unwrap();
+    assert!(
+        free > 1000 && free < (512 << 20) / 4096,
+        "FREE_PAGES {free}"
+    );
+    assert_eq!(b.value(ids::OOM_KILLS), Some(0));
+    assert!(
+        b.sensor(ids::FORK_FAILED).is_none(),
+        "a stock kernel cannot count failed forks"
+    );
+
+    // NPROCS counts every task, as the walked table does (taken together, under the pause).
+    let mut c = vm.client();
+    c.pause(Some(Duration::from_secs(30))).unwrap();
+    let layout = TaskLayout::from_btf(&btf).unwrap();
+    let table = tasks::process_table(
+        &km,
+        &layout,
+        syms.get("init_task").unwrap() + loc.slide,
+        Limits::default(),
+    )
+    .unwrap();
+    let s = vs.sample(&km).unwrap();
+    c.resume().unwrap();
+    let tasks: u64 = table.iter().map(|p| 1 + p.threads.len() as u64).sum();
+    assert_eq!(s.value(ids::NPROCS), Some(tasks));
+    assert!(s.value(TOTAL_FORKS).unwrap() >= tasks);
+}
