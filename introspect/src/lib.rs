@@ -7,6 +7,7 @@
 //! * [`hooks`] — the repair-hook mailbox: asking the guest kernel to kill.
 
 pub mod btf;
+pub mod consistency;
 pub mod elf;
 pub mod hooks;
 pub mod kernel;

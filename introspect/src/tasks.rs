@@ -243,6 +243,38 @@ impl<'m> KernelMem<'m> {
     }
 }
 
+/// `_QW_WMASK` (include/asm-generic/qrwlock.h): the writer bits of a qrwlock's count.
+const QW_WMASK: u32 = 0x1ff;
+
+/// Where to look to tell whether `tasklist_lock` is write-held.
+#[derive(Clone, Copy, Debug)]
+pub struct TasklistLock {
+    cnts: u64,
+}
+
+impl TasklistLock {
+    /// `addr` is `&tasklist_lock` (run-time); the layout of `rwlock_t` comes from BTF.
+    pub fn new(btf: &Btf, addr: u64) -> Result<Self, TaskError> {
+        let rwlock = btf
+            .find("rwlock_t")
+            .find_map(|id| btf.struct_layout_by_id(id).ok())
+            .ok_or_else(|| BtfError::NotFound {
+                what: "struct typedef",
+                name: "rwlock_t".into(),
+            })?;
+        let qrwlock = btf.struct_layout("qrwlock")?;
+        Ok(Self {
+            cnts: addr + rwlock.offset("raw_lock")? + qrwlock.offset("cnts")?,
+        })
+    }
+
+    /// Whether a writer holds (or is taking) the lock: a walk of the task list now could see a
+    /// list being changed.
+    pub fn write_held(&self, km: &KernelMem) -> Result<bool, TaskError> {
+        Ok(km.u32_at(self.cnts, "tasklist_lock")? & QW_WMASK != 0)
+    }
+}
+
 fn state_letter(state: u32, exit_state: u32) -> char {
     if exit_state & EXIT_DEAD != 0 {
         return 'X';

@@ -53,6 +53,10 @@ fn table_matches_the_guest(kernel_key: &str, vmlinux_key: &str, map_key: &str) {
     )
     .unwrap();
     let took = t0.elapsed();
+    // An idle guest paused at random holds no writer on tasklist_lock.
+    let lock =
+        tasks::TasklistLock::new(&btf, syms.get("tasklist_lock").unwrap() + loc.slide).unwrap();
+    assert!(!lock.write_held(&km).unwrap());
     c.resume().unwrap();
     eprintln!("{} processes introspected in {took:?}", table.len());
 

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use introspect::btf::Btf;
+use introspect::consistency::{self, Locked, Pauser};
 use introspect::kernel::{self, KernelLocation, Symbols};
 use introspect::mem::{MappedMem, PhysMem, Range};
 use introspect::sensorbox::{self, SensorBox};
-use introspect::tasks::{self, KernelMem, Limits, Process, TaskLayout};
+use introspect::tasks::{self, KernelMem, Limits, Process, TaskLayout, TasklistLock};
 
 use crate::api::ApiClient;
 
@@ -84,6 +85,7 @@ struct Target {
     loc: KernelLocation,
     btf: Btf,
     init_task: u64,
+    tasklist_lock: u64,
 }
 
 fn target(
@@ -100,11 +102,16 @@ fn target(
         let bytes = std::fs::read(vmlinux)
             .map_err(|e| format!("cannot read {}: {e}", vmlinux.display()))?;
         let btf = Btf::from_elf(&bytes).map_err(|e| e.to_string())?;
-        let init_task = syms.get("init_task").ok_or("System.map has no init_task")? + loc.slide;
+        let sym = |n: &str| {
+            syms.get(n)
+                .map(|a| a + loc.slide)
+                .ok_or(format!("System.map has no {n}"))
+        };
         return Ok(Target {
+            init_task: sym("init_task")?,
+            tasklist_lock: sym("tasklist_lock")?,
             loc,
             btf,
-            init_task,
         });
     }
     let sb = sensor_box(mem, range)
@@ -127,31 +134,58 @@ fn target(
         loc,
         btf,
         init_task: st.init_task,
+        tasklist_lock: st.tasklist_lock,
     })
 }
 
-/// Pauses the guest, reads its process table and resumes it.
+/// bdvmm's API as the pause lock of [`consistency::read_quiescent`].
+struct ApiPauser<'a>(&'a mut ApiClient);
+
+impl Pauser for ApiPauser<'_> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.0
+            .pause(Some(Duration::from_secs(5)))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.0.resume().map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// How long `ps` waits for a moment when no fork or exit holds `tasklist_lock`.
+const QUIESCE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Reads the process table while the guest is paused at a moment when `tasklist_lock` is not
+/// write-held (or, after a timeout, anyway: `forced`).
 pub fn process_table(
     client: &mut ApiClient,
     system_map: Option<&Path>,
     vmlinux: Option<&Path>,
-) -> Result<Vec<Process>, String> {
+) -> Result<Locked<Vec<Process>>, String> {
     let (mem, range) = map_guest(client)?;
+    // The kernel's location and layouts do not change while it runs: find them once, paused.
     client
         .pause(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    let result = (|| {
-        let regs = client.regs(0).map_err(|e| e.to_string())?;
-        let t = target(&mem, range, regs.cr3, regs.cr4, system_map, vmlinux)?;
-        let layout = TaskLayout::from_btf(&t.btf).map_err(|e| e.to_string())?;
-        let km = KernelMem::new(&mem, t.loc);
-        tasks::process_table(&km, &layout, t.init_task, Limits::default())
-            .map_err(|e| e.to_string())
-    })();
-    let resumed = client.resume().map_err(|e| e.to_string());
-    let table = result?;
-    resumed?;
-    Ok(table)
+    let found = client
+        .regs(0)
+        .map_err(|e| e.to_string())
+        .and_then(|regs| target(&mem, range, regs.cr3, regs.cr4, system_map, vmlinux));
+    client.resume().map_err(|e| e.to_string())?;
+    let t = found?;
+    let layout = TaskLayout::from_btf(&t.btf).map_err(|e| e.to_string())?;
+    let lock = TasklistLock::new(&t.btf, t.tasklist_lock).map_err(|e| e.to_string())?;
+    let km = KernelMem::new(&mem, t.loc);
+    consistency::read_quiescent(
+        &mut ApiPauser(client),
+        QUIESCE_TIMEOUT,
+        || lock.write_held(&km).map_err(|e| e.to_string()),
+        || {
+            tasks::process_table(&km, &layout, t.init_task, Limits::default())
+                .map_err(|e| e.to_string())
+        },
+    )
 }
 
 /// Prints a process table like `ps -ef`, with the tree and memory columns healers use.

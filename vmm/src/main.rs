@@ -334,10 +334,16 @@ fn ctl(args: CtlArgs) -> ExitCode {
             json: as_json,
         } => inspect::process_table(&mut client, system_map.as_deref(), vmlinux.as_deref()).map(
             |t| {
+                if t.forced {
+                    eprintln!(
+                        "bdvmm: warning: tasklist_lock stayed write-held through {} pauses; the table was read anyway and may be inconsistent",
+                        t.attempts
+                    );
+                }
                 if as_json {
-                    Some(serde_json::to_value(&t).unwrap_or_default())
+                    Some(serde_json::to_value(&t.value).unwrap_or_default())
                 } else {
-                    inspect::print_process_table(&t);
+                    inspect::print_process_table(&t.value);
                     None
                 }
             },
