@@ -4,7 +4,7 @@ CACHE ?= $(or $(BACKDOORS_CACHE),$(HOME)/.cache/backdoors)
 IMAGES_ENV := $(CACHE)/images.env
 CARGO ?= cargo
 
-.PHONY: all deps images build release test lint bench demo clean-cache
+.PHONY: all deps images build release test lint bench demo fuzz clean-cache
 
 all: build
 
@@ -36,6 +36,15 @@ bench: images release
 	NOSB=$$(images/kernel/build.sh --variant nosb | tail -n 1) && \
 	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
 	$(CARGO) bench -p backdoors-tests --bench sb_cost
+
+# A short run of every cargo-fuzz target of introspect (parsers and walks of guest data).
+# cargo-fuzz runs on the stable toolchain with -s none (no sanitizer; panics and hangs are found).
+FUZZ_SECONDS ?= 20
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd introspect && $(CARGO) fuzz build -s none
+	cd introspect && for t in $$($(CARGO) fuzz list); do \
+		$(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; done
 
 # Boots a guest under bdvmm and runs a bounded fork bomb next to a "useful" program.
 demo: images release

@@ -101,13 +101,13 @@ pub fn post_sigkill(
         )?;
         return Ok(Posted::Mailbox { slot });
     }
-    let signal = km.read_u64(t.addr + direct.signal, "task signal")?;
-    let pending = km.phys(signal + direct.shared_pending, "shared_pending")?;
+    let signal = km.read_u64(t.addr.wrapping_add(direct.signal), "task signal")?;
+    let pending = km.phys(signal.wrapping_add(direct.shared_pending), "shared_pending")?;
     let set = mem.read_u64(pending).map_err(TaskError::from)?;
     mem.write(pending, &(set | SIGKILL_BIT).to_le_bytes())
         .map_err(TaskError::from)?;
     for &task in &proc.thread_addrs {
-        let flags = km.phys(task + direct.ti_flags, "thread_info flags")?;
+        let flags = km.phys(task.wrapping_add(direct.ti_flags), "thread_info flags")?;
         let f = mem.read_u64(flags).map_err(TaskError::from)?;
         mem.write(flags, &(f | TIF_SIGPENDING).to_le_bytes())
             .map_err(TaskError::from)?;

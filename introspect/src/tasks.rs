@@ -297,7 +297,7 @@ fn state_letter(state: u32, exit_state: u32) -> char {
 /// Reads one task.
 pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, TaskError> {
     let mut comm = vec![0u8; l.comm_len as usize];
-    km.read(addr + l.comm, "task comm", &mut comm)?;
+    km.read(addr.wrapping_add(l.comm), "task comm", &mut comm)?;
     let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     let comm: String = comm[..len]
         .iter()
@@ -309,36 +309,39 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
             }
         })
         .collect();
-    let parent = km.u64_at(addr + l.real_parent, "real_parent")?;
+    let parent = km.u64_at(addr.wrapping_add(l.real_parent), "real_parent")?;
     let ppid = if parent == addr {
         0
     } else {
-        km.u32_at(parent + l.pid, "parent pid")?
+        km.u32_at(parent.wrapping_add(l.pid), "parent pid")?
     };
-    let cred = km.u64_at(addr + l.real_cred, "real_cred")?;
-    let mm = km.u64_at(addr + l.mm, "mm")?;
+    let cred = km.u64_at(addr.wrapping_add(l.real_cred), "real_cred")?;
+    let mm = km.u64_at(addr.wrapping_add(l.mm), "mm")?;
     let mut rss = [0u64; 3];
     if mm != 0 {
         for (slot, idx) in rss.iter_mut().zip(l.rss_index) {
-            let v = km.u64_at(mm + l.mm_rss + idx * 8, "mm rss_stat")? as i64;
+            let v = km.u64_at(
+                mm.wrapping_add(l.mm_rss).wrapping_add(idx.wrapping_mul(8)),
+                "mm rss_stat",
+            )? as i64;
             *slot = v.max(0) as u64;
         }
     }
-    let flags = km.u32_at(addr + l.flags, "flags")?;
+    let flags = km.u32_at(addr.wrapping_add(l.flags), "flags")?;
     Ok(Task {
         addr,
-        pid: km.u32_at(addr + l.pid, "pid")?,
-        tgid: km.u32_at(addr + l.tgid, "tgid")?,
+        pid: km.u32_at(addr.wrapping_add(l.pid), "pid")?,
+        tgid: km.u32_at(addr.wrapping_add(l.tgid), "tgid")?,
         ppid,
-        uid: km.u32_at(cred + l.cred_uid, "cred uid")?,
-        euid: km.u32_at(cred + l.cred_euid, "cred euid")?,
+        uid: km.u32_at(cred.wrapping_add(l.cred_uid), "cred uid")?,
+        euid: km.u32_at(cred.wrapping_add(l.cred_euid), "cred euid")?,
         comm,
         state: state_letter(
-            km.u32_at(addr + l.state, "state")?,
-            km.u32_at(addr + l.exit_state, "exit_state")?,
+            km.u32_at(addr.wrapping_add(l.state), "state")?,
+            km.u32_at(addr.wrapping_add(l.exit_state), "exit_state")?,
         ),
         kthread: flags & PF_KTHREAD != 0,
-        start_time: km.u64_at(addr + l.start_time, "start_time")?,
+        start_time: km.u64_at(addr.wrapping_add(l.start_time), "start_time")?,
         rss_file: rss[0],
         rss_anon: rss[1],
         rss_shmem: rss[2],
@@ -353,7 +356,7 @@ pub fn process_table(
     limits: Limits,
 ) -> Result<Vec<Process>, TaskError> {
     let leaders = km.list(
-        init_task + l.tasks,
+        init_task.wrapping_add(l.tasks),
         l.tasks,
         "task list",
         limits.max_processes,
@@ -361,18 +364,18 @@ pub fn process_table(
     let mut procs = Vec::with_capacity(leaders.len());
     for addr in leaders {
         let task = read_task(km, l, addr)?;
-        let signal = km.u64_at(addr + l.signal, "signal")?;
+        let signal = km.u64_at(addr.wrapping_add(l.signal), "signal")?;
         let mut threads = Vec::new();
         let mut thread_addrs = vec![addr];
         if signal != 0 {
             for t in km.list(
-                signal + l.signal_thread_head,
+                signal.wrapping_add(l.signal_thread_head),
                 l.thread_node,
                 "thread list",
                 limits.max_threads,
             )? {
                 if t != addr {
-                    threads.push(km.u32_at(t + l.pid, "thread pid")?);
+                    threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
                     thread_addrs.push(t);
                 }
             }
@@ -407,6 +410,47 @@ pub fn process_table(
         p.depth = depth + 1;
     }
     Ok(procs)
+}
+
+/// Fuzzing entry point: walks a task list in arbitrary memory with a layout made of small offsets
+/// taken from `data`. It must end in a table or an error, never a panic or a hang.
+#[doc(hidden)]
+pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
+    let off = |i: usize| u64::from(data.get(i).copied().unwrap_or(0)) * 8;
+    let layout = TaskLayout {
+        tasks: off(0),
+        pid: off(1),
+        tgid: off(2),
+        comm: off(3),
+        comm_len: 16,
+        real_parent: off(4),
+        real_cred: off(5),
+        state: off(6),
+        exit_state: off(7),
+        flags: off(8),
+        start_time: off(9),
+        mm: off(10),
+        signal: off(11),
+        thread_node: off(12),
+        signal_thread_head: off(13),
+        cred_uid: off(14),
+        cred_euid: off(15),
+        mm_rss: off(16),
+        rss_index: [0, 1, 3],
+    };
+    let loc = KernelLocation {
+        slide: 0,
+        phys_base: 0,
+        page_offset_base: 0xffff_8880_0000_0000,
+        cr3: 0,
+        levels: 4,
+    };
+    let km = KernelMem::new(mem, loc);
+    let limits = Limits {
+        max_processes: 4096,
+        max_threads: 256,
+    };
+    let _ = process_table(&km, &layout, 0xffff_8880_0000_0000 + off(17), limits);
 }
 
 #[cfg(test)]
