@@ -1,0 +1,87 @@
+//! introspect benchmarks on real guests: the whole process table of guests with about 1,000 and
+//! 10,000 processes, read from local memory (bdvmm's memfd mapped in this process) while the
+//! guest is paused; and the page-walk translation cache on the same task addresses.
+//!
+//! `cargo bench -p backdoors-tests --bench introspect [-- --rounds N --sizes 1000,10000]`
+
+use std::time::{Duration, Instant};
+
+use backdoors_tests::vm::{Vm, VmSpec};
+use backdoors_tests::Images;
+use introspect::btf::Btf;
+use introspect::kernel::{self, Symbols};
+use introspect::paging::PageWalker;
+use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    let p = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+    (p(0.5), p(0.99))
+}
+
+fn main() {
+    let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(100);
+    let sizes: Vec<u32> = arg("--sizes")
+        .unwrap_or_else(|| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let img = Images::load();
+    let btf = Btf::from_elf(&std::fs::read(img.get("BD_KERNEL_VMLINUX")).unwrap()).unwrap();
+    let layout = TaskLayout::from_btf(&btf).unwrap();
+    let syms = Symbols::from_file(img.get("BD_KERNEL_SYSTEM_MAP")).unwrap();
+    for n in sizes {
+        let mut spec = VmSpec::tcg(
+            img.get("BD_KERNEL_BZIMAGE"),
+            img.get("BD_INITRAMFS"),
+            &format!("quiet bd.scenario=spawn bd.count={n} bd.halt=wait"),
+        );
+        spec.mem = 4096;
+        let mut vm = Vm::start(&spec);
+        vm.expect("BACKDOORS: procs end", Duration::from_secs(1800));
+        let (mem, _) = vm.memory();
+        let mut c = vm.client();
+        c.pause(Some(Duration::from_secs(600))).unwrap();
+        let regs = c.regs(0).unwrap();
+        let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+        let km = KernelMem::new(&mem, loc.clone());
+        let init = syms.get("init_task").unwrap() + loc.slide;
+        let mut times = Vec::with_capacity(rounds);
+        let mut count = 0;
+        for _ in 0..rounds {
+            let t0 = Instant::now();
+            let table = tasks::process_table(&km, &layout, init, Limits::default()).unwrap();
+            times.push(t0.elapsed());
+            count = table.len();
+        }
+        let (med, p99) = stats(times);
+        println!("process table, {count:>6} processes (spawn {n}): median {med:>10.2?} p99 {p99:>10.2?} ({rounds} rounds)");
+
+        // The same task_struct addresses translated through the page tables, cold then warm.
+        let table = tasks::process_table(&km, &layout, init, Limits::default()).unwrap();
+        let pw = PageWalker::new(&mem, loc.cr3, loc.levels).unwrap();
+        let t0 = Instant::now();
+        for p in &table {
+            for off in [0u64, 8, 1024, 2048] {
+                let _ = pw.translate(p.task.addr + off);
+            }
+        }
+        let took = t0.elapsed();
+        let s = pw.stats();
+        println!(
+            "page walks for {} task fields: {took:.2?}, translation cache hit rate {:.1}% ({} hits, {} misses)",
+            table.len() * 4,
+            s.hit_rate() * 100.0,
+            s.hits,
+            s.misses
+        );
+        c.resume().unwrap();
+    }
+}
