@@ -38,6 +38,9 @@ pub enum TaskError {
     /// A list came back to an element other than its head.
     #[error("cycle in {0} (a task seen twice)")]
     Cycle(&'static str),
+    /// What should be `init_task` is not the idle task.
+    #[error("the task at init_task is pid {0} {1:?}, not the idle task (pid 0, swapper): wrong symbols or layout")]
+    NotInitTask(u32, String),
     /// A list did not end within the step limit.
     #[error("{0} longer than {1} entries; giving up")]
     TooLong(&'static str, usize),
@@ -355,6 +358,11 @@ pub fn process_table(
     init_task: u64,
     limits: Limits,
 ) -> Result<Vec<Process>, TaskError> {
+    // The head must look like the idle task: pid 0, named swapper (swapper/0 on SMP).
+    let idle = read_task(km, l, init_task)?;
+    if idle.pid != 0 || !idle.comm.starts_with("swapper") {
+        return Err(TaskError::NotInitTask(idle.pid, idle.comm));
+    }
     let leaders = km.list(
         init_task.wrapping_add(l.tasks),
         l.tasks,
