@@ -183,11 +183,20 @@ impl PhysMem for MappedMem {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let off = self.offset(gpa, buf.len())?;
         // SAFETY: off..off+len is inside the mapping (checked); the guest may write concurrently,
-        // so the copy is volatile and byte-wise.
+        // so the copy is volatile: aligned 8-byte words where possible, bytes for the rest.
         unsafe {
             let src = self.base.add(off);
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = std::ptr::read_volatile(src.add(i));
+            let mut i = 0;
+            if off % 8 == 0 {
+                while i + 8 <= buf.len() {
+                    let w = std::ptr::read_volatile(src.add(i) as *const u64);
+                    buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                    i += 8;
+                }
+            }
+            while i < buf.len() {
+                buf[i] = std::ptr::read_volatile(src.add(i));
+                i += 1;
             }
         }
         Ok(())

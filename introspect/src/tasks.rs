@@ -4,7 +4,7 @@
 //! direct map or the kernel image; list walks stop after a bounded number of steps and report a
 //! cycle or a wild pointer as an error; strings are cut at their field.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::btf::{Btf, BtfError};
 use crate::kernel::{KernelLocation, START_KERNEL_MAP};
@@ -220,7 +220,8 @@ impl<'m> KernelMem<'m> {
     }
 
     /// Walks a `list_head` list from `head`, returning the addresses of its entries (the
-    /// containing structures, `offset` bytes before each node).
+    /// containing structures, `offset` bytes before each node). A loop that does not pass through
+    /// the head is found with Brent's algorithm, without allocating.
     fn list(
         &self,
         head: u64,
@@ -229,17 +230,23 @@ impl<'m> KernelMem<'m> {
         max: usize,
     ) -> Result<Vec<u64>, TaskError> {
         let mut out = Vec::new();
-        let mut seen = HashSet::new();
+        let (mut tortoise, mut power, mut lam) = (head, 1usize, 0usize);
         let mut node = self.u64_at(head, what)?;
         while node != head {
             if out.len() >= max {
                 return Err(TaskError::TooLong(what, max));
             }
-            if !seen.insert(node) {
+            if node == tortoise {
                 return Err(TaskError::Cycle(what));
             }
             self.phys(node, what)?;
             out.push(node.wrapping_sub(offset));
+            lam += 1;
+            if lam == power {
+                tortoise = node;
+                power = power.saturating_mul(2);
+                lam = 0;
+            }
             node = self.u64_at(node, what)?;
         }
         Ok(out)
@@ -473,5 +480,55 @@ mod tests {
         assert_eq!(state_letter(0x402, 0), 'I');
         assert_eq!(state_letter(0, EXIT_ZOMBIE), 'Z');
         assert_eq!(state_letter(4, 0), 'T');
+    }
+
+    fn fake(links: &[(u64, u64)]) -> crate::mem::VecMem {
+        let mem = crate::mem::VecMem::new(0, vec![0u8; 0x1000]);
+        for &(at, next) in links {
+            mem.write(at, &(BASE + next).to_le_bytes()).unwrap();
+        }
+        mem
+    }
+
+    const BASE: u64 = 0xffff_8880_0000_0000;
+
+    fn km(mem: &crate::mem::VecMem) -> KernelMem<'_> {
+        KernelMem::new(
+            mem,
+            KernelLocation {
+                slide: 0,
+                phys_base: 0,
+                page_offset_base: BASE,
+                cr3: 0,
+                levels: 4,
+            },
+        )
+    }
+
+    #[test]
+    fn list_walks_end_at_the_head_or_report_loops_and_wild_pointers() {
+        let good = fake(&[(0, 0x100), (0x100, 0x200), (0x200, 0x300), (0x300, 0)]);
+        let k = km(&good);
+        assert_eq!(
+            k.list(BASE, 0x10, "t", 100).unwrap(),
+            vec![BASE + 0xf0, BASE + 0x1f0, BASE + 0x2f0]
+        );
+        assert!(matches!(
+            k.list(BASE, 0, "t", 2),
+            Err(TaskError::TooLong(..))
+        ));
+        // A loop B -> C -> B that never returns to the head.
+        let rho = fake(&[(0, 0x100), (0x100, 0x200), (0x200, 0x300), (0x300, 0x200)]);
+        assert!(matches!(
+            km(&rho).list(BASE, 0, "t", 1 << 20),
+            Err(TaskError::Cycle(_))
+        ));
+        // A pointer outside the direct map.
+        let wild = fake(&[(0, 0x100)]);
+        wild.write(0x100, &0x1234_5678u64.to_le_bytes()).unwrap();
+        assert!(matches!(
+            km(&wild).list(BASE, 0, "t", 100),
+            Err(TaskError::WildPointer { .. })
+        ));
     }
 }
