@@ -278,3 +278,25 @@ impl PhysMem for VecMem {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_dump_file_reads_by_physical_address_and_refuses_writes() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut bytes = vec![0u8; 3 * 4096];
+        bytes[4096 + 5..4096 + 13].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        f.write_all(&bytes).unwrap();
+        let m = MappedMem::open_dump(f.path()).unwrap();
+        assert_eq!(m.read_u64(4096 + 5).unwrap(), 0x1122_3344_5566_7788);
+        assert!(matches!(
+            m.read_u64(3 * 4096 - 4),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(m.write(0, b"x").is_err());
+        assert_eq!(m.find(&0x5566_7788u32.to_le_bytes(), 1), vec![4096 + 5]);
+    }
+}

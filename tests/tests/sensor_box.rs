@@ -79,8 +79,16 @@ fn field(out: &str, prefix: &str, key: &str) -> u64 {
 
 #[test]
 fn sensors_advance_while_running_and_stall_while_paused() {
-    let g = Guest::boot("bd.scenario=counter", "COUNTER ready");
+    let g = Guest::boot(
+        "bd.scenario=counter backdoor.threshold=NPROCS:500,4:77,FREE_PAGES:2048",
+        "COUNTER ready",
+    );
     let sb = g.sb();
+    // Thresholds set on the command line, by name and by number.
+    assert_eq!(sb.sensor(ids::NPROCS).unwrap().threshold, 500);
+    assert_eq!(sb.sensor(ids::MAXPROC_RATE_PERUID).unwrap().threshold, 77);
+    assert_eq!(sb.sensor(ids::FREE_PAGES).unwrap().threshold, 2048);
+    assert_eq!(sb.sensor(ids::FORK_FAILED).unwrap().threshold, 0);
     assert_eq!(sb.header.version, 1);
     assert_ne!(sb.header.boot_id, 0);
     assert!(sb.header.hz >= 100, "hz {}", sb.header.hz);
