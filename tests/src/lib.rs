@@ -80,16 +80,3 @@ pub fn bdvmm_bin() -> PathBuf {
     );
     bin
 }
-
-/// Parses a `System.map` into symbol -> address.
-pub fn system_map(path: &Path) -> HashMap<String, u64> {
-    let text = std::fs::read_to_string(path).expect("read System.map");
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _kind = it.next()?;
-            Some((it.next()?.to_string(), addr))
-        })
-        .collect()
-}

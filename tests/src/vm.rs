@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bdvmm::api::ApiClient;
 
 use bdvmm::api::MemoryReply;
-use introspect::mem::{MappedMem, Range};
+use introspect::mem::MappedMem;
 
 /// A bdvmm child process with its console captured.
 pub struct Vm {
@@ -199,16 +199,7 @@ impl Vm {
     /// The guest's RAM, mapped (read-write) through the API, and bdvmm's map of it.
     pub fn memory(&self) -> (MappedMem, MemoryReply) {
         let (file, map) = self.client().memory().expect("memory over the API");
-        let ranges = map
-            .ranges
-            .iter()
-            .map(|r| Range {
-                gpa: r.gpa,
-                size: r.size,
-                offset: r.offset,
-            })
-            .collect();
-        let mem = MappedMem::new(file, map.size, ranges, true).expect("map the memfd");
+        let mem = bdvmm::inspect::map_memory(file, &map).expect("map the memfd");
         (mem, map)
     }
 

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::{system_map, Images};
+use backdoors_tests::Images;
+use introspect::kernel::Symbols;
 use introspect::mem::PhysMem;
 
 fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
@@ -27,8 +28,8 @@ fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
                 .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())?
         })
         .unwrap_or_else(|| panic!("guest did not print its Kernel code range:\n{out}"));
-    let syms = system_map(img.get(map_key));
-    let phys = code_start + (syms["linux_banner"] - syms["_text"]);
+    let syms = Symbols::from_file(img.get(map_key)).unwrap();
+    let phys = code_start + (syms.get("linux_banner").unwrap() - syms.get("_text").unwrap());
 
     let (mem, map) = vm.memory();
     assert_eq!(map.size, 512 << 20);

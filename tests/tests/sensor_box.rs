@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::{system_map, Images};
+use backdoors_tests::Images;
 use bdvmm::api::MemoryReply;
 use introspect::hooks::{KillTarget, Mailbox, SlotState};
+use introspect::kernel::Symbols;
 use introspect::mem::{MappedMem, PhysMem};
 use introspect::sensorbox::{self, ids, SensorBox, SensorClass};
 
@@ -160,7 +161,7 @@ fn externalized_state_needs_no_symbol_file() {
         .sb()
         .state
         .expect("the Sensor Box names the kernel's structures");
-    let syms = system_map(Images::load().get("BD_KERNEL_SYSTEM_MAP"));
+    let syms = Symbols::from_file(Images::load().get("BD_KERNEL_SYSTEM_MAP")).unwrap();
     // System.map holds link-time addresses; the descriptor holds run-time ones.
     for (name, addr) in [
         ("_text", st.text_virt),
@@ -171,7 +172,7 @@ fn externalized_state_needs_no_symbol_file() {
         ("nr_threads", st.nr_threads),
         ("total_forks", st.total_forks),
     ] {
-        assert_eq!(addr, syms[name] + st.kaslr_offset, "{name}");
+        assert_eq!(addr, syms.get(name).unwrap() + st.kaslr_offset, "{name}");
     }
     assert!(st.pgtable_levels == 4 || st.pgtable_levels == 5);
     assert!(st.nr_cpu_ids >= 1);

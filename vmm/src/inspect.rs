@@ -14,14 +14,13 @@ use introspect::mem::{MappedMem, PhysMem, Range};
 use introspect::sensorbox::{self, SensorBox};
 use introspect::tasks::{self, KernelMem, Limits, Process, TaskLayout, TasklistLock};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, MemoryReply};
 
 /// Largest BTF blob we copy out of a guest.
 const MAX_GUEST_BTF: u64 = 64 << 20;
 
-/// Maps the guest's memfd read-write (repairs write through it) from the API.
-pub fn map_guest(client: &mut ApiClient) -> Result<(MappedMem, SbRange), String> {
-    let (file, map) = client.memory().map_err(|e| e.to_string())?;
+/// Maps a guest's memfd (as the `memory` API call hands it out) read-write.
+pub fn map_memory(file: std::fs::File, map: &MemoryReply) -> Result<MappedMem, String> {
     let ranges = map
         .ranges
         .iter()
@@ -31,7 +30,13 @@ pub fn map_guest(client: &mut ApiClient) -> Result<(MappedMem, SbRange), String>
             offset: r.offset,
         })
         .collect();
-    let mem = MappedMem::new(file, map.size, ranges, true).map_err(|e| e.to_string())?;
+    MappedMem::new(file, map.size, ranges, true).map_err(|e| e.to_string())
+}
+
+/// Maps the guest's memfd read-write (repairs write through it) from the API.
+pub fn map_guest(client: &mut ApiClient) -> Result<(MappedMem, SbRange), String> {
+    let (file, map) = client.memory().map_err(|e| e.to_string())?;
+    let mem = map_memory(file, &map)?;
     Ok((
         mem,
         SbRange {
