@@ -223,6 +223,13 @@ impl Vmm {
                     None => {
                         let t0 = Instant::now();
                         if let Err(e) = self.engine.pause() {
+                            // Some vCPUs may have stopped before one failed to answer: never leave
+                            // a guest half-paused with no lease to undo it.
+                            if let Err(r) = self.engine.resume() {
+                                self.exit = Some(VmExit::Failed(format!(
+                                    "pause failed ({e}) and the guest could not be resumed: {r}"
+                                )));
+                            }
                             return (err(format!("pause failed: {e}")), None);
                         }
                         let pause_ns = t0.elapsed().as_nanos() as u64;
