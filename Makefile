@@ -38,14 +38,18 @@ bench: images release
 	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
 	$(CARGO) bench -p backdoors-tests --bench sb_cost
 
-# A short run of every cargo-fuzz target of introspect (parsers and walks of guest data).
+# A short run of every cargo-fuzz target (introspect: guest data; rdma-bridge: the wire format).
 # cargo-fuzz runs on the stable toolchain with -s none (no sanitizer; panics and hangs are found).
 FUZZ_SECONDS ?= 20
+FUZZ_CRATES := introspect rdma-bridge
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd introspect && $(CARGO) fuzz build -s none
-	cd introspect && for t in $$($(CARGO) fuzz list); do \
-		$(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; done
+	for c in $(FUZZ_CRATES); do \
+		(cd $$c && $(CARGO) fuzz build -s none) || exit 1; \
+		for t in $$(cd $$c && $(CARGO) fuzz list); do \
+			(cd $$c && $(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048) || exit 1; \
+		done; \
+	done
 
 # Boots a guest under bdvmm and runs a bounded fork bomb next to a "useful" program.
 demo: images release
