@@ -7,11 +7,9 @@
 use std::time::{Duration, Instant};
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
-use introspect::btf::Btf;
-use introspect::kernel::{self, Symbols};
+use backdoors_tests::{Images, KernelFiles};
 use introspect::paging::PageWalker;
-use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+use introspect::tasks::{self, KernelMem, Limits};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -34,9 +32,7 @@ fn main() {
         .filter_map(|s| s.parse().ok())
         .collect();
     let img = Images::load();
-    let btf = Btf::from_elf(&std::fs::read(img.get("BD_KERNEL_VMLINUX")).unwrap()).unwrap();
-    let layout = TaskLayout::from_btf(&btf).unwrap();
-    let syms = Symbols::from_file(img.get("BD_KERNEL_SYSTEM_MAP")).unwrap();
+    let k = KernelFiles::load(&img, "BD_KERNEL_VMLINUX", "BD_KERNEL_SYSTEM_MAP");
     for n in sizes {
         let mut spec = VmSpec::tcg(
             img.get("BD_KERNEL_BZIMAGE"),
@@ -47,17 +43,14 @@ fn main() {
         let mut vm = Vm::start(&spec);
         vm.expect("BACKDOORS: procs end", Duration::from_secs(1800));
         let (mem, _) = vm.memory();
-        let mut c = vm.client();
-        c.pause(Some(Duration::from_secs(600))).unwrap();
-        let regs = c.regs(0).unwrap();
-        let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+        let (mut c, loc) = vm.pause_and_locate(&mem, &k.syms, Duration::from_secs(600));
         let km = KernelMem::new(&mem, loc.clone());
-        let init = syms.get("init_task").unwrap() + loc.slide;
+        let init = k.init_task(&loc);
         let mut times = Vec::with_capacity(rounds);
         let mut count = 0;
         for _ in 0..rounds {
             let t0 = Instant::now();
-            let table = tasks::process_table(&km, &layout, init, Limits::default()).unwrap();
+            let table = tasks::process_table(&km, &k.layout, init, Limits::default()).unwrap();
             times.push(t0.elapsed());
             count = table.len();
         }
@@ -65,7 +58,7 @@ fn main() {
         println!("process table, {count:>6} processes (spawn {n}): median {med:>10.2?} p99 {p99:>10.2?} ({rounds} rounds)");
 
         // The same task_struct addresses translated through the page tables, cold then warm.
-        let table = tasks::process_table(&km, &layout, init, Limits::default()).unwrap();
+        let table = tasks::process_table(&km, &k.layout, init, Limits::default()).unwrap();
         let pw = PageWalker::new(&mem, loc.cr3, loc.levels).unwrap();
         let t0 = Instant::now();
         for p in &table {

@@ -80,3 +80,44 @@ pub fn bdvmm_bin() -> PathBuf {
     );
     bin
 }
+
+/// The physical start of the guest kernel's code, from the `HELLO iomem <start>-<end> Kernel code`
+/// line the `hello` scenario prints (the guest's own /proc/iomem; KASLR moves it every boot).
+pub fn kernel_code_phys(console: &str) -> u64 {
+    console
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim_end_matches('\r').split("HELLO iomem ").nth(1)?;
+            let (range, what) = rest.split_once(' ')?;
+            (what == "Kernel code")
+                .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("guest did not print its Kernel code range:\n{console}"))
+}
+
+/// What introspection needs to know about one of the built kernels: its BTF, the task layout
+/// from it, and its System.map.
+pub struct KernelFiles {
+    /// The kernel's BTF.
+    pub btf: introspect::btf::Btf,
+    /// task_struct and friends, from that BTF.
+    pub layout: introspect::tasks::TaskLayout,
+    /// Link-time symbols.
+    pub syms: introspect::kernel::Symbols,
+}
+
+impl KernelFiles {
+    /// Loads the vmlinux and System.map named by two `images.env` keys.
+    pub fn load(img: &Images, vmlinux_key: &str, map_key: &str) -> Self {
+        let vmlinux = std::fs::read(img.get(vmlinux_key)).expect("read vmlinux");
+        let btf = introspect::btf::Btf::from_elf(&vmlinux).expect("BTF of the vmlinux");
+        let layout = introspect::tasks::TaskLayout::from_btf(&btf).expect("task layout");
+        let syms = introspect::kernel::Symbols::from_file(img.get(map_key)).expect("System.map");
+        Self { btf, layout, syms }
+    }
+
+    /// Run-time address of `init_task` for a kernel slid by `loc`.
+    pub fn init_task(&self, loc: &introspect::kernel::KernelLocation) -> u64 {
+        self.syms.get("init_task").expect("init_task in System.map") + loc.slide
+    }
+}

@@ -203,6 +203,22 @@ impl Vm {
         (mem, map)
     }
 
+    /// Pauses the guest (with `lease`) and finds its kernel from vCPU 0's CR3 and `syms`; returns
+    /// the client that holds the pause (resume it, or drop it to let the lease go).
+    pub fn pause_and_locate(
+        &self,
+        mem: &MappedMem,
+        syms: &introspect::kernel::Symbols,
+        lease: Duration,
+    ) -> (ApiClient, introspect::kernel::KernelLocation) {
+        let mut c = self.client();
+        c.pause(Some(lease)).expect("pause");
+        let regs = c.regs(0).expect("regs of vCPU 0");
+        let loc =
+            introspect::kernel::locate(mem, regs.cr3, regs.cr4, syms).expect("locate the kernel");
+        (c, loc)
+    }
+
     /// bdvmm's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -5,20 +5,9 @@
 use std::time::Duration;
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
+use backdoors_tests::{kernel_code_phys, Images};
 use introspect::kernel::{self, Symbols};
 use introspect::sensorbox;
-
-fn kernel_code_phys(out: &str) -> u64 {
-    out.lines()
-        .find_map(|l| {
-            l.split("HELLO iomem ")
-                .nth(1)
-                .filter(|r| r.contains("Kernel code"))
-        })
-        .and_then(|r| u64::from_str_radix(r.split('-').next()?, 16).ok())
-        .expect("guest printed its Kernel code range")
-}
 
 fn locate_in(kernel_key: &str, map_key: &str) -> (Vm, kernel::KernelLocation, Symbols) {
     let img = Images::load();
@@ -30,11 +19,8 @@ fn locate_in(kernel_key: &str, map_key: &str) -> (Vm, kernel::KernelLocation, Sy
     let mut vm = Vm::start(&spec);
     vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
     let (mem, _) = vm.memory();
-    let mut c = vm.client();
-    c.pause(Some(Duration::from_secs(30))).unwrap();
-    let regs = c.regs(0).unwrap();
     let syms = Symbols::from_file(img.get(map_key)).unwrap();
-    let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+    let (mut c, loc) = vm.pause_and_locate(&mem, &syms, Duration::from_secs(30));
     c.resume().unwrap();
     // The guest's own /proc/iomem says where _text is physically.
     let text = syms.get("_text").unwrap() + loc.slide;
@@ -108,17 +94,16 @@ fn bdvmm_ctl_ps_and_sb_read_a_patched_guest_with_no_symbol_files() {
 
 #[test]
 fn virtual_sensors_of_the_stock_kernel_move_like_real_ones() {
-    use introspect::btf::Btf;
+    use backdoors_tests::KernelFiles;
     use introspect::sensorbox::ids;
-    use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+    use introspect::tasks::{self, KernelMem, Limits};
     use introspect::virtual_sensors::{VirtualSensors, TOTAL_FORKS};
 
     let (vm, loc, syms) = locate_in("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
-    let img = Images::load();
-    let btf = Btf::from_elf(&std::fs::read(img.get("BD_STOCK_VMLINUX")).unwrap()).unwrap();
+    let k = KernelFiles::load(&Images::load(), "BD_STOCK_VMLINUX", "BD_STOCK_SYSTEM_MAP");
     let (mem, _) = vm.memory();
     let km = KernelMem::new(&mem, loc.clone());
-    let vs = VirtualSensors::new(&syms, &btf, &loc).unwrap();
+    let vs = VirtualSensors::new(&syms, &k.btf, &loc).unwrap();
     let a = vs.sample(&km).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let b = vs.sample(&km).unwrap();
@@ -138,14 +123,7 @@ fn virtual_sensors_of_the_stock_kernel_move_like_real_ones() {
     // NPROCS counts every task, as the walked table does (taken together, under the pause).
     let mut c = vm.client();
     c.pause(Some(Duration::from_secs(30))).unwrap();
-    let layout = TaskLayout::from_btf(&btf).unwrap();
-    let table = tasks::process_table(
-        &km,
-        &layout,
-        syms.get("init_task").unwrap() + loc.slide,
-        Limits::default(),
-    )
-    .unwrap();
+    let table = tasks::process_table(&km, &k.layout, k.init_task(&loc), Limits::default()).unwrap();
     let s = vs.sample(&km).unwrap();
     c.resume().unwrap();
     let tasks: u64 = table.iter().map(|p| 1 + p.threads.len() as u64).sum();

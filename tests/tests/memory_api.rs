@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
+use backdoors_tests::{kernel_code_phys, Images};
 use introspect::kernel::Symbols;
 use introspect::mem::PhysMem;
 
@@ -19,15 +19,7 @@ fn banner_at_its_physical_address(kernel_key: &str, map_key: &str) {
     vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
     let out = vm.stdout();
     // KASLR moved the kernel; the guest says where its code starts physically.
-    let code_start = out
-        .lines()
-        .find_map(|l| {
-            let rest = l.trim_end_matches('\r').split("HELLO iomem ").nth(1)?;
-            let (range, what) = rest.split_once(' ')?;
-            (what == "Kernel code")
-                .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())?
-        })
-        .unwrap_or_else(|| panic!("guest did not print its Kernel code range:\n{out}"));
+    let code_start = kernel_code_phys(&out);
     let syms = Symbols::from_file(img.get(map_key)).unwrap();
     let phys = code_start + (syms.get("linux_banner").unwrap() - syms.get("_text").unwrap());
 

@@ -5,10 +5,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
-use introspect::btf::Btf;
-use introspect::kernel::{self, Symbols};
-use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+use backdoors_tests::{Images, KernelFiles};
+use introspect::tasks::{self, KernelMem, Limits};
 
 fn table_matches_the_guest(kernel_key: &str, vmlinux_key: &str, map_key: &str) {
     let img = Images::load();
@@ -35,27 +33,16 @@ fn table_matches_the_guest(kernel_key: &str, vmlinux_key: &str, map_key: &str) {
         .collect();
     assert!(guest.len() > 500, "guest listed {} processes", guest.len());
 
-    let btf = Btf::from_elf(&std::fs::read(img.get(vmlinux_key)).unwrap()).unwrap();
-    let layout = TaskLayout::from_btf(&btf).unwrap();
-    let syms = Symbols::from_file(img.get(map_key)).unwrap();
+    let k = KernelFiles::load(&img, vmlinux_key, map_key);
     let (mem, _) = vm.memory();
-    let mut c = vm.client();
-    c.pause(Some(Duration::from_secs(30))).unwrap();
-    let regs = c.regs(0).unwrap();
-    let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+    let (mut c, loc) = vm.pause_and_locate(&mem, &k.syms, Duration::from_secs(30));
     let km = KernelMem::new(&mem, loc.clone());
     let t0 = Instant::now();
-    let table = tasks::process_table(
-        &km,
-        &layout,
-        syms.get("init_task").unwrap() + loc.slide,
-        Limits::default(),
-    )
-    .unwrap();
+    let table = tasks::process_table(&km, &k.layout, k.init_task(&loc), Limits::default()).unwrap();
     let took = t0.elapsed();
     // An idle guest paused at random holds no writer on tasklist_lock.
     let lock =
-        tasks::TasklistLock::new(&btf, syms.get("tasklist_lock").unwrap() + loc.slide).unwrap();
+        tasks::TasklistLock::new(&k.btf, k.syms.get("tasklist_lock").unwrap() + loc.slide).unwrap();
     assert!(!lock.write_held(&km).unwrap());
     c.resume().unwrap();
     eprintln!("{} processes introspected in {took:?}", table.len());

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
+use backdoors_tests::{kernel_code_phys, Images};
 use bdvmm::api::MemoryReply;
 use introspect::hooks::{KillTarget, Mailbox, SlotState};
 use introspect::kernel::Symbols;
@@ -178,16 +178,7 @@ fn externalized_state_needs_no_symbol_file() {
     assert!(st.nr_cpu_ids >= 1);
     // The guest's own word on where its code is, and the banner and BTF found from the
     // descriptor alone.
-    let out = g.vm.stdout();
-    let code = out
-        .lines()
-        .find_map(|l| {
-            l.split("HELLO iomem ")
-                .nth(1)
-                .filter(|r| r.contains("Kernel code"))
-        })
-        .and_then(|r| u64::from_str_radix(r.split('-').next()?, 16).ok())
-        .expect("Kernel code line");
+    let code = kernel_code_phys(&g.vm.stdout());
     assert_eq!(st.text_phys, code);
     let phys = |virt: u64| virt - st.text_virt + st.text_phys;
     let mut banner = [0u8; 14];

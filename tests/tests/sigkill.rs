@@ -6,12 +6,10 @@
 use std::time::Duration;
 
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::Images;
-use introspect::btf::Btf;
-use introspect::kernel::{self, Symbols};
+use backdoors_tests::{Images, KernelFiles};
 use introspect::repair::{self, DirectLayout, Posted};
 use introspect::sensorbox;
-use introspect::tasks::{self, KernelMem, Limits, TaskLayout};
+use introspect::tasks::{self, KernelMem, Limits};
 
 fn pid_after(out: &str, prefix: &str) -> u32 {
     out.lines()
@@ -38,23 +36,12 @@ fn kill_busy_and_sleeping(
     let busy = pid_after(&out, "REPAIR busy pid=");
     let sleeper = pid_after(&out, "REPAIR sleeper pid=");
 
-    let btf = Btf::from_elf(&std::fs::read(img.get(vmlinux_key)).unwrap()).unwrap();
-    let layout = TaskLayout::from_btf(&btf).unwrap();
-    let direct = DirectLayout::from_btf(&btf).unwrap();
-    let syms = Symbols::from_file(img.get(map_key)).unwrap();
+    let k = KernelFiles::load(&img, vmlinux_key, map_key);
+    let direct = DirectLayout::from_btf(&k.btf).unwrap();
     let (mem, map) = vm.memory();
-    let mut c = vm.client();
-    c.pause(Some(Duration::from_secs(30))).unwrap();
-    let regs = c.regs(0).unwrap();
-    let loc = kernel::locate(&mem, regs.cr3, regs.cr4, &syms).unwrap();
+    let (mut c, loc) = vm.pause_and_locate(&mem, &k.syms, Duration::from_secs(30));
     let km = KernelMem::new(&mem, loc.clone());
-    let table = tasks::process_table(
-        &km,
-        &layout,
-        syms.get("init_task").unwrap() + loc.slide,
-        Limits::default(),
-    )
-    .unwrap();
+    let table = tasks::process_table(&km, &k.layout, k.init_task(&loc), Limits::default()).unwrap();
     let sb = sensorbox::read(&mem, map.backdoor.gpa, map.backdoor.size, 100).ok();
     assert_eq!(sb.is_some(), patched);
     for pid in [busy, sleeper] {
