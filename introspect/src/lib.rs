@@ -15,5 +15,6 @@ pub mod mem;
 pub mod paging;
 pub mod repair;
 pub mod sensorbox;
+pub mod target;
 pub mod tasks;
 pub mod virtual_sensors;

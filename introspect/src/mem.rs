@@ -164,6 +164,24 @@ impl MappedMem {
         hits
     }
 
+    /// The host address of `[gpa, gpa + len)`, if it lies inside one mapped range: for zero-copy
+    /// users such as RDMA memory registration. The pointer is valid while `self` lives; the guest
+    /// may change the bytes behind it at any time.
+    pub fn host_ptr(&self, gpa: u64, len: usize) -> Result<std::ptr::NonNull<u8>, MemError> {
+        let off = self.offset(gpa, len)?;
+        // SAFETY: `off` is inside the mapping (checked by `offset`), so the sum stays in bounds.
+        let p = unsafe { self.base.add(off) };
+        std::ptr::NonNull::new(p).ok_or(MemError::OutOfRange {
+            gpa,
+            len: len as u64,
+        })
+    }
+
+    /// True if the mapping may be written.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
     fn offset(&self, gpa: u64, len: usize) -> Result<usize, MemError> {
         let oor = MemError::OutOfRange {
             gpa,

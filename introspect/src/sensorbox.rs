@@ -311,6 +311,55 @@ pub fn extent(header: &[u8], region: u64) -> Result<u64, SbError> {
     .unwrap_or(HEADER_SIZE as u64))
 }
 
+/// Lays out a Sensor Box image (ABI v1) holding `sensors`, as a guest kernel would: the header,
+/// the sensor table at 0x100 (capacity = the number of sensors, at least 64), an empty mailbox on
+/// the next page boundary after the table (at least 0x2000) and no externalized-state descriptor.
+/// `seq` must be even for a reader to accept the copy. For tests and benchmarks of readers; the
+/// region is the smallest multiple of 16 KiB that holds it all.
+pub fn encode(sensors: &[Sensor], hz: u32, seq: u64) -> Vec<u8> {
+    let capacity = sensors.len().max(64);
+    let table_end = 0x100 + capacity * SENSOR_SIZE;
+    let hooks = table_end.next_multiple_of(0x1000).max(0x2000);
+    let hooks_size = 64 + 64 * 32;
+    let region = (hooks + hooks_size).next_multiple_of(16 << 10);
+    let mut b = vec![0u8; region];
+    let put32 = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |b: &mut [u8], o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    b[0..8].copy_from_slice(MAGIC);
+    put32(&mut b, 0x08, VERSION);
+    put32(&mut b, 0x0c, HEADER_SIZE as u32);
+    put32(&mut b, 0x10, region as u32);
+    put32(&mut b, 0x14, SENSOR_SIZE as u32);
+    put32(&mut b, 0x18, 0x100);
+    put32(&mut b, 0x1c, capacity as u32);
+    put32(&mut b, 0x20, sensors.len() as u32);
+    put32(&mut b, 0x24, hz);
+    put64(&mut b, 0x30, seq);
+    put32(&mut b, 0x50, hooks as u32);
+    put32(&mut b, 0x54, hooks_size as u32);
+    put32(&mut b, hooks, 64);
+    put32(&mut b, hooks + 4, 32);
+    for (i, s) in sensors.iter().enumerate() {
+        let o = 0x100 + i * SENSOR_SIZE;
+        let class: u16 = match s.class {
+            SensorClass::Progress => 1,
+            SensorClass::Level => 2,
+            SensorClass::Pressure => 3,
+            SensorClass::Unknown(c) => c,
+        };
+        put32(&mut b, o, s.id);
+        b[o + 4..o + 6].copy_from_slice(&class.to_le_bytes());
+        b[o + 6..o + 8].copy_from_slice(&(s.flags | FLAG_VALID).to_le_bytes());
+        put64(&mut b, o + 8, s.threshold);
+        put64(&mut b, o + 16, s.value);
+        put64(&mut b, o + 24, s.updated);
+        let name = s.name.as_bytes();
+        let n = name.len().min(31);
+        b[o + 32..o + 32 + n].copy_from_slice(&name[..n]);
+    }
+    b
+}
+
 /// Parses a copy of the region (at least `extent` bytes long), read from `gpa`.
 pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
     let ext = extent(bytes, MAX_REGION)?;
@@ -458,6 +507,26 @@ pub(crate) mod tests {
         put32(&mut b, 0x2000, 64);
         put32(&mut b, 0x2004, 32);
         b
+    }
+
+    #[test]
+    fn encode_round_trips_through_parse() {
+        let sensors: Vec<Sensor> = (0..100)
+            .map(|i| Sensor {
+                id: 1000 + i,
+                class: SensorClass::Level,
+                flags: FLAG_VALID,
+                threshold: 10 * u64::from(i),
+                value: u64::from(i),
+                updated: 7,
+                name: format!("S{i}"),
+            })
+            .collect();
+        let img = encode(&sensors, 250, 4);
+        assert_eq!(img.len(), 16 << 10);
+        let sb = parse(&img, 0x100_0000).unwrap();
+        assert_eq!(sb.sensors, sensors);
+        assert_eq!(sb.hooks_gpa(), Some(0x100_2000));
     }
 
     #[test]

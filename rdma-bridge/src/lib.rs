@@ -1,7 +1,22 @@
 //! rdma-bridge: exposes chosen guest-physical ranges and the pause lock of a bdvmm guest to remote
-//! monitors (the paper's backdoor), behind the Guard. See `DESIGN.md` at the top of the project.
+//! monitors (the paper's backdoor), behind the Guard. See `DESIGN.md` at the top of the project and
+//! `rdma-bridge/README.md`.
 //!
-//! Built so far: [`wire`], the binary frame format spoken between monitors and the bridge. The server,
-//! the Guard, authentication and the transports come later.
+//! * [`wire`] — the binary frame format between monitors and the bridge.
+//! * [`config`] — the bridge's TOML config: listening address, TLS files, monitors and their grants.
+//! * [`tls`] — mutual TLS with per-monitor keys, and the `pki` tool that makes them.
+//! * [`guard`] — grants and delayed (k-of-n) write agreement.
+//! * [`audit`] — the JSON-lines audit log.
+//! * [`backend`] — guest memory and the pause lock from bdvmm (or a dump file).
+//! * [`server`] — the TCP server.
+//! * [`client`] — the monitor's library: `fetch_sb`, `read`, `write`, `lock`/`unlock`, and an
+//!   introspect memory source over the bridge.
 
+pub mod audit;
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod guard;
+pub mod server;
+pub mod tls;
 pub mod wire;

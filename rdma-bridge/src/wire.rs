@@ -31,7 +31,7 @@
 //! | `0x06` | `LOCK`       | `lease_ms u32` @0: the lock is released by the bridge when the lease runs out      |
 //! | `0x07` | `UNLOCK`     | empty                                                                              |
 //! | `0x08` | `REGS`       | `vcpu u8` @0                                                                       |
-//! | `0x81` | `HELLO` ok   | `nonce u64` @0 (the bridge's)                                                      |
+//! | `0x81` | `HELLO` ok   | `nonce u64` @0 (the bridge's), `backdoor_gpa u64` @8, `backdoor_size u64` @16: where the Sensor Box range is |
 //! | `0x82` | `FETCH_SB` ok| the Sensor Box bytes (a consistent snapshot)                                       |
 //! | `0x83` | `READ` ok    | the bytes read (exactly the requested `len`; checked by the client, not here)      |
 //! | `0x84` | `READ_BATCH` ok | `count u16` @0 (≤ [`MAX_BATCH_RANGES`]), then `count` × (`len u32`, `bytes [len]`) |
@@ -117,6 +117,10 @@ pub mod code {
     pub const NO_SUCH_VCPU: u16 = 7;
     /// The bridge failed internally (the VMM went away, ...).
     pub const INTERNAL: u16 = 8;
+    /// A write was not confirmed by enough monitors within the agreement window; nothing was written.
+    pub const EXPIRED: u16 = 9;
+    /// The bridge does not support the operation (e.g. RDMA without the `verbs` feature).
+    pub const UNSUPPORTED: u16 = 10;
 }
 
 /// Everything that can go wrong encoding or decoding a frame.
@@ -405,6 +409,10 @@ pub enum Reply {
     Hello {
         /// The bridge's nonce.
         nonce: u64,
+        /// Guest-physical start of the VM's backdoor range (the Sensor Box is at its start).
+        backdoor_gpa: u64,
+        /// Its size.
+        backdoor_size: u64,
     },
     /// The Sensor Box bytes.
     SensorBox(Vec<u8>),
@@ -933,7 +941,15 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
             Request::Regs { vcpu } => out.push(*vcpu),
         },
         Message::Reply(r) => match r {
-            Reply::Hello { nonce } => out.extend_from_slice(&nonce.to_le_bytes()),
+            Reply::Hello {
+                nonce,
+                backdoor_gpa,
+                backdoor_size,
+            } => {
+                out.extend_from_slice(&nonce.to_le_bytes());
+                out.extend_from_slice(&backdoor_gpa.to_le_bytes());
+                out.extend_from_slice(&backdoor_size.to_le_bytes());
+            }
             Reply::SensorBox(b) | Reply::Read(b) => {
                 check_payload_len(b.len())?;
                 out.extend_from_slice(b);
@@ -1063,7 +1079,11 @@ fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
         Op::Lock => Message::Request(Request::Lock { lease_ms: c.u32()? }),
         Op::Unlock => Message::Request(Request::Unlock),
         Op::Regs => Message::Request(Request::Regs { vcpu: c.u8()? }),
-        Op::HelloOk => Message::Reply(Reply::Hello { nonce: c.u64()? }),
+        Op::HelloOk => Message::Reply(Reply::Hello {
+            nonce: c.u64()?,
+            backdoor_gpa: c.u64()?,
+            backdoor_size: c.u64()?,
+        }),
         Op::FetchSbOk => Message::Reply(Reply::SensorBox(c.rest().to_vec())),
         Op::ReadOk => Message::Reply(Reply::Read(c.rest().to_vec())),
         Op::ReadBatchOk => {
@@ -1291,7 +1311,14 @@ mod tests {
             Frame::request(9, Request::Lock { lease_ms: 500 }),
             Frame::request(10, Request::Unlock),
             Frame::request(11, Request::Regs { vcpu: 3 }),
-            Frame::reply(1, Reply::Hello { nonce: 42 }),
+            Frame::reply(
+                1,
+                Reply::Hello {
+                    nonce: 42,
+                    backdoor_gpa: 0xf0_0000,
+                    backdoor_size: 1 << 20,
+                },
+            ),
             Frame::reply(3, Reply::SensorBox(vec![0xab; 1000])),
             Frame::reply(4, Reply::Read(vec![0x5a; 4096])),
             Frame::reply(4, Reply::Read(Vec::new())),
@@ -1691,7 +1718,7 @@ mod tests {
             (Op::Read, 13),
             (Op::Lock, 5),
             (Op::Regs, 2),
-            (Op::HelloOk, 9),
+            (Op::HelloOk, 25),
             (Op::WriteOk, 1),
             (Op::LockOk, 9),
             (Op::UnlockOk, 1),

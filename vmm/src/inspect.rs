@@ -7,17 +7,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use introspect::btf::Btf;
-use introspect::consistency::{self, Locked, Pauser};
-use introspect::kernel::{self, KernelLocation, Symbols};
+use introspect::consistency::{Locked, Pauser};
 use introspect::mem::{MappedMem, PhysMem, Range};
 use introspect::sensorbox::{self, SensorBox};
-use introspect::tasks::{self, KernelMem, Limits, Process, TaskLayout, TasklistLock};
+use introspect::target::{KernelFiles, Target};
+use introspect::tasks::Process;
 
 use crate::api::{ApiClient, MemoryReply};
-
-/// Largest BTF blob we copy out of a guest.
-const MAX_GUEST_BTF: u64 = 64 << 20;
 
 /// Maps a guest's memfd (as the `memory` API call hands it out) read-write.
 pub fn map_memory(file: std::fs::File, map: &MemoryReply) -> Result<MappedMem, String> {
@@ -85,64 +81,6 @@ pub fn print_sensor_box(sb: &SensorBox) {
     }
 }
 
-/// Everything needed to walk the task list.
-struct Target {
-    loc: KernelLocation,
-    btf: Btf,
-    init_task: u64,
-    tasklist_lock: u64,
-}
-
-fn target(
-    mem: &dyn PhysMem,
-    range: SbRange,
-    cr3: u64,
-    cr4: u64,
-    system_map: Option<&Path>,
-    vmlinux: Option<&Path>,
-) -> Result<Target, String> {
-    if let (Some(map), Some(vmlinux)) = (system_map, vmlinux) {
-        let syms = Symbols::from_file(map).map_err(|e| e.to_string())?;
-        let loc = kernel::locate(mem, cr3, cr4, &syms).map_err(|e| e.to_string())?;
-        let bytes = std::fs::read(vmlinux)
-            .map_err(|e| format!("cannot read {}: {e}", vmlinux.display()))?;
-        let btf = Btf::from_elf(&bytes).map_err(|e| e.to_string())?;
-        let sym = |n: &str| {
-            syms.get(n)
-                .map(|a| a + loc.slide)
-                .ok_or(format!("System.map has no {n}"))
-        };
-        return Ok(Target {
-            init_task: sym("init_task")?,
-            tasklist_lock: sym("tasklist_lock")?,
-            loc,
-            btf,
-        });
-    }
-    let sb = sensor_box(mem, range)
-        .map_err(|e| format!("{e}\n(for a stock guest give --system-map and --vmlinux)"))?;
-    let st = sb
-        .state
-        .ok_or("the Sensor Box has no externalized-state descriptor")?;
-    let loc = kernel::from_descriptor(mem, &st, cr3).map_err(|e| e.to_string())?;
-    if st.btf_size == 0 || st.btf_size > MAX_GUEST_BTF {
-        return Err(format!(
-            "guest BTF size {} is implausible; give --vmlinux",
-            st.btf_size
-        ));
-    }
-    let mut blob = vec![0u8; st.btf_size as usize];
-    mem.read(loc.image_phys(st.btf_start), &mut blob)
-        .map_err(|e| e.to_string())?;
-    let btf = Btf::parse(&blob).map_err(|e| e.to_string())?;
-    Ok(Target {
-        loc,
-        btf,
-        init_task: st.init_task,
-        tasklist_lock: st.tasklist_lock,
-    })
-}
-
 /// bdvmm's API as the pause lock of [`consistency::read_quiescent`].
 struct ApiPauser<'a>(&'a mut ApiClient);
 
@@ -169,6 +107,16 @@ pub fn process_table(
     vmlinux: Option<&Path>,
 ) -> Result<Locked<Vec<Process>>, String> {
     let (mem, range) = map_guest(client)?;
+    let files = match (system_map, vmlinux) {
+        (Some(system_map), Some(vmlinux)) => KernelFiles::Files {
+            system_map,
+            vmlinux,
+        },
+        _ => KernelFiles::SensorBox {
+            gpa: range.gpa,
+            size: range.size,
+        },
+    };
     // The kernel's location and layouts do not change while it runs: find them once, paused.
     client
         .pause(Some(Duration::from_secs(5)))
@@ -176,21 +124,9 @@ pub fn process_table(
     let found = client
         .regs(0)
         .map_err(|e| e.to_string())
-        .and_then(|regs| target(&mem, range, regs.cr3, regs.cr4, system_map, vmlinux));
+        .and_then(|regs| Target::locate(&mem, regs.cr3, regs.cr4, files));
     client.resume().map_err(|e| e.to_string())?;
-    let t = found?;
-    let layout = TaskLayout::from_btf(&t.btf).map_err(|e| e.to_string())?;
-    let lock = TasklistLock::new(&t.btf, t.tasklist_lock).map_err(|e| e.to_string())?;
-    let km = KernelMem::new(&mem, t.loc);
-    consistency::read_quiescent(
-        &mut ApiPauser(client),
-        QUIESCE_TIMEOUT,
-        || lock.write_held(&km).map_err(|e| e.to_string()),
-        || {
-            tasks::process_table(&km, &layout, t.init_task, Limits::default())
-                .map_err(|e| e.to_string())
-        },
-    )
+    found?.process_table(&mem, &mut ApiPauser(client), QUIESCE_TIMEOUT)
 }
 
 /// Prints a process table like `ps -ef`, with the tree and memory columns healers use.

@@ -1,0 +1,66 @@
+//! The Guard's audit log: one JSON object per line, appended and flushed as each event happens.
+//!
+//! Every line has `ts_ms` (Unix time, milliseconds), `event`, and the event's fields. Events:
+//!
+//! | event | when | fields |
+//! |---|---|---|
+//! | `start` | the bridge starts | `listen`, `monitors`, `k`, `window_ms` |
+//! | `auth_failed` | a TLS handshake fails, a certificate is not listed, or HELLO names someone else | `peer`, `reason` |
+//! | `connected` / `disconnected` | a monitor's session begins / ends | `monitor`, `peer` (`reason` on disconnect) |
+//! | `refused` | too many connections | `peer` |
+//! | `lock` / `unlock` | the pause lock is taken (or renewed) / released | `monitor`, `lease_ms`, `lock_ns` |
+//! | `lock_busy` | another monitor holds the lock | `monitor`, `holder` |
+//! | `lock_expired` | a lease ran out before UNLOCK | `monitor` |
+//! | `lock_released` | a monitor disconnected while holding the lock | `monitor` |
+//! | `denied` | a read or write outside the monitor's grant | `monitor`, `op`, `gpa`, `len` |
+//! | `write_vote` | a monitor issued a write that waits for agreement | `monitor`, `gpa`, `len`, `sha256`, `votes` |
+//! | `write_applied` | k monitors agreed and the bytes were written | `gpa`, `len`, `sha256`, `voters` |
+//! | `write_expired` | the window ran out before k agreed | `gpa`, `len`, `sha256`, `voters` |
+//! | `bad_request` | a malformed frame, an unknown op, a replayed request id | `monitor`, `peer`, `reason` |
+//! | `vm_exited` | bdvmm went away; the bridge stops | |
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+/// An append-only JSON-lines log shared by every connection.
+pub struct Audit {
+    file: Mutex<File>,
+}
+
+impl Audit {
+    /// Opens (creating or appending to) the log.
+    pub fn open(path: &Path) -> std::io::Result<Audit> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Audit {
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Appends one event. A failing disk is reported by tracing; it does not stop the bridge.
+    pub fn log(&self, event: &str, fields: Value) {
+        let mut obj = Map::new();
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        obj.insert("ts_ms".into(), ts.into());
+        obj.insert("event".into(), event.into());
+        if let Value::Object(m) = fields {
+            obj.extend(m);
+        }
+        let mut line = Value::Object(obj).to_string();
+        line.push('\n');
+        let mut f = match self.file.lock() {
+            Ok(f) => f,
+            Err(p) => p.into_inner(),
+        };
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.flush()) {
+            tracing::error!("audit log write failed: {e}");
+        }
+    }
+}

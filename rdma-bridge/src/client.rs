@@ -1,0 +1,484 @@
+//! The monitor's side: the paper's calls over a bridge session, and guest memory as an
+//! [`introspect`] source so the process table can be read remotely.
+//!
+//! ```no_run
+//! use rdma_bridge::client::{Bridge, BridgeMem};
+//! use rdma_bridge::tls::Identity;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let id = Identity::from_pki_dir("pki".as_ref(), "mon1");
+//! let mut bridge = Bridge::connect("10.0.0.1:7070", &id)?;
+//! let sb = bridge.sensor_box()?;                 // fetch_sb(node)
+//! println!("{} processes", sb.value(3).unwrap_or(0));
+//! let mem = BridgeMem::new(bridge);              // introspect over the bridge
+//! let table = mem.process_table(None)?;          // lock, walk, unlock
+//! println!("{} tasks, lock taken {} time(s)", table.value.len(), table.attempts);
+//! # Ok(()) }
+//! ```
+
+use std::cell::{RefCell, RefMut};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use introspect::consistency::{Locked, Pauser};
+use introspect::mem::{MemError, PhysMem};
+use introspect::sensorbox::{self, SensorBox};
+use introspect::target::{KernelFiles, Target};
+use introspect::tasks::Process;
+use rustls::{ClientConnection, StreamOwned};
+
+use crate::tls::{Identity, TlsError};
+use crate::wire::{self, Decoder, Frame, Message, Range, Regs, Reply, Request};
+
+/// How long a connect, a handshake or one reply may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lease the client asks for when it locks on its own behalf.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(2);
+
+/// Errors talking to a bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Network trouble.
+    #[error("bridge {addr}: {source}")]
+    Io {
+        /// The bridge.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS setup.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// TLS session.
+    #[error("TLS: {0}")]
+    Session(String),
+    /// A frame that does not decode.
+    #[error("bridge sent a bad frame: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The bridge refused or failed the request.
+    #[error("bridge refused ({code}): {message}")]
+    Remote {
+        /// A [`wire::code`].
+        code: u16,
+        /// Its explanation.
+        message: String,
+    },
+    /// The bridge answered with something that does not fit the request.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The bridge's error code, if the bridge refused.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClientError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// One authenticated session with a bridge.
+pub struct Bridge {
+    s: StreamOwned<ClientConnection, TcpStream>,
+    dec: Decoder,
+    next_id: u64,
+    addr: String,
+    backdoor: (u64, u64),
+    buf: Vec<u8>,
+}
+
+impl Bridge {
+    /// Connects, completes mutual TLS and HELLO, with [`DEFAULT_TIMEOUT`].
+    pub fn connect(addr: impl ToSocketAddrs, id: &Identity) -> Result<Bridge, ClientError> {
+        Self::connect_timeout(addr, id, DEFAULT_TIMEOUT)
+    }
+
+    /// As [`Bridge::connect`], with a timeout for the connect and for each reply.
+    pub fn connect_timeout(
+        addr: impl ToSocketAddrs,
+        id: &Identity,
+        timeout: Duration,
+    ) -> Result<Bridge, ClientError> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| ClientError::Io {
+                addr: "?".into(),
+                source,
+            })?
+            .collect();
+        let a = *addrs.first().ok_or_else(|| ClientError::Io {
+            addr: "?".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"),
+        })?;
+        let io = |source| ClientError::Io {
+            addr: a.to_string(),
+            source,
+        };
+        let tcp = TcpStream::connect_timeout(&a, timeout).map_err(io)?;
+        tcp.set_nodelay(true).map_err(io)?;
+        tcp.set_read_timeout(Some(timeout)).map_err(io)?;
+        tcp.set_write_timeout(Some(timeout)).map_err(io)?;
+        let (cfg, name) = id.client_config()?;
+        let conn =
+            ClientConnection::new(cfg, name).map_err(|e| ClientError::Session(e.to_string()))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .map_err(|e| ClientError::Session(format!("handshake with {a}: {e}")))?;
+        }
+        let mut b = Bridge {
+            s,
+            dec: Decoder::new(),
+            next_id: 1,
+            addr: a.to_string(),
+            backdoor: (0, 0),
+            buf: vec![0u8; 256 << 10],
+        };
+        let mut nonce = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+        match b.call(Request::Hello {
+            monitor_id: id.name.clone(),
+            nonce: u64::from_le_bytes(nonce),
+        })? {
+            Reply::Hello {
+                backdoor_gpa,
+                backdoor_size,
+                ..
+            } => b.backdoor = (backdoor_gpa, backdoor_size),
+            r => return Err(unexpected("HELLO", &r)),
+        }
+        Ok(b)
+    }
+
+    /// The bridge's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The VM's backdoor range `(gpa, size)`, as the bridge announced it.
+    pub fn backdoor(&self) -> (u64, u64) {
+        self.backdoor
+    }
+
+    /// Sends one request and waits for its reply. An `ERROR` reply becomes [`ClientError::Remote`].
+    pub fn call(&mut self, req: Request) -> Result<Reply, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = wire::encode(&Frame::request(id, req))?;
+        let io = |source| ClientError::Io {
+            addr: self.addr.clone(),
+            source,
+        };
+        self.s.write_all(&bytes).map_err(io)?;
+        self.s.flush().map_err(io)?;
+        loop {
+            if let Some(f) = self.dec.next_frame()? {
+                if f.request_id != id {
+                    return Err(ClientError::Protocol(format!(
+                        "reply to request {} while waiting for {id}",
+                        f.request_id
+                    )));
+                }
+                return match f.message {
+                    Message::Reply(Reply::Error { code, message }) => {
+                        Err(ClientError::Remote { code, message })
+                    }
+                    Message::Reply(r) => Ok(r),
+                    Message::Request(_) => {
+                        Err(ClientError::Protocol("the bridge sent a request".into()))
+                    }
+                };
+            }
+            let n = self
+                .s
+                .read(&mut self.buf)
+                .map_err(|source| ClientError::Io {
+                    addr: self.addr.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(ClientError::Io {
+                    addr: self.addr.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the bridge closed the session",
+                    ),
+                });
+            }
+            self.dec.push(&self.buf[..n])?;
+        }
+    }
+
+    /// `fetch_sb(node)`: the raw Sensor Box, a clean copy.
+    pub fn fetch_sb(&mut self) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::FetchSb)? {
+            Reply::SensorBox(b) => Ok(b),
+            r => Err(unexpected("FETCH_SB", &r)),
+        }
+    }
+
+    /// `fetch_sb(node)`, parsed and validated.
+    pub fn sensor_box(&mut self) -> Result<SensorBox, ClientError> {
+        let bytes = self.fetch_sb()?;
+        sensorbox::parse(&bytes, self.backdoor.0)
+            .map_err(|e| ClientError::Protocol(format!("Sensor Box: {e}")))
+    }
+
+    /// Reads `len` bytes at `gpa`.
+    pub fn read(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::Read(Range { gpa, len }))? {
+            Reply::Read(b) if b.len() == len as usize => Ok(b),
+            Reply::Read(b) => Err(ClientError::Protocol(format!(
+                "READ of {len} bytes returned {}",
+                b.len()
+            ))),
+            r => Err(unexpected("READ", &r)),
+        }
+    }
+
+    /// Reads many ranges in one round trip.
+    pub fn read_batch(&mut self, ranges: &[(u64, u32)]) -> Result<Vec<Vec<u8>>, ClientError> {
+        let req = ranges
+            .iter()
+            .map(|&(gpa, len)| Range { gpa, len })
+            .collect();
+        match self.call(Request::ReadBatch(req))? {
+            Reply::ReadBatch(v)
+                if v.len() == ranges.len()
+                    && v.iter().zip(ranges).all(|(b, r)| b.len() == r.1 as usize) =>
+            {
+                Ok(v)
+            }
+            Reply::ReadBatch(_) => Err(ClientError::Protocol(
+                "READ_BATCH reply does not match the request".into(),
+            )),
+            r => Err(unexpected("READ_BATCH", &r)),
+        }
+    }
+
+    /// Writes `bytes` at `gpa` (returns once applied; with k-of-n agreement, once k agreed).
+    pub fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        match self.call(Request::Write {
+            gpa,
+            bytes: bytes.to_vec(),
+        })? {
+            Reply::Write => Ok(()),
+            r => Err(unexpected("WRITE", &r)),
+        }
+    }
+
+    /// Takes (or renews) the pause lock; returns when every vCPU stopped, with how long that took.
+    pub fn lock(&mut self, lease: Duration) -> Result<Duration, ClientError> {
+        let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX);
+        match self.call(Request::Lock { lease_ms })? {
+            Reply::Lock { lock_ns } => Ok(Duration::from_nanos(lock_ns)),
+            r => Err(unexpected("LOCK", &r)),
+        }
+    }
+
+    /// Releases the pause lock.
+    pub fn unlock(&mut self) -> Result<(), ClientError> {
+        match self.call(Request::Unlock)? {
+            Reply::Unlock => Ok(()),
+            r => Err(unexpected("UNLOCK", &r)),
+        }
+    }
+
+    /// One vCPU's registers.
+    pub fn regs(&mut self, vcpu: u8) -> Result<Regs, ClientError> {
+        match self.call(Request::Regs { vcpu })? {
+            Reply::Regs(r) => Ok(r),
+            r => Err(unexpected("REGS", &r)),
+        }
+    }
+}
+
+fn unexpected(op: &str, r: &Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply to {op}: {r:?}"))
+}
+
+const PAGE: u64 = 4096;
+/// Most pages [`BridgeMem`] keeps (64 MiB); the cache is emptied when full.
+pub const MAX_CACHED_PAGES: usize = 16 << 10;
+
+/// Guest memory through a bridge, as an [`introspect`] memory source.
+///
+/// Reads fetch whole 4 KiB pages (one READ per contiguous run) and keep them while the guest is
+/// paused through [`BridgeMem::pauser`], so a task-list walk costs one round trip per new page
+/// rather than one per field. Outside a pause nothing is cached: the guest changes its memory.
+pub struct BridgeMem {
+    bridge: RefCell<Bridge>,
+    cache: RefCell<HashMap<u64, Box<[u8]>>>,
+    caching: std::cell::Cell<bool>,
+    round_trips: std::cell::Cell<u64>,
+}
+
+impl BridgeMem {
+    /// Wraps a session.
+    pub fn new(bridge: Bridge) -> BridgeMem {
+        BridgeMem {
+            bridge: RefCell::new(bridge),
+            cache: RefCell::new(HashMap::new()),
+            caching: std::cell::Cell::new(false),
+            round_trips: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The session, for other calls.
+    pub fn bridge(&self) -> RefMut<'_, Bridge> {
+        self.bridge.borrow_mut()
+    }
+
+    /// Gives the session back.
+    pub fn into_inner(self) -> Bridge {
+        self.bridge.into_inner()
+    }
+
+    /// READ round trips made so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.get()
+    }
+
+    fn set_caching(&self, on: bool) {
+        self.cache.borrow_mut().clear();
+        self.caching.set(on);
+    }
+
+    /// The bridge's pause lock as a [`Pauser`]; while held, pages are cached.
+    pub fn pauser(&self, lease: Duration) -> RemotePauser<'_> {
+        RemotePauser { mem: self, lease }
+    }
+
+    /// Locates the kernel (paused) and reads the process table at a quiescent moment, all over the
+    /// bridge. `files` is `None` for a patched guest (the Sensor Box describes the kernel).
+    pub fn process_table(
+        &self,
+        files: Option<KernelFiles<'_>>,
+    ) -> Result<Locked<Vec<Process>>, String> {
+        let target = self.locate(files)?;
+        target.process_table(
+            self,
+            &mut self.pauser(DEFAULT_LEASE),
+            Duration::from_millis(500),
+        )
+    }
+
+    /// Finds the guest kernel with the guest paused (its location does not change while it runs).
+    pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, String> {
+        let (gpa, size) = self.bridge().backdoor();
+        let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
+        let mut p = self.pauser(Duration::from_secs(10));
+        p.pause()?;
+        let found = self
+            .bridge()
+            .regs(0)
+            .map_err(|e| e.to_string())
+            .and_then(|r| Target::locate(self, r.cr3, r.cr4, files));
+        p.resume()?;
+        found
+    }
+
+    fn fetch(&self, first: u64, pages: u64) -> Result<Vec<u8>, MemError> {
+        let len = u32::try_from(pages * PAGE).map_err(|_| MemError::OutOfRange {
+            gpa: first * PAGE,
+            len: pages * PAGE,
+        })?;
+        self.round_trips.set(self.round_trips.get() + 1);
+        self.bridge()
+            .read(first * PAGE, len)
+            .map_err(|e| remote(first * PAGE, u64::from(len), e))
+    }
+}
+
+fn remote(gpa: u64, len: u64, e: ClientError) -> MemError {
+    tracing::debug!("bridge read at {gpa:#x}+{len:#x}: {e}");
+    MemError::OutOfRange { gpa, len }
+}
+
+impl PhysMem for BridgeMem {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        let end = gpa
+            .checked_add(len)
+            .ok_or(MemError::OutOfRange { gpa, len })?;
+        if !self.caching.get() {
+            let n = u32::try_from(len).map_err(|_| MemError::OutOfRange { gpa, len })?;
+            self.round_trips.set(self.round_trips.get() + 1);
+            let b = self
+                .bridge()
+                .read(gpa, n)
+                .map_err(|e| remote(gpa, len, e))?;
+            buf.copy_from_slice(&b);
+            return Ok(());
+        }
+        let (first, last) = (gpa / PAGE, (end - 1) / PAGE);
+        let missing = {
+            let c = self.cache.borrow();
+            (first..=last).filter(|p| !c.contains_key(p)).count() as u64
+        };
+        if missing > 0 {
+            // One READ for the whole run: cheaper than one per missing page.
+            let bytes = self.fetch(first, last - first + 1)?;
+            let mut c = self.cache.borrow_mut();
+            if c.len() + bytes.len() / PAGE as usize > MAX_CACHED_PAGES {
+                c.clear();
+            }
+            for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
+                c.entry(first + i as u64)
+                    .or_insert_with(|| chunk.to_vec().into_boxed_slice());
+            }
+        }
+        let c = self.cache.borrow();
+        let mut done = 0usize;
+        for p in first..=last {
+            let page = c.get(&p).ok_or(MemError::OutOfRange { gpa, len })?;
+            let from = if p == first { (gpa % PAGE) as usize } else { 0 };
+            let n = (PAGE as usize - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&page[from..from + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+        self.bridge()
+            .write(gpa, bytes)
+            .map_err(|e| remote(gpa, bytes.len() as u64, e))?;
+        // Keep cached pages truthful.
+        let mut c = self.cache.borrow_mut();
+        for (i, b) in bytes.iter().enumerate() {
+            let a = gpa + i as u64;
+            if let Some(p) = c.get_mut(&(a / PAGE)) {
+                p[(a % PAGE) as usize] = *b;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bridge's LOCK/UNLOCK as an introspect [`Pauser`].
+pub struct RemotePauser<'a> {
+    mem: &'a BridgeMem,
+    lease: Duration,
+}
+
+impl Pauser for RemotePauser<'_> {
+    fn pause(&mut self) -> Result<(), String> {
+        self.mem
+            .bridge()
+            .lock(self.lease)
+            .map_err(|e| e.to_string())?;
+        self.mem.set_caching(true);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), String> {
+        self.mem.set_caching(false);
+        self.mem.bridge().unlock().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,263 @@
+//! `rdma-bridge`: serve a bdvmm guest's memory and pause lock to remote monitors, make their keys,
+//! and (as a monitor) read a guest through a bridge.
+//!
+//! Exit codes: 0 success (for `serve`: the VM exited), 1 failure at run time, 2 bad input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use introspect::target::KernelFiles;
+use rdma_bridge::backend::{Backend, DumpBackend, VmBackend};
+use rdma_bridge::client::{Bridge, BridgeMem};
+use rdma_bridge::config::{BridgeConfig, RangeSpec};
+use rdma_bridge::server::Server;
+use rdma_bridge::tls::{self, Identity};
+
+#[derive(Parser)]
+#[command(
+    name = "rdma-bridge",
+    version,
+    about = "The remote backdoor: guest memory and the pause lock for remote monitors, behind the Guard",
+    long_about = "The remote backdoor of a bdvmm guest.\n\n\
+        `serve` runs next to bdvmm (its own process: if it dies the guest runs on; when the VM exits \
+        it stops). Monitors connect over mutual TLS with their own keys; the config file says what \
+        each may read and write, and how many must agree on a write.\n\n\
+        Quick start:\n  \
+        rdma-bridge pki init --dir pki && rdma-bridge pki issue --dir pki --name mon1\n  \
+        rdma-bridge serve --config bridge.toml --api /run/vm.sock\n  \
+        rdma-bridge sb --bridge 10.0.0.1:7070 --pki pki --name mon1"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a VM (or a memory dump) to the monitors named in the config.
+    Serve {
+        /// Bridge config (TOML; see `rdma-bridge/README.md`).
+        #[arg(long)]
+        config: PathBuf,
+        /// bdvmm's control socket (`bdvmm run --api`).
+        #[arg(long, conflicts_with = "dump", required_unless_present = "dump")]
+        api: Option<PathBuf>,
+        /// Serve a raw memory dump read-only instead of a live VM.
+        #[arg(long, requires = "backdoor")]
+        dump: Option<PathBuf>,
+        /// With --dump: the backdoor range of the dumped guest, `0xSTART+0xLEN`.
+        #[arg(long)]
+        backdoor: Option<String>,
+    },
+    /// Make keys and certificates.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+    /// (monitor) Fetch and print a guest's Sensor Box through a bridge.
+    Sb {
+        #[command(flatten)]
+        who: Who,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (monitor) Read a guest's process table through a bridge (takes the lock briefly).
+    Ps {
+        #[command(flatten)]
+        who: Who,
+        /// The guest's System.map (stock kernels; with --vmlinux).
+        #[arg(long, requires = "vmlinux")]
+        system_map: Option<PathBuf>,
+        /// The guest's vmlinux, for BTF (stock kernels; with --system-map).
+        #[arg(long, requires = "system_map")]
+        vmlinux: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct Who {
+    /// The bridge, HOST:PORT.
+    #[arg(long)]
+    bridge: String,
+    /// Directory with ca.pem, NAME.pem and NAME.key (as `pki` writes them).
+    #[arg(long)]
+    pki: PathBuf,
+    /// This monitor's name.
+    #[arg(long)]
+    name: String,
+    /// The name in the bridge's certificate.
+    #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
+    server_name: String,
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA and the bridge's certificate in DIR (never overwrites).
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Name monitors will expect in the bridge's certificate.
+        #[arg(long, default_value = tls::DEFAULT_SERVER_NAME)]
+        server_name: String,
+    },
+    /// Issue a monitor's key and certificate from the CA in DIR; prints its SHA-256.
+    Issue {
+        /// Directory made by `pki init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The monitor's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            eprintln!("rdma-bridge: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+const BAD_INPUT: u8 = 2;
+const FAILED: u8 = 1;
+
+fn identity(w: &Who) -> Identity {
+    let mut id = Identity::from_pki_dir(&w.pki, &w.name);
+    id.server_name = w.server_name.clone();
+    id
+}
+
+fn run(cli: Cli) -> Result<(), (u8, String)> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            api,
+            dump,
+            backdoor,
+        } => serve(&config, api, dump, backdoor),
+        Cmd::Pki { cmd } => match cmd {
+            PkiCmd::Init { dir, server_name } => {
+                tls::pki_init(&dir, &server_name).map_err(|e| (FAILED, e.to_string()))?;
+                println!("CA and bridge certificate written to {}", dir.display());
+                Ok(())
+            }
+            PkiCmd::Issue { dir, name } => {
+                let fp = tls::pki_issue(&dir, &name).map_err(|e| (FAILED, e.to_string()))?;
+                println!("{name} sha256 {fp}");
+                Ok(())
+            }
+        },
+        Cmd::Sb { who, json } => {
+            let mut b = Bridge::connect(&who.bridge, &identity(&who))
+                .map_err(|e| (FAILED, e.to_string()))?;
+            let sb = b.sensor_box().map_err(|e| (FAILED, e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sb).unwrap_or_default());
+            } else {
+                bdvmm::inspect::print_sensor_box(&sb);
+            }
+            Ok(())
+        }
+        Cmd::Ps {
+            who,
+            system_map,
+            vmlinux,
+            json,
+        } => {
+            let b = Bridge::connect(&who.bridge, &identity(&who))
+                .map_err(|e| (FAILED, e.to_string()))?;
+            let mem = BridgeMem::new(b);
+            let files = match (&system_map, &vmlinux) {
+                (Some(s), Some(v)) => Some(KernelFiles::Files {
+                    system_map: s,
+                    vmlinux: v,
+                }),
+                _ => None,
+            };
+            let t = mem.process_table(files).map_err(|e| (FAILED, e))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&t.value).unwrap_or_default()
+                );
+            } else {
+                bdvmm::inspect::print_process_table(&t.value);
+            }
+            eprintln!(
+                "{} tasks; lock taken {} time(s){}; {} READ round trips",
+                t.value.len(),
+                t.attempts,
+                if t.forced { " (forced)" } else { "" },
+                mem.round_trips()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn serve(
+    config: &std::path::Path,
+    api: Option<PathBuf>,
+    dump: Option<PathBuf>,
+    backdoor: Option<String>,
+) -> Result<(), (u8, String)> {
+    let cfg = BridgeConfig::load(config).map_err(|e| (BAD_INPUT, e.to_string()))?;
+    let (backend, vm): (Arc<dyn Backend>, Option<Arc<VmBackend>>) = match (api, dump) {
+        (Some(sock), _) => {
+            let vm = Arc::new(VmBackend::connect(&sock).map_err(|e| (FAILED, e))?);
+            (vm.clone(), Some(vm))
+        }
+        (None, Some(path)) => {
+            let spec = backdoor.unwrap_or_default();
+            let bd = match RangeSpec::parse(&spec) {
+                Ok(RangeSpec::Explicit { gpa, len }) => (gpa, len),
+                _ => {
+                    return Err((
+                        BAD_INPUT,
+                        format!("--backdoor {spec:?}: expected 0xSTART+0xLEN"),
+                    ))
+                }
+            };
+            let d = DumpBackend::open(&path, bd).map_err(|e| (BAD_INPUT, e))?;
+            (Arc::new(d), None)
+        }
+        (None, None) => return Err((BAD_INPUT, "give --api or --dump".into())),
+    };
+    let server = Arc::new(Server::bind(&cfg, backend).map_err(|e| (FAILED, e.to_string()))?);
+    let addr = server.local_addr().map_err(|e| (FAILED, e.to_string()))?;
+    // Scripts wait for this line.
+    println!("rdma-bridge: listening on {addr}");
+    if let Some(vm) = vm {
+        let s = server.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = s.run() {
+                eprintln!("rdma-bridge: accept failed: {e}");
+                std::process::exit(i32::from(FAILED));
+            }
+        });
+        vm.watch_exit().map_err(|e| (FAILED, e))?;
+        server.audit("vm_exited", serde_json::json!({}));
+        eprintln!("rdma-bridge: the VM exited; stopping");
+        return Ok(());
+    }
+    server
+        .run()
+        .map_err(|e| (FAILED, format!("accept failed: {e}")))
+}
