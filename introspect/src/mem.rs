@@ -19,6 +19,9 @@ pub enum MemError {
     /// The source failed.
     #[error("reading guest memory failed: {0}")]
     Io(String),
+    /// A remote source (a bridge) refused or failed the access; the message says why.
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// Something that holds a guest's physical memory.

@@ -372,11 +372,8 @@ impl BridgeMem {
         let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
         let mut p = self.pauser(Duration::from_secs(10));
         p.pause()?;
-        let found = self
-            .bridge()
-            .regs(0)
-            .map_err(|e| e.to_string())
-            .and_then(|r| Target::locate(self, r.cr3, r.cr4, files));
+        let regs = self.bridge().regs(0).map_err(|e| e.to_string());
+        let found = regs.and_then(|r| Target::locate(self, r.cr3, r.cr4, files));
         p.resume()?;
         found
     }
@@ -394,8 +391,10 @@ impl BridgeMem {
 }
 
 fn remote(gpa: u64, len: u64, e: ClientError) -> MemError {
-    tracing::debug!("bridge read at {gpa:#x}+{len:#x}: {e}");
-    MemError::OutOfRange { gpa, len }
+    match e.code() {
+        Some(wire::code::OUT_OF_RANGE) => MemError::OutOfRange { gpa, len },
+        _ => MemError::Remote(format!("{gpa:#x}+{len:#x}: {e}")),
+    }
 }
 
 impl PhysMem for BridgeMem {

@@ -15,7 +15,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use introspect::mem::PhysMem;
@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::audit::Audit;
 use crate::backend::Backend;
-use crate::config::{BridgeConfig, SB_OFFSET, SB_SIZE};
+use crate::config::{BridgeConfig, SB_OFFSET};
 use crate::guard::{Agreement, Grant, Grants, Outcome};
 use crate::tls;
 use crate::wire::{self, code, Decoder, Frame, Message, Range, Reply, Request};
@@ -33,6 +33,8 @@ use crate::wire::{self, code, Decoder, Frame, Message, Range, Reply, Request};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request payload the bridge accepts (a WRITE of up to 1 MiB).
 pub const MAX_REQUEST_PAYLOAD: u32 = (1 << 20) + 8;
+/// Longest a LOCK waits for another monitor's lock to be released before it answers BUSY.
+pub const MAX_LOCK_WAIT: Duration = Duration::from_secs(2);
 /// Most times FETCH_SB copies the Sensor Box looking for a clean (even, unchanged) sequence.
 pub const SB_ATTEMPTS: u32 = 1000;
 
@@ -68,6 +70,7 @@ struct Shared {
     agreement: Agreement,
     audit: Audit,
     lock: Mutex<Option<Holder>>,
+    lock_freed: Condvar,
     conns: AtomicUsize,
     next_conn: AtomicU64,
     max_conns: usize,
@@ -120,6 +123,7 @@ impl Server {
                 ),
                 audit,
                 lock: Mutex::new(None),
+                lock_freed: Condvar::new(),
                 conns: AtomicUsize::new(0),
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
@@ -429,13 +433,17 @@ impl Session<'_> {
 
     fn fetch_sb(&self) -> Reply {
         let (bd, bd_len) = self.sh.backend.layout().backdoor;
-        let (gpa, region) = (bd + SB_OFFSET, SB_SIZE.min(bd_len));
-        if !self.grant.may_read(gpa, region) {
-            return self.denied("FETCH_SB", gpa, region);
+        let gpa = bd + SB_OFFSET;
+        let header = introspect::sensorbox::HEADER_SIZE as u64;
+        if !self.grant.may_read(gpa, header) {
+            return self.denied("FETCH_SB", gpa, header);
         }
-        match copy_sensor_box(self.mem(), gpa, region) {
+        match copy_sensor_box(self.mem(), gpa, bd_len - SB_OFFSET, |len| {
+            self.grant.may_read(gpa, len)
+        }) {
             Ok(bytes) => Reply::SensorBox(bytes),
-            Err(message) => Reply::Error {
+            Err(SbCopyError::Denied(len)) => self.denied("FETCH_SB", gpa, len),
+            Err(SbCopyError::Other(message)) => Reply::Error {
                 code: code::INTERNAL,
                 message,
             },
@@ -551,6 +559,21 @@ impl Session<'_> {
             };
         }
         let mut h = self.holder();
+        // Replicated monitors take turns: wait (bounded) for another holder to let go.
+        let give_up = Instant::now() + MAX_LOCK_WAIT;
+        loop {
+            let now = Instant::now();
+            match h.as_ref() {
+                Some(cur) if cur.conn != self.conn && now < cur.deadline && now < give_up => {
+                    let wait = cur.deadline.min(give_up) - now;
+                    h = match self.sh.lock_freed.wait_timeout(h, wait) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                _ => break,
+            }
+        }
         let now = Instant::now();
         if let Some(cur) = h.as_ref() {
             if cur.conn != self.conn && now < cur.deadline {
@@ -599,6 +622,7 @@ impl Session<'_> {
             Some(cur) if cur.conn == self.conn => {
                 let expired = Instant::now() >= cur.deadline;
                 *h = None;
+                self.sh.lock_freed.notify_all();
                 if expired {
                     // bdvmm already resumed the guest when the lease ran out.
                     let _ = self.sh.backend.resume();
@@ -634,6 +658,7 @@ impl Session<'_> {
         let mut h = self.holder();
         if h.as_ref().is_some_and(|cur| cur.conn == self.conn) {
             *h = None;
+            self.sh.lock_freed.notify_all();
             let _ = self.sh.backend.resume();
             self.sh
                 .audit
@@ -655,26 +680,46 @@ impl Session<'_> {
     }
 }
 
-/// Copies the Sensor Box at `gpa` until its sequence counter is even and unchanged across the copy.
-pub fn copy_sensor_box(mem: &dyn PhysMem, gpa: u64, region: u64) -> Result<Vec<u8>, String> {
+/// Why a Sensor Box copy failed.
+#[derive(Debug)]
+pub enum SbCopyError {
+    /// The layout the guest declares spans `len` bytes, more than the caller may read.
+    Denied(u64),
+    /// A bad layout, a read error, or a sequence counter that never settled.
+    Other(String),
+}
+
+/// Copies the Sensor Box at `gpa` (in a range of `region` bytes) until its sequence counter is
+/// even and unchanged across the copy. `allowed(len)` says whether `[gpa, gpa + len)` may be read;
+/// the length comes from the guest's header, so it is checked before each copy.
+pub fn copy_sensor_box(
+    mem: &dyn PhysMem,
+    gpa: u64,
+    region: u64,
+    allowed: impl Fn(u64) -> bool,
+) -> Result<Vec<u8>, SbCopyError> {
     use introspect::sensorbox::{extent, HEADER_SIZE};
+    let other = |e: &dyn std::fmt::Display| SbCopyError::Other(e.to_string());
     let mut header = [0u8; HEADER_SIZE];
     for _ in 0..SB_ATTEMPTS {
-        mem.read(gpa, &mut header).map_err(|e| e.to_string())?;
-        let ext = extent(&header, region).map_err(|e| e.to_string())?;
+        mem.read(gpa, &mut header).map_err(|e| other(&e))?;
+        let ext = extent(&header, region).map_err(|e| other(&e))?;
+        if !allowed(ext) {
+            return Err(SbCopyError::Denied(ext));
+        }
         let seq = u64::from_le_bytes(header[0x30..0x38].try_into().unwrap_or([1; 8]));
         if seq % 2 == 1 {
             std::hint::spin_loop();
             continue;
         }
         let mut copy = vec![0u8; ext as usize];
-        mem.read(gpa, &mut copy).map_err(|e| e.to_string())?;
-        let after = mem.read_u64(gpa + 0x30).map_err(|e| e.to_string())?;
+        mem.read(gpa, &mut copy).map_err(|e| other(&e))?;
+        let after = mem.read_u64(gpa + 0x30).map_err(|e| other(&e))?;
         if after == seq && copy[0x30..0x38] == header[0x30..0x38] {
             return Ok(copy);
         }
     }
-    Err(format!(
+    Err(SbCopyError::Other(format!(
         "the Sensor Box changed during each of {SB_ATTEMPTS} copies"
-    ))
+    )))
 }

@@ -89,6 +89,7 @@ fn main() {
                 mem: 64,
                 vcpus,
                 extra: Vec::new(),
+                netns: None,
             };
             let mut vm = Vm::start(&spec);
             vm.expect(tiny_guest::BANNER, Duration::from_secs(30));

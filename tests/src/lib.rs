@@ -2,6 +2,8 @@
 //! bdvmm and watch its console, how to map a running guest's memory, and a tiny hand-written guest
 //! for the kvm engine.
 
+pub mod bridge;
+pub mod netns;
 pub mod tiny_guest;
 pub mod vm;
 
@@ -66,16 +68,21 @@ pub fn bdvmm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BDVMM_BIN") {
         return PathBuf::from(p);
     }
+    workspace_bin("bdvmm")
+}
+
+/// A binary of this workspace, in the target directory of the test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/bdvmm
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("bdvmm");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} not built; run `cargo build -p bdvmm` first (`make test` does)",
+        "{} not built; run `cargo build -p bdvmm -p rdma-bridge` first (`make test` does)",
         bin.display()
     );
     bin

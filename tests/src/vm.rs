@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ pub struct VmSpec {
     pub vcpus: u8,
     /// More arguments for `bdvmm run`.
     pub extra: Vec<String>,
+    /// Run bdvmm inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl VmSpec {
@@ -65,6 +67,7 @@ impl VmSpec {
             mem: 512,
             vcpus: 1,
             extra: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -94,11 +97,16 @@ impl Vm {
             args.push(i.clone().into());
         }
         args.extend(spec.extra.iter().map(OsString::from));
-        Self::spawn(args, api, dir)
+        Self::spawn(args, api, dir, spec.netns.as_deref())
     }
 
-    fn spawn(args: Vec<OsString>, api: PathBuf, dir: tempfile::TempDir) -> Self {
-        let mut child = Command::new(crate::bdvmm_bin())
+    fn spawn(
+        args: Vec<OsString>,
+        api: PathBuf,
+        dir: tempfile::TempDir,
+        netns: Option<&str>,
+    ) -> Self {
+        let mut child = crate::netns::command(netns, &crate::bdvmm_bin())
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -253,6 +261,7 @@ pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
         args.iter().map(OsString::from).collect(),
         dir.path().join("unused.sock"),
         dir,
+        None,
     );
     let st = vm
         .wait_exit(timeout)

@@ -92,6 +92,7 @@ fn kvm_boots_the_real_kernel_to_its_banner_and_command_line() {
         mem: 256,
         vcpus: 1,
         extra: Vec::new(),
+        netns: None,
     };
     let mut vm = Vm::start(&spec);
     vm.expect("Linux version 6.1.", Duration::from_secs(60));

@@ -141,6 +141,7 @@ fn kvm_pause_stops_a_tiny_guest() {
         mem: 64,
         vcpus: 2,
         extra: Vec::new(),
+        netns: None,
     };
     let mut vm = Vm::start(&spec);
     vm.expect(tiny_guest::BANNER, Duration::from_secs(30));

@@ -1,0 +1,197 @@
+//! An `rdma-bridge serve` child process next to a bdvmm guest, with a PKI and a config made for
+//! the test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdma_bridge::client::Bridge;
+use rdma_bridge::tls::{self, Identity};
+
+/// A monitor entry of the bridge config.
+pub struct MonitorSpec {
+    /// Name.
+    pub name: &'static str,
+    /// Readable ranges.
+    pub read: &'static [&'static str],
+    /// Writable ranges.
+    pub write: &'static [&'static str],
+}
+
+/// A PKI and a bridge config in a temp dir.
+pub struct BridgeSetup {
+    dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl BridgeSetup {
+    /// Keys for every monitor, and a config listening on `listen` with `k`-of-n writes.
+    pub fn new(listen: &str, monitors: &[MonitorSpec], k: usize, window_ms: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).expect("pki init");
+        let mut cfg = format!(
+            "listen = \"{listen}\"\naudit_log = \"audit.jsonl\"\n\
+             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n\
+             [agreement]\nk = {k}\nwindow_ms = {window_ms}\n"
+        );
+        let list = |v: &[&str]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for m in monitors {
+            tls::pki_issue(&pki, m.name).expect("pki issue");
+            cfg.push_str(&format!(
+                "[[monitor]]\nname = \"{}\"\ncert = \"pki/{}.pem\"\nread = [{}]\nwrite = [{}]\n",
+                m.name,
+                m.name,
+                list(m.read),
+                list(m.write)
+            ));
+        }
+        let config = dir.path().join("bridge.toml");
+        std::fs::write(&config, cfg).expect("write config");
+        BridgeSetup { dir, config }
+    }
+
+    /// The PKI directory.
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// A monitor's identity.
+    pub fn id(&self, name: &str) -> Identity {
+        Identity::from_pki_dir(&self.pki(), name)
+    }
+
+    /// The audit log's events.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Events named `event`.
+    pub fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| e["event"] == event)
+            .collect()
+    }
+}
+
+/// The `rdma-bridge` binary, built next to bdvmm.
+pub fn bridge_bin() -> PathBuf {
+    crate::workspace_bin("rdma-bridge")
+}
+
+/// A running `rdma-bridge serve`.
+pub struct BridgeProc {
+    child: Child,
+    /// Where monitors connect.
+    pub addr: String,
+    out: Arc<Mutex<String>>,
+}
+
+impl BridgeProc {
+    /// Starts the bridge for the VM whose API socket is `api`, in `netns` if given, and waits
+    /// until it listens.
+    pub fn start(netns: Option<&str>, config: &Path, api: &Path) -> BridgeProc {
+        let mut child = crate::netns::command(netns, &bridge_bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--api")
+            .arg(api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn rdma-bridge");
+        let out = Arc::new(Mutex::new(String::new()));
+        for src in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(src).lines().map_while(Result::ok) {
+                    let mut o = out.lock().expect("output lock");
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = out.lock().expect("output lock").clone();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("rdma-bridge: listening on "))
+            {
+                return BridgeProc {
+                    child,
+                    addr: addr.trim().to_owned(),
+                    out,
+                };
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("rdma-bridge exited ({st}) before listening:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rdma-bridge did not listen:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Connects as `id`.
+    pub fn connect(&self, id: &Identity) -> Bridge {
+        Bridge::connect(self.addr.as_str(), id)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}\n{}", self.addr, self.output()))
+    }
+
+    /// Everything it printed.
+    pub fn output(&self) -> String {
+        self.out.lock().expect("output lock").clone()
+    }
+
+    /// Kills it with SIGKILL, as a crash would.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for BridgeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid with a valid signal number.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            if self.wait_exit(Duration::from_secs(3)).is_none() {
+                self.crash();
+            }
+        }
+    }
+}
