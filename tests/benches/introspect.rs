@@ -6,23 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use backdoors_tests::bench::{arg, stats};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{Images, KernelFiles};
 use introspect::paging::PageWalker;
 use introspect::tasks::{self, KernelMem, Limits};
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
-    v.sort();
-    let p = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
-    (p(0.5), p(0.99))
-}
 
 fn main() {
     let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(100);

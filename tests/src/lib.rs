@@ -2,6 +2,7 @@
 //! bdvmm and watch its console, how to map a running guest's memory, and a tiny hand-written guest
 //! for the kvm engine.
 
+pub mod bench;
 pub mod bridge;
 pub mod netns;
 pub mod tiny_guest;
