@@ -24,11 +24,13 @@ release:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p rdma-bridge --features verbs --all-targets -- -D warnings
 
 # The whole suite: unit tests, then end-to-end tests on real guests.
 test: images build
 	guest-kernel-patches/check.sh
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test -p rdma-bridge --features verbs --lib --test verbs --test guard -- --nocapture
 
 # Benchmarks on real guests; sb_cost also builds the kernel variant without the Sensor Box.
 bench: images release

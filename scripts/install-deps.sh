@@ -10,6 +10,7 @@ pkgs=(
 	bc bison flex libelf-dev libssl-dev dwarves cpio xz-utils zstd kmod rsync
 	gcc make git python3 iproute2
 	python3-ply python3-git # checkpatch's SPDX check (guest-kernel-patches/check.sh)
+	cmake pkg-config libibverbs-dev libnl-3-dev libnl-route-3-dev libclang-dev # rdma-bridge's verbs feature
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bdvmm::api::ApiClient;
 use introspect::mem::{MappedMem, PhysMem};
 
-use crate::wire::Regs;
+use crate::wire::{Regs, VmStatus, VM_PAUSED, VM_RUNNING, VM_STOPPED};
 
 /// The guest's RAM ranges and backdoor range, fixed when the bridge starts.
 #[derive(Clone, Debug)]
@@ -38,6 +38,8 @@ pub trait Backend: Send + Sync {
     fn resume(&self) -> Result<(), String>;
     /// One vCPU's registers.
     fn regs(&self, vcpu: u8) -> Result<Regs, String>;
+    /// Whether the vCPUs run.
+    fn status(&self) -> Result<VmStatus, String>;
 }
 
 /// A running bdvmm guest.
@@ -91,6 +93,19 @@ impl VmBackend {
 }
 
 impl Backend for VmBackend {
+    fn status(&self) -> Result<VmStatus, String> {
+        let st = self.api().status().map_err(|e| e.to_string())?;
+        Ok(VmStatus {
+            state: match st.state.as_str() {
+                "running" => VM_RUNNING,
+                "paused" => VM_PAUSED,
+                _ => VM_STOPPED,
+            },
+            vcpus: st.vcpus,
+            uptime_ms: st.uptime_ms,
+            pauses: st.pauses,
+        })
+    }
     fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -143,6 +158,14 @@ impl DumpBackend {
 }
 
 impl Backend for DumpBackend {
+    fn status(&self) -> Result<VmStatus, String> {
+        Ok(VmStatus {
+            state: VM_STOPPED,
+            vcpus: 0,
+            uptime_ms: 0,
+            pauses: 0,
+        })
+    }
     fn layout(&self) -> &Layout {
         &self.layout
     }

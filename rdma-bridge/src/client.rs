@@ -287,6 +287,23 @@ impl Bridge {
         }
     }
 
+    /// Whether the VM's vCPUs run (for hang detection: progress that stops while they run).
+    pub fn status(&mut self) -> Result<wire::VmStatus, ClientError> {
+        match self.call(Request::Status)? {
+            Reply::Status(s) => Ok(s),
+            r => Err(unexpected("STATUS", &r)),
+        }
+    }
+
+    /// Exchanges RDMA endpoints (feature `verbs` on the bridge): sends the monitor's connect blob,
+    /// returns the bridge's.
+    pub fn rdma_connect(&mut self, blob: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self.call(Request::RdmaConnect(blob))? {
+            Reply::RdmaConnect(b) => Ok(b),
+            r => Err(unexpected("RDMA_CONNECT", &r)),
+        }
+    }
+
     /// One vCPU's registers.
     pub fn regs(&mut self, vcpu: u8) -> Result<Regs, ClientError> {
         match self.call(Request::Regs { vcpu })? {

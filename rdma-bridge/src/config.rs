@@ -21,6 +21,9 @@
 //!                                  # signed but that is not listed here gets nothing
 //! read = ["sb", "ram"]             # what it may read
 //! write = ["hooks"]                # what it may write
+//!
+//! [rdma]                           # optional, feature `verbs`: one-sided RDMA data path
+//! device = "mlx5_0"                # the first device if absent
 //! ```
 //!
 //! Ranges are names resolved against the VM's layout when the bridge starts — `backdoor` (bdvmm's
@@ -90,6 +93,18 @@ pub struct BridgeConfig {
     /// The monitors.
     #[serde(rename = "monitor", default)]
     pub monitors: Vec<MonitorConfig>,
+    /// The RDMA verbs data path (feature `verbs`); absent: TCP only.
+    #[serde(default)]
+    pub rdma: Option<RdmaConfig>,
+}
+
+/// `[rdma]`: register the monitors' grants with an RDMA device.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdmaConfig {
+    /// Device name (e.g. `mlx5_0`); the first device if absent.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// TLS files of the bridge.

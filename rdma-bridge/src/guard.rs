@@ -88,6 +88,11 @@ impl Grants {
         Ok(Grants { by_fingerprint })
     }
 
+    /// Every monitor's name and grant.
+    pub fn iter(&self) -> impl Iterator<Item = &(String, Grant)> {
+        self.by_fingerprint.values()
+    }
+
     /// The monitor name and grant for a certificate fingerprint.
     pub fn lookup(&self, fingerprint: &str) -> Option<&(String, Grant)> {
         self.by_fingerprint.get(fingerprint)

@@ -11,12 +11,17 @@
 //! * [`server`] — the TCP server.
 //! * [`client`] — the monitor's library: `fetch_sb`, `read`, `write`, `lock`/`unlock`, and an
 //!   introspect memory source over the bridge.
+//! * `verbs` and `rdma` (feature `verbs`) — the one-sided RDMA data path and its server glue.
 
 pub mod audit;
 pub mod backend;
 pub mod client;
 pub mod config;
 pub mod guard;
+#[cfg(feature = "verbs")]
+pub mod rdma;
 pub mod server;
 pub mod tls;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 pub mod wire;

@@ -75,6 +75,8 @@ struct Shared {
     next_conn: AtomicU64,
     max_conns: usize,
     idle: Duration,
+    #[cfg(feature = "verbs")]
+    rdma: Option<crate::rdma::RdmaGlue>,
 }
 
 /// A bound, ready server.
@@ -94,6 +96,26 @@ impl Server {
             Ok(tls::fingerprint(&c[0]))
         })
         .map_err(ServerError::Grants)?;
+        #[cfg(not(feature = "verbs"))]
+        if cfg.rdma.is_some() {
+            return Err(ServerError::Grants(
+                "the config has an [rdma] section but this bridge was built without the `verbs` feature"
+                    .into(),
+            ));
+        }
+        #[cfg(feature = "verbs")]
+        let rdma = match &cfg.rdma {
+            Some(r) => Some(
+                crate::rdma::RdmaGlue::new(
+                    r.device.as_deref(),
+                    backend.as_ref(),
+                    &grants,
+                    cfg.agreement.k,
+                )
+                .map_err(ServerError::Grants)?,
+            ),
+            None => None,
+        };
         let audit = Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
             what: format!("cannot open audit log {}", cfg.audit_log.display()),
             source,
@@ -128,6 +150,8 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
                 idle: Duration::from_millis(cfg.idle_timeout_ms),
+                #[cfg(feature = "verbs")]
+                rdma,
             }),
         })
     }
@@ -371,6 +395,14 @@ impl Session<'_> {
             Request::Lock { lease_ms } => self.lock(lease_ms),
             Request::Unlock => self.unlock(),
             Request::Regs { vcpu } => self.regs(vcpu),
+            Request::Status => match self.sh.backend.status() {
+                Ok(st) => Reply::Status(st),
+                Err(message) => Reply::Error {
+                    code: code::INTERNAL,
+                    message,
+                },
+            },
+            Request::RdmaConnect(blob) => self.rdma_connect(&blob),
         };
         (Frame::reply(id, reply), Next::Continue)
     }
@@ -663,6 +695,37 @@ impl Session<'_> {
             self.sh
                 .audit
                 .log("lock_released", json!({"monitor": self.monitor}));
+        }
+    }
+
+    #[cfg(feature = "verbs")]
+    fn rdma_connect(&self, blob: &[u8]) -> Reply {
+        let Some(rdma) = &self.sh.rdma else {
+            return Reply::Error {
+                code: code::UNSUPPORTED,
+                message: "this bridge has no [rdma] section in its config".into(),
+            };
+        };
+        match rdma.connect(&self.monitor, blob) {
+            Ok(b) => {
+                self.sh
+                    .audit
+                    .log("rdma_connected", json!({"monitor": self.monitor}));
+                Reply::RdmaConnect(b)
+            }
+            Err(message) => Reply::Error {
+                code: code::BAD_REQUEST,
+                message,
+            },
+        }
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn rdma_connect(&self, _blob: &[u8]) -> Reply {
+        Reply::Error {
+            code: code::UNSUPPORTED,
+            message: "this bridge was built without the `verbs` feature; use the TCP operations"
+                .into(),
         }
     }
 

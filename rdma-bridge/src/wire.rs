@@ -31,6 +31,8 @@
 //! | `0x06` | `LOCK`       | `lease_ms u32` @0: the lock is released by the bridge when the lease runs out      |
 //! | `0x07` | `UNLOCK`     | empty                                                                              |
 //! | `0x08` | `REGS`       | `vcpu u8` @0                                                                       |
+//! | `0x09` | `RDMA_CONNECT` | the monitor's RDMA endpoint, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes (format in `verbs.rs`) |
+//! | `0x0A` | `STATUS`     | empty                                                                              |
 //! | `0x81` | `HELLO` ok   | `nonce u64` @0 (the bridge's), `backdoor_gpa u64` @8, `backdoor_size u64` @16: where the Sensor Box range is |
 //! | `0x82` | `FETCH_SB` ok| the Sensor Box bytes (a consistent snapshot)                                       |
 //! | `0x83` | `READ` ok    | the bytes read (exactly the requested `len`; checked by the client, not here)      |
@@ -39,6 +41,8 @@
 //! | `0x86` | `LOCK` ok    | `lock_ns u64` @0: nanoseconds until every vCPU acknowledged the pause              |
 //! | `0x87` | `UNLOCK` ok  | empty                                                                              |
 //! | `0x88` | `REGS` ok    | [`Regs`]: 90 bytes, see below                                                      |
+//! | `0x89` | `RDMA_CONNECT` ok | the bridge's endpoint and regions, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes |
+//! | `0x8A` | `STATUS` ok  | `state u8` @0 (0 running, 1 paused, 2 stopped), `vcpus u8` @1, `uptime_ms u64` @2, `pauses u64` @10 |
 //! | `0xFF` | `ERROR`      | `code u16` @0 (see [`code`]), then a UTF-8 message (the rest, ≤ [`MAX_ERROR_MESSAGE`] bytes) |
 //!
 //! # `REGS` ok payload (90 bytes)
@@ -257,6 +261,10 @@ pub enum Op {
     Unlock = 0x07,
     /// Read a vCPU's registers.
     Regs = 0x08,
+    /// Exchange RDMA queue-pair endpoints and region keys (feature `verbs`).
+    RdmaConnect = 0x09,
+    /// The VM's run state.
+    Status = 0x0A,
     /// Reply to `HELLO`.
     HelloOk = 0x81,
     /// Reply to `FETCH_SB`.
@@ -273,6 +281,10 @@ pub enum Op {
     UnlockOk = 0x87,
     /// Reply to `REGS`.
     RegsOk = 0x88,
+    /// Reply to `RDMA_CONNECT`.
+    RdmaConnectOk = 0x89,
+    /// Reply to `STATUS`.
+    StatusOk = 0x8A,
     /// Failure reply to any request.
     Error = 0xFF,
 }
@@ -289,6 +301,8 @@ impl Op {
             0x06 => Op::Lock,
             0x07 => Op::Unlock,
             0x08 => Op::Regs,
+            0x09 => Op::RdmaConnect,
+            0x0A => Op::Status,
             0x81 => Op::HelloOk,
             0x82 => Op::FetchSbOk,
             0x83 => Op::ReadOk,
@@ -297,6 +311,8 @@ impl Op {
             0x86 => Op::LockOk,
             0x87 => Op::UnlockOk,
             0x88 => Op::RegsOk,
+            0x89 => Op::RdmaConnectOk,
+            0x8A => Op::StatusOk,
             0xFF => Op::Error,
             _ => return None,
         })
@@ -313,6 +329,8 @@ impl Op {
             Op::Lock => "LOCK",
             Op::Unlock => "UNLOCK",
             Op::Regs => "REGS",
+            Op::RdmaConnect => "RDMA_CONNECT",
+            Op::Status => "STATUS",
             Op::HelloOk => "HELLO reply",
             Op::FetchSbOk => "FETCH_SB reply",
             Op::ReadOk => "READ reply",
@@ -321,6 +339,8 @@ impl Op {
             Op::LockOk => "LOCK reply",
             Op::UnlockOk => "UNLOCK reply",
             Op::RegsOk => "REGS reply",
+            Op::RdmaConnectOk => "RDMA_CONNECT reply",
+            Op::StatusOk => "STATUS reply",
             Op::Error => "ERROR",
         }
     }
@@ -365,6 +385,28 @@ pub struct Regs {
     pub cpl: u8,
 }
 
+/// The VM's run state, as bdvmm reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmStatus {
+    /// [`VM_RUNNING`], [`VM_PAUSED`] or [`VM_STOPPED`].
+    pub state: u8,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Milliseconds since the VM started.
+    pub uptime_ms: u64,
+    /// Pauses so far (by anyone).
+    pub pauses: u64,
+}
+
+/// [`VmStatus::state`]: the vCPUs run.
+pub const VM_RUNNING: u8 = 0;
+/// [`VmStatus::state`]: the vCPUs are paused.
+pub const VM_PAUSED: u8 = 1;
+/// [`VmStatus::state`]: the VM is stopping or stopped.
+pub const VM_STOPPED: u8 = 2;
+/// Largest RDMA_CONNECT payload.
+pub const MAX_RDMA_BLOB: usize = 4096;
+
 /// Monitor → bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -400,6 +442,10 @@ pub enum Request {
         /// vCPU index.
         vcpu: u8,
     },
+    /// The monitor's RDMA endpoint (opaque here; see `verbs.rs`), at most [`MAX_RDMA_BLOB`] bytes.
+    RdmaConnect(Vec<u8>),
+    /// The VM's run state.
+    Status,
 }
 
 /// Bridge → monitor.
@@ -431,6 +477,10 @@ pub enum Reply {
     Unlock,
     /// A vCPU's registers.
     Regs(Regs),
+    /// The bridge's RDMA endpoint and regions (opaque here; see `verbs.rs`).
+    RdmaConnect(Vec<u8>),
+    /// The VM's run state.
+    Status(VmStatus),
     /// The request failed.
     Error {
         /// One of [`code`] (or a newer code).
@@ -487,6 +537,8 @@ impl Frame {
                 Request::Lock { .. } => Op::Lock,
                 Request::Unlock => Op::Unlock,
                 Request::Regs { .. } => Op::Regs,
+                Request::RdmaConnect(_) => Op::RdmaConnect,
+                Request::Status => Op::Status,
             },
             Message::Reply(r) => match r {
                 Reply::Hello { .. } => Op::HelloOk,
@@ -497,6 +549,8 @@ impl Frame {
                 Reply::Lock { .. } => Op::LockOk,
                 Reply::Unlock => Op::UnlockOk,
                 Reply::Regs(_) => Op::RegsOk,
+                Reply::RdmaConnect(_) => Op::RdmaConnectOk,
+                Reply::Status(_) => Op::StatusOk,
                 Reply::Error { .. } => Op::Error,
             },
         }
@@ -918,7 +972,8 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
                 out.push(monitor_id.len() as u8);
                 out.extend_from_slice(monitor_id.as_bytes());
             }
-            Request::FetchSb | Request::Unlock => {}
+            Request::FetchSb | Request::Unlock | Request::Status => {}
+            Request::RdmaConnect(b) => put_blob(out, b)?,
             Request::Read(r) => {
                 check_read(*r)?;
                 put_range(out, *r);
@@ -972,6 +1027,19 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
             Reply::Write | Reply::Unlock => {}
             Reply::Lock { lock_ns } => out.extend_from_slice(&lock_ns.to_le_bytes()),
             Reply::Regs(regs) => put_regs(out, regs, op)?,
+            Reply::RdmaConnect(b) => put_blob(out, b)?,
+            Reply::Status(st) => {
+                if st.state > 2 {
+                    return Err(WireError::Malformed {
+                        op: op.name(),
+                        what: format!("status state {} is not 0..=2", st.state),
+                    });
+                }
+                out.push(st.state);
+                out.push(st.vcpus);
+                out.extend_from_slice(&st.uptime_ms.to_le_bytes());
+                out.extend_from_slice(&st.pauses.to_le_bytes());
+            }
             Reply::Error { code, message } => {
                 check_string(message.as_bytes(), "error message", MAX_ERROR_MESSAGE)?;
                 out.extend_from_slice(&code.to_le_bytes());
@@ -985,6 +1053,28 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
 fn put_range(out: &mut Vec<u8>, r: Range) {
     out.extend_from_slice(&r.gpa.to_le_bytes());
     out.extend_from_slice(&r.len.to_le_bytes());
+}
+
+fn put_blob(out: &mut Vec<u8>, b: &[u8]) -> Result<(), WireError> {
+    if b.is_empty() || b.len() > MAX_RDMA_BLOB {
+        return Err(WireError::Malformed {
+            op: Op::RdmaConnect.name(),
+            what: format!("blob of {} bytes is not 1..={MAX_RDMA_BLOB}", b.len()),
+        });
+    }
+    out.extend_from_slice(b);
+    Ok(())
+}
+
+fn get_blob(c: &mut Cursor<'_>, op: Op) -> Result<Vec<u8>, WireError> {
+    let b = c.rest();
+    if b.is_empty() || b.len() > MAX_RDMA_BLOB {
+        return Err(WireError::Malformed {
+            op: op.name(),
+            what: format!("blob of {} bytes is not 1..={MAX_RDMA_BLOB}", b.len()),
+        });
+    }
+    Ok(b.to_vec())
 }
 
 fn put_regs(out: &mut Vec<u8>, r: &Regs, op: Op) -> Result<(), WireError> {
@@ -1079,6 +1169,8 @@ fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
         Op::Lock => Message::Request(Request::Lock { lease_ms: c.u32()? }),
         Op::Unlock => Message::Request(Request::Unlock),
         Op::Regs => Message::Request(Request::Regs { vcpu: c.u8()? }),
+        Op::RdmaConnect => Message::Request(Request::RdmaConnect(get_blob(&mut c, op)?)),
+        Op::Status => Message::Request(Request::Status),
         Op::HelloOk => Message::Reply(Reply::Hello {
             nonce: c.u64()?,
             backdoor_gpa: c.u64()?,
@@ -1105,6 +1197,22 @@ fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
         Op::LockOk => Message::Reply(Reply::Lock { lock_ns: c.u64()? }),
         Op::UnlockOk => Message::Reply(Reply::Unlock),
         Op::RegsOk => Message::Reply(Reply::Regs(get_regs(&mut c, op)?)),
+        Op::RdmaConnectOk => Message::Reply(Reply::RdmaConnect(get_blob(&mut c, op)?)),
+        Op::StatusOk => {
+            let state = c.u8()?;
+            if state > 2 {
+                return Err(WireError::Malformed {
+                    op: op.name(),
+                    what: format!("status state {state} is not 0..=2"),
+                });
+            }
+            Message::Reply(Reply::Status(VmStatus {
+                state,
+                vcpus: c.u8()?,
+                uptime_ms: c.u64()?,
+                pauses: c.u64()?,
+            }))
+        }
         Op::Error => {
             let code = c.u16()?;
             let msg = c.rest();
@@ -1311,6 +1419,8 @@ mod tests {
             Frame::request(9, Request::Lock { lease_ms: 500 }),
             Frame::request(10, Request::Unlock),
             Frame::request(11, Request::Regs { vcpu: 3 }),
+            Frame::request(12, Request::Status),
+            Frame::request(13, Request::RdmaConnect(vec![1, 2, 3])),
             Frame::reply(
                 1,
                 Reply::Hello {
@@ -1328,6 +1438,16 @@ mod tests {
             Frame::reply(9, Reply::Lock { lock_ns: 123_456 }),
             Frame::reply(10, Reply::Unlock),
             Frame::reply(11, Reply::Regs(regs())),
+            Frame::reply(
+                12,
+                Reply::Status(VmStatus {
+                    state: VM_PAUSED,
+                    vcpus: 2,
+                    uptime_ms: 5,
+                    pauses: 9,
+                }),
+            ),
+            Frame::reply(13, Reply::RdmaConnect(vec![9; MAX_RDMA_BLOB])),
             Frame::reply(
                 11,
                 Reply::Regs(Regs {
@@ -1555,7 +1675,7 @@ mod tests {
 
     #[test]
     fn error_unknown_op() {
-        for op in [0u8, 0x09, 0x80, 0x89, 0xfe] {
+        for op in [0u8, 0x0b, 0x80, 0x8b, 0xfe] {
             assert_eq!(
                 decode(&raw(VERSION, op, 0, &[])),
                 Err(WireError::UnknownOp { op })

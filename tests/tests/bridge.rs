@@ -10,7 +10,7 @@ use backdoors_tests::Images;
 use introspect::hooks::{KillTarget, Mailbox};
 use introspect::sensorbox::ids;
 use rdma_bridge::client::BridgeMem;
-use rdma_bridge::wire::code;
+use rdma_bridge::wire::{self, code};
 
 const BOOT: Duration = Duration::from_secs(120);
 
@@ -239,7 +239,9 @@ fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
     // 1. A monitor takes the lock for a minute and its connection dies (as when its process is
     //    killed: the kernel closes the socket). The guest runs again at once.
     let mut m = bridge.connect(&setup.id("mon1"));
+    assert_eq!(watcher.status().unwrap().state, wire::VM_RUNNING);
     m.lock(Duration::from_secs(60)).expect("lock");
+    assert_eq!(watcher.status().unwrap().state, wire::VM_PAUSED);
     assert!(!progressing(&mut watcher), "the guest ran while locked");
     let locked = Instant::now();
     drop(m);
