@@ -9,6 +9,7 @@
 pub mod btf;
 pub mod consistency;
 pub mod elf;
+pub mod forkrate;
 pub mod hooks;
 pub mod kernel;
 pub mod mem;

@@ -19,6 +19,14 @@ pub const SENSOR_SIZE: usize = 64;
 pub const MAX_SENSORS: u32 = 4096;
 /// Largest region we read.
 pub const MAX_REGION: u64 = 16 << 20;
+/// Size of the externalized-state descriptor of patch 0003 (up to `total_forks`).
+pub const STATE_SIZE_BASE: usize = 0x90;
+/// Size of the descriptor with the per-user fork table (patch 0005); a shorter one has none.
+pub const STATE_SIZE_FORK_USERS: usize = 0xa0;
+/// Size of one entry of the per-user fork table (`struct bd_fork_user`).
+pub const FORK_USER_SIZE: u32 = 24;
+/// Most entries we accept in the per-user fork table.
+pub const MAX_FORK_USERS: u32 = 4096;
 
 /// Built-in sensor numbers.
 pub mod ids {
@@ -224,6 +232,11 @@ pub struct ExternalState {
     pub per_cpu_offset: u64,
     /// `&total_forks`.
     pub total_forks: u64,
+    /// The per-user fork table behind `MAXPROC_RATE_PERUID`: its address (`bd_fork_users`), its
+    /// number of entries and the size of one entry. `None` when the descriptor is shorter than
+    /// [`STATE_SIZE_FORK_USERS`] (a kernel without patch 0005). Read it with
+    /// [`crate::forkrate::per_user_fork_rates`].
+    pub fork_users: Option<(u64, u32, u32)>,
 }
 
 fn u16_at(b: &[u8], off: usize) -> u16 {
@@ -407,9 +420,10 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
         });
     }
     let (state_off, state_size) = (header.state.0 as usize, header.state.1 as usize);
-    let state = (state_size >= 0x90).then(|| {
+    let state = if state_size >= STATE_SIZE_BASE {
+        // `extent` checked that the descriptor lies within the copy.
         let d = &bytes[state_off..state_off + state_size];
-        ExternalState {
+        Some(ExternalState {
             kaslr_offset: u64_at(d, 0x08),
             phys_base: u64_at(d, 0x10),
             page_offset_base: u64_at(d, 0x18),
@@ -428,14 +442,38 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
             nr_cpu_ids: u32_at(d, 0x7c),
             per_cpu_offset: u64_at(d, 0x80),
             total_forks: u64_at(d, 0x88),
-        }
-    });
+            fork_users: fork_users(d)?,
+        })
+    } else {
+        None
+    };
     Ok(SensorBox {
         gpa,
         header,
         sensors,
         state,
     })
+}
+
+/// The per-user fork table named by descriptor `d`, if it is long enough to name one; its number
+/// of entries and entry size must be ones this monitor reads.
+fn fork_users(d: &[u8]) -> Result<Option<(u64, u32, u32)>, SbError> {
+    if d.len() < STATE_SIZE_FORK_USERS {
+        return Ok(None);
+    }
+    let (addr, nr, size) = (u64_at(d, 0x90), u32_at(d, 0x98), u32_at(d, 0x9c));
+    if !(1..=MAX_FORK_USERS).contains(&nr) {
+        return Err(SbError::Malformed(format!(
+            "the descriptor's per-user fork table has {nr} entries (expected 1..={MAX_FORK_USERS})"
+        )));
+    }
+    if size != FORK_USER_SIZE {
+        return Err(SbError::Malformed(format!(
+            "the descriptor's per-user fork table has {size}-byte entries (this monitor reads \
+             {FORK_USER_SIZE}-byte ones)"
+        )));
+    }
+    Ok(Some((addr, nr, size)))
 }
 
 /// Reads a consistent copy of the Sensor Box at `gpa` (a region of `size` bytes): copies it until
@@ -504,6 +542,9 @@ pub(crate) mod tests {
         put32(&mut b, 0x1100, 1);
         put32(&mut b, 0x1104, 0x100);
         put64(&mut b, 0x1100 + 0x38, 0xffff_ffff_8260_0000);
+        put64(&mut b, 0x1100 + 0x90, 0xffff_ffff_8290_0000);
+        put32(&mut b, 0x1100 + 0x98, 64);
+        put32(&mut b, 0x1100 + 0x9c, 24);
         put32(&mut b, 0x2000, 64);
         put32(&mut b, 0x2004, 32);
         b
@@ -542,6 +583,10 @@ pub(crate) mod tests {
         );
         assert!(!sb.sensor(ids::NPROCS).unwrap().level_violated());
         assert_eq!(sb.state.as_ref().unwrap().init_task, 0xffff_ffff_8260_0000);
+        assert_eq!(
+            sb.state.as_ref().unwrap().fork_users,
+            Some((0xffff_ffff_8290_0000, 64, 24))
+        );
         assert_eq!(sb.hooks_gpa(), Some(0x1ff0_2000));
     }
 
@@ -560,6 +605,46 @@ pub(crate) mod tests {
         b[0] = b'X';
         assert!(matches!(parse(&b, 0), Err(SbError::BadMagic(_))));
         assert!(parse(&image()[..100], 0).is_err());
+    }
+
+    #[test]
+    fn the_fork_table_is_optional_and_checked() {
+        let set_state_size =
+            |b: &mut Vec<u8>, n: u32| b[0x4c..0x50].copy_from_slice(&n.to_le_bytes());
+        // A kernel before patch 0005: a 0x90-byte descriptor and no table.
+        let mut b = image();
+        set_state_size(&mut b, 0x90);
+        let st = parse(&b, 0).unwrap().state.unwrap();
+        assert_eq!(st.init_task, 0xffff_ffff_8260_0000);
+        assert_eq!(st.fork_users, None);
+        // Shorter than the base descriptor: no descriptor at all.
+        set_state_size(&mut b, 0x88);
+        assert_eq!(parse(&b, 0).unwrap().state, None);
+        // Exactly 0xa0 bytes names it.
+        let mut b = image();
+        set_state_size(&mut b, 0xa0);
+        assert_eq!(
+            parse(&b, 0).unwrap().state.unwrap().fork_users,
+            Some((0xffff_ffff_8290_0000, 64, 24))
+        );
+        // Bad entry counts and sizes are refused with a message that says which.
+        for (at, v, what) in [
+            (0x98, 0u32, "0 entries"),
+            (0x98, MAX_FORK_USERS + 1, "4097 entries"),
+            (0x98, u32::MAX, "entries"),
+            (0x9c, 16, "16-byte entries"),
+            (0x9c, 0, "0-byte entries"),
+        ] {
+            let mut b = image();
+            b[0x1100 + at..0x1100 + at + 4].copy_from_slice(&v.to_le_bytes());
+            match parse(&b, 0) {
+                Err(SbError::Malformed(m)) => assert!(m.contains(what), "{m}"),
+                other => panic!("{at:#x}={v}: {other:?}"),
+            }
+        }
+        let mut b = image();
+        b[0x1100 + 0x98..0x1100 + 0x9c].copy_from_slice(&MAX_FORK_USERS.to_le_bytes());
+        assert!(parse(&b, 0).is_ok());
     }
 
     #[test]

@@ -365,3 +365,65 @@ fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests() {
     let t = sb.value(ids::TIMER_TICKS).unwrap();
     g.wait_value(ids::TIMER_TICKS, Duration::from_secs(5), |v| v > t);
 }
+
+/// The per-user fork table that the descriptor names, read with the guest paused: the user whose
+/// forks drive `MAXPROC_RATE_PERUID`, at the sensor's own value; stale windows drop out of it.
+#[test]
+fn the_fork_table_names_the_user_behind_maxproc_rate_peruid() {
+    use introspect::forkrate::{per_user_fork_rates, ForkRate};
+    use introspect::kernel;
+
+    const USER1: u32 = 1000;
+    /// One paused read: the Sensor Box, then the table at the header's window.
+    fn read_paused(g: &Guest) -> (SensorBox, Vec<ForkRate>) {
+        let mut c = g.vm.client();
+        c.pause(Some(Duration::from_secs(10))).unwrap();
+        let sb = g.sb();
+        let st = sb.state.clone().expect("descriptor");
+        let loc = kernel::from_descriptor(&g.mem, &st, 0).unwrap();
+        let rates = per_user_fork_rates(&g.mem, &loc, &st, sb.header.jiffies, sb.header.hz)
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.resume().unwrap();
+        (sb, rates)
+    }
+
+    let mut g = Guest::boot(
+        "bd.scenario=forkstorm bd.count=300",
+        "SCENARIO forkstorm: base processes",
+    );
+    let syms = Symbols::from_file(Images::load().get("BD_KERNEL_SYSTEM_MAP")).unwrap();
+
+    // Catch the storm while it runs.
+    g.wait_value(ids::MAXPROC_RATE_PERUID, Duration::from_secs(60), |v| {
+        v >= 50
+    });
+    let (sb, rates) = read_paused(&g);
+    let st = sb.state.as_ref().unwrap();
+    let (addr, nr, size) = st.fork_users.expect("the descriptor names the fork table");
+    assert_eq!((nr, size), (64, 24));
+    assert_eq!(
+        addr,
+        syms.get("bd_fork_users").unwrap() + st.kaslr_offset,
+        "bd_fork_users"
+    );
+    let sensor = sb.value(ids::MAXPROC_RATE_PERUID).unwrap();
+    let top = *rates.first().expect("someone forks");
+    eprintln!(
+        "fork storm: MAXPROC_RATE_PERUID {sensor}, table {rates:?} at jiffies {} (HZ {})",
+        sb.header.jiffies, sb.header.hz
+    );
+    assert_eq!(top.uid, USER1, "{rates:?}");
+    assert_eq!(u64::from(top.rate), sensor, "{rates:?}");
+    assert!(sensor >= 50);
+
+    // Once the storm is over, user1's windows go stale and the table agrees with the sensor again.
+    g.vm.expect("SCENARIO forkstorm: spawned", Duration::from_secs(120));
+    g.wait_value(ids::MAXPROC_RATE_PERUID, Duration::from_secs(10), |v| {
+        v < 10
+    });
+    let (sb, rates) = read_paused(&g);
+    let sensor = sb.value(ids::MAXPROC_RATE_PERUID).unwrap();
+    eprintln!("after the storm: MAXPROC_RATE_PERUID {sensor}, table {rates:?}");
+    assert!(rates.iter().all(|r| r.uid != USER1), "{rates:?}");
+    assert_eq!(u64::from(rates.first().map_or(0, |r| r.rate)), sensor);
+}
