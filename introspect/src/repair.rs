@@ -5,9 +5,13 @@
 //!   `start_time`, carried out by the guest kernel at its next tick through the normal signal path.
 //!   That wakes a task sleeping interruptibly and stops a fork storm.
 //! * **Stock guest** (best effort, no guest cooperation): bdvmm sets the `SIGKILL` bit in the
-//!   process's shared pending set (`signal->shared_pending.signal`) and `TIF_SIGPENDING` in the
-//!   flags of every thread. A thread notices when it next returns to user mode: a CPU-bound
-//!   process at its next timer interrupt, a sleeping one when it next wakes up, whatever the reason.
+//!   process's shared pending set (`signal->shared_pending.signal`), and in every thread's private
+//!   pending set (`task->pending.signal`) plus `TIF_SIGPENDING` in its flags — what the kernel's
+//!   own delivery of a fatal signal does. The private bit makes `fatal_signal_pending()` true, so a
+//!   process caught in the middle of `fork()` abandons the fork instead of leaving a child behind
+//!   (without it, a fork bomb's in-flight children escape every kill). A thread notices when it
+//!   next returns to user mode: a CPU-bound process at its next timer interrupt, a sleeping one
+//!   when it next wakes up, whatever the reason.
 //!   A thread that never wakes never dies, because a host cannot safely put a task on a guest
 //!   runqueue.
 //!
@@ -62,6 +66,7 @@ pub enum RepairError {
 pub struct DirectLayout {
     signal: u64,
     shared_pending: u64,
+    pending: u64,
     ti_flags: u64,
 }
 
@@ -71,6 +76,7 @@ impl DirectLayout {
         Ok(Self {
             signal: btf.field_offset("task_struct", "signal")?,
             shared_pending: btf.field_offset("signal_struct", "shared_pending.signal.sig")?,
+            pending: btf.field_offset("task_struct", "pending.signal.sig")?,
             ti_flags: btf.field_offset("task_struct", "thread_info.flags")?,
         })
     }
@@ -107,6 +113,10 @@ pub fn post_sigkill(
     mem.write(pending, &(set | SIGKILL_BIT).to_le_bytes())
         .map_err(TaskError::from)?;
     for &task in &proc.thread_addrs {
+        let own = km.phys(task.wrapping_add(direct.pending), "pending")?;
+        let set = mem.read_u64(own).map_err(TaskError::from)?;
+        mem.write(own, &(set | SIGKILL_BIT).to_le_bytes())
+            .map_err(TaskError::from)?;
         let flags = km.phys(task.wrapping_add(direct.ti_flags), "thread_info flags")?;
         let f = mem.read_u64(flags).map_err(TaskError::from)?;
         mem.write(flags, &(f | TIF_SIGPENDING).to_le_bytes())

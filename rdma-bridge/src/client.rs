@@ -364,6 +364,20 @@ impl BridgeMem {
         self.caching.set(on);
     }
 
+    /// Takes the pause lock; until [`BridgeMem::unlock`], pages read are cached (the guest cannot
+    /// change them). Returns how long the vCPUs took to stop.
+    pub fn lock(&self, lease: Duration) -> Result<Duration, ClientError> {
+        let took = self.bridge().lock(lease)?;
+        self.set_caching(true);
+        Ok(took)
+    }
+
+    /// Releases the pause lock and drops the cache.
+    pub fn unlock(&self) -> Result<(), ClientError> {
+        self.set_caching(false);
+        self.bridge().unlock()
+    }
+
     /// The bridge's pause lock as a [`Pauser`]; while held, pages are cached.
     pub fn pauser(&self, lease: Duration) -> RemotePauser<'_> {
         RemotePauser { mem: self, lease }
@@ -487,14 +501,11 @@ pub struct RemotePauser<'a> {
 impl Pauser for RemotePauser<'_> {
     fn pause(&mut self) -> Result<(), String> {
         self.mem
-            .bridge()
             .lock(self.lease)
-            .map_err(|e| e.to_string())?;
-        self.mem.set_caching(true);
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
     fn resume(&mut self) -> Result<(), String> {
-        self.mem.set_caching(false);
-        self.mem.bridge().unlock().map_err(|e| e.to_string())
+        self.mem.unlock().map_err(|e| e.to_string())
     }
 }

@@ -1,14 +1,13 @@
 //! An `rdma-bridge serve` child process next to a bdvmm guest, with a PKI and a config made for
 //! the test.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdma_bridge::client::Bridge;
 use rdma_bridge::tls::{self, Identity};
+
+use crate::child::Spawned;
 
 /// A monitor entry of the bridge config.
 pub struct MonitorSpec {
@@ -94,62 +93,23 @@ pub fn bridge_bin() -> PathBuf {
 
 /// A running `rdma-bridge serve`.
 pub struct BridgeProc {
-    child: Child,
+    proc: Spawned,
     /// Where monitors connect.
     pub addr: String,
-    out: Arc<Mutex<String>>,
 }
 
 impl BridgeProc {
     /// Starts the bridge for the VM whose API socket is `api`, in `netns` if given, and waits
     /// until it listens.
     pub fn start(netns: Option<&str>, config: &Path, api: &Path) -> BridgeProc {
-        let mut child = crate::netns::command(netns, &bridge_bin())
-            .args(["serve", "--config"])
+        let mut cmd = crate::netns::command(netns, &bridge_bin());
+        cmd.args(["serve", "--config"])
             .arg(config)
             .arg("--api")
-            .arg(api)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn rdma-bridge");
-        let out = Arc::new(Mutex::new(String::new()));
-        for src in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let out = out.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(src).lines().map_while(Result::ok) {
-                    let mut o = out.lock().expect("output lock");
-                    o.push_str(&line);
-                    o.push('\n');
-                }
-            });
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = out.lock().expect("output lock").clone();
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("rdma-bridge: listening on "))
-            {
-                return BridgeProc {
-                    child,
-                    addr: addr.trim().to_owned(),
-                    out,
-                };
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("rdma-bridge exited ({st}) before listening:\n{text}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rdma-bridge did not listen:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .arg(api);
+        let mut proc = Spawned::start(cmd, "rdma-bridge");
+        let addr = proc.wait_line("rdma-bridge: listening on ", Duration::from_secs(30));
+        BridgeProc { proc, addr }
     }
 
     /// Connects as `id`.
@@ -160,38 +120,16 @@ impl BridgeProc {
 
     /// Everything it printed.
     pub fn output(&self) -> String {
-        self.out.lock().expect("output lock").clone()
+        self.proc.output()
     }
 
     /// Kills it with SIGKILL, as a crash would.
     pub fn crash(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.proc.crash()
     }
 
     /// Waits for it to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for BridgeProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own child's pid with a valid signal number.
-            unsafe {
-                libc::kill(self.child.id() as i32, libc::SIGTERM);
-            }
-            if self.wait_exit(Duration::from_secs(3)).is_none() {
-                self.crash();
-            }
-        }
+        self.proc.wait_exit(timeout)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod child;
 pub mod netns;
 pub mod tiny_guest;
 pub mod vm;

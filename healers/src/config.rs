@@ -1,0 +1,411 @@
+//! bdmon's configuration (TOML).
+//!
+//! ```toml
+//! sample_ms = 10                   # Sensor Box sampling period (1 ms and up)
+//! events = "events.jsonl"          # JSON-lines event log ("-": standard output)
+//! metrics = "127.0.0.1:9464"       # Prometheus text on GET /metrics (optional)
+//! dry_run = false                  # diagnose and log what would be killed, kill nothing
+//! spare_users = [1001]             # never killed by any healer (root always is spared)
+//!
+//! [proc]                           # Proc_Repair_Healer (NPROCS, MAXPROC_RATE_PERUID)
+//! policies = ["RATE_TOO_HIGH", "TOO_MANY_PROCS", "TREE_TOO_DEEP"]   # tried in order
+//! rate_threshold = 100             # forks/s for RATE_TOO_HIGH (default: the sensor's threshold)
+//!
+//! [mem]                            # Mem_Reclaim_Healer (OOM_KILLER_RUNNING, FREE_PAGES)
+//! policy = "MAX_RSSUID_SAVEUID"    # MAX_RSS | MAX_RSSUID | MAX_RSSUID_SAVEUID
+//! save_users = [1002]              # spared by MAX_RSSUID_SAVEUID
+//!
+//! [hang]                           # progress sensors stalled while the vCPUs run
+//! action = "report"                # report | command
+//! command = ["/usr/local/bin/restart-vm", "{guest}"]   # for action = "command"
+//!
+//! [[guest]]
+//! name = "vm1"
+//! bridge = "10.0.0.1:7070"
+//! pki = "pki"                      # ca.pem, MONITOR.pem, MONITOR.key
+//! monitor = "mon1"
+//! # stock kernels (virtual sensors): system_map = "...", vmlinux = "..."
+//! [guest.thresholds]               # override the guest's thresholds, by sensor name
+//! NPROCS = 300
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading the config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bad TOML or fields.
+    #[error("config {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// Values that make no sense.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Sampling period in milliseconds.
+    #[serde(default = "default_sample_ms")]
+    pub sample_ms: u64,
+    /// Event log path, or "-".
+    #[serde(default = "default_events")]
+    pub events: String,
+    /// Prometheus listen address.
+    #[serde(default)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Diagnose only.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Users no healer ever kills.
+    #[serde(default)]
+    pub spare_users: Vec<u32>,
+    /// Proc_Repair_Healer.
+    #[serde(default)]
+    pub proc: ProcConfig,
+    /// Mem_Reclaim_Healer.
+    #[serde(default)]
+    pub mem: MemConfig,
+    /// Hang detection.
+    #[serde(default)]
+    pub hang: HangConfig,
+    /// The guests.
+    #[serde(rename = "guest", default)]
+    pub guests: Vec<GuestConfig>,
+}
+
+/// `[proc]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcConfig {
+    /// Off: no Proc_Repair_Healer.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Policies, tried in order until one names a clear culprit.
+    #[serde(default = "default_proc_policies")]
+    pub policies: Vec<ProcPolicy>,
+    /// Forks per second above which RATE_TOO_HIGH names a user (default: MAXPROC_RATE_PERUID's T).
+    #[serde(default)]
+    pub rate_threshold: Option<u64>,
+    /// Most lock–diagnose–kill rounds per violation.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+}
+
+impl Default for ProcConfig {
+    fn default() -> Self {
+        ProcConfig {
+            enabled: true,
+            policies: default_proc_policies(),
+            rate_threshold: None,
+            max_rounds: default_rounds(),
+        }
+    }
+}
+
+/// Proc_Repair_Healer's policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+pub enum ProcPolicy {
+    /// The user with the most processes.
+    TOO_MANY_PROCS,
+    /// The user forking fastest.
+    RATE_TOO_HIGH,
+    /// The user with the deepest process tree.
+    TREE_TOO_DEEP,
+}
+
+/// `[mem]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemConfig {
+    /// Off: no Mem_Reclaim_Healer.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The policy.
+    #[serde(default = "default_mem_policy")]
+    pub policy: MemPolicy,
+    /// Users MAX_RSSUID_SAVEUID spares.
+    #[serde(default)]
+    pub save_users: Vec<u32>,
+    /// Most rounds per violation.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+}
+
+impl Default for MemConfig {
+    fn default() -> Self {
+        MemConfig {
+            enabled: true,
+            policy: default_mem_policy(),
+            save_users: Vec::new(),
+            max_rounds: default_rounds(),
+        }
+    }
+}
+
+/// Mem_Reclaim_Healer's policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+pub enum MemPolicy {
+    /// The largest process (and its same-user ancestors).
+    MAX_RSS,
+    /// Every process of the user holding the most memory.
+    MAX_RSSUID,
+    /// As MAX_RSSUID, sparing `save_users`.
+    MAX_RSSUID_SAVEUID,
+}
+
+/// `[hang]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HangConfig {
+    /// What to do.
+    #[serde(default)]
+    pub action: HangAction,
+    /// The command for `action = "command"`; `{guest}` is replaced by the guest's name.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// Hang action.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HangAction {
+    /// Log it.
+    #[default]
+    Report,
+    /// Log it and run `command` (e.g. a restart).
+    Command,
+}
+
+/// One guest.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// Its name in events and metrics.
+    pub name: String,
+    /// The bridge, HOST:PORT.
+    pub bridge: String,
+    /// Directory with ca.pem and the monitor's key and certificate.
+    pub pki: PathBuf,
+    /// This monitor's name (its certificate's).
+    pub monitor: String,
+    /// The name in the bridge's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// Stock kernel: its System.map (with `vmlinux`).
+    #[serde(default)]
+    pub system_map: Option<PathBuf>,
+    /// Stock kernel: its vmlinux (for BTF).
+    #[serde(default)]
+    pub vmlinux: Option<PathBuf>,
+    /// Sampling period for this guest.
+    #[serde(default)]
+    pub sample_ms: Option<u64>,
+    /// Pause lease while healing.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Threshold overrides, by sensor name.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, u64>,
+}
+
+impl GuestConfig {
+    /// The bridge identity.
+    pub fn identity(&self) -> rdma_bridge::tls::Identity {
+        let mut id = rdma_bridge::tls::Identity::from_pki_dir(&self.pki, &self.monitor);
+        id.server_name = self.server_name.clone();
+        id
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_sample_ms() -> u64 {
+    10
+}
+fn default_events() -> String {
+    "-".into()
+}
+fn default_rounds() -> u32 {
+    20
+}
+fn default_lease_ms() -> u64 {
+    2000
+}
+fn default_server_name() -> String {
+    rdma_bridge::tls::DEFAULT_SERVER_NAME.into()
+}
+fn default_proc_policies() -> Vec<ProcPolicy> {
+    vec![
+        ProcPolicy::RATE_TOO_HIGH,
+        ProcPolicy::TOO_MANY_PROCS,
+        ProcPolicy::TREE_TOO_DEEP,
+    ]
+}
+fn default_mem_policy() -> MemPolicy {
+    MemPolicy::MAX_RSSUID_SAVEUID
+}
+
+/// Sensor names a threshold override may use.
+pub const SENSOR_NAMES: &[(&str, u32)] = &[
+    ("TIMER_TICKS", 1),
+    ("CONTEXT_SWITCHES", 2),
+    ("NPROCS", 3),
+    ("MAXPROC_RATE_PERUID", 4),
+    ("FREE_PAGES", 5),
+    ("OOM_KILLER_RUNNING", 6),
+    ("FORK_FAILED", 7),
+    ("FILE_TABLE_FULL", 8),
+    ("OOM_KILLS", 9),
+    ("REPAIRS_APPLIED", 10),
+    ("REPAIRS_REJECTED", 11),
+];
+
+impl Config {
+    /// Reads and checks a file; relative paths are taken relative to it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for g in &mut c.guests {
+            fix(&mut g.pki);
+            if let Some(p) = &mut g.system_map {
+                fix(p);
+            }
+            if let Some(p) = &mut g.vmlinux {
+                fix(p);
+            }
+        }
+        if c.events != "-" && Path::new(&c.events).is_relative() {
+            c.events = base.join(&c.events).to_string_lossy().into_owned();
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.guests.is_empty() {
+            return bad("no [[guest]]: nothing to watch".into());
+        }
+        if self.sample_ms == 0 || self.sample_ms > 3_600_000 {
+            return bad("sample_ms must be 1..=3600000".into());
+        }
+        if self.spare_users.contains(&u32::MAX) {
+            return bad("spare_users: 4294967295 is not a user".into());
+        }
+        if self.proc.policies.is_empty() {
+            return bad("[proc] policies is empty; set enabled = false instead".into());
+        }
+        if self.hang.action == HangAction::Command && self.hang.command.is_empty() {
+            return bad("[hang] action = \"command\" needs command = [...]".into());
+        }
+        for (i, g) in self.guests.iter().enumerate() {
+            if g.name.is_empty() || self.guests[..i].iter().any(|o| o.name == g.name) {
+                return bad(format!("guest #{i}: empty or duplicate name {:?}", g.name));
+            }
+            if g.system_map.is_some() != g.vmlinux.is_some() {
+                return bad(format!(
+                    "guest {}: give both system_map and vmlinux (stock kernel) or neither",
+                    g.name
+                ));
+            }
+            if g.sample_ms == Some(0) {
+                return bad(format!("guest {}: sample_ms must be at least 1", g.name));
+            }
+            if !(10..=600_000).contains(&g.lease_ms) {
+                return bad(format!("guest {}: lease_ms must be 10..=600000", g.name));
+            }
+            for name in g.thresholds.keys() {
+                if !SENSOR_NAMES.iter().any(|(n, _)| n == name) {
+                    return bad(format!(
+                        "guest {}: unknown sensor {name:?} in thresholds",
+                        g.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUEST: &str =
+        "[[guest]]\nname = \"vm\"\nbridge = \"127.0.0.1:1\"\npki = \"p\"\nmonitor = \"m\"\n";
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = Config::parse(GUEST, Path::new("/etc/bdmon/bdmon.toml")).unwrap();
+        assert_eq!(c.sample_ms, 10);
+        assert_eq!(c.guests[0].pki, Path::new("/etc/bdmon/p"));
+        assert_eq!(c.mem.policy, MemPolicy::MAX_RSSUID_SAVEUID);
+        assert_eq!(c.proc.policies[0], ProcPolicy::RATE_TOO_HIGH);
+        assert!(!c.dry_run);
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_a_reason() {
+        for (text, want) in [
+            ("", "no [[guest]]"),
+            (&format!("sample_ms = 0\n{GUEST}") as &str, "sample_ms"),
+            (
+                &format!("{GUEST}[guest.thresholds]\nNPROC = 3\n"),
+                "unknown sensor",
+            ),
+            (&format!("{GUEST}system_map = \"x\"\n"), "both"),
+            (
+                &format!("[proc]\npolicies = [\"FASTEST\"]\n{GUEST}"),
+                "unknown variant",
+            ),
+            (
+                &format!("[hang]\naction = \"command\"\n{GUEST}"),
+                "needs command",
+            ),
+            (&format!("{GUEST}{GUEST}"), "duplicate"),
+        ] {
+            let e = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

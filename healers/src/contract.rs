@@ -1,0 +1,212 @@
+//! Sensor contracts, judged from successive samples of one guest's Sensor Box.
+//!
+//! - **progress**: V must advance within T ms. Judged in host time between samples; a stall is only
+//!   a violation once confirmed by the dispatcher with bdvmm's view that the vCPUs ran (a guest we or
+//!   another monitor paused is not hung).
+//! - **level**: V ≤ T (V ≥ T for `LOWER_BOUND` sensors such as FREE_PAGES).
+//! - **pressure**: V counts bad events since boot and must stay ≤ T; a monitor acts on *new* events,
+//!   so a pressure sensor is violated when V > T and V grew since the previous sample.
+//!
+//! Thresholds come from the guest's Sensor Box unless the config overrides them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use introspect::sensorbox::{Sensor, SensorBox, SensorClass, FLAG_LOWER_BOUND};
+use serde::Serialize;
+
+/// How a sensor breaks its contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Breach {
+    /// A level or pressure value above T.
+    Above,
+    /// A lower-bound level below T.
+    Below,
+    /// A progress counter that has not moved for `for_ms`.
+    Stalled {
+        /// Since when (host time).
+        for_ms: u64,
+    },
+}
+
+/// One violated sensor.
+#[derive(Clone, Debug, Serialize)]
+pub struct Violation {
+    /// Sensor id.
+    pub id: u32,
+    /// Sensor name.
+    pub name: String,
+    /// V.
+    pub value: u64,
+    /// T (after overrides).
+    pub threshold: u64,
+    /// How.
+    pub breach: Breach,
+    /// When the sample that showed it was taken.
+    #[serde(skip)]
+    pub sampled_at: Instant,
+}
+
+/// What the checker remembers between samples of one guest.
+#[derive(Debug, Default)]
+pub struct Checker {
+    overrides: HashMap<u32, u64>,
+    boot_id: Option<u64>,
+    /// Progress sensors: last value and when it last changed.
+    progress: HashMap<u32, (u64, Instant)>,
+    /// Pressure sensors: last value.
+    pressure: HashMap<u32, u64>,
+}
+
+impl Checker {
+    /// A checker with threshold overrides by sensor id.
+    pub fn new(overrides: HashMap<u32, u64>) -> Checker {
+        Checker {
+            overrides,
+            ..Checker::default()
+        }
+    }
+
+    /// The threshold in force for `s`.
+    pub fn threshold(&self, s: &Sensor) -> u64 {
+        self.overrides.get(&s.id).copied().unwrap_or(s.threshold)
+    }
+
+    /// Forgets progress history (e.g. after the guest was seen paused, or after a repair that held
+    /// the lock).
+    pub fn reset_progress(&mut self, now: Instant) {
+        for (_, since) in self.progress.values_mut() {
+            *since = now;
+        }
+    }
+
+    /// Judges one sample taken at `now`.
+    pub fn check(&mut self, sb: &SensorBox, now: Instant) -> Vec<Violation> {
+        if self.boot_id != Some(sb.header.boot_id) {
+            // A new boot: start over.
+            self.boot_id = Some(sb.header.boot_id);
+            self.progress.clear();
+            self.pressure.clear();
+        }
+        let mut out = Vec::new();
+        for s in &sb.sensors {
+            let t = self.threshold(s);
+            let breach = match s.class {
+                SensorClass::Progress => {
+                    let e = self.progress.entry(s.id).or_insert((s.value, now));
+                    if e.0 != s.value {
+                        *e = (s.value, now);
+                    }
+                    let idle = now.saturating_duration_since(e.1);
+                    (t > 0 && idle > Duration::from_millis(t)).then_some(Breach::Stalled {
+                        for_ms: idle.as_millis() as u64,
+                    })
+                }
+                SensorClass::Level if s.flags & FLAG_LOWER_BOUND != 0 => {
+                    (s.value < t).then_some(Breach::Below)
+                }
+                SensorClass::Level => (s.value > t).then_some(Breach::Above),
+                SensorClass::Pressure => {
+                    let last = self.pressure.insert(s.id, s.value);
+                    let grew = last.is_some_and(|l| s.value > l);
+                    (s.value > t && grew).then_some(Breach::Above)
+                }
+                SensorClass::Unknown(_) => None,
+            };
+            if let Some(breach) = breach {
+                out.push(Violation {
+                    id: s.id,
+                    name: s.name.clone(),
+                    value: s.value,
+                    threshold: t,
+                    breach,
+                    sampled_at: now,
+                });
+            }
+        }
+        out
+    }
+
+    /// True if `s` (from a fresh sample) is within its contract, ignoring progress and pressure
+    /// history: what a healer asks to know whether it is done.
+    pub fn level_ok(&self, s: &Sensor) -> bool {
+        let t = self.threshold(s);
+        match s.class {
+            SensorClass::Level if s.flags & FLAG_LOWER_BOUND != 0 => s.value >= t,
+            SensorClass::Level => s.value <= t,
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use introspect::sensorbox::{self, ids, FLAG_VALID};
+
+    fn sb(values: &[(u32, SensorClass, u16, u64, u64)], boot: u64) -> SensorBox {
+        let sensors: Vec<Sensor> = values
+            .iter()
+            .map(|&(id, class, flags, t, v)| Sensor {
+                id,
+                class,
+                flags: flags | FLAG_VALID,
+                threshold: t,
+                value: v,
+                updated: 0,
+                name: format!("S{id}"),
+            })
+            .collect();
+        let mut img = sensorbox::encode(&sensors, 250, 2);
+        img[0x28..0x30].copy_from_slice(&boot.to_le_bytes());
+        sensorbox::parse(&img, 0).unwrap()
+    }
+
+    #[test]
+    fn level_pressure_and_progress() {
+        let mut c = Checker::new(HashMap::from([(ids::NPROCS, 100)]));
+        let t0 = Instant::now();
+        let s = |nprocs, free, oom, ticks| {
+            sb(
+                &[
+                    (ids::NPROCS, SensorClass::Level, 0, 4096, nprocs),
+                    (
+                        ids::FREE_PAGES,
+                        SensorClass::Level,
+                        FLAG_LOWER_BOUND,
+                        1024,
+                        free,
+                    ),
+                    (ids::OOM_KILLER_RUNNING, SensorClass::Pressure, 0, 0, oom),
+                    (ids::TIMER_TICKS, SensorClass::Progress, 0, 1000, ticks),
+                ],
+                7,
+            )
+        };
+        assert!(c.check(&s(50, 5000, 0, 1), t0).is_empty());
+        // The override (100) applies, not the box's 4096.
+        let v = c.check(&s(150, 500, 0, 2), t0 + Duration::from_millis(10));
+        let got: Vec<(u32, Breach)> = v.iter().map(|v| (v.id, v.breach.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ids::NPROCS, Breach::Above),
+                (ids::FREE_PAGES, Breach::Below)
+            ]
+        );
+        // Pressure: new events only.
+        let v = c.check(&s(50, 5000, 3, 3), t0 + Duration::from_millis(20));
+        assert_eq!(v[0].id, ids::OOM_KILLER_RUNNING);
+        assert!(c
+            .check(&s(50, 5000, 3, 4), t0 + Duration::from_millis(30))
+            .is_empty());
+        // Progress stalled for more than 1000 ms.
+        let v = c.check(&s(50, 5000, 3, 4), t0 + Duration::from_millis(1100));
+        assert!(matches!(v[0].breach, Breach::Stalled { for_ms } if for_ms >= 1000));
+        c.reset_progress(t0 + Duration::from_millis(1100));
+        assert!(c
+            .check(&s(50, 5000, 3, 4), t0 + Duration::from_millis(1200))
+            .is_empty());
+    }
+}

@@ -1,0 +1,282 @@
+//! The event dispatcher (ED): samples each guest's Sensor Box, checks each sensor against its
+//! contract and calls the HMs registered for violated sensors.
+//!
+//! Each guest has a thread of its own, so a slow or dead guest (or a long repair) never delays the
+//! sampling of the others. Sampling is periodic (`sample_ms`, 1 ms and up; a late sample is not
+//! made up for with a burst) and on demand ([`Handle::sample_now`]). A handler that found no
+//! culprit or failed is not called again for the same sensor for [`RETRY_AFTER`], so a violation
+//! nobody can heal is logged once per period, not once per sample.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::config::{Config, GuestConfig, SENSOR_NAMES};
+use crate::contract::{Breach, Checker};
+use crate::events::Events;
+use crate::guest::Guest;
+use crate::hm::{HealContext, HealOutcome, HmId, Registry};
+use crate::metrics::Metrics;
+
+/// Pause before calling a handler again for a sensor it could not heal.
+pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Builds the HMs for one guest.
+pub type MakeRegistry = dyn Fn(&Config, &GuestConfig) -> Registry + Send + Sync;
+
+/// The running dispatcher.
+pub struct Handle {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    wake: HashMap<String, Sender<()>>,
+}
+
+impl Handle {
+    /// Samples `guest` now (between periods).
+    pub fn sample_now(&self, guest: &str) -> bool {
+        self.wake.get(guest).is_some_and(|s| s.send(()).is_ok())
+    }
+
+    /// Stops every guest thread (each releases any lock it holds) and waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for s in self.wake.values() {
+            let _ = s.send(());
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts one sampling thread per guest.
+pub fn start(
+    cfg: Arc<Config>,
+    make: Arc<MakeRegistry>,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<Handle> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let mut wake = HashMap::new();
+    for g in &cfg.guests {
+        let (tx, rx) = mpsc::channel();
+        wake.insert(g.name.clone(), tx);
+        let (cfg, make, events, metrics, stop, g) = (
+            cfg.clone(),
+            make.clone(),
+            events.clone(),
+            metrics.clone(),
+            stop.clone(),
+            g.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ed-{}", g.name))
+                .spawn(move || {
+                    let reg = make(&cfg, &g);
+                    GuestLoop::new(&cfg, g, reg, &events, &metrics).run(&stop, &rx)
+                })?,
+        );
+    }
+    Ok(Handle {
+        stop,
+        threads,
+        wake,
+    })
+}
+
+/// One guest's sampling loop.
+pub struct GuestLoop<'a> {
+    cfg: &'a Config,
+    guest: Guest,
+    reg: Registry,
+    checker: Checker,
+    events: &'a Events,
+    metrics: &'a Metrics,
+    period: Duration,
+    up: Option<bool>,
+    backoff: HashMap<(HmId, u32), Instant>,
+}
+
+impl<'a> GuestLoop<'a> {
+    /// A loop for guest `g`.
+    pub fn new(
+        cfg: &'a Config,
+        g: GuestConfig,
+        reg: Registry,
+        events: &'a Events,
+        metrics: &'a Metrics,
+    ) -> Self {
+        let overrides = g
+            .thresholds
+            .iter()
+            .filter_map(|(n, t)| {
+                SENSOR_NAMES
+                    .iter()
+                    .find(|(s, _)| s == n)
+                    .map(|(_, id)| (*id, *t))
+            })
+            .collect();
+        GuestLoop {
+            period: Duration::from_millis(g.sample_ms.unwrap_or(cfg.sample_ms).max(1)),
+            cfg,
+            guest: Guest::new(g),
+            reg,
+            checker: Checker::new(overrides),
+            events,
+            metrics,
+            up: None,
+            backoff: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, stop: &AtomicBool, wake: &mpsc::Receiver<()>) {
+        let mut next = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            let wait = next.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                match wake.recv_timeout(wait) {
+                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            next = (next + self.period).max(now);
+            self.once();
+        }
+    }
+
+    fn set_up(&mut self, up: bool, reason: &str) {
+        let name = self.guest.cfg.name.clone();
+        self.metrics
+            .set("bdmon_up", &[("guest", &name)], if up { 1.0 } else { 0.0 });
+        if self.up != Some(up) {
+            self.up = Some(up);
+            if up {
+                self.events.emit(
+                    &name,
+                    "attached",
+                    json!({"bridge": self.guest.cfg.bridge, "stock_kernel": self.guest.stock()}),
+                );
+            } else {
+                self.events.emit(
+                    &name,
+                    "detached",
+                    json!({"bridge": self.guest.cfg.bridge, "reason": reason}),
+                );
+            }
+        }
+    }
+
+    /// One sample, its checks and the dispatch of its violations.
+    pub fn once(&mut self) {
+        let name = self.guest.cfg.name.clone();
+        let t = Instant::now();
+        let sb = match self.guest.sample() {
+            Ok(sb) => sb,
+            Err(e) => {
+                self.metrics
+                    .add("bdmon_sample_errors_total", &[("guest", &name)], 1.0);
+                self.set_up(false, &e);
+                return;
+            }
+        };
+        let took = t.elapsed();
+        self.set_up(true, "");
+        self.metrics
+            .add("bdmon_samples_total", &[("guest", &name)], 1.0);
+        self.metrics.set(
+            "bdmon_sample_seconds",
+            &[("guest", &name)],
+            took.as_secs_f64(),
+        );
+        for s in &sb.sensors {
+            let l = [("guest", name.as_str()), ("sensor", s.name.as_str())];
+            self.metrics.set("bdmon_sensor_value", &l, s.value as f64);
+            self.metrics.set(
+                "bdmon_sensor_threshold",
+                &l,
+                self.checker.threshold(s) as f64,
+            );
+        }
+        let mut violations = self.checker.check(&sb, t);
+        if violations
+            .iter()
+            .any(|v| matches!(v.breach, Breach::Stalled { .. }))
+        {
+            // A stall means a hang only if bdvmm says the vCPUs ran.
+            let running =
+                matches!(self.guest.status(), Ok(st) if st.state == rdma_bridge::wire::VM_RUNNING);
+            if !running {
+                self.checker.reset_progress(Instant::now());
+                violations.retain(|v| !matches!(v.breach, Breach::Stalled { .. }));
+            }
+        }
+        for v in violations {
+            self.metrics.add(
+                "bdmon_violations_total",
+                &[("guest", &name), ("sensor", &v.name)],
+                1.0,
+            );
+            let now = Instant::now();
+            let hms: Vec<HmId> = self
+                .reg
+                .handlers(v.id)
+                .iter()
+                .copied()
+                .filter(|h| {
+                    self.backoff
+                        .get(&(*h, v.id))
+                        .is_none_or(|until| now >= *until)
+                })
+                .collect();
+            if hms.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = hms
+                .iter()
+                .filter_map(|h| self.reg.get_mut(*h).map(|m| m.name().to_owned()))
+                .collect();
+            self.events.emit(
+                &name,
+                "violation",
+                json!({"sensor": v.name, "value": v.value, "threshold": v.threshold,
+                       "breach": v.breach, "hms": names,
+                       "sample_us": took.as_micros() as u64}),
+            );
+            for h in hms {
+                let Some(hm) = self.reg.get_mut(h) else {
+                    continue;
+                };
+                let mut ctx = HealContext {
+                    guest: &mut self.guest,
+                    checker: &self.checker,
+                    cfg: self.cfg,
+                    sb: &sb,
+                    events: self.events,
+                    metrics: self.metrics,
+                };
+                let out = hm.handle(&mut ctx, &v);
+                match out {
+                    HealOutcome::Healed { .. } => {
+                        self.backoff.remove(&(h, v.id));
+                    }
+                    _ => {
+                        self.backoff.insert((h, v.id), Instant::now() + RETRY_AFTER);
+                    }
+                }
+            }
+            // Our own lock stopped the guest's clocks: do not mistake that for a hang.
+            self.checker.reset_progress(Instant::now());
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The event log: one JSON object per line for every detection, diagnosis and repair, with timings.
+//!
+//! Every line has `ts_ms` (Unix ms), `guest` and `event`. Events:
+//!
+//! | event | fields |
+//! |---|---|
+//! | `attached` / `detached` | `bridge`, `reason` (detached) |
+//! | `violation` | `sensor`, `value`, `threshold`, `breach`, `hms` (handlers called) |
+//! | `diagnosis` | `hm`, `policy`, `uid`, `score`, `runner_up`, `processes`, `pids` |
+//! | `repair` | `hm`, `round`, `uid`/`pids`, `killed`, `lock_ns`, `lock_held_us`, `dry_run` |
+//! | `healed` | `hm`, `sensor`, `detected_at_ms`, `hm_called_us` (after the violating sample), `recovered_us` (since detection), `rounds`, `killed` |
+//! | `no_culprit` | `hm`, `sensor`, `reason` |
+//! | `not_healed` | `hm`, `sensor`, `reason`, `rounds` |
+//! | `hang` | `stalled` (sensors), `for_ms`, `action`, `command_status` |
+//! | `error` | `what` |
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+/// Where events go.
+pub struct Events {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Events {
+    /// Events to a file (appended) or, for "-", standard output.
+    pub fn open(path: &str) -> std::io::Result<Events> {
+        let out: Box<dyn Write + Send> = if path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )
+        };
+        Ok(Events {
+            out: Mutex::new(out),
+        })
+    }
+
+    /// Events into any writer (tests).
+    pub fn to_writer(w: Box<dyn Write + Send>) -> Events {
+        Events { out: Mutex::new(w) }
+    }
+
+    /// Writes one event line.
+    pub fn emit(&self, guest: &str, event: &str, fields: Value) {
+        let mut m = Map::new();
+        m.insert("ts_ms".into(), now_ms().into());
+        m.insert("guest".into(), guest.into());
+        m.insert("event".into(), event.into());
+        if let Value::Object(f) = fields {
+            m.extend(f);
+        }
+        let mut line = Value::Object(m).to_string();
+        line.push('\n');
+        let mut out = match self.out.lock() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        if let Err(e) = out.write_all(line.as_bytes()).and_then(|_| out.flush()) {
+            tracing::error!("event log: {e}");
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The healing-module API (the paper's `new_hm(handler)` and `register_sensor(hm, sensor)`).
+//!
+//! A healing module (HM) is a Rust value implementing [`HealingModule`]. Register it with
+//! [`Registry::new_hm`], then tie it to sensors with [`Registry::register_sensor`]: one HM may watch
+//! many sensors, and one sensor may have many HMs (called in registration order). The dispatcher
+//! calls [`HealingModule::handle`] with the violation and a [`HealContext`] for the guest, on that
+//! guest's own thread: a slow repair of one guest never delays another.
+//!
+//! ```
+//! use bdmon::hm::{HealContext, HealOutcome, HealingModule, Registry};
+//! use bdmon::contract::Violation;
+//! use introspect::sensorbox::ids;
+//!
+//! /// Logs every file-table overflow and does nothing else.
+//! struct FileTableWatch;
+//!
+//! impl HealingModule for FileTableWatch {
+//!     fn name(&self) -> &str {
+//!         "FileTableWatch"
+//!     }
+//!     fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
+//!         ctx.emit("no_culprit", serde_json::json!({
+//!             "hm": self.name(), "sensor": v.name, "reason": "reporting only",
+//!         }));
+//!         HealOutcome::Reported
+//!     }
+//! }
+//!
+//! let mut reg = Registry::new();
+//! let hm = reg.new_hm(Box::new(FileTableWatch));
+//! reg.register_sensor(hm, ids::FILE_TABLE_FULL);
+//! assert_eq!(reg.handlers(ids::FILE_TABLE_FULL).len(), 1);
+//! ```
+
+use std::collections::HashMap;
+
+use introspect::sensorbox::SensorBox;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::contract::{Checker, Violation};
+use crate::events::Events;
+use crate::guest::Guest;
+use crate::metrics::Metrics;
+
+/// What a handler did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealOutcome {
+    /// The sensors are back within their contract.
+    Healed {
+        /// Lock–diagnose–repair rounds.
+        rounds: u32,
+        /// Processes killed.
+        killed: usize,
+    },
+    /// Nobody is clearly to blame; nothing was done.
+    NoCulprit(String),
+    /// Dry run: the diagnosis was logged, nothing was killed.
+    DryRun,
+    /// Reported only (e.g. a hang with `action = "report"`).
+    Reported,
+    /// Tried and failed, or gave up after its rounds.
+    NotHealed(String),
+}
+
+/// What a handler may use: the guest (through its bridge), the thresholds in force, the config,
+/// the sample that showed the violation, and the event log.
+pub struct HealContext<'a> {
+    /// The guest.
+    pub guest: &'a mut Guest,
+    /// Thresholds and contract checks.
+    pub checker: &'a Checker,
+    /// The monitor's config (dry run, spared users, policies).
+    pub cfg: &'a Config,
+    /// The sample that showed the violation.
+    pub sb: &'a SensorBox,
+    /// The event log.
+    pub events: &'a Events,
+    /// Metrics.
+    pub metrics: &'a Metrics,
+}
+
+impl HealContext<'_> {
+    /// Logs an event for this guest.
+    pub fn emit(&self, event: &str, fields: Value) {
+        self.events.emit(&self.guest.cfg.name, event, fields);
+    }
+
+    /// Users no healer may kill (root is never killable regardless).
+    pub fn spared(&self) -> Vec<u32> {
+        let mut s = self.cfg.spare_users.clone();
+        s.push(0);
+        s
+    }
+}
+
+/// A healing module.
+pub trait HealingModule: Send {
+    /// Its name, in events and metrics.
+    fn name(&self) -> &str;
+    /// Heals (or reports) one violation.
+    fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome;
+}
+
+/// Identifies a registered HM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HmId(pub usize);
+
+/// The HMs of one guest and the sensors they watch.
+#[derive(Default)]
+pub struct Registry {
+    hms: Vec<Box<dyn HealingModule>>,
+    by_sensor: HashMap<u32, Vec<HmId>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// `new_hm(handler)`.
+    pub fn new_hm(&mut self, hm: Box<dyn HealingModule>) -> HmId {
+        self.hms.push(hm);
+        HmId(self.hms.len() - 1)
+    }
+
+    /// `register_sensor(hm, sensor)`; registering twice has no further effect.
+    pub fn register_sensor(&mut self, hm: HmId, sensor: u32) {
+        let v = self.by_sensor.entry(sensor).or_default();
+        if !v.contains(&hm) && hm.0 < self.hms.len() {
+            v.push(hm);
+        }
+    }
+
+    /// The HMs registered for `sensor`, in registration order.
+    pub fn handlers(&self, sensor: u32) -> &[HmId] {
+        self.by_sensor
+            .get(&sensor)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// The HM itself.
+    pub fn get_mut(&mut self, id: HmId) -> Option<&mut (dyn HealingModule + 'static)> {
+        self.hms.get_mut(id.0).map(|b| b.as_mut())
+    }
+
+    /// Sensors with at least one HM.
+    pub fn sensors(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.by_sensor.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}

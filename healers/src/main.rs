@@ -1,0 +1,221 @@
+//! `bdmon`: the remote healer's command line.
+//!
+//! Exit codes: 0 success, 1 failure at run time, 2 bad input (config, arguments).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bdmon::config::{Config, SENSOR_NAMES};
+use bdmon::contract::Checker;
+use bdmon::events::Events;
+use bdmon::guest::Guest;
+use bdmon::metrics::Metrics;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bdmon",
+    version,
+    about = "The remote healer: watches guests' Sensor Boxes through their bridges and heals them",
+    long_about = "The remote healer of Backdoors.\n\n\
+        `bdmon run` attaches to every guest in the config (through its rdma-bridge, with this \
+        monitor's key), samples each Sensor Box, and when a sensor breaks its contract calls the \
+        healing modules registered for it: Proc_Repair_Healer (fork bombs), Mem_Reclaim_Healer \
+        (memory hogs) and the hang detector. Every detection, diagnosis and repair is a JSON line \
+        in the event log.\n\n\
+        `bdmon status` shows each guest's sensors at a glance; `bdmon check` validates a config."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Watch and heal until SIGINT/SIGTERM (or --for).
+    Run {
+        /// Config file (TOML; see the bdmon README).
+        #[arg(long)]
+        config: PathBuf,
+        /// Diagnose and log, kill nothing (overrides the config).
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after this many seconds.
+        #[arg(long = "for")]
+        for_secs: Option<u64>,
+    },
+    /// Show each guest's sensors, thresholds in force and contract state.
+    Status {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a config file and exit.
+    Check {
+        /// Config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, msg)) => {
+            eprintln!("bdmon: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, (u8, String)> {
+    Config::load(path).map_err(|e| (2, e.to_string()))
+}
+
+fn run(cli: Cli) -> Result<(), (u8, String)> {
+    match cli.cmd {
+        Cmd::Check { config } => {
+            let c = load(&config)?;
+            println!("{}: {} guest(s), OK", config.display(), c.guests.len());
+            Ok(())
+        }
+        Cmd::Status { config, json } => status(&load(&config)?, json),
+        Cmd::Run {
+            config,
+            dry_run,
+            for_secs,
+        } => {
+            let mut cfg = load(&config)?;
+            cfg.dry_run |= dry_run;
+            let events = Arc::new(
+                Events::open(&cfg.events)
+                    .map_err(|e| (2, format!("cannot open event log {}: {e}", cfg.events)))?,
+            );
+            let metrics = Arc::new(Metrics::default());
+            if let Some(addr) = cfg.metrics {
+                let bound = metrics
+                    .serve(addr)
+                    .map_err(|e| (1, format!("metrics on {addr}: {e}")))?;
+                eprintln!("bdmon: metrics on http://{bound}/metrics");
+            }
+            // SAFETY: installing a handler that only stores to an atomic (async-signal-safe).
+            unsafe {
+                libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+            }
+            let cfg = Arc::new(cfg);
+            let handle = bdmon::dispatcher::start(
+                cfg.clone(),
+                Arc::new(bdmon::default_registry),
+                events,
+                metrics,
+            )
+            .map_err(|e| (1, format!("cannot start: {e}")))?;
+            eprintln!(
+                "bdmon: watching {} guest(s){}",
+                cfg.guests.len(),
+                if cfg.dry_run { " (dry run)" } else { "" }
+            );
+            let until = for_secs.map(|s| Instant::now() + Duration::from_secs(s));
+            while !STOP.load(Ordering::SeqCst) && until.is_none_or(|u| Instant::now() < u) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            handle.stop();
+            Ok(())
+        }
+    }
+}
+
+fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
+    let mut all = Vec::new();
+    let mut failed = false;
+    for g in &cfg.guests {
+        let mut guest = Guest::new(g.clone());
+        let overrides = g
+            .thresholds
+            .iter()
+            .filter_map(|(n, t)| {
+                SENSOR_NAMES
+                    .iter()
+                    .find(|(s, _)| s == n)
+                    .map(|(_, id)| (*id, *t))
+            })
+            .collect();
+        let checker = Checker::new(overrides);
+        let sb = guest.sample();
+        let st = guest.status();
+        match (&sb, json) {
+            (Ok(sb), true) => {
+                let sensors: Vec<_> = sb
+                    .sensors
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"id": s.id, "name": s.name, "class": format!("{:?}", s.class),
+                            "value": s.value, "threshold": checker.threshold(s), "ok": checker.level_ok(s)})
+                    })
+                    .collect();
+                all.push(serde_json::json!({"guest": g.name, "bridge": g.bridge,
+                    "vcpus": st.as_ref().ok().map(|s| if s.state == 0 { "running" } else { "paused" }),
+                    "sensors": sensors}));
+            }
+            (Ok(sb), false) => {
+                let state = match &st {
+                    Ok(s) if s.state == 0 => "running".to_string(),
+                    Ok(s) if s.state == 1 => "paused".to_string(),
+                    Ok(_) => "stopped".to_string(),
+                    Err(e) => format!("unknown ({e})"),
+                };
+                println!("{} ({}) — vCPUs {state}", g.name, g.bridge);
+                println!(
+                    "  {:<22} {:<9} {:>14} {:>14}  STATE",
+                    "SENSOR", "CLASS", "VALUE", "THRESHOLD"
+                );
+                for s in &sb.sensors {
+                    let class = format!("{:?}", s.class).to_lowercase();
+                    let ok = if checker.level_ok(s) { "ok" } else { "BAD" };
+                    println!(
+                        "  {:<22} {:<9} {:>14} {:>14}  {ok}",
+                        s.name,
+                        class,
+                        s.value,
+                        checker.threshold(s)
+                    );
+                }
+            }
+            (Err(e), _) => {
+                failed = true;
+                if json {
+                    all.push(serde_json::json!({"guest": g.name, "bridge": g.bridge, "error": e}));
+                } else {
+                    println!("{} ({}) — unreachable: {e}", g.name, g.bridge);
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+    }
+    if failed {
+        Err((1, "some guests could not be read".into()))
+    } else {
+        Ok(())
+    }
+}

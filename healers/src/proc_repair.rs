@@ -1,0 +1,100 @@
+//! Proc_Repair_Healer: fork bombs and runaway process counts.
+//!
+//! Sensors: `NPROCS` and `MAXPROC_RATE_PERUID`. Policies, tried in the configured order until one
+//! names a clear culprit: `RATE_TOO_HIGH` (the user forking faster than the threshold — on a patched
+//! guest from the kernel's per-user fork counters, so short-lived processes cannot dodge the count;
+//! on a stock kernel from live processes started in the last second), `TOO_MANY_PROCS` (the user
+//! with most processes), `TREE_TOO_DEEP` (the user with the deepest process tree). The repair kills
+//! every process of the culprit, under the lock, and repeats until both sensors are back within
+//! their contract.
+
+use std::time::Duration;
+
+use introspect::sensorbox::{ids, SensorBox};
+use introspect::tasks::Process;
+
+use crate::config::{ProcConfig, ProcPolicy};
+use crate::contract::{Checker, Violation};
+use crate::heal::{self, Diagnosis, Victims};
+use crate::hm::{HealContext, HealOutcome, HealingModule};
+use crate::policy::{self, Culprit};
+
+/// Default forks/s for RATE_TOO_HIGH when neither the config nor the guest gives one.
+pub const DEFAULT_RATE: u64 = 200;
+
+/// The healer.
+pub struct ProcRepairHealer {
+    cfg: ProcConfig,
+}
+
+impl ProcRepairHealer {
+    /// With these policies.
+    pub fn new(cfg: ProcConfig) -> Self {
+        ProcRepairHealer { cfg }
+    }
+
+    /// The sensors it watches.
+    pub const SENSORS: [u32; 2] = [ids::NPROCS, ids::MAXPROC_RATE_PERUID];
+}
+
+impl Diagnosis for ProcRepairHealer {
+    fn diagnose(
+        &mut self,
+        ctx: &mut HealContext<'_>,
+        table: &[Process],
+        sb: &SensorBox,
+    ) -> Result<Option<(Culprit, Victims)>, String> {
+        let spared = ctx.spared();
+        for p in &self.cfg.policies {
+            let c = match p {
+                ProcPolicy::TOO_MANY_PROCS => policy::too_many_procs(table, &spared),
+                ProcPolicy::TREE_TOO_DEEP => policy::tree_too_deep(table, &spared),
+                ProcPolicy::RATE_TOO_HIGH => {
+                    let threshold = self
+                        .cfg
+                        .rate_threshold
+                        .or_else(|| {
+                            sb.sensor(ids::MAXPROC_RATE_PERUID)
+                                .map(|s| ctx.checker.threshold(s))
+                        })
+                        .unwrap_or(DEFAULT_RATE);
+                    let rates = match ctx.guest.fork_rates(sb)? {
+                        Some(r) => r,
+                        None => policy::recent_starts(table, 1_000_000_000),
+                    };
+                    policy::rate_too_high(&rates, threshold, &spared)
+                }
+            };
+            if let Some(c) = c {
+                return Ok(Some((c.clone(), Victims::Uid(c.uid))));
+            }
+        }
+        Ok(None)
+    }
+
+    fn recovered(&mut self, checker: &Checker, _v: &Violation, sb: &SensorBox) -> bool {
+        Self::SENSORS
+            .iter()
+            .filter_map(|id| sb.sensor(*id))
+            .all(|s| checker.level_ok(s))
+    }
+}
+
+impl HealingModule for ProcRepairHealer {
+    fn name(&self) -> &str {
+        "Proc_Repair_Healer"
+    }
+
+    fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
+        let rounds = self.cfg.max_rounds;
+        // MAXPROC_RATE_PERUID keeps a storm's count for up to 2 s after it stops.
+        heal::heal(
+            "Proc_Repair_Healer",
+            ctx,
+            v,
+            self,
+            rounds,
+            Duration::from_millis(2500),
+        )
+    }
+}

@@ -1,0 +1,333 @@
+//! bdmon end to end: a guest under bdvmm (tcg) with its bridge in a network namespace of its own,
+//! bdmon attached from this namespace. A fork bomb (CPU- and I/O-bound) or a 30-process memory hog
+//! starts as user1 while `useful` runs as user2; bdmon must kill every culprit, `useful` must finish
+//! with iteration times back near its baseline, and nothing else may die. Without bdmon the same
+//! guest is crippled. Then the same on the stock Debian kernel through virtual sensors.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
+use backdoors_tests::child::Spawned;
+use backdoors_tests::netns::NetNs;
+use backdoors_tests::vm::{Vm, VmSpec};
+use backdoors_tests::{workspace_bin, Images};
+use introspect::target::KernelFiles;
+use rdma_bridge::client::BridgeMem;
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(180);
+const USER1: u32 = 1000;
+const USER2: u32 = 1001;
+
+/// Which kernel.
+#[derive(Clone, Copy, PartialEq)]
+enum Kernel {
+    Patched,
+    Stock,
+}
+
+struct World {
+    _ns: NetNs,
+    vm: Vm,
+    setup: BridgeSetup,
+    bridge: BridgeProc,
+    kernel: Kernel,
+}
+
+fn world(kernel: Kernel, params: &str) -> World {
+    let img = Images::load();
+    let ns = NetNs::new().expect("network namespace");
+    let key = match kernel {
+        Kernel::Patched => "BD_KERNEL_BZIMAGE",
+        Kernel::Stock => "BD_STOCK_VMLINUZ",
+    };
+    let mut spec = VmSpec::tcg(
+        img.get(key),
+        img.get("BD_INITRAMFS"),
+        &format!("quiet bd.halt=wait {params}"),
+    );
+    spec.netns = Some(ns.name.clone());
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: scenario", BOOT);
+    let setup = BridgeSetup::new(
+        &format!("{}:7070", ns.ns_ip),
+        &[MonitorSpec {
+            name: "mon1",
+            read: &["sb", "ram"],
+            // Stock kernels have no mailbox: SIGKILL is written into the task structures.
+            write: if kernel == Kernel::Stock {
+                &["ram"]
+            } else {
+                &["hooks"]
+            },
+        }],
+        1,
+        1000,
+    );
+    let bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    World {
+        _ns: ns,
+        vm,
+        setup,
+        bridge,
+        kernel,
+    }
+}
+
+impl World {
+    fn kernel_files(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+        let img = Images::load();
+        (self.kernel == Kernel::Stock).then(|| {
+            (
+                img.get("BD_STOCK_SYSTEM_MAP").to_path_buf(),
+                img.get("BD_STOCK_VMLINUX").to_path_buf(),
+            )
+        })
+    }
+
+    /// Starts bdmon with `extra` config lines; events go to `events.jsonl` in `dir`.
+    fn bdmon(&self, dir: &Path, extra: &str) -> Spawned {
+        let mut guest = format!(
+            "[[guest]]\nname = \"vm1\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n",
+            self.bridge.addr,
+            self.setup.pki().display()
+        );
+        if let Some((map, vmlinux)) = self.kernel_files() {
+            guest.push_str(&format!(
+                "system_map = \"{}\"\nvmlinux = \"{}\"\n",
+                map.display(),
+                vmlinux.display()
+            ));
+        }
+        let cfg = format!(
+            "sample_ms = 10\nevents = \"events.jsonl\"\nspare_users = [{USER2}]\n{extra}\n{guest}\
+             [guest.thresholds]\nNPROCS = 300\n"
+        );
+        let path = dir.join("bdmon.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let mut cmd = Command::new(workspace_bin("bdmon"));
+        cmd.arg("run").arg("--config").arg(&path);
+        let mut p = Spawned::start(cmd, "bdmon");
+        p.wait_line("bdmon: watching", Duration::from_secs(30));
+        p
+    }
+
+    /// pid 1 and every kernel thread, read through the bridge.
+    fn survivors(&self) -> Vec<(u32, String)> {
+        let mem = BridgeMem::new(self.bridge.connect(&self.setup.id("mon1")));
+        let files = self.kernel_files();
+        let files = files.as_ref().map(|(m, v)| KernelFiles::Files {
+            system_map: m,
+            vmlinux: v,
+        });
+        let t = mem.process_table(files).expect("process table");
+        let mut v: Vec<(u32, String)> = t
+            .value
+            .iter()
+            .filter(|p| p.task.pid == 1 || p.task.kthread)
+            .map(|p| (p.task.pid, p.task.comm.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn processes_of(&self, uid: u32) -> usize {
+        let mem = BridgeMem::new(self.bridge.connect(&self.setup.id("mon1")));
+        let files = self.kernel_files();
+        let files = files.as_ref().map(|(m, v)| KernelFiles::Files {
+            system_map: m,
+            vmlinux: v,
+        });
+        let t = mem.process_table(files).expect("process table");
+        t.value.iter().filter(|p| p.task.uid == uid).count()
+    }
+}
+
+fn events(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("events are JSON lines"))
+        .collect()
+}
+
+/// `wall_us` of each `USEFUL iter=` line, in order.
+fn iterations(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("USEFUL iter="))
+        .filter_map(|l| {
+            l.split("wall_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs `scenario` with bdmon attached and checks the healing.
+fn healed(kernel: Kernel, scenario: &str, hm: &str) {
+    let mut w = world(kernel, &format!("{scenario} bd.iterations=25"));
+    let before = w.survivors();
+    let dir = tempfile::tempdir().unwrap();
+    let mut mon = w.bdmon(dir.path(), "");
+    w.vm.expect("useful finished rc=0", Duration::from_secs(600));
+    let console = w.vm.stdout();
+    // The healer confirms recovery from the sensors, which can lag the kills by up to 2 s
+    // (MAXPROC_RATE_PERUID keeps a storm's last window).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut ev = events(dir.path());
+    while !ev
+        .iter()
+        .any(|e| e["hm"] == hm && (e["event"] == "healed" || e["event"] == "not_healed"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        ev = events(dir.path());
+    }
+    let dump = || format!("events:\n{ev:#?}\nbdmon:\n{}", mon.output());
+    // Healed by the right HM, with timings.
+    let healed: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["event"] == "healed" && e["hm"] == hm)
+        .collect();
+    assert!(!healed.is_empty(), "not healed by {hm}; {}", dump());
+    for h in &healed {
+        assert!(h["recovered_us"].as_u64().is_some() && h["hm_called_us"].as_u64().is_some());
+    }
+    // Only user1 was ever targeted.
+    let repairs: Vec<&Value> = ev.iter().filter(|e| e["event"] == "repair").collect();
+    assert!(!repairs.is_empty());
+    for r in &repairs {
+        assert_eq!(r["uid"], USER1, "wrong kill: {r}");
+    }
+    // useful: every iteration, and the last ones back near the baseline.
+    let it = iterations(&console);
+    assert_eq!(it.len(), 25, "useful did not finish:\n{console}");
+    let base = median(&it[..3]);
+    let tail = median(&it[it.len() - 5..]);
+    eprintln!(
+        "{scenario} on {}: baseline {base} us, last iterations {tail} us, worst {} us; {} repair(s); healed {:?}",
+        if kernel == Kernel::Patched { "patched" } else { "stock" },
+        it.iter().max().unwrap(),
+        repairs.len(),
+        healed.iter().map(|h| h["recovered_us"].clone()).collect::<Vec<_>>()
+    );
+    assert!(
+        tail <= base * 3 + 20_000,
+        "useful did not recover: baseline {base} us, last {tail} us: {it:?}"
+    );
+    // Nothing else died: init and every kernel thread are still there, user1 has nothing left.
+    let after = w.survivors();
+    for p in &before {
+        assert!(after.contains(p), "{p:?} died; {}", dump());
+    }
+    assert_eq!(w.processes_of(USER1), 0, "user1 processes survived");
+    assert!(mon.terminate(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn bdmon_heals_a_cpu_fork_bomb() {
+    healed(
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=cpu",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn bdmon_heals_an_io_fork_bomb() {
+    healed(
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=io",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn bdmon_heals_a_memory_hog_and_its_controller() {
+    healed(
+        Kernel::Patched,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
+
+#[test]
+fn bdmon_heals_a_fork_bomb_on_the_stock_kernel() {
+    healed(
+        Kernel::Stock,
+        "bd.scenario=forkbomb bd.mode=cpu",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn without_bdmon_the_fork_bomb_cripples_the_guest() {
+    let mut w = world(
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=cpu bd.iterations=25",
+    );
+    w.vm.expect("SCENARIO forkbomb: fault starts", Duration::from_secs(120));
+    let at_fault = iterations(&w.vm.stdout()).len();
+    std::thread::sleep(Duration::from_secs(20));
+    let it = iterations(&w.vm.stdout());
+    let base = median(&it[..3]);
+    // At the baseline pace, 20 s would have been well over 100 iterations.
+    let done = it.len() - at_fault;
+    eprintln!(
+        "without bdmon: {done} iteration(s) in 20 s after the fault (baseline {base} us each)"
+    );
+    assert!(
+        done <= 3 && !w.vm.stdout().contains("useful finished"),
+        "useful kept its pace without bdmon: {it:?}"
+    );
+}
+
+#[test]
+fn dry_run_kills_nothing_and_says_what_it_would() {
+    let mut w = world(
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=cpu bd.seconds=8 bd.iterations=10",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mon = w.bdmon(dir.path(), "dry_run = true");
+    w.vm.expect("SCENARIO forkbomb: fault starts", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(5));
+    let ev = events(dir.path());
+    let dry: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["event"] == "repair" && e["dry_run"] == true)
+        .collect();
+    assert!(
+        !dry.is_empty(),
+        "no dry-run repair: {ev:#?}\n{}",
+        mon.output()
+    );
+    assert_eq!(dry[0]["uid"], USER1);
+    assert!(dry[0]["would_kill"]
+        .as_array()
+        .is_some_and(|v| !v.is_empty()));
+    assert!(!ev.iter().any(|e| e["event"] == "healed"));
+    // The bomb was left alone: its own deadline ends it, with no process killed by SIGKILL.
+    w.vm.expect("FORKBOMB done", Duration::from_secs(120));
+}
+
+#[test]
+fn bdmon_heals_a_memory_hog_on_the_stock_kernel() {
+    healed(
+        Kernel::Stock,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
