@@ -16,7 +16,7 @@
 //! save_users = [1002]              # spared by MAX_RSSUID_SAVEUID
 //!
 //! [hang]                           # progress sensors stalled while the vCPUs run
-//! action = "report"                # report | command
+//! action = "report"                # report | command | restart (through the bridge and bdvmm)
 //! command = ["/usr/local/bin/restart-vm", "{guest}"]   # for action = "command"
 //!
 //! [[guest]]
@@ -194,6 +194,9 @@ pub enum HangAction {
     Report,
     /// Log it and run `command` (e.g. a restart).
     Command,
+    /// Log it and restart the guest through its bridge (bdvmm reboots it in place; the monitor
+    /// needs `restart = true` in the bridge's config).
+    Restart,
 }
 
 /// One guest.

@@ -126,6 +126,15 @@ impl Guest {
             .map_err(err)
     }
 
+    /// Restarts the guest through the bridge (bdvmm reboots it in place).
+    pub fn restart(&mut self) -> Result<(), String> {
+        let r = self
+            .session()
+            .and_then(|m| m.bridge().restart().map_err(err));
+        self.kernel = None;
+        self.guard(r)
+    }
+
     /// bdvmm's view of the vCPUs.
     pub fn status(&mut self) -> Result<VmStatus, String> {
         let r = self

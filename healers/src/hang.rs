@@ -80,6 +80,11 @@ impl HealingModule for HangDetector {
             HangAction::Report => None,
             HangAction::Command if ctx.cfg.dry_run => Some("dry run: not run".to_string()),
             HangAction::Command => Some(self.run_command(&ctx.guest.cfg.name)),
+            HangAction::Restart if ctx.cfg.dry_run => Some("dry run: not restarted".to_string()),
+            HangAction::Restart => Some(match ctx.guest.restart() {
+                Ok(()) => "restarted".to_string(),
+                Err(e) => format!("restart failed: {e}"),
+            }),
         };
         ctx.metrics
             .add("bdmon_hangs_total", &[("guest", &ctx.guest.cfg.name)], 1.0);

@@ -17,6 +17,7 @@
 //! | `write_applied` | k monitors agreed and the bytes were written | `gpa`, `len`, `sha256`, `voters` |
 //! | `write_expired` | the window ran out before k agreed | `gpa`, `len`, `sha256`, `voters` |
 //! | `bad_request` | a malformed frame, an unknown op, a replayed request id | `monitor`, `peer`, `reason` |
+//! | `restart` | a monitor restarted the guest | `monitor` |
 //! | `rdma_connected` | a monitor connected its RDMA queue pair | `monitor` |
 //! | `vm_exited` | bdvmm went away; the bridge stops | |
 

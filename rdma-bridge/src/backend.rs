@@ -40,6 +40,8 @@ pub trait Backend: Send + Sync {
     fn regs(&self, vcpu: u8) -> Result<Regs, String>;
     /// Whether the vCPUs run.
     fn status(&self) -> Result<VmStatus, String>;
+    /// Restarts the guest in place.
+    fn restart(&self) -> Result<(), String>;
 }
 
 /// A running bdvmm guest.
@@ -93,6 +95,9 @@ impl VmBackend {
 }
 
 impl Backend for VmBackend {
+    fn restart(&self) -> Result<(), String> {
+        self.api().reset().map_err(|e| e.to_string())
+    }
     fn status(&self) -> Result<VmStatus, String> {
         let st = self.api().status().map_err(|e| e.to_string())?;
         Ok(VmStatus {
@@ -158,6 +163,9 @@ impl DumpBackend {
 }
 
 impl Backend for DumpBackend {
+    fn restart(&self) -> Result<(), String> {
+        Err("a memory dump cannot be restarted".into())
+    }
     fn status(&self) -> Result<VmStatus, String> {
         Ok(VmStatus {
             state: VM_STOPPED,

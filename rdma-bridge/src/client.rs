@@ -304,6 +304,14 @@ impl Bridge {
         }
     }
 
+    /// Restarts the guest in place (the monitor needs `restart = true` in the bridge's config).
+    pub fn restart(&mut self) -> Result<(), ClientError> {
+        match self.call(Request::Restart)? {
+            Reply::Restart => Ok(()),
+            r => Err(unexpected("RESTART", &r)),
+        }
+    }
+
     /// One vCPU's registers.
     pub fn regs(&mut self, vcpu: u8) -> Result<Regs, ClientError> {
         match self.call(Request::Regs { vcpu })? {

@@ -21,6 +21,7 @@
 //!                                  # signed but that is not listed here gets nothing
 //! read = ["sb", "ram"]             # what it may read
 //! write = ["hooks"]                # what it may write
+//! restart = false                  # may it reboot the guest (RESTART, for hung guests)?
 //!
 //! [rdma]                           # optional, feature `verbs`: one-sided RDMA data path
 //! device = "mlx5_0"                # the first device if absent
@@ -152,6 +153,9 @@ pub struct MonitorConfig {
     /// Ranges it may write.
     #[serde(default)]
     pub write: Vec<String>,
+    /// May it restart the guest (RESTART)?
+    #[serde(default)]
+    pub restart: bool,
 }
 
 fn default_listen() -> SocketAddr {

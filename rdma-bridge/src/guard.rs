@@ -27,6 +27,8 @@ pub struct Grant {
     pub read: Vec<(u64, u64)>,
     /// `(gpa, len)` ranges it may write.
     pub write: Vec<(u64, u64)>,
+    /// May restart the guest.
+    pub restart: bool,
 }
 
 fn inside(ranges: &[(u64, u64)], gpa: u64, len: u64) -> bool {
@@ -76,6 +78,7 @@ impl Grants {
             let grant = Grant {
                 read: resolve(&m.read)?,
                 write: resolve(&m.write)?,
+                restart: m.restart,
             };
             let fp = fingerprint(&m.cert)?;
             if by_fingerprint.insert(fp, (m.name.clone(), grant)).is_some() {
@@ -237,6 +240,7 @@ mod tests {
         let g = Grant {
             read: vec![(0x1000, 0x1000)],
             write: vec![(0x2000, 0x40)],
+            restart: false,
         };
         assert!(g.may_read(0x1000, 0x1000));
         assert!(!g.may_read(0x1000, 0x1001));

@@ -403,6 +403,7 @@ impl Session<'_> {
                 },
             },
             Request::RdmaConnect(blob) => self.rdma_connect(&blob),
+            Request::Restart => self.restart(),
         };
         (Frame::reply(id, reply), Next::Continue)
     }
@@ -726,6 +727,28 @@ impl Session<'_> {
             code: code::UNSUPPORTED,
             message: "this bridge was built without the `verbs` feature; use the TCP operations"
                 .into(),
+        }
+    }
+
+    fn restart(&self) -> Reply {
+        if !self.grant.restart {
+            return self.denied("RESTART", 0, 0);
+        }
+        // A restart ends any pause lock: the guest boots afresh.
+        let mut h = self.holder();
+        *h = None;
+        self.sh.lock_freed.notify_all();
+        match self.sh.backend.restart() {
+            Ok(()) => {
+                self.sh
+                    .audit
+                    .log("restart", json!({"monitor": self.monitor}));
+                Reply::Restart
+            }
+            Err(e) => Reply::Error {
+                code: code::INTERNAL,
+                message: format!("restart failed: {e}"),
+            },
         }
     }
 

@@ -33,6 +33,7 @@
 //! | `0x08` | `REGS`       | `vcpu u8` @0                                                                       |
 //! | `0x09` | `RDMA_CONNECT` | the monitor's RDMA endpoint, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes (format in `verbs.rs`) |
 //! | `0x0A` | `STATUS`     | empty                                                                              |
+//! | `0x0B` | `RESTART`    | empty: reboot the guest in place (monitors with `restart = true` only)             |
 //! | `0x81` | `HELLO` ok   | `nonce u64` @0 (the bridge's), `backdoor_gpa u64` @8, `backdoor_size u64` @16: where the Sensor Box range is |
 //! | `0x82` | `FETCH_SB` ok| the Sensor Box bytes (a consistent snapshot)                                       |
 //! | `0x83` | `READ` ok    | the bytes read (exactly the requested `len`; checked by the client, not here)      |
@@ -42,6 +43,7 @@
 //! | `0x87` | `UNLOCK` ok  | empty                                                                              |
 //! | `0x88` | `REGS` ok    | [`Regs`]: 90 bytes, see below                                                      |
 //! | `0x89` | `RDMA_CONNECT` ok | the bridge's endpoint and regions, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes |
+//! | `0x8B` | `RESTART` ok | empty                                                                              |
 //! | `0x8A` | `STATUS` ok  | `state u8` @0 (0 running, 1 paused, 2 stopped), `vcpus u8` @1, `uptime_ms u64` @2, `pauses u64` @10 |
 //! | `0xFF` | `ERROR`      | `code u16` @0 (see [`code`]), then a UTF-8 message (the rest, ≤ [`MAX_ERROR_MESSAGE`] bytes) |
 //!
@@ -265,6 +267,8 @@ pub enum Op {
     RdmaConnect = 0x09,
     /// The VM's run state.
     Status = 0x0A,
+    /// Restart the guest in place.
+    Restart = 0x0B,
     /// Reply to `HELLO`.
     HelloOk = 0x81,
     /// Reply to `FETCH_SB`.
@@ -285,6 +289,8 @@ pub enum Op {
     RdmaConnectOk = 0x89,
     /// Reply to `STATUS`.
     StatusOk = 0x8A,
+    /// Reply to `RESTART`.
+    RestartOk = 0x8B,
     /// Failure reply to any request.
     Error = 0xFF,
 }
@@ -303,6 +309,7 @@ impl Op {
             0x08 => Op::Regs,
             0x09 => Op::RdmaConnect,
             0x0A => Op::Status,
+            0x0B => Op::Restart,
             0x81 => Op::HelloOk,
             0x82 => Op::FetchSbOk,
             0x83 => Op::ReadOk,
@@ -313,6 +320,7 @@ impl Op {
             0x88 => Op::RegsOk,
             0x89 => Op::RdmaConnectOk,
             0x8A => Op::StatusOk,
+            0x8B => Op::RestartOk,
             0xFF => Op::Error,
             _ => return None,
         })
@@ -331,6 +339,7 @@ impl Op {
             Op::Regs => "REGS",
             Op::RdmaConnect => "RDMA_CONNECT",
             Op::Status => "STATUS",
+            Op::Restart => "RESTART",
             Op::HelloOk => "HELLO reply",
             Op::FetchSbOk => "FETCH_SB reply",
             Op::ReadOk => "READ reply",
@@ -341,6 +350,7 @@ impl Op {
             Op::RegsOk => "REGS reply",
             Op::RdmaConnectOk => "RDMA_CONNECT reply",
             Op::StatusOk => "STATUS reply",
+            Op::RestartOk => "RESTART reply",
             Op::Error => "ERROR",
         }
     }
@@ -446,6 +456,8 @@ pub enum Request {
     RdmaConnect(Vec<u8>),
     /// The VM's run state.
     Status,
+    /// Restart the guest in place (a monitor's last resort for a hung guest).
+    Restart,
 }
 
 /// Bridge → monitor.
@@ -481,6 +493,8 @@ pub enum Reply {
     RdmaConnect(Vec<u8>),
     /// The VM's run state.
     Status(VmStatus),
+    /// The guest is rebooting.
+    Restart,
     /// The request failed.
     Error {
         /// One of [`code`] (or a newer code).
@@ -539,6 +553,7 @@ impl Frame {
                 Request::Regs { .. } => Op::Regs,
                 Request::RdmaConnect(_) => Op::RdmaConnect,
                 Request::Status => Op::Status,
+                Request::Restart => Op::Restart,
             },
             Message::Reply(r) => match r {
                 Reply::Hello { .. } => Op::HelloOk,
@@ -551,6 +566,7 @@ impl Frame {
                 Reply::Regs(_) => Op::RegsOk,
                 Reply::RdmaConnect(_) => Op::RdmaConnectOk,
                 Reply::Status(_) => Op::StatusOk,
+                Reply::Restart => Op::RestartOk,
                 Reply::Error { .. } => Op::Error,
             },
         }
@@ -972,7 +988,7 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
                 out.push(monitor_id.len() as u8);
                 out.extend_from_slice(monitor_id.as_bytes());
             }
-            Request::FetchSb | Request::Unlock | Request::Status => {}
+            Request::FetchSb | Request::Unlock | Request::Status | Request::Restart => {}
             Request::RdmaConnect(b) => put_blob(out, b)?,
             Request::Read(r) => {
                 check_read(*r)?;
@@ -1024,7 +1040,7 @@ fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(), WireErro
                     out.extend_from_slice(p);
                 }
             }
-            Reply::Write | Reply::Unlock => {}
+            Reply::Write | Reply::Unlock | Reply::Restart => {}
             Reply::Lock { lock_ns } => out.extend_from_slice(&lock_ns.to_le_bytes()),
             Reply::Regs(regs) => put_regs(out, regs, op)?,
             Reply::RdmaConnect(b) => put_blob(out, b)?,
@@ -1171,6 +1187,8 @@ fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
         Op::Regs => Message::Request(Request::Regs { vcpu: c.u8()? }),
         Op::RdmaConnect => Message::Request(Request::RdmaConnect(get_blob(&mut c, op)?)),
         Op::Status => Message::Request(Request::Status),
+        Op::Restart => Message::Request(Request::Restart),
+        Op::RestartOk => Message::Reply(Reply::Restart),
         Op::HelloOk => Message::Reply(Reply::Hello {
             nonce: c.u64()?,
             backdoor_gpa: c.u64()?,
@@ -1420,6 +1438,7 @@ mod tests {
             Frame::request(10, Request::Unlock),
             Frame::request(11, Request::Regs { vcpu: 3 }),
             Frame::request(12, Request::Status),
+            Frame::request(14, Request::Restart),
             Frame::request(13, Request::RdmaConnect(vec![1, 2, 3])),
             Frame::reply(
                 1,
@@ -1448,6 +1467,7 @@ mod tests {
                 }),
             ),
             Frame::reply(13, Reply::RdmaConnect(vec![9; MAX_RDMA_BLOB])),
+            Frame::reply(14, Reply::Restart),
             Frame::reply(
                 11,
                 Reply::Regs(Regs {
@@ -1675,7 +1695,7 @@ mod tests {
 
     #[test]
     fn error_unknown_op() {
-        for op in [0u8, 0x0b, 0x80, 0x8b, 0xfe] {
+        for op in [0u8, 0x0c, 0x80, 0x8c, 0xfe] {
             assert_eq!(
                 decode(&raw(VERSION, op, 0, &[])),
                 Err(WireError::UnknownOp { op })

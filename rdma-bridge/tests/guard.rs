@@ -220,6 +220,9 @@ fn monitors_read_what_they_were_granted_and_nothing_else() {
     let e = m1.regs(0).unwrap_err();
     assert!(e.to_string().contains("no vCPUs"), "{e}");
     assert_eq!(m1.status().unwrap().state, wire::VM_STOPPED);
+    // Restarting needs `restart = true`.
+    let e = m1.restart().unwrap_err();
+    assert_eq!(e.code(), Some(code::DENIED), "{e}");
     // No [rdma] section (or no `verbs` feature): RDMA_CONNECT is refused, TCP goes on.
     let e = m1.rdma_connect(vec![0; 40]).unwrap_err();
     assert_eq!(e.code(), Some(code::UNSUPPORTED), "{e}");

@@ -28,6 +28,7 @@ const MON: MonitorSpec = MonitorSpec {
     name: "mon1",
     read: &["backdoor", "ram"],
     write: &["hooks"],
+    restart: false,
 };
 
 fn row(what: &str, v: Vec<Duration>) -> Duration {

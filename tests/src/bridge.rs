@@ -17,6 +17,8 @@ pub struct MonitorSpec {
     pub read: &'static [&'static str],
     /// Writable ranges.
     pub write: &'static [&'static str],
+    /// May restart the guest.
+    pub restart: bool,
 }
 
 /// A PKI and a bridge config in a temp dir.
@@ -46,11 +48,12 @@ impl BridgeSetup {
         for m in monitors {
             tls::pki_issue(&pki, m.name).expect("pki issue");
             cfg.push_str(&format!(
-                "[[monitor]]\nname = \"{}\"\ncert = \"pki/{}.pem\"\nread = [{}]\nwrite = [{}]\n",
+                "[[monitor]]\nname = \"{}\"\ncert = \"pki/{}.pem\"\nread = [{}]\nwrite = [{}]\nrestart = {}\n",
                 m.name,
                 m.name,
                 list(m.read),
-                list(m.write)
+                list(m.write),
+                m.restart
             ));
         }
         let config = dir.path().join("bridge.toml");

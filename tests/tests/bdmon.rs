@@ -62,6 +62,7 @@ fn world(kernel: Kernel, params: &str) -> World {
             } else {
                 &["hooks"]
             },
+            restart: true,
         }],
         1,
         1000,
@@ -330,4 +331,92 @@ fn bdmon_heals_a_memory_hog_on_the_stock_kernel() {
         "bd.scenario=memhog bd.children=30 bd.mb=20",
         "Mem_Reclaim_Healer",
     );
+}
+
+#[test]
+fn bdmon_reports_a_hung_guest_but_not_a_paused_one() {
+    let w = world(Kernel::Patched, "bd.scenario=hang bd.after=10");
+    let dir = tempfile::tempdir().unwrap();
+    let mut mon = w.bdmon(
+        dir.path(),
+        &format!(
+            "[hang]\naction = \"command\"\ncommand = [\"touch\", \"{}/hung-{{guest}}\"]",
+            dir.path().display()
+        ),
+    );
+    // Another monitor holds the guest paused for 3 s: its clocks stop, but it is not hung.
+    let mut b = w.bridge.connect(&w.setup.id("mon1"));
+    b.lock(Duration::from_secs(5)).expect("lock");
+    std::thread::sleep(Duration::from_secs(3));
+    b.unlock().expect("unlock");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !events(dir.path()).iter().any(|e| e["event"] == "hang"),
+        "a paused guest was reported hung: {:#?}",
+        events(dir.path())
+    );
+    // Now a real-time spinner takes the vCPU.
+    let mut vm = w.vm;
+    vm.expect("SCENARIO hang: spinning", Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let hang = loop {
+        if let Some(e) = events(dir.path())
+            .into_iter()
+            .find(|e| e["event"] == "hang")
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hang reported: {:#?}\n{}",
+            events(dir.path()),
+            mon.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("hang event: {hang}");
+    assert_eq!(hang["stalled"], "CONTEXT_SWITCHES");
+    assert!(
+        dir.path().join("hung-vm1").exists(),
+        "the hang command did not run"
+    );
+    assert!(mon.terminate(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn bdmon_restarts_a_hung_guest_through_bdvmm() {
+    let w = world(Kernel::Patched, "bd.scenario=hang bd.after=3");
+    let dir = tempfile::tempdir().unwrap();
+    let mut mon = w.bdmon(dir.path(), "[hang]\naction = \"restart\"");
+    let mut vm = w.vm;
+    vm.expect("SCENARIO hang: spinning", Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let hang = loop {
+        if let Some(e) = events(dir.path())
+            .into_iter()
+            .find(|e| e["event"] == "hang")
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no hang reported: {:#?}\n{}",
+            events(dir.path()),
+            mon.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(hang["command_status"], "restarted", "{hang}");
+    // The guest boots again on the same memory, under the same bdvmm.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while vm.stdout().matches("BACKDOORS: ready").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second boot:\n{}",
+            vm.stdout()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.setup.audit_events("restart").len() == 1);
+    assert!(mon.terminate(Duration::from_secs(10)).is_some());
 }

@@ -36,6 +36,7 @@ const READER: MonitorSpec = MonitorSpec {
     name: "mon1",
     read: &["sb", "ram"],
     write: &["hooks"],
+    restart: false,
 };
 
 #[test]
@@ -51,6 +52,7 @@ fn a_monitor_in_another_namespace_reads_the_sensor_box_and_process_table() {
                 name: "sbonly",
                 read: &["sb"],
                 write: &[],
+                restart: false,
             },
         ],
         1,
@@ -149,6 +151,7 @@ fn two_of_three_monitors_must_agree_before_a_kill_is_written() {
             name,
             read: &["sb", "ram"],
             write: &["hooks"],
+            restart: false,
         })
         .collect();
     let setup = BridgeSetup::new(&format!("{}:7070", ns.ns_ip), &mons, 2, 1500);

@@ -115,6 +115,8 @@ enum CtlOp {
     },
     /// Resume (only the lease holder can; mostly useful to see the refusal).
     Resume,
+    /// Restart the guest in place (tcg engine only).
+    Reset,
     /// Registers of a vCPU.
     Regs {
         /// vCPU index.
@@ -326,6 +328,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
             json(r)
         }
         CtlOp::Resume => json(client.resume()),
+        CtlOp::Reset => json(client.reset().map(|()| serde_json::json!({"ok": true}))),
         CtlOp::Regs { vcpu } => json(client.regs(vcpu)),
         CtlOp::Memory => json(client.memory().map(|(_, r)| r)),
         CtlOp::Ps {

@@ -274,6 +274,28 @@ impl Vmm {
                     None,
                 ),
             },
+            Request::Reset => {
+                if self.lease.as_ref().is_some_and(|l| l.holder != conn) {
+                    return (
+                        err("the guest is paused by another client; retry once its lease ends"),
+                        None,
+                    );
+                }
+                if self.lease.is_some() {
+                    self.release(false);
+                }
+                let t0 = Instant::now();
+                match self.engine.reset() {
+                    Ok(()) => {
+                        tracing::warn!("guest reset on request of API client {conn}");
+                        (
+                            serde_json::json!({"ok": true, "reset_ns": t0.elapsed().as_nanos() as u64}),
+                            None,
+                        )
+                    }
+                    Err(e) => (err(format!("reset failed: {e}")), None),
+                }
+            }
             Request::Regs { vcpu } => match self.engine.regs(vcpu) {
                 Ok(regs) => (ok(RegsReply { regs }), None),
                 Err(e) => (err(e), None),

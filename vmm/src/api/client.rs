@@ -116,6 +116,11 @@ impl ApiClient {
         Ok(self.typed::<RegsReply>(&Request::Regs { vcpu })?.regs)
     }
 
+    /// Restarts the guest in place (tcg engine).
+    pub fn reset(&mut self) -> Result<(), ApiError> {
+        self.call(&Request::Reset).map(|_| ())
+    }
+
     /// VM status.
     pub fn status(&mut self) -> Result<StatusReply, ApiError> {
         self.typed(&Request::Status)

@@ -128,6 +128,9 @@ pub enum EngineError {
     /// The VM has already stopped.
     #[error("the guest has stopped")]
     Stopped,
+    /// The engine cannot do this.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A running guest's vCPUs, as the event loop and control API see them.
@@ -142,6 +145,9 @@ pub trait Engine {
     fn resume(&mut self) -> Result<(), EngineError>;
     /// Registers of one vCPU (any state).
     fn regs(&mut self, vcpu: u8) -> Result<VcpuRegs, EngineError>;
+    /// Restarts the guest in place (a hardware reset: it boots again from the same kernel, on
+    /// the same memory), leaving it running.
+    fn reset(&mut self) -> Result<(), EngineError>;
     /// Bytes typed on the host console, for the guest's serial port.
     fn serial_input(&mut self, bytes: &[u8]);
     /// File descriptors the event loop must watch for this engine.

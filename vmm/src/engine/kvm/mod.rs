@@ -232,6 +232,15 @@ impl Engine for KvmEngine {
         }
     }
 
+    fn reset(&mut self) -> Result<(), EngineError> {
+        // A reset would need the boot set-up (kernel load, boot parameters, vCPU registers)
+        // redone on live vCPU threads; like Firecracker, this engine ends the VM on a guest
+        // reset instead. Restart bdvmm to restart the guest.
+        Err(EngineError::Unsupported(
+            "the kvm engine cannot reset a guest in place; restart bdvmm instead",
+        ))
+    }
+
     fn serial_input(&mut self, bytes: &[u8]) {
         let mut serial = self.bus.serial.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = serial.enqueue_raw_bytes(bytes) {

@@ -102,7 +102,13 @@ pub struct TcgEngine {
     vcpus: u8,
     runtime_dir: PathBuf,
     exited: Option<ExitStatus>,
+    /// QMP events read while waiting for something else, for the exit-reason logic.
+    pending_events: Vec<serde_json::Value>,
 }
+
+/// Longest a requested reset waits for the firmware's own reset before guest reboots end the VM
+/// again.
+const RESET_SETTLE: Duration = Duration::from_secs(3);
 
 fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: fcntl on a valid fd owned by the caller.
@@ -232,6 +238,7 @@ impl TcgEngine {
             vcpus: spec.vcpus,
             runtime_dir,
             exited: None,
+            pending_events: Vec::new(),
         };
         engine.qmp.set_timeout(COMMAND_TIMEOUT);
         Ok(engine)
@@ -294,7 +301,8 @@ impl TcgEngine {
         if let Some(mut err) = self.stderr.take() {
             let _ = set_blocking_read_all(&mut err, &mut self.stderr_tail);
         }
-        let events = self.qmp.drain_events();
+        let mut events = std::mem::take(&mut self.pending_events);
+        events.extend(self.qmp.drain_events());
         let shutdown_reason = events
             .iter()
             .filter(|e| e["event"] == "SHUTDOWN")
@@ -404,6 +412,43 @@ impl Engine for TcgEngine {
             ))
             .into()
         })
+    }
+
+    fn reset(&mut self) -> Result<(), EngineError> {
+        if !self.qemu_alive() {
+            return Err(EngineError::Stopped);
+        }
+        // `-no-reboot` turns every reset into an exit; allow this one. The firmware resets the
+        // machine once more while it boots (a guest-initiated reset, within tens of ms): keep
+        // resets allowed until that one has happened (or RESET_SETTLE has passed), then make a
+        // guest reboot end the VM again.
+        self.qmp
+            .execute("set-action", Some(serde_json::json!({"reboot": "reset"})))?;
+        let reset = self.qmp.execute("system_reset", None);
+        if reset.is_ok() {
+            let _ = self.qmp.execute("cont", None);
+            let until = Instant::now() + RESET_SETTLE;
+            while Instant::now() < until && self.qemu_alive() {
+                let events = self.qmp.drain_events();
+                let firmware_reset = events
+                    .iter()
+                    .any(|e| e["event"] == "RESET" && e["data"]["guest"] == true);
+                self.pending_events.extend(events);
+                if firmware_reset {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.qmp.set_timeout(COMMAND_TIMEOUT);
+        }
+        let restore = self.qmp.execute(
+            "set-action",
+            Some(serde_json::json!({"reboot": "shutdown"})),
+        );
+        reset?;
+        restore?;
+        self.qmp.execute("cont", None)?;
+        Ok(())
     }
 
     fn serial_input(&mut self, bytes: &[u8]) {
