@@ -18,6 +18,7 @@
 //! [hang]                           # progress sensors stalled while the vCPUs run
 //! action = "report"                # report | command | restart (through the bridge and bdvmm)
 //! command = ["/usr/local/bin/restart-vm", "{guest}"]   # for action = "command"
+//! min_stall_ms = 3000              # and stalled at least this long (besides the sensor's T)
 //!
 //! [[guest]]
 //! name = "vm1"
@@ -174,7 +175,7 @@ pub enum MemPolicy {
 }
 
 /// `[hang]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HangConfig {
     /// What to do.
@@ -183,6 +184,24 @@ pub struct HangConfig {
     /// The command for `action = "command"`; `{guest}` is replaced by the guest's name.
     #[serde(default)]
     pub command: Vec<String>,
+    /// A progress sensor must also have stalled this long (ms) to count as a hang: a guest
+    /// starved of host CPU, or a quiet one between two context switches, is not hung.
+    #[serde(default = "default_min_stall_ms")]
+    pub min_stall_ms: u64,
+}
+
+impl Default for HangConfig {
+    fn default() -> Self {
+        HangConfig {
+            action: HangAction::default(),
+            command: Vec::new(),
+            min_stall_ms: default_min_stall_ms(),
+        }
+    }
+}
+
+fn default_min_stall_ms() -> u64 {
+    3000
 }
 
 /// Hang action.

@@ -275,8 +275,11 @@ impl<'a> GuestLoop<'a> {
                     }
                 }
             }
-            // Our own lock stopped the guest's clocks: do not mistake that for a hang.
-            self.checker.reset_progress(Instant::now());
+            // A repair holds the lock and stops the guest's clocks: do not mistake that for a
+            // hang. (Hang reports take no lock, so a stall keeps counting.)
+            if !matches!(v.breach, Breach::Stalled { .. }) {
+                self.checker.reset_progress(Instant::now());
+            }
         }
     }
 }

@@ -256,13 +256,13 @@ impl Guest {
         ))
     }
 
-    /// Kills every process of `uid` (never 0): one KILL_UID mailbox request on a patched guest,
-    /// a SIGKILL written into each process on a stock one. The caller holds the lock and passes
-    /// the table it diagnosed from.
+    /// Kills every process of `uid` (never 0): one KILL_UID mailbox request on a patched guest
+    /// (the kernel skips init and kernel threads), a SIGKILL written into each process on a stock
+    /// one, which needs the process `table`. The caller holds the lock.
     pub fn kill_uid(
         &mut self,
         uid: u32,
-        table: &[Process],
+        table: Option<&[Process]>,
         spared: &[u32],
         sb: Option<&SensorBox>,
     ) -> Result<Killed, String> {
@@ -270,9 +270,13 @@ impl Guest {
             return Err(format!("refusing to kill uid {uid}"));
         }
         let victims: Vec<&Process> = table
+            .unwrap_or_default()
             .iter()
             .filter(|p| p.task.uid == uid && crate::policy::killable(p, spared))
             .collect();
+        if table.is_none() && (self.stock() || sb.is_none()) {
+            return Err("killing a user without the mailbox needs the process table".into());
+        }
         let r = match (sb.filter(|_| !self.stock()), &self.mem) {
             (Some(sb), Some(mem)) => Mailbox::open(mem, sb)
                 .and_then(|mb| mb.post(mem, KillTarget::Uid(uid), u64::from(uid)))

@@ -72,6 +72,9 @@ impl HealingModule for HangDetector {
         let Breach::Stalled { for_ms } = v.breach else {
             return HealOutcome::Reported;
         };
+        if for_ms < self.cfg.min_stall_ms {
+            return HealOutcome::NoCulprit(format!("stalled only {for_ms} ms so far"));
+        }
         if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
             return HealOutcome::Reported;
         }

@@ -23,6 +23,18 @@ pub enum Victims {
 
 /// How a healer diagnoses and when it is done.
 pub trait Diagnosis {
+    /// A diagnosis that needs no process table (patched guests only), tried first under the lock:
+    /// e.g. the kernel's own per-user fork counters name the culprit and KILL_UID kills all of
+    /// the user's processes, so the walk — most of the time the guest is held paused — is
+    /// skipped. `Ok(None)`: walk and call [`Diagnosis::diagnose`].
+    fn quick(
+        &mut self,
+        _ctx: &mut HealContext<'_>,
+        _sb: &SensorBox,
+    ) -> Result<Option<(Culprit, u32)>, String> {
+        Ok(None)
+    }
+
     /// Picks the culprit from a table read under the lock (and the fresh sample). `Ok(None)`:
     /// nobody is clearly to blame.
     fn diagnose(
@@ -56,15 +68,27 @@ pub fn heal(
             Err(e) => return not_healed(ctx, hm, v, round, format!("lock: {e}")),
         };
         let locked_at = info.at.unwrap_or_else(Instant::now);
-        let table = ctx.guest.processes();
-        let diag = table.and_then(|t| d.diagnose(ctx, &t, &sb).map(|c| (t, c)));
+        // A dry run walks, to show exactly which processes would die.
+        let quick = if ctx.guest.stock() || ctx.cfg.dry_run {
+            Ok(None)
+        } else {
+            d.quick(ctx, &sb)
+        };
+        let diag = match quick {
+            Ok(Some((c, uid))) => Ok((None, Some((c, Victims::Uid(uid))))),
+            Ok(None) => ctx
+                .guest
+                .processes()
+                .and_then(|t| d.diagnose(ctx, &t, &sb).map(|c| (Some(t), c))),
+            Err(e) => Err(e),
+        };
         let (table, culprit) = match diag {
             Ok((t, Some(c))) => (t, c),
             Ok((t, None)) => {
                 let _ = ctx.guest.unlock();
                 let reason = format!(
                     "no clear culprit among {} processes (round {round})",
-                    t.len()
+                    t.map(|t| t.len()).unwrap_or(0)
                 );
                 ctx.emit(
                     "no_culprit",
@@ -83,7 +107,10 @@ pub fn heal(
             }
         };
         let (c, victims) = culprit;
+        let nprocs_before = sb.value(introspect::sensorbox::ids::NPROCS);
         let pids: Vec<u32> = table
+            .as_deref()
+            .unwrap_or_default()
             .iter()
             .filter(|p| match &victims {
                 Victims::Uid(u) => p.task.uid == *u,
@@ -95,7 +122,8 @@ pub fn heal(
         ctx.emit(
             "diagnosis",
             json!({"hm": hm, "round": round, "policy": c.policy, "uid": c.uid, "score": c.score,
-                   "runner_up": c.runner_up, "processes": table.len(), "victims": pids.len(),
+                   "runner_up": c.runner_up, "processes": table.as_ref().map(|t| t.len()),
+                   "victims": table.as_ref().map(|_| pids.len()),
                    "lock_attempts": info.attempts, "lock_forced": info.forced}),
         );
         if ctx.cfg.dry_run {
@@ -107,8 +135,11 @@ pub fn heal(
             return HealOutcome::DryRun;
         }
         let killed = match &victims {
-            Victims::Uid(u) => ctx.guest.kill_uid(*u, &table, &spared, Some(&sb)),
-            Victims::Pids(p) => ctx.guest.kill_pids(p, &table, &spared, Some(&sb)),
+            Victims::Uid(u) => ctx.guest.kill_uid(*u, table.as_deref(), &spared, Some(&sb)),
+            Victims::Pids(p) => match &table {
+                Some(t) => ctx.guest.kill_pids(p, t, &spared, Some(&sb)),
+                None => Err("a kill by pid needs the process table".into()),
+            },
         };
         let unlocked = ctx.guest.unlock();
         let held = locked_at.elapsed();
@@ -135,6 +166,13 @@ pub fn heal(
             match ctx.guest.sample() {
                 Ok(s) => {
                     if d.recovered(ctx.checker, v, &s) {
+                        if table.is_none() {
+                            // No walk: count the kill from the guest's own process count.
+                            let after = s.value(introspect::sensorbox::ids::NPROCS);
+                            if let (Some(b), Some(a)) = (nprocs_before, after) {
+                                killed_total += b.saturating_sub(a) as usize;
+                            }
+                        }
                         let recovered = v.sampled_at.elapsed();
                         ctx.emit(
                             "healed",

@@ -35,9 +35,39 @@ impl ProcRepairHealer {
 
     /// The sensors it watches.
     pub const SENSORS: [u32; 2] = [ids::NPROCS, ids::MAXPROC_RATE_PERUID];
+
+    fn rate_threshold(&self, ctx: &HealContext<'_>, sb: &SensorBox) -> u64 {
+        self.cfg
+            .rate_threshold
+            .or_else(|| {
+                sb.sensor(ids::MAXPROC_RATE_PERUID)
+                    .map(|s| ctx.checker.threshold(s))
+            })
+            .unwrap_or(DEFAULT_RATE)
+    }
 }
 
 impl Diagnosis for ProcRepairHealer {
+    fn quick(
+        &mut self,
+        ctx: &mut HealContext<'_>,
+        sb: &SensorBox,
+    ) -> Result<Option<(Culprit, u32)>, String> {
+        if self.cfg.policies.first() != Some(&ProcPolicy::RATE_TOO_HIGH) {
+            return Ok(None);
+        }
+        let Some(rates) = ctx.guest.fork_rates(sb)? else {
+            return Ok(None);
+        };
+        let threshold = self.rate_threshold(ctx, sb);
+        Ok(
+            policy::rate_too_high(&rates, threshold, &ctx.spared()).map(|c| {
+                let uid = c.uid;
+                (c, uid)
+            }),
+        )
+    }
+
     fn diagnose(
         &mut self,
         ctx: &mut HealContext<'_>,
@@ -50,14 +80,7 @@ impl Diagnosis for ProcRepairHealer {
                 ProcPolicy::TOO_MANY_PROCS => policy::too_many_procs(table, &spared),
                 ProcPolicy::TREE_TOO_DEEP => policy::tree_too_deep(table, &spared),
                 ProcPolicy::RATE_TOO_HIGH => {
-                    let threshold = self
-                        .cfg
-                        .rate_threshold
-                        .or_else(|| {
-                            sb.sensor(ids::MAXPROC_RATE_PERUID)
-                                .map(|s| ctx.checker.threshold(s))
-                        })
-                        .unwrap_or(DEFAULT_RATE);
+                    let threshold = self.rate_threshold(ctx, sb);
                     let rates = match ctx.guest.fork_rates(sb)? {
                         Some(r) => r,
                         None => policy::recent_starts(table, 1_000_000_000),

@@ -326,14 +326,17 @@ fn unexpected(op: &str, r: &Reply) -> ClientError {
 }
 
 const PAGE: u64 = 4096;
+/// Pages [`BridgeMem`] fetches per miss while paused (an aligned 32 KiB block).
+pub const READ_AHEAD: u64 = 8;
 /// Most pages [`BridgeMem`] keeps (64 MiB); the cache is emptied when full.
 pub const MAX_CACHED_PAGES: usize = 16 << 10;
 
 /// Guest memory through a bridge, as an [`introspect`] memory source.
 ///
-/// Reads fetch whole 4 KiB pages (one READ per contiguous run) and keep them while the guest is
-/// paused through [`BridgeMem::pauser`], so a task-list walk costs one round trip per new page
-/// rather than one per field. Outside a pause nothing is cached: the guest changes its memory.
+/// While the guest is paused ([`BridgeMem::lock`] or [`BridgeMem::pauser`]), reads fetch aligned
+/// 32 KiB blocks ([`READ_AHEAD`] pages, one READ) and keep them, so a task-list walk costs one
+/// round trip per new block rather than one per field. Outside a pause nothing is cached: the
+/// guest changes its memory.
 pub struct BridgeMem {
     bridge: RefCell<Bridge>,
     cache: RefCell<HashMap<u64, Box<[u8]>>>,
@@ -461,14 +464,25 @@ impl PhysMem for BridgeMem {
             (first..=last).filter(|p| !c.contains_key(p)).count() as u64
         };
         if missing > 0 {
-            // One READ for the whole run: cheaper than one per missing page.
-            let bytes = self.fetch(first, last - first + 1)?;
+            // One READ for the whole run, widened to the aligned READ_AHEAD block around it:
+            // kernel objects of one kind sit together (a slab of task_structs spans several
+            // pages), so a walk's next object is usually in the block already fetched. Where the
+            // wider block is not all readable (the end of RAM, an ungranted range), read just
+            // the run.
+            let (ra_first, ra_last) = (
+                first / READ_AHEAD * READ_AHEAD,
+                (last / READ_AHEAD + 1) * READ_AHEAD - 1,
+            );
+            let (start, bytes) = match self.fetch(ra_first, ra_last - ra_first + 1) {
+                Ok(b) => (ra_first, b),
+                Err(_) => (first, self.fetch(first, last - first + 1)?),
+            };
             let mut c = self.cache.borrow_mut();
             if c.len() + bytes.len() / PAGE as usize > MAX_CACHED_PAGES {
                 c.clear();
             }
             for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
-                c.entry(first + i as u64)
+                c.entry(start + i as u64)
                     .or_insert_with(|| chunk.to_vec().into_boxed_slice());
             }
         }

@@ -115,6 +115,20 @@ impl BridgeProc {
         BridgeProc { proc, addr }
     }
 
+    /// Starts `rdma-bridge serve --dump` for a memory image whose backdoor range is `backdoor`.
+    pub fn start_dump(config: &Path, dump: &Path, backdoor: (u64, u64)) -> BridgeProc {
+        let mut cmd = std::process::Command::new(bridge_bin());
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .arg("--dump")
+            .arg(dump)
+            .arg("--backdoor")
+            .arg(format!("{:#x}+{:#x}", backdoor.0, backdoor.1));
+        let mut proc = Spawned::start(cmd, "rdma-bridge --dump");
+        let addr = proc.wait_line("rdma-bridge: listening on ", Duration::from_secs(30));
+        BridgeProc { proc, addr }
+    }
+
     /// Connects as `id`.
     pub fn connect(&self, id: &Identity) -> Bridge {
         Bridge::connect(self.addr.as_str(), id)

@@ -304,8 +304,12 @@ fn dry_run_kills_nothing_and_says_what_it_would() {
     let dir = tempfile::tempdir().unwrap();
     let mon = w.bdmon(dir.path(), "dry_run = true");
     w.vm.expect("SCENARIO forkbomb: fault starts", Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(5));
-    let ev = events(dir.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut ev = events(dir.path());
+    while !ev.iter().any(|e| e["event"] == "repair") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        ev = events(dir.path());
+    }
     let dry: Vec<&Value> = ev
         .iter()
         .filter(|e| e["event"] == "repair" && e["dry_run"] == true)
