@@ -19,7 +19,7 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 release:
-	$(CARGO) build --release -p bdvmm -p rdma-bridge
+	$(CARGO) build --release -p bdvmm -p rdma-bridge -p bdmon
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -37,6 +37,7 @@ bench: images release
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench vmm
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench introspect
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench bridge
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench bdmon
 	NOSB=$$(images/kernel/build.sh --variant nosb | tail -n 1) && \
 	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
 	$(CARGO) bench -p backdoors-tests --bench sb_cost

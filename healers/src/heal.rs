@@ -155,7 +155,9 @@ pub fn heal(
         );
         ctx.emit(
             "repair",
-            json!({"hm": hm, "round": round, "uid": c.uid, "killed": killed.processes,
+            json!({"hm": hm, "round": round, "uid": c.uid,
+                   // Unknown until the re-check when no table was walked (see `healed`).
+                   "killed": table.as_ref().map(|_| killed.processes),
                    "requests": killed.requests, "how": killed.how, "pids": pids,
                    "lock_ns": info.lock_ns, "lock_held_us": held.as_micros() as u64,
                    "dry_run": false}),

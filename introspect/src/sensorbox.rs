@@ -348,6 +348,7 @@ pub fn encode(sensors: &[Sensor], hz: u32, seq: u64) -> Vec<u8> {
     put32(&mut b, 0x20, sensors.len() as u32);
     put32(&mut b, 0x24, hz);
     put64(&mut b, 0x30, seq);
+    put64(&mut b, 0x58, 1); // published once
     put32(&mut b, 0x50, hooks as u32);
     put32(&mut b, 0x54, hooks_size as u32);
     put32(&mut b, hooks, 64);
