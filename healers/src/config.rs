@@ -251,6 +251,19 @@ pub struct GuestConfig {
 }
 
 impl GuestConfig {
+    /// `[guest.thresholds]` by sensor id.
+    pub fn threshold_overrides(&self) -> std::collections::HashMap<u32, u64> {
+        self.thresholds
+            .iter()
+            .filter_map(|(n, t)| {
+                SENSOR_NAMES
+                    .iter()
+                    .find(|(s, _)| s == n)
+                    .map(|(_, id)| (*id, *t))
+            })
+            .collect()
+    }
+
     /// The bridge identity.
     pub fn identity(&self) -> rdma_bridge::tls::Identity {
         let mut id = rdma_bridge::tls::Identity::from_pki_dir(&self.pki, &self.monitor);

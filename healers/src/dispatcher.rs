@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::config::{Config, GuestConfig, SENSOR_NAMES};
+use crate::config::{Config, GuestConfig};
 use crate::contract::{Breach, Checker};
 use crate::events::Events;
 use crate::guest::Guest;
@@ -113,16 +113,7 @@ impl<'a> GuestLoop<'a> {
         events: &'a Events,
         metrics: &'a Metrics,
     ) -> Self {
-        let overrides = g
-            .thresholds
-            .iter()
-            .filter_map(|(n, t)| {
-                SENSOR_NAMES
-                    .iter()
-                    .find(|(s, _)| s == n)
-                    .map(|(_, id)| (*id, *t))
-            })
-            .collect();
+        let overrides = g.threshold_overrides();
         GuestLoop {
             period: Duration::from_millis(g.sample_ms.unwrap_or(cfg.sample_ms).max(1)),
             cfg,

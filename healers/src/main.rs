@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdmon::config::{Config, SENSOR_NAMES};
+use bdmon::config::Config;
 use bdmon::contract::Checker;
 use bdmon::events::Events;
 use bdmon::guest::Guest;
@@ -149,16 +149,7 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
     let mut failed = false;
     for g in &cfg.guests {
         let mut guest = Guest::new(g.clone());
-        let overrides = g
-            .thresholds
-            .iter()
-            .filter_map(|(n, t)| {
-                SENSOR_NAMES
-                    .iter()
-                    .find(|(s, _)| s == n)
-                    .map(|(_, id)| (*id, *t))
-            })
-            .collect();
+        let overrides = g.threshold_overrides();
         let checker = Checker::new(overrides);
         let sb = guest.sample();
         let st = guest.status();

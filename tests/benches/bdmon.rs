@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backdoors_tests::bench::{arg, stats};
+use backdoors_tests::bench::{arg, sensor_box_image, stats};
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::Images;
@@ -30,7 +30,7 @@ use bdmon::events::Events;
 use bdmon::hm::{HealContext, HealOutcome, HealingModule, Registry};
 use bdmon::metrics::Metrics;
 use bdmon::proc_repair::ProcRepairHealer;
-use introspect::sensorbox::{self, ids, Sensor, SensorClass};
+use introspect::sensorbox::{self, ids};
 
 const MON: MonitorSpec = MonitorSpec {
     name: "mon1",
@@ -216,23 +216,9 @@ fn cpu_seconds() -> f64 {
 
 fn cpu_use() {
     let dir = tempfile::tempdir().unwrap();
-    let sensors: Vec<Sensor> = (0..100)
-        .map(|i| Sensor {
-            id: 200 + i,
-            class: SensorClass::Level,
-            flags: 1,
-            threshold: 1000,
-            value: u64::from(i),
-            updated: 0,
-            name: format!("SENSOR_{i}"),
-        })
-        .collect();
-    let sb = sensorbox::encode(&sensors, 250, 2);
     let backdoor = 0x100_0000u64;
-    let mut ram = vec![0u8; 32 << 20];
-    ram[backdoor as usize..backdoor as usize + sb.len()].copy_from_slice(&sb);
     let dump = dir.path().join("mem");
-    std::fs::write(&dump, &ram).unwrap();
+    sensor_box_image(&dump, 32, backdoor, 100, 200, |_| {});
     let setup = BridgeSetup::new("127.0.0.1:0", &[MON], 1, 1000);
     let bridge = BridgeProc::start_dump(&setup.config, &dump, (backdoor, 1 << 20));
     println!(

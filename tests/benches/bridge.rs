@@ -12,12 +12,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backdoors_tests::bench::{arg, stats};
+use backdoors_tests::bench::{arg, sensor_box_image, stats};
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::Images;
 use introspect::mem::{MappedMem, PhysMem};
-use introspect::sensorbox::{self, Sensor, SensorClass};
+
 use rdma_bridge::backend::DumpBackend;
 use rdma_bridge::client::Bridge;
 use rdma_bridge::config::BridgeConfig;
@@ -53,25 +53,12 @@ fn time(rounds: usize, mut f: impl FnMut()) -> Vec<Duration> {
 
 fn image_part(rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let sensors: Vec<Sensor> = (0..100)
-        .map(|i| Sensor {
-            id: 1 + i,
-            class: SensorClass::Level,
-            flags: 1,
-            threshold: 1000,
-            value: u64::from(i),
-            updated: 0,
-            name: format!("SENSOR_{i}"),
-        })
-        .collect();
-    let sb = sensorbox::encode(&sensors, 250, 2);
-    let mut ram = vec![0u8; 64 << 20];
-    ram[BACKDOOR as usize..BACKDOOR as usize + sb.len()].copy_from_slice(&sb);
-    for (i, b) in ram.iter_mut().enumerate().skip(32 << 20) {
-        *b = i as u8;
-    }
     let dump = dir.path().join("mem");
-    std::fs::write(&dump, &ram).unwrap();
+    sensor_box_image(&dump, 64, BACKDOOR, 100, 1, |ram| {
+        for (i, b) in ram.iter_mut().enumerate().skip(32 << 20) {
+            *b = i as u8;
+        }
+    });
     let setup = BridgeSetup::new("127.0.0.1:0", &[MON], 1, 1000);
     let cfg = BridgeConfig::load(&setup.config).unwrap();
     let server = Server::bind(

@@ -17,3 +17,33 @@ pub fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
     let p = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
     (p(0.5), p(0.99))
 }
+
+/// A memory image of `mib` MiB with a Sensor Box of `n` level sensors (ids from `first_id`) at
+/// `backdoor`, written to `path`: what a bridge serves with `--dump` when a benchmark needs more
+/// sensors than our guest kernel registers.
+pub fn sensor_box_image(
+    path: &std::path::Path,
+    mib: usize,
+    backdoor: u64,
+    n: u32,
+    first_id: u32,
+    fill: impl Fn(&mut [u8]),
+) {
+    use introspect::sensorbox::{self, Sensor, SensorClass};
+    let sensors: Vec<Sensor> = (0..n)
+        .map(|i| Sensor {
+            id: first_id + i,
+            class: SensorClass::Level,
+            flags: 1,
+            threshold: 1000,
+            value: u64::from(i),
+            updated: 0,
+            name: format!("SENSOR_{i}"),
+        })
+        .collect();
+    let sb = sensorbox::encode(&sensors, 250, 2);
+    let mut ram = vec![0u8; mib << 20];
+    fill(&mut ram);
+    ram[backdoor as usize..backdoor as usize + sb.len()].copy_from_slice(&sb);
+    std::fs::write(path, &ram).expect("write the memory image");
+}

@@ -154,6 +154,23 @@ fn events(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Waits for the first event named `event`.
+fn wait_event(dir: &Path, event: &str, timeout: Duration, mon: &Spawned) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(e) = events(dir).into_iter().find(|e| e["event"] == event) {
+            return e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {event} event: {:#?}\n{}",
+            events(dir),
+            mon.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `wall_us` of each `USEFUL iter=` line, in order.
 fn iterations(console: &str) -> Vec<u64> {
     console
@@ -362,22 +379,7 @@ fn bdmon_reports_a_hung_guest_but_not_a_paused_one() {
     // Now a real-time spinner takes the vCPU.
     let mut vm = w.vm;
     vm.expect("SCENARIO hang: spinning", Duration::from_secs(60));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let hang = loop {
-        if let Some(e) = events(dir.path())
-            .into_iter()
-            .find(|e| e["event"] == "hang")
-        {
-            break e;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no hang reported: {:#?}\n{}",
-            events(dir.path()),
-            mon.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let hang = wait_event(dir.path(), "hang", Duration::from_secs(20), &mon);
     eprintln!("hang event: {hang}");
     assert_eq!(hang["stalled"], "CONTEXT_SWITCHES");
     assert!(
@@ -394,22 +396,7 @@ fn bdmon_restarts_a_hung_guest_through_bdvmm() {
     let mut mon = w.bdmon(dir.path(), "[hang]\naction = \"restart\"");
     let mut vm = w.vm;
     vm.expect("SCENARIO hang: spinning", Duration::from_secs(60));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let hang = loop {
-        if let Some(e) = events(dir.path())
-            .into_iter()
-            .find(|e| e["event"] == "hang")
-        {
-            break e;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no hang reported: {:#?}\n{}",
-            events(dir.path()),
-            mon.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let hang = wait_event(dir.path(), "hang", Duration::from_secs(30), &mon);
     assert_eq!(hang["command_status"], "restarted", "{hang}");
     // The guest boots again on the same memory, under the same bdvmm.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
