@@ -1,0 +1,92 @@
+//! One monitor, many guests: a guest whose bridge never answers does not delay the sampling of a
+//! healthy one. The healthy guest is a memory image served by a real bridge (TLS on loopback); the
+//! dead one is a TCP port that accepts connections and then says nothing.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdmon::config::Config;
+use bdmon::events::Events;
+use bdmon::metrics::Metrics;
+use introspect::sensorbox::{self, Sensor, SensorClass};
+use rdma_bridge::backend::DumpBackend;
+use rdma_bridge::config::BridgeConfig;
+use rdma_bridge::server::Server;
+use rdma_bridge::tls;
+
+fn samples(metrics: &Metrics, guest: &str) -> f64 {
+    let key = format!("bdmon_samples_total{{guest=\"{guest}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_dead_guest_never_delays_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
+    tls::pki_issue(&pki, "mon1").unwrap();
+    let sensors = vec![Sensor {
+        id: 3,
+        class: SensorClass::Level,
+        flags: 1,
+        threshold: 1000,
+        value: 10,
+        updated: 0,
+        name: "NPROCS".into(),
+    }];
+    let mut ram = vec![0u8; 4 << 20];
+    let sb = sensorbox::encode(&sensors, 250, 2);
+    ram[0x10_0000..0x10_0000 + sb.len()].copy_from_slice(&sb);
+    std::fs::write(dir.path().join("mem"), &ram).unwrap();
+    std::fs::write(
+        dir.path().join("bridge.toml"),
+        "listen = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n[tls]\nca = \"pki/ca.pem\"\n\
+         cert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n[[monitor]]\nname = \"mon1\"\n\
+         cert = \"pki/mon1.pem\"\nread = [\"sb\"]\n",
+    )
+    .unwrap();
+    let bcfg = BridgeConfig::load(&dir.path().join("bridge.toml")).unwrap();
+    let backend = DumpBackend::open(&dir.path().join("mem"), (0x10_0000, 1 << 20)).unwrap();
+    let server = Server::bind(&bcfg, Arc::new(backend)).unwrap();
+    let live = server.local_addr().unwrap();
+    std::thread::spawn(move || server.run());
+    // Accepts, then never speaks: a TLS handshake with it hangs until the client's timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+
+    let text = format!(
+        "sample_ms = 10\n\
+         [[guest]]\nname = \"dead\"\nbridge = \"{dead}\"\npki = \"{p}\"\nmonitor = \"mon1\"\n\
+         [[guest]]\nname = \"live\"\nbridge = \"{live}\"\npki = \"{p}\"\nmonitor = \"mon1\"\n",
+        p = pki.display()
+    );
+    let cfg = Arc::new(Config::parse(&text, &dir.path().join("bdmon.toml")).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let events = Arc::new(Events::to_writer(Box::new(std::io::sink())));
+    let h = bdmon::dispatcher::start(
+        cfg,
+        Arc::new(bdmon::default_registry),
+        events,
+        metrics.clone(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let (l, d) = (samples(&metrics, "live"), samples(&metrics, "dead"));
+    // 3 s at 10 ms is 300 periods; allow for a loaded machine.
+    assert!(l >= 150.0, "the live guest was sampled only {l} times");
+    assert_eq!(d, 0.0, "the dead guest answered?");
+    // On demand: a wake-up samples at once, between periods.
+    assert!(h.sample_now("live"));
+    h.stop();
+}
