@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Watch and heal until SIGINT/SIGTERM (or --for).
+    /// Watch and heal until SIGINT/SIGTERM (or --for); SIGUSR1 samples every guest at once.
     Run {
         /// Config file (TOML; see the bdmon README).
         #[arg(long)]
@@ -65,9 +65,14 @@ enum Cmd {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static SAMPLE_NOW: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGUSR1 {
+        SAMPLE_NOW.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
 }
 
 fn main() -> ExitCode {
@@ -120,6 +125,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             unsafe {
                 libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGUSR1, on_signal as *const () as libc::sighandler_t);
             }
             let cfg = Arc::new(cfg);
             let handle = bdmon::dispatcher::start(
@@ -136,7 +142,12 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             );
             let until = for_secs.map(|s| Instant::now() + Duration::from_secs(s));
             while !STOP.load(Ordering::SeqCst) && until.is_none_or(|u| Instant::now() < u) {
-                std::thread::sleep(Duration::from_millis(50));
+                if SAMPLE_NOW.swap(false, Ordering::SeqCst) {
+                    for g in &cfg.guests {
+                        handle.sample_now(&g.name);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
             handle.stop();
             Ok(())
