@@ -74,6 +74,9 @@ pub enum SbError {
     /// Every copy was torn by concurrent updates.
     #[error("Sensor Box kept changing during {0} read attempts; pause the guest to read it")]
     Torn(u32),
+    /// The layout the header declares spans this many bytes, more than the caller may read.
+    #[error("the Sensor Box spans {0:#x} bytes, more than may be read")]
+    NotAllowed(u64),
 }
 
 /// The three sensor classes of the Backdoors papers.
@@ -480,11 +483,27 @@ fn fork_users(d: &[u8]) -> Result<Option<(u64, u32, u32)>, SbError> {
 /// Reads a consistent copy of the Sensor Box at `gpa` (a region of `size` bytes): copies it until
 /// the sequence counter is even and unchanged across the copy, at most `attempts` times.
 pub fn read(mem: &dyn PhysMem, gpa: u64, size: u64, attempts: u32) -> Result<SensorBox, SbError> {
+    copy(mem, gpa, size, attempts, |_| true).and_then(|c| parse(&c, gpa))
+}
+
+/// The raw bytes of a consistent copy (see [`read`]): what a bridge serves. `allowed(len)` is asked,
+/// before each copy, whether `[gpa, gpa + len)` may be read — the length comes from the guest's
+/// header, so it cannot be checked earlier.
+pub fn copy(
+    mem: &dyn PhysMem,
+    gpa: u64,
+    size: u64,
+    attempts: u32,
+    allowed: impl Fn(u64) -> bool,
+) -> Result<Vec<u8>, SbError> {
     let size = size.min(MAX_REGION);
     let mut header = [0u8; HEADER_SIZE];
     for _ in 0..attempts.max(1) {
         mem.read(gpa, &mut header)?;
         let ext = extent(&header, size)?;
+        if !allowed(ext) {
+            return Err(SbError::NotAllowed(ext));
+        }
         let seq = u64_at(&header, 0x30);
         if seq % 2 == 1 {
             std::hint::spin_loop();
@@ -493,7 +512,7 @@ pub fn read(mem: &dyn PhysMem, gpa: u64, size: u64, attempts: u32) -> Result<Sen
         let mut copy = vec![0u8; ext as usize];
         mem.read(gpa, &mut copy)?;
         if mem.read_u64(gpa + 0x30)? == seq && u64_at(&copy, 0x30) == seq {
-            return parse(&copy, gpa);
+            return Ok(copy);
         }
     }
     Err(SbError::Torn(attempts))

@@ -471,14 +471,16 @@ impl Session<'_> {
         if !self.grant.may_read(gpa, header) {
             return self.denied("FETCH_SB", gpa, header);
         }
-        match copy_sensor_box(self.mem(), gpa, bd_len - SB_OFFSET, |len| {
+        match introspect::sensorbox::copy(self.mem(), gpa, bd_len - SB_OFFSET, SB_ATTEMPTS, |len| {
             self.grant.may_read(gpa, len)
         }) {
             Ok(bytes) => Reply::SensorBox(bytes),
-            Err(SbCopyError::Denied(len)) => self.denied("FETCH_SB", gpa, len),
-            Err(SbCopyError::Other(message)) => Reply::Error {
+            Err(introspect::sensorbox::SbError::NotAllowed(len)) => {
+                self.denied("FETCH_SB", gpa, len)
+            }
+            Err(e) => Reply::Error {
                 code: code::INTERNAL,
-                message,
+                message: e.to_string(),
             },
         }
     }
@@ -764,48 +766,4 @@ impl Session<'_> {
             },
         }
     }
-}
-
-/// Why a Sensor Box copy failed.
-#[derive(Debug)]
-pub enum SbCopyError {
-    /// The layout the guest declares spans `len` bytes, more than the caller may read.
-    Denied(u64),
-    /// A bad layout, a read error, or a sequence counter that never settled.
-    Other(String),
-}
-
-/// Copies the Sensor Box at `gpa` (in a range of `region` bytes) until its sequence counter is
-/// even and unchanged across the copy. `allowed(len)` says whether `[gpa, gpa + len)` may be read;
-/// the length comes from the guest's header, so it is checked before each copy.
-pub fn copy_sensor_box(
-    mem: &dyn PhysMem,
-    gpa: u64,
-    region: u64,
-    allowed: impl Fn(u64) -> bool,
-) -> Result<Vec<u8>, SbCopyError> {
-    use introspect::sensorbox::{extent, HEADER_SIZE};
-    let other = |e: &dyn std::fmt::Display| SbCopyError::Other(e.to_string());
-    let mut header = [0u8; HEADER_SIZE];
-    for _ in 0..SB_ATTEMPTS {
-        mem.read(gpa, &mut header).map_err(|e| other(&e))?;
-        let ext = extent(&header, region).map_err(|e| other(&e))?;
-        if !allowed(ext) {
-            return Err(SbCopyError::Denied(ext));
-        }
-        let seq = u64::from_le_bytes(header[0x30..0x38].try_into().unwrap_or([1; 8]));
-        if seq % 2 == 1 {
-            std::hint::spin_loop();
-            continue;
-        }
-        let mut copy = vec![0u8; ext as usize];
-        mem.read(gpa, &mut copy).map_err(|e| other(&e))?;
-        let after = mem.read_u64(gpa + 0x30).map_err(|e| other(&e))?;
-        if after == seq && copy[0x30..0x38] == header[0x30..0x38] {
-            return Ok(copy);
-        }
-    }
-    Err(SbCopyError::Other(format!(
-        "the Sensor Box changed during each of {SB_ATTEMPTS} copies"
-    )))
 }

@@ -17,11 +17,12 @@ use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::Images;
 use introspect::mem::{MappedMem, PhysMem};
+use introspect::sensorbox;
 
 use rdma_bridge::backend::DumpBackend;
 use rdma_bridge::client::Bridge;
 use rdma_bridge::config::BridgeConfig;
-use rdma_bridge::server::{copy_sensor_box, Server};
+use rdma_bridge::server::{Server, SB_ATTEMPTS};
 
 const BACKDOOR: u64 = 0x100_0000;
 const MON: MonitorSpec = MonitorSpec {
@@ -84,7 +85,7 @@ fn image_part(rounds: usize) {
     let loc = row(
         "same copy, local memory (seq-checked)",
         time(rounds, || {
-            copy_sensor_box(&local, BACKDOOR, 1 << 20, |_| true).unwrap();
+            sensorbox::copy(&local, BACKDOOR, 1 << 20, SB_ATTEMPTS, |_| true).unwrap();
         }),
     );
     println!("  ratio {:.0}x", remote.as_secs_f64() / loc.as_secs_f64());
@@ -158,7 +159,14 @@ fn guest_part(rounds: usize) {
     row(
         "same copy, local memfd (seq-checked)",
         time(rounds, || {
-            copy_sensor_box(&mem, map.backdoor.gpa, map.backdoor.size, |_| true).unwrap();
+            sensorbox::copy(
+                &mem,
+                map.backdoor.gpa,
+                map.backdoor.size,
+                SB_ATTEMPTS,
+                |_| true,
+            )
+            .unwrap();
         }),
     );
     row(
