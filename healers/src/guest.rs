@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use introspect::consistency;
 use introspect::hooks::{KillTarget, Mailbox};
 use introspect::kernel::Symbols;
 use introspect::repair::{self, DirectLayout};
@@ -188,28 +189,19 @@ impl Guest {
     fn lock_inner(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, String> {
         self.ensure_kernel(sb)?;
         let lease = Duration::from_millis(self.cfg.lease_ms);
-        let start = Instant::now();
-        let mut info = LockInfo::default();
-        loop {
-            let mem = self.session()?;
-            let took = mem.lock(lease).map_err(err)?;
-            self.locked = true;
-            info.attempts += 1;
-            info.lock_ns = took.as_nanos() as u64;
-            info.at = Some(Instant::now());
-            let k = self.kernel.as_ref().ok_or("kernel not located")?;
-            let mem = self.mem.as_ref().ok_or("no session")?;
-            let busy = k.target.tasklist_busy(mem)?;
-            if !busy {
-                return Ok(info);
-            }
-            if start.elapsed() >= QUIESCE {
-                info.forced = true;
-                return Ok(info);
-            }
-            self.unlock()?;
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
+            return Err("kernel not located".into());
+        };
+        let mut pauser = mem.pauser(lease);
+        let l = consistency::pause_quiescent(&mut pauser, QUIESCE, || k.target.tasklist_busy(mem))?;
+        let info = LockInfo {
+            lock_ns: pauser.last_lock().as_nanos() as u64,
+            attempts: l.attempts,
+            forced: l.forced,
+            at: Some(Instant::now()),
+        };
+        self.locked = true;
+        Ok(info)
     }
 
     /// Releases the lock.

@@ -29,14 +29,14 @@ pub struct Locked<T> {
 /// How long the guest runs between two attempts.
 const BACKOFF: Duration = Duration::from_millis(2);
 
-/// Pauses, waits (as above) for `busy()` to say false, runs `read` while paused, and resumes
-/// whatever happens.
-pub fn read_quiescent<T, E: From<String>>(
+/// Pauses at a moment when `busy()` says false (retrying with the guest running [`BACKOFF`] in
+/// between), or after `timeout` anyway (`forced`), and returns with the guest still paused: the
+/// caller resumes it. On error the guest is resumed.
+pub fn pause_quiescent<E: From<String>>(
     pauser: &mut dyn Pauser,
     timeout: Duration,
     mut busy: impl FnMut() -> Result<bool, E>,
-    read: impl FnOnce() -> Result<T, E>,
-) -> Result<Locked<T>, E> {
+) -> Result<Locked<()>, E> {
     let start = Instant::now();
     let mut attempts = 0u32;
     loop {
@@ -51,12 +51,8 @@ pub fn read_quiescent<T, E: From<String>>(
         };
         let forced = held && start.elapsed() >= timeout;
         if !held || forced {
-            let value = read();
-            let resumed = pauser.resume().map_err(E::from);
-            let value = value?;
-            resumed?;
             return Ok(Locked {
-                value,
+                value: (),
                 attempts,
                 forced,
             });
@@ -64,6 +60,28 @@ pub fn read_quiescent<T, E: From<String>>(
         pauser.resume().map_err(E::from)?;
         std::thread::sleep(BACKOFF);
     }
+}
+
+/// Pauses, waits (as above) for `busy()` to say false, runs `read` while paused, and resumes
+/// whatever happens.
+pub fn read_quiescent<T, E: From<String>>(
+    pauser: &mut dyn Pauser,
+    timeout: Duration,
+    busy: impl FnMut() -> Result<bool, E>,
+    read: impl FnOnce() -> Result<T, E>,
+) -> Result<Locked<T>, E> {
+    let Locked {
+        attempts, forced, ..
+    } = pause_quiescent(pauser, timeout, busy)?;
+    let value = read();
+    let resumed = pauser.resume().map_err(E::from);
+    let value = value?;
+    resumed?;
+    Ok(Locked {
+        value,
+        attempts,
+        forced,
+    })
 }
 
 #[cfg(test)]

@@ -391,7 +391,11 @@ impl BridgeMem {
 
     /// The bridge's pause lock as a [`Pauser`]; while held, pages are cached.
     pub fn pauser(&self, lease: Duration) -> RemotePauser<'_> {
-        RemotePauser { mem: self, lease }
+        RemotePauser {
+            mem: self,
+            lease,
+            last_lock: Duration::ZERO,
+        }
     }
 
     /// Locates the kernel (paused) and reads the process table at a quiescent moment, all over the
@@ -518,14 +522,20 @@ impl PhysMem for BridgeMem {
 pub struct RemotePauser<'a> {
     mem: &'a BridgeMem,
     lease: Duration,
+    last_lock: Duration,
+}
+
+impl RemotePauser<'_> {
+    /// How long the vCPUs took to stop at the last pause.
+    pub fn last_lock(&self) -> Duration {
+        self.last_lock
+    }
 }
 
 impl Pauser for RemotePauser<'_> {
     fn pause(&mut self) -> Result<(), String> {
-        self.mem
-            .lock(self.lease)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.last_lock = self.mem.lock(self.lease).map_err(|e| e.to_string())?;
+        Ok(())
     }
     fn resume(&mut self) -> Result<(), String> {
         self.mem.unlock().map_err(|e| e.to_string())
