@@ -14,6 +14,7 @@ use backdoors_tests::netns::NetNs;
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{workspace_bin, Images};
 use introspect::target::KernelFiles;
+use introspect::tasks::Process;
 use rdma_bridge::client::BridgeMem;
 use serde_json::Value;
 
@@ -115,17 +116,21 @@ impl World {
         p
     }
 
-    /// pid 1 and every kernel thread, read through the bridge.
-    fn survivors(&self) -> Vec<(u32, String)> {
+    /// The process table, read through the bridge.
+    fn table(&self) -> Vec<Process> {
         let mem = BridgeMem::new(self.bridge.connect(&self.setup.id("mon1")));
         let files = self.kernel_files();
         let files = files.as_ref().map(|(m, v)| KernelFiles::Files {
             system_map: m,
             vmlinux: v,
         });
-        let t = mem.process_table(files).expect("process table");
-        let mut v: Vec<(u32, String)> = t
-            .value
+        mem.process_table(files).expect("process table").value
+    }
+
+    /// pid 1 and every kernel thread.
+    fn survivors(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = self
+            .table()
             .iter()
             .filter(|p| p.task.pid == 1 || p.task.kthread)
             .map(|p| (p.task.pid, p.task.comm.clone()))
@@ -135,14 +140,7 @@ impl World {
     }
 
     fn processes_of(&self, uid: u32) -> usize {
-        let mem = BridgeMem::new(self.bridge.connect(&self.setup.id("mon1")));
-        let files = self.kernel_files();
-        let files = files.as_ref().map(|(m, v)| KernelFiles::Files {
-            system_map: m,
-            vmlinux: v,
-        });
-        let t = mem.process_table(files).expect("process table");
-        t.value.iter().filter(|p| p.task.uid == uid).count()
+        self.table().iter().filter(|p| p.task.uid == uid).count()
     }
 }
 
