@@ -13,7 +13,7 @@ use bdvmm::console::Console;
 use bdvmm::engine::kvm::boot::{BootSpec, CMDLINE_MAX};
 use bdvmm::engine::kvm::KvmEngine;
 use bdvmm::engine::tcg::{TcgEngine, TcgSpec};
-use bdvmm::engine::{Engine, EngineKind, VmExit};
+use bdvmm::engine::{Engine, EngineKind, OnReset, VmExit};
 use bdvmm::inspect;
 use bdvmm::layout::{MemoryLayout, MAX_VCPUS};
 use bdvmm::memory::GuestRam;
@@ -35,8 +35,8 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 memfd owned by bdvmm; a control API on a Unix socket lets a local client pause every vCPU under a \
 lease, read registers and map guest memory. Two engines run the vCPUs: kvm (rust-vmm, the product) \
 and tcg (a QEMU TCG child on the same memfd, for hosts whose KVM cannot run a stock kernel).\n\n\
-Exit status: 0 when the guest powers off (or reboots: bdvmm has no reboot), 1 when the guest \
-panics or its engine fails, 2 for bad input."
+Exit status: 0 when the guest powers off (or reboots, unless --on-reset restart), 1 when the \
+guest panics or its engine fails, 2 for bad input."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -86,6 +86,11 @@ struct RunArgs {
     /// KVM device for the kvm engine.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// What a guest reboot does: `exit` ends bdvmm with status 0 (as a poweroff does), `restart`
+    /// boots the guest again in place (same kernel, initrd and command line, same memory, every
+    /// vCPU in its boot state). The API's `reset` restarts the guest either way.
+    #[arg(long, value_enum, default_value = "exit")]
+    on_reset: OnReset,
     /// QEMU binary for the tcg engine.
     #[arg(long, default_value = "qemu-system-x86_64", env = "BDVMM_QEMU")]
     qemu: String,
@@ -115,7 +120,7 @@ enum CtlOp {
     },
     /// Resume (only the lease holder can; mostly useful to see the refusal).
     Resume,
-    /// Restart the guest in place (tcg engine only).
+    /// Restart the guest in place: it boots again from the same kernel on the same memory.
     Reset,
     /// Registers of a vCPU.
     Regs {
@@ -256,13 +261,13 @@ fn run(args: RunArgs) -> ExitCode {
     let engine: Box<dyn Engine> = match kind {
         EngineKind::Kvm => {
             let spec = BootSpec {
-                kernel: &args.kernel,
+                kernel: args.kernel.clone(),
                 format,
-                initrd: args.initrd.as_deref(),
-                cmdline: &cmdline,
+                initrd: args.initrd.clone(),
+                cmdline: cmdline.clone(),
                 vcpus: args.vcpus,
             };
-            match KvmEngine::new(&ram, &spec, console.clone(), &args.kvm_device) {
+            match KvmEngine::new(&ram, spec, console.clone(), &args.kvm_device, args.on_reset) {
                 Ok(e) => Box::new(e),
                 Err(e) => return fail(EXIT_SETUP, e),
             }
@@ -274,6 +279,7 @@ fn run(args: RunArgs) -> ExitCode {
                 initrd: args.initrd.as_deref(),
                 cmdline: &cmdline,
                 vcpus: args.vcpus,
+                on_reset: args.on_reset,
             };
             match TcgEngine::new(&ram, &spec, console.clone()) {
                 Ok(e) => Box::new(e),

@@ -9,7 +9,7 @@
 //! | `{"cmd":"resume"}` | `resume_ns`, `was_paused` |
 //! | `{"cmd":"regs","vcpu":0}` | `regs`: `rip rsp rflags cr0 cr2 cr3 cr4 efer cpl fs_base gs_base kernel_gs_base` |
 //! | `{"cmd":"memory"}` | `size`, `ranges` (`gpa size offset`), `backdoor` (`gpa size`); the memfd arrives with the reply as an `SCM_RIGHTS` ancillary message |
-//! | `{"cmd":"reset"}` | `reset_ns`: the guest reboots in place (tcg engine; the kvm engine refuses). Refused while another client holds the pause lease; the caller's own lease ends first |
+//! | `{"cmd":"reset"}` | `reset_ns`: the guest reboots in place on the same memory (kvm engine: a new VM with every vCPU in its boot state, the kernel and initrd loaded again; tcg engine: QEMU's system reset). Refused while another client holds the pause lease; the caller's own lease ends first |
 //! | `{"cmd":"status"}` | `engine vcpus mem_bytes state uptime_ms pid cmdline lease_holder lease_remaining_ms pauses lease_expiries` |
 //!
 //! Errors are `{"ok": false, "error": "<what went wrong and what to do>"}`.

@@ -64,6 +64,18 @@ pub fn host_has_hw_virt(cpuinfo: &str) -> bool {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
+/// What a guest reboot (the guest resetting its machine) does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReset {
+    /// bdvmm exits with status 0, as when the guest powers off (Firecracker's behaviour).
+    #[default]
+    Exit,
+    /// The guest boots again in place: the same kernel, initrd and command line on the same
+    /// memory, every vCPU back in its boot state.
+    Restart,
+}
+
 /// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuRegs {

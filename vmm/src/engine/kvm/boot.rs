@@ -12,12 +12,13 @@
 //! | 0x9000–0xbfff | boot page tables |
 //! | 0x20000 | kernel command line |
 //! | 0x9fc00 | MP table (EBDA) |
+//! | 0xe0000 | ACPI tables: RSDP, DSDT, FADT, MADT, XSDT (see `acpi.rs`) |
 //! | 0x100000 | kernel (bzImage protected-mode code, or vmlinux at its p_paddr) |
 //!
 //! The initrd goes at the top of low RAM. The backdoor range (15–16 MiB) is left alone.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -30,7 +31,7 @@ use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, Pv
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::cpu::BootEntry;
-use super::{mptable, KvmError};
+use super::{acpi, mptable, KvmError};
 use crate::bootfiles::KernelFormat;
 use crate::layout::{MemoryLayout, HIGH_MEMORY_START};
 
@@ -53,16 +54,17 @@ const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 /// Offset of `startup_64` from the start of a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 
-/// What to boot.
-pub struct BootSpec<'a> {
+/// What to boot (kept by the engine: a restart loads it again).
+#[derive(Clone, Debug)]
+pub struct BootSpec {
     /// Kernel image.
-    pub kernel: &'a Path,
+    pub kernel: PathBuf,
     /// Its format (checked by `bootfiles`).
     pub format: KernelFormat,
     /// Optional initramfs.
-    pub initrd: Option<&'a Path>,
+    pub initrd: Option<PathBuf>,
     /// The full command line.
-    pub cmdline: &'a str,
+    pub cmdline: String,
     /// vCPU count (for the MP table).
     pub vcpus: u8,
 }
@@ -78,7 +80,7 @@ pub fn load(
     layout: &MemoryLayout,
     spec: &BootSpec,
 ) -> Result<BootEntry, KvmError> {
-    let mut kernel = open(spec.kernel, "kernel")?;
+    let mut kernel = open(&spec.kernel, "kernel")?;
     let loaded = match spec.format {
         KernelFormat::BzImage => BzImage::load(
             mem,
@@ -115,18 +117,19 @@ pub fn load(
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| KvmError::Boot(e.to_string()))?;
     cmdline
-        .insert_str(spec.cmdline)
+        .insert_str(&spec.cmdline)
         .map_err(|e| KvmError::Boot(format!("bad kernel command line: {e}")))?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| KvmError::Boot(format!("cannot write the command line: {e}")))?;
     mptable::write(mem, spec.vcpus)?;
+    let rsdp = acpi::write(mem, spec.vcpus)?;
 
     let initrd_max = loaded
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))
         .filter(|m| *m != 0)
         .unwrap_or(u64::from(u32::MAX));
-    let initrd = match spec.initrd {
+    let initrd = match spec.initrd.as_deref() {
         Some(path) => Some(load_initrd(
             mem,
             layout,
@@ -139,7 +142,7 @@ pub fn load(
 
     match (spec.format, loaded.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
-            write_pvh_info(mem, layout, initrd)?;
+            write_pvh_info(mem, layout, initrd, rsdp)?;
             Ok(BootEntry::Pvh {
                 entry: entry.0,
                 start_info: PVH_INFO_START,
@@ -154,6 +157,7 @@ pub fn load(
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
             params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+            params.acpi_rsdp_addr = rsdp;
             params.hdr.cmdline_size = spec.cmdline.len() as u32 + 1;
             if params.hdr.kernel_alignment == 0 {
                 params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
@@ -220,6 +224,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), KvmError> {
     let memmap: Vec<hvm_memmap_table_entry> = layout
         .e820()
@@ -237,6 +242,7 @@ fn write_pvh_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: ZERO_PAGE_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     if initrd.is_some() {

@@ -1,12 +1,14 @@
-//! The legacy port-I/O devices of the kvm engine: COM1 (vm-superio 16550A, IRQ 4 through an irqfd)
-//! and the i8042 controller, whose CPU-reset command is how a guest without ACPI shuts down (as in
-//! Firecracker). Every other port reads as all-ones (no device) and ignores writes.
+//! The port-I/O devices of the kvm engine: COM1 (vm-superio 16550A, IRQ 4 through an irqfd), the
+//! i8042 controller, whose CPU-reset command is how a guest reboots (as in Firecracker), and the
+//! ACPI hardware-reduced sleep registers, through which a guest powers off (S5; see `acpi.rs`).
+//! Every other port reads as all-ones (no device) and ignores writes.
 
 use std::sync::Mutex;
 
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::acpi::{sleep_request, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT, SLP_TYP_S5};
 use crate::console::ConsoleWriter;
 
 /// First port of COM1.
@@ -39,6 +41,8 @@ pub struct PioBus {
     pub serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleWriter>>,
     /// The i8042; its trigger fires when the guest asks for a CPU reset.
     pub i8042: Mutex<I8042Device<EventFdTrigger>>,
+    /// Fires when the guest enters S5 through the ACPI sleep control register.
+    pub poweroff: EventFdTrigger,
 }
 
 impl PioBus {
@@ -52,6 +56,7 @@ impl PioBus {
             I8042_DATA | I8042_COMMAND if data.len() == 1 => {
                 data[0] = lock(&self.i8042).read((port - I8042_DATA) as u8);
             }
+            SLEEP_STATUS_PORT if data.len() == 1 => data[0] = 0,
             _ => {}
         }
     }
@@ -69,6 +74,15 @@ impl PioBus {
                     tracing::warn!("i8042 write failed: {e}");
                 }
             }
+            SLEEP_CONTROL_PORT if data.len() == 1 => match sleep_request(data[0]) {
+                Some(SLP_TYP_S5) => {
+                    if let Err(e) = self.poweroff.trigger() {
+                        tracing::error!("cannot signal the guest's power-off: {e}");
+                    }
+                }
+                Some(other) => tracing::debug!("guest asked for sleep type {other}; ignored"),
+                None => {}
+            },
             _ => {}
         }
     }
@@ -84,7 +98,7 @@ mod tests {
     use crate::console::Console;
 
     #[test]
-    fn reset_command_fires_the_trigger_and_unknown_ports_float_high() {
+    fn reset_and_s5_fire_their_triggers_and_unknown_ports_float_high() {
         let console = Console::new(false, None).unwrap();
         let bus = PioBus {
             serial: Mutex::new(Serial::new(
@@ -92,11 +106,17 @@ mod tests {
                 ConsoleWriter(console),
             )),
             i8042: Mutex::new(I8042Device::new(EventFdTrigger::new().unwrap())),
+            poweroff: EventFdTrigger::new().unwrap(),
         };
         let mut b = [0u8; 1];
         bus.read(0x2f8, &mut b);
         assert_eq!(b[0], 0xff);
         bus.write(I8042_COMMAND, &[0xfe]);
         assert_eq!(bus.i8042.lock().unwrap().reset_evt().0.read().unwrap(), 1);
+        // S3 is ignored; S5 with SLP_EN powers off.
+        bus.write(SLEEP_CONTROL_PORT, &[(3 << 2) | super::super::acpi::SLP_EN]);
+        assert!(bus.poweroff.0.read().is_err(), "nothing pending");
+        bus.write(SLEEP_CONTROL_PORT, &[(5 << 2) | super::super::acpi::SLP_EN]);
+        assert_eq!(bus.poweroff.0.read().unwrap(), 1);
     }
 }

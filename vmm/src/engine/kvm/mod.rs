@@ -1,10 +1,11 @@
 //! The kvm engine: rust-vmm on `/dev/kvm`.
 //!
 //! Set-up follows Firecracker's boot path: a VM with the in-kernel irqchip and PIT, guest RAM from
-//! the shared memfd as KVM memory slots, COM1 and the i8042 on port I/O, the kernel loaded by
-//! linux-loader (bzImage, or vmlinux via PVH or its 64-bit entry), an MP table for SMP, and one
-//! thread per vCPU ([`vcpu`]).
+//! the shared memfd as KVM memory slots, COM1, the i8042 and the ACPI sleep registers on port I/O,
+//! the kernel loaded by linux-loader (bzImage, or vmlinux via PVH or its 64-bit entry), an MP
+//! table and ACPI tables (MADT) for SMP, and one thread per vCPU ([`vcpu`]).
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;
@@ -15,22 +16,23 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::BootSpec;
 use self::devices::{EventFdTrigger, PioBus, COM1_IRQ};
-use self::vcpu::{VcpuEvent, VcpuHandle, VcpuReply, ACK_TIMEOUT};
-use super::{Engine, EngineError, Ready, VcpuRegs, VmExit};
+use self::vcpu::{VcpuEvent, VcpuExitReport, VcpuHandle, VcpuReply, ACK_TIMEOUT};
+use super::{Engine, EngineError, OnReset, Ready, VcpuRegs, VmExit};
 use crate::console::{Console, ConsoleWriter};
+use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
 
 /// Where KVM may put its TSS (3 pages) on Intel; just below the 4 GiB BIOS area.
@@ -63,25 +65,42 @@ pub enum KvmError {
 }
 
 /// The kvm engine.
+///
+/// A restart (the API's `reset`, or a guest reboot under `--on-reset restart`) is a hardware
+/// reset done the simple, sure way: the vCPU threads end, the KVM VM is destroyed, and a new one
+/// is built on the same memfd — fresh irqchip, PIT, LAPICs and vCPUs, the kernel, initrd and boot
+/// information loaded again — so nothing of the old guest's CPU state (kvmclock pages, pending
+/// interrupts, APs already started) survives into the new boot. Memory clients (the bridge)
+/// keep their mapping: only the VM around the memory is new.
 pub struct KvmEngine {
     // Field order matters for drop: vCPU threads end before the VM and KVM fds close.
     vcpus: Vec<VcpuHandle>,
+    vm: Option<VmFd>,
     bus: Arc<PioBus>,
-    exits: Receiver<(u8, VmExit)>,
+    exits: Receiver<VcpuExitReport>,
+    exit_tx: Sender<VcpuExitReport>,
     exit_evt: Arc<EventFd>,
     reset_fd: RawFd,
-    _vm: VmFd,
-    _kvm: Kvm,
+    poweroff_fd: RawFd,
+    serial_irq: EventFd,
+    mem: GuestMemoryMmap,
+    layout: MemoryLayout,
+    spec: BootSpec,
+    on_reset: OnReset,
+    restarts: u32,
+    kvm: Kvm,
     stopped: bool,
 }
 
 impl KvmEngine {
-    /// Creates the VM, loads the guest and starts its vCPU threads (paused; call `resume`).
+    /// Opens KVM, checks what it can do, builds the VM and loads the guest; its vCPU threads start
+    /// paused (call `resume`).
     pub fn new(
         ram: &GuestRam,
-        spec: &BootSpec,
+        spec: BootSpec,
         console: Console,
         device: &Path,
+        on_reset: OnReset,
     ) -> Result<Self, KvmError> {
         let shown = device.display().to_string();
         let cpath = CString::new(device.as_os_str().as_bytes())
@@ -104,7 +123,48 @@ impl KvmEngine {
                 )));
             }
         }
-        let vm = kvm.create_vm().map_err(|e| KvmError::Vm("create VM", e))?;
+        let serial_irq = EventFdTrigger::new().map_err(KvmError::Thread)?;
+        let serial_irq_fd = serial_irq.0.try_clone().map_err(KvmError::Thread)?;
+        let reset = EventFdTrigger::new().map_err(KvmError::Thread)?;
+        let reset_fd = reset.0.as_raw_fd();
+        let poweroff = EventFdTrigger::new().map_err(KvmError::Thread)?;
+        let poweroff_fd = poweroff.0.as_raw_fd();
+        let bus = Arc::new(PioBus {
+            serial: Mutex::new(Serial::new(serial_irq, ConsoleWriter(console))),
+            i8042: Mutex::new(I8042Device::new(reset)),
+            poweroff,
+        });
+        vcpu::register_kick_handler().map_err(KvmError::Thread)?;
+        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+        let exit_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::Thread)?);
+        let mut engine = Self {
+            vcpus: Vec::new(),
+            vm: None,
+            bus,
+            exits: exit_rx,
+            exit_tx,
+            exit_evt,
+            reset_fd,
+            poweroff_fd,
+            serial_irq: serial_irq_fd,
+            mem: ram.mem.clone(),
+            layout: ram.layout.clone(),
+            spec,
+            on_reset,
+            restarts: 0,
+            kvm,
+            stopped: false,
+        };
+        engine.build()?;
+        Ok(engine)
+    }
+
+    /// Creates the KVM VM around guest RAM, loads the guest and starts its vCPU threads (paused).
+    fn build(&mut self) -> Result<(), KvmError> {
+        let vm = self
+            .kvm
+            .create_vm()
+            .map_err(|e| KvmError::Vm("create VM", e))?;
         vm.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| KvmError::Vm("TSS address", e))?;
         vm.create_irq_chip()
@@ -115,8 +175,8 @@ impl KvmEngine {
         })
         .map_err(|e| KvmError::Vm("PIT", e))?;
 
-        for (slot, region) in ram.mem.iter().enumerate() {
-            let host = ram
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = self
                 .mem
                 .get_host_address(region.start_addr())
                 .map_err(|e| KvmError::Boot(format!("guest RAM not mapped: {e}")))?;
@@ -127,58 +187,91 @@ impl KvmEngine {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the region is bdvmm's own shared mapping of the memfd, which lives (in
-            // `ram`, owned by the caller for the VM's whole life) longer than this VM.
+            // SAFETY: the region is a shared mapping of the memfd held by `self.mem` (a clone of
+            // bdvmm's own), which lives as long as this engine and so longer than this VM.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(|e| KvmError::Vm("memory slot", e))?;
         }
-
-        let serial_irq = EventFdTrigger::new().map_err(KvmError::Thread)?;
-        vm.register_irqfd(&serial_irq.0, COM1_IRQ)
+        vm.register_irqfd(&self.serial_irq, COM1_IRQ)
             .map_err(|e| KvmError::Vm("serial irqfd", e))?;
-        let reset = EventFdTrigger::new().map_err(KvmError::Thread)?;
-        let reset_fd = reset.0.as_raw_fd();
-        let bus = Arc::new(PioBus {
-            serial: Mutex::new(Serial::new(serial_irq, ConsoleWriter(console))),
-            i8042: Mutex::new(I8042Device::new(reset)),
-        });
 
-        let entry = boot::load(&ram.mem, &ram.layout, spec)?;
+        let entry = boot::load(&self.mem, &self.layout, &self.spec)?;
         tracing::info!(?entry, "kernel loaded");
 
-        vcpu::register_kick_handler().map_err(KvmError::Thread)?;
-        let supported = kvm
+        let supported = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::Vm("supported CPUID", e))?;
-        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        let (exit_tx, exit_rx) = std::sync::mpsc::channel();
-        let exit_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(KvmError::Thread)?);
-        let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
-        for id in 0..spec.vcpus {
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::with_capacity(self.spec.vcpus as usize);
+        for id in 0..self.spec.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| KvmError::Vm("create vCPU", e))?;
-            cpu::setup_cpuid(&fd, &supported, id, spec.vcpus, tsc_deadline)?;
+            cpu::setup_cpuid(&fd, &supported, id, self.spec.vcpus, tsc_deadline)?;
             cpu::setup_msrs(&fd)?;
             cpu::setup_regs(&fd, entry)?;
-            cpu::setup_sregs(&ram.mem, &fd, entry)?;
+            cpu::setup_sregs(&self.mem, &fd, entry)?;
             cpu::setup_fpu(&fd)?;
             cpu::setup_lapic(&fd)?;
             vcpus.push(
-                VcpuHandle::spawn(id, fd, bus.clone(), exit_tx.clone(), exit_evt.clone())
-                    .map_err(KvmError::Thread)?,
+                VcpuHandle::spawn(
+                    id,
+                    fd,
+                    self.bus.clone(),
+                    self.exit_tx.clone(),
+                    self.exit_evt.clone(),
+                )
+                .map_err(KvmError::Thread)?,
             );
         }
-        Ok(Self {
-            vcpus,
-            bus,
-            exits: exit_rx,
-            exit_evt,
-            reset_fd,
-            _vm: vm,
-            _kvm: kvm,
-            stopped: false,
-        })
+        self.vcpus = vcpus;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// Ends every vCPU thread and destroys the VM (guest RAM stays).
+    fn teardown(&mut self) {
+        for v in &mut self.vcpus {
+            v.finish();
+        }
+        self.vcpus.clear();
+        self.vm = None;
+    }
+
+    /// Reboots the guest in place: a new VM on the same memory, booted from the same files, left
+    /// running.
+    fn restart(&mut self, why: &str) -> Result<(), KvmError> {
+        self.teardown();
+        // Reports from the old vCPU threads are about a guest that no longer exists.
+        while self.exits.try_recv().is_ok() {}
+        let _ = self.exit_evt.read();
+        let _ = self.bus.i8042.lock().map(|d| d.reset_evt().0.read());
+        self.restarts += 1;
+        tracing::warn!(
+            restarts = self.restarts,
+            "restarting the guest in place: {why}"
+        );
+        self.build()?;
+        self.broadcast(VcpuEvent::Resume)
+    }
+
+    /// How the VM ends, or goes on, after a reset the guest asked for.
+    fn guest_reset(&mut self, what: &str) -> Ready {
+        match self.on_reset {
+            OnReset::Exit => Ready::Ended(VmExit::Shutdown(format!(
+                "{what} (bdvmm treats a guest reboot as shutdown; --on-reset restart reboots it)"
+            ))),
+            OnReset::Restart => match self.restart(what) {
+                Ok(()) => {
+                    eprintln!("bdvmm: {what}; restarted the guest in place (--on-reset restart)");
+                    Ready::Handled
+                }
+                Err(e) => Ready::Ended(VmExit::Failed(format!(
+                    "{what}, and restarting it failed: {e}"
+                ))),
+            },
+        }
     }
 
     /// Sends `event` to every vCPU, then collects one acknowledgement from each.
@@ -233,12 +326,10 @@ impl Engine for KvmEngine {
     }
 
     fn reset(&mut self) -> Result<(), EngineError> {
-        // A reset would need the boot set-up (kernel load, boot parameters, vCPU registers)
-        // redone on live vCPU threads; like Firecracker, this engine ends the VM on a guest
-        // reset instead. Restart bdvmm to restart the guest.
-        Err(EngineError::Unsupported(
-            "the kvm engine cannot reset a guest in place; restart bdvmm instead",
-        ))
+        if self.stopped {
+            return Err(EngineError::Stopped);
+        }
+        Ok(self.restart("reset requested through the API")?)
     }
 
     fn serial_input(&mut self, bytes: &[u8]) {
@@ -249,19 +340,27 @@ impl Engine for KvmEngine {
     }
 
     fn watch_fds(&self) -> Vec<RawFd> {
-        vec![self.exit_evt.as_raw_fd(), self.reset_fd]
+        vec![self.exit_evt.as_raw_fd(), self.reset_fd, self.poweroff_fd]
     }
 
     fn on_ready(&mut self, fd: RawFd) -> Ready {
+        if fd == self.poweroff_fd {
+            let _ = self.bus.poweroff.0.read();
+            return Ready::Ended(VmExit::Shutdown("guest powered off".into()));
+        }
         if fd == self.reset_fd {
             let _ = self.bus.i8042.lock().map(|d| d.reset_evt().0.read());
-            return Ready::Ended(VmExit::Shutdown(
-                "guest reset through the i8042 (bdvmm treats a guest reboot as shutdown)".into(),
-            ));
+            return self.guest_reset("guest reset through the i8042");
         }
         let _ = self.exit_evt.read();
         match self.exits.try_recv() {
-            Ok((_, end)) => Ready::Ended(end),
+            Ok(VcpuExitReport::Reset(why)) => match self.on_reset {
+                // A triple fault is far more often a crash than a wish to reboot: without
+                // --on-reset restart it is a failure, as it always was.
+                OnReset::Exit if why.contains("triple") => Ready::Ended(VmExit::Failed(why)),
+                _ => self.guest_reset(&why),
+            },
+            Ok(VcpuExitReport::Ended(end)) => Ready::Ended(end),
             Err(_) => Ready::Handled,
         }
     }
@@ -271,9 +370,7 @@ impl Engine for KvmEngine {
             return;
         }
         self.stopped = true;
-        for v in &mut self.vcpus {
-            v.finish();
-        }
+        self.teardown();
     }
 }
 

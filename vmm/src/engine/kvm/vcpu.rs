@@ -1,13 +1,17 @@
 //! One thread per vCPU, each an explicit state machine.
 //!
 //! ```text
-//!            Pause (ack Paused)                 guest shutdown / KVM error
+//!            Pause (ack Paused)                 guest shutdown / reset / KVM error
 //!  Running ─────────────────────► Paused      Running ──────────────────────► Stopped
-//!     ▲  ◄─────────────────────     │            (exit reported on the exit channel + eventfd)
-//!     │      Resume (ack Resumed)   │
+//!     ▲  ◄─────────────────────     │            (reported on the exit channel + eventfd:
+//!     │      Resume (ack Resumed)   │             Ended(VmExit) or Reset(why))
 //!     └── GetRegs: ack Regs, state unchanged (any state)
 //!  Finish (any state) ──► thread ends
 //! ```
+//!
+//! A reset (triple fault, reset system event) only stops the vCPU and reports it: the engine
+//! decides, by `--on-reset`, whether the VM ends or is rebuilt (every thread finished, a new VM
+//! with new vCPU threads on the same memory).
 //!
 //! Events arrive on a channel. A Running vCPU sits inside `KVM_RUN`, so the sender also *kicks*
 //! the thread with a real-time signal; the handler sets `kvm_run.immediate_exit`, which makes
@@ -54,6 +58,16 @@ pub enum VcpuReply {
     Regs(Box<VcpuRegs>),
     /// Registers could not be read.
     RegsFailed(String),
+}
+
+/// Why a vCPU stopped running guest code for good, as it reports it to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExitReport {
+    /// The guest reset the machine (a triple fault, or a reset system event): what happens next
+    /// is the engine's `--on-reset` choice.
+    Reset(String),
+    /// The VM has ended.
+    Ended(VmExit),
 }
 
 /// The vCPU's state.
@@ -111,7 +125,7 @@ pub struct Vcpu {
     bus: Arc<PioBus>,
     events: Receiver<VcpuEvent>,
     replies: Sender<VcpuReply>,
-    exits: Sender<(u8, VmExit)>,
+    exits: Sender<VcpuExitReport>,
     exit_evt: Arc<EventFd>,
     state: VcpuState,
 }
@@ -125,7 +139,7 @@ impl VcpuHandle {
         id: u8,
         fd: VcpuFd,
         bus: Arc<PioBus>,
-        exits: Sender<(u8, VmExit)>,
+        exits: Sender<VcpuExitReport>,
         exit_evt: Arc<EventFd>,
     ) -> std::io::Result<Self> {
         let (event_tx, event_rx) = std::sync::mpsc::channel();
@@ -236,11 +250,17 @@ impl Vcpu {
             }
         }
         match self.fd.run() {
-            Ok(exit) => {
-                if let Some(end) = handle_exit(&self.bus, exit) {
-                    self.stop(end);
+            Ok(exit) => match handle_exit(&self.bus, exit) {
+                Some(VcpuExitReport::Ended(end)) => self.stop(end),
+                Some(VcpuExitReport::Reset(why)) => {
+                    self.state = VcpuState::Stopped;
+                    let _ = self
+                        .exits
+                        .send(VcpuExitReport::Reset(format!("{why} on vCPU {}", self.id)));
+                    let _ = self.exit_evt.write(1);
                 }
-            }
+                None => {}
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
             }
@@ -261,7 +281,7 @@ impl Vcpu {
             other => other,
         };
         self.state = VcpuState::Stopped;
-        let _ = self.exits.send((self.id, end));
+        let _ = self.exits.send(VcpuExitReport::Ended(end));
         let _ = self.exit_evt.write(1);
     }
 
@@ -292,7 +312,9 @@ impl Vcpu {
 }
 
 /// Services one VM exit; returns how the VM ended, if this exit ends it.
-fn handle_exit(bus: &PioBus, exit: VcpuExit) -> Option<VmExit> {
+fn handle_exit(bus: &PioBus, exit: VcpuExit) -> Option<VcpuExitReport> {
+    const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+    let ended = |e: VmExit| Some(VcpuExitReport::Ended(e));
     match exit {
         VcpuExit::IoIn(port, data) => bus.read(port, data),
         VcpuExit::IoOut(port, data) => bus.write(port, data),
@@ -300,23 +322,26 @@ fn handle_exit(bus: &PioBus, exit: VcpuExit) -> Option<VmExit> {
         VcpuExit::MmioWrite(..) => {}
         VcpuExit::Hlt => {
             // Only without an in-kernel LAPIC; ours has one, so this is a halted guest.
-            return Some(VmExit::Shutdown("guest halted".into()));
+            return ended(VmExit::Shutdown("guest halted".into()));
         }
         VcpuExit::Shutdown => {
-            return Some(VmExit::Failed(
+            return Some(VcpuExitReport::Reset(
                 "guest triple-faulted (KVM_EXIT_SHUTDOWN)".into(),
             ))
         }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+            return Some(VcpuExitReport::Reset("guest reset system event".into()))
+        }
         VcpuExit::SystemEvent(kind, _) => {
-            return Some(VmExit::Shutdown(format!("guest system event {kind}")))
+            return ended(VmExit::Shutdown(format!("guest system event {kind}")))
         }
         VcpuExit::FailEntry(reason, cpu) => {
-            return Some(VmExit::Failed(format!(
+            return ended(VmExit::Failed(format!(
                 "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
             )))
         }
         VcpuExit::InternalError => {
-            return Some(VmExit::Failed(
+            return ended(VmExit::Failed(
                 "KVM internal error (often an instruction KVM could not emulate)".into(),
             ))
         }

@@ -23,7 +23,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use self::qmp::Qmp;
-use super::{Engine, EngineError, Ready, VcpuRegs, VmExit};
+use super::{Engine, EngineError, OnReset, Ready, VcpuRegs, VmExit};
 use crate::console::Console;
 use crate::memory::GuestRam;
 
@@ -66,6 +66,8 @@ pub struct TcgSpec<'a> {
     pub cmdline: &'a str,
     /// vCPUs.
     pub vcpus: u8,
+    /// What a guest reboot does.
+    pub on_reset: OnReset,
 }
 
 /// Finds `name` in PATH (or checks it, if it contains a slash).
@@ -104,6 +106,8 @@ pub struct TcgEngine {
     exited: Option<ExitStatus>,
     /// QMP events read while waiting for something else, for the exit-reason logic.
     pending_events: Vec<serde_json::Value>,
+    /// What a guest reboot does.
+    on_reset: OnReset,
 }
 
 /// Longest a requested reset waits for the firmware's own reset before guest reboots end the VM
@@ -239,8 +243,16 @@ impl TcgEngine {
             runtime_dir,
             exited: None,
             pending_events: Vec::new(),
+            on_reset: spec.on_reset,
         };
         engine.qmp.set_timeout(COMMAND_TIMEOUT);
+        if engine.on_reset == OnReset::Restart {
+            // `-no-reboot` made a guest reboot end QEMU; from now on it resets the machine.
+            engine
+                .qmp
+                .execute("set-action", Some(serde_json::json!({"reboot": "reset"})))
+                .map_err(|e| TcgError::Qmp(format!("cannot make guest reboots restart: {e}")))?;
+        }
         Ok(engine)
     }
 
@@ -441,10 +453,16 @@ impl Engine for TcgEngine {
             }
             self.qmp.set_timeout(COMMAND_TIMEOUT);
         }
-        let restore = self.qmp.execute(
-            "set-action",
-            Some(serde_json::json!({"reboot": "shutdown"})),
-        );
+        let restore = match self.on_reset {
+            OnReset::Restart => Ok(()),
+            OnReset::Exit => self
+                .qmp
+                .execute(
+                    "set-action",
+                    Some(serde_json::json!({"reboot": "shutdown"})),
+                )
+                .map(|_| ()),
+        };
         reset?;
         restore?;
         self.qmp.execute("cont", None)?;
