@@ -3,6 +3,7 @@
 #   1. images/kernel/build.sh     the patched guest kernel (bzImage, vmlinux, ...)
 #   2. images/stock/fetch.sh      the stock Debian cloud kernel, unmodified
 #   3. images/initramfs/build.sh  the initramfs with busybox, programs, scenarios
+#   4. images/kvmhost/build.sh    the kvm host: stock kernel + initramfs with kvm-amd
 # then writes $CACHE/images.env (KEY=absolute-path lines, for tests and tools)
 # and prints its path as the LAST stdout line. Progress goes to stderr.
 # CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
@@ -21,11 +22,12 @@ usage() {
 	cat <<EOF
 Usage: images/build.sh [--help]
 
-Builds (or reuses) the guest kernel, the stock kernel and the initramfs and
-writes $cache/images.env with the lines
+Builds (or reuses) the guest kernel, the stock kernel, the initramfs and the
+kvm host's base image and writes $cache/images.env with the lines
   BD_KERNEL_DIR BD_KERNEL_BZIMAGE BD_KERNEL_VMLINUX BD_KERNEL_SYSTEM_MAP
   BD_KERNEL_CONFIG BD_STOCK_DIR BD_STOCK_VMLINUZ BD_STOCK_VMLINUX
   BD_STOCK_SYSTEM_MAP BD_STOCK_CONFIG BD_INITRAMFS
+  BD_KVMHOST_KERNEL BD_KVMHOST_INITRD
 Cache root: \${BACKDOORS_CACHE:-\$HOME/.cache/backdoors}
 EOF
 }
@@ -65,9 +67,12 @@ run_step stock "$here/stock/fetch.sh"
 stock_dir=$step_out
 run_step initramfs "$here/initramfs/build.sh"
 initramfs=$step_out
+run_step kvmhost "$here/kvmhost/build.sh"
+kvmhost_dir=$step_out
 
 for f in "$kernel_dir"/{bzImage,vmlinux,System.map,config} \
-	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$initramfs"; do
+	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$initramfs" \
+	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz}; do
 	[ -s "$f" ] || die "missing or empty: $f"
 done
 env_lines="BD_KERNEL_DIR=$kernel_dir
@@ -80,7 +85,9 @@ BD_STOCK_VMLINUZ=$stock_dir/vmlinuz
 BD_STOCK_VMLINUX=$stock_dir/vmlinux
 BD_STOCK_SYSTEM_MAP=$stock_dir/System.map
 BD_STOCK_CONFIG=$stock_dir/config
-BD_INITRAMFS=$initramfs"
+BD_INITRAMFS=$initramfs
+BD_KVMHOST_KERNEL=$kvmhost_dir/vmlinuz
+BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz"
 case "$env_lines" in
 *[[:blank:]\"\'\\]*) die "an output path contains blanks or quotes; set BACKDOORS_CACHE to a plain path" ;;
 esac

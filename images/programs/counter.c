@@ -4,8 +4,11 @@
  *   offset  0: 16 bytes magic "BDCOUNTER-MAGIC!"
  *   offset 16: u64 little-endian, the pid
  *   offset 24: u64 little-endian, a counter incremented forever
- * A host scans guest RAM for the magic, checks the pid, and watches the
- * counter advance (it stops advancing while the vCPUs are paused).
+ * A host finds the page at the physical address the program prints (or scans
+ * guest RAM for the magic), checks the pid, and watches the counter advance (it
+ * stops advancing while the vCPUs are paused). mlock keeps it from being
+ * swapped, not from being migrated: a host checks the magic before it trusts
+ * an address.
  *
  * The magic is stored XOR-encoded in this binary and decoded straight into
  * the page, so the plain 16 bytes exist only in that page, not in the page
@@ -43,7 +46,23 @@ static void usage(void)
 	       "  --help       show this help\n"
 	       "\n"
 	       "Output (stdout):\n"
-	       "  COUNTER ready pid=<pid>\n");
+	       "  COUNTER ready pid=<pid> phys=<0x guest-physical address of the page, 0 if unknown>\n");
+}
+
+/* The page's guest-physical address from /proc/self/pagemap (bits 0-54 of the entry are the
+ * frame number when bit 63, present, is set; root sees real frame numbers), or 0 if unknown. */
+static uint64_t phys_addr(const void *addr, size_t page)
+{
+	uint64_t entry = 0;
+	int fd = open("/proc/self/pagemap", O_RDONLY);
+	if (fd < 0)
+		return 0;
+	off_t off = (off_t)((uintptr_t)addr / page * sizeof(entry));
+	ssize_t n = pread(fd, &entry, sizeof(entry), off);
+	close(fd);
+	if (n != (ssize_t)sizeof(entry) || !(entry >> 63))
+		return 0;
+	return (entry & ((1ull << 55) - 1)) * page;
 }
 
 static void store_u64_le(volatile unsigned char *p, uint64_t v)
@@ -100,7 +119,8 @@ int main(int argc, char **argv)
 	store_u64_le(vpage + 24, 0);
 
 	const uint64_t deadline = bd_deadline_ns(seconds);
-	bd_emit("COUNTER ready pid=%d", (int)pid);
+	bd_emit("COUNTER ready pid=%d phys=0x%llx", (int)pid,
+		(unsigned long long)phys_addr(mem, page));
 
 	/* x86-64 is little-endian, so the u64 at offset 24 is the LE value. */
 	volatile uint64_t *ctr = (volatile uint64_t *)(void *)(mem + 24);

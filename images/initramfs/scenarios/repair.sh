@@ -30,7 +30,7 @@ else
 fi
 sleeper=$bd_pid
 # Print the pids only once they are the real programs (runas has exec'd).
-if ! bd_wait_lines "$log" "^COUNTER ready pid=$busy\$" 1 60; then
+if ! bd_wait_lines "$log" "^COUNTER ready pid=$busy " 1 60; then
 	echo "SCENARIO repair: counter did not start"
 fi
 tries=300

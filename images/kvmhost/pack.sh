@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Make the per-run initrd of a kvm host: the cached base image
+# (images/kvmhost/build.sh, BD_KVMHOST_INITRD in images.env) followed by an
+# uncompressed cpio (newc) archive with
+#   /opt/bd/bin/<name>             each BINARY, debug info stripped
+#   <the libraries they need>      at the absolute paths ldd names (with the
+#                                  dynamic loader), so they run unmodified
+#   /opt/bd/images/bzImage         BD_KERNEL_BZIMAGE
+#   /opt/bd/images/stock-vmlinuz   BD_STOCK_VMLINUZ
+#   /opt/bd/images/initramfs.cpio.gz  BD_INITRAMFS
+#   /opt/bd/images.env             those three keys with the inside paths
+# Linux unpacks concatenated archives, each compressed or not, into one
+# rootfs. Not cached: it runs for every test run and takes about a second.
+# Progress goes to stderr; the LAST stdout line is the output file.
+set -euo pipefail
+
+cache=${BACKDOORS_CACHE:-$HOME/.cache/backdoors}
+
+log() { printf 'kvmhost-pack: %s\n' "$*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+
+usage() {
+	cat <<EOF
+Usage: images/kvmhost/pack.sh --out FILE [--images-env FILE] BINARY...
+
+Writes FILE: the kvm host's base initramfs with BINARY... (at
+/opt/bd/bin/<name>, debug info stripped), the shared libraries they need and
+the guest images (bzImage, stock-vmlinuz, initramfs.cpio.gz under
+/opt/bd/images/, listed in /opt/bd/images.env) appended. Boot it as the
+-initrd of BD_KVMHOST_KERNEL. Prints FILE as the last stdout line.
+
+  --out FILE         the initrd to write (replaced atomically)
+  --images-env FILE  default: \$BACKDOORS_CACHE/images.env (now: $cache/images.env)
+EOF
+}
+
+out=""
+env_file=$cache/images.env
+bins=()
+while [ $# -gt 0 ]; do
+	case "$1" in
+	-h | --help)
+		usage
+		exit 0
+		;;
+	--out | --images-env)
+		if [ $# -lt 2 ] || [ -z "$2" ]; then
+			log "$1 needs a value"
+			usage >&2
+			exit 2
+		fi
+		if [ "$1" = --out ]; then out=$2; else env_file=$2; fi
+		shift 2
+		;;
+	--)
+		shift
+		bins+=("$@")
+		break
+		;;
+	-*)
+		log "unknown option $1"
+		usage >&2
+		exit 2
+		;;
+	*)
+		bins+=("$1")
+		shift
+		;;
+	esac
+done
+if [ -z "$out" ] || [ ${#bins[@]} -eq 0 ]; then
+	usage >&2
+	exit 2
+fi
+
+for tool in cpio ldd objcopy readlink; do
+	command -v "$tool" >/dev/null || die "$tool not found (Debian packages: cpio libc-bin binutils coreutils)"
+done
+
+# env_get KEY: the value of KEY=... in the images.env file.
+env_get() {
+	sed -n "s/^$1=//p" "$env_file" | tail -n1
+}
+
+[ -f "$env_file" ] || die "no $env_file; run images/build.sh"
+base=$(env_get BD_KVMHOST_INITRD)
+[ -n "$base" ] || die "$env_file has no BD_KVMHOST_INITRD; run images/build.sh"
+[ -s "$base" ] || die "base image $base does not exist; run images/build.sh"
+
+# Inside name, images.env key.
+images=(
+	"bzImage BD_KERNEL_BZIMAGE"
+	"stock-vmlinuz BD_STOCK_VMLINUZ"
+	"initramfs.cpio.gz BD_INITRAMFS"
+)
+
+out_dir=$(dirname "$out")
+mkdir -p "$out_dir"
+stage=$(mktemp -d "$out_dir/.pack.XXXXXX")
+tmp_out=""
+trap 'rm -rf "$stage" ${tmp_out:+"$tmp_out"}' EXIT
+mkdir -p "$stage/opt/bd/bin" "$stage/opt/bd/images"
+
+# add_file ABS_PATH SOURCE: the archive gets SOURCE's content at ABS_PATH.
+# The stage holds a symlink; cpio --dereference stores the file itself.
+add_file() {
+	local dest=$stage$1 src
+	src=$(readlink -f "$2") || die "cannot resolve $2"
+	[ -f "$src" ] || die "$2 is not a file"
+	if [ -e "$dest" ] || [ -L "$dest" ]; then
+		[ "$(readlink "$dest")" = "$src" ] && return 0
+		die "two different files for $1: $(readlink "$dest") and $src"
+	fi
+	mkdir -p "$(dirname "$dest")"
+	ln -s "$src" "$dest"
+}
+
+is_elf() {
+	[ "$(head -c4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]
+}
+
+# add_libraries BINARY: every shared object ldd lists, at the path it names.
+add_libraries() {
+	local bin=$1 lddout line path
+	if ! lddout=$(ldd "$bin" 2>&1); then
+		case "$lddout" in
+		*"not a dynamic executable"* | *"statically linked"*) return 0 ;;
+		*) die "ldd $bin failed: $lddout" ;;
+		esac
+	fi
+	while IFS= read -r line; do
+		case "$line" in
+		*"=> not found"*) die "$bin needs ${line%% =>*}, which is not found: ${line#"${line%%[![:space:]]*}"}" ;;
+		*"=> /"*)
+			path=${line#*=> }
+			path=${path%% (*}
+			;;
+		*/*" (0x"*)
+			path=${line#"${line%%[![:space:]]*}"}
+			path=${path%% (*}
+			;;
+		*) continue ;; # linux-vdso.so.1, "statically linked"
+		esac
+		case "$path" in
+		/*) add_file "$path" "$path" ;;
+		*) die "ldd $bin: cannot parse '$line'" ;;
+		esac
+	done <<<"$lddout"
+}
+
+nbin=0
+for bin in "${bins[@]}"; do
+	[ -e "$bin" ] || die "binary $bin does not exist"
+	if [ ! -f "$bin" ] || [ ! -x "$bin" ]; then
+		die "binary $bin is not an executable file"
+	fi
+	name=$(basename "$bin")
+	dest=$stage/opt/bd/bin/$name
+	[ ! -e "$dest" ] || die "two binaries named $name"
+	if is_elf "$bin"; then
+		objcopy --strip-debug "$bin" "$dest" || die "objcopy --strip-debug $bin failed"
+		add_libraries "$bin"
+	else
+		cp "$bin" "$dest"
+	fi
+	chmod 0755 "$dest"
+	nbin=$((nbin + 1))
+done
+
+inside_env=""
+for entry in "${images[@]}"; do
+	read -r iname key <<<"$entry"
+	src=$(env_get "$key")
+	[ -n "$src" ] || die "$env_file has no $key; run images/build.sh"
+	[ -s "$src" ] || die "$key=$src does not exist; run images/build.sh"
+	add_file "/opt/bd/images/$iname" "$src"
+	inside_env+="$key=/opt/bd/images/$iname"$'\n'
+done
+printf '%s' "$inside_env" >"$stage/opt/bd/images.env"
+chmod 0644 "$stage/opt/bd/images.env"
+
+tmp_out=$(mktemp "$out_dir/.$(basename "$out").XXXXXX")
+cp "$base" "$tmp_out"
+# The kernel only looks for an uncompressed archive at a 4-byte aligned
+# offset; zero bytes between archives are skipped.
+size=$(stat -c %s "$tmp_out")
+head -c $(((4 - size % 4) % 4)) /dev/zero >>"$tmp_out"
+(
+	cd "$stage"
+	find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
+		cpio --create --format=newc --dereference --owner=0:0 --reproducible --quiet
+) >>"$tmp_out"
+chmod 0644 "$tmp_out"
+mv -f "$tmp_out" "$out"
+tmp_out=""
+log "wrote $out ($(du -h "$out" | cut -f1); $nbin binaries, $(find "$stage" -type l | wc -l) libraries and images)"
+echo "$out"
