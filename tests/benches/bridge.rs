@@ -142,7 +142,7 @@ fn guest_part(rounds: usize) {
         Duration::from_secs(120),
     );
     let setup = BridgeSetup::new("127.0.0.1:0", &[MON], 1, 1000);
-    let bridge = BridgeProc::start(None, &setup.config, &vm.api);
+    let bridge = BridgeProc::start(&vm, &setup);
     let mut b = bridge.connect(&setup.id("mon1"));
     let sb = b.sensor_box().unwrap();
     println!(

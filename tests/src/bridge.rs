@@ -2,12 +2,15 @@
 //! the test.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdma_bridge::client::Bridge;
 use rdma_bridge::tls::{self, Identity};
 
 use crate::child::Spawned;
+use crate::site::Site;
+use crate::vm::Vm;
 
 /// A monitor entry of the bridge config.
 pub struct MonitorSpec {
@@ -26,6 +29,8 @@ pub struct BridgeSetup {
     dir: tempfile::TempDir,
     /// The config file.
     pub config: PathBuf,
+    /// Where its copy lives once a bridge was started at a remote site (the audit log is there).
+    deployed: Mutex<Option<(Arc<Site>, String)>>,
 }
 
 impl BridgeSetup {
@@ -58,7 +63,27 @@ impl BridgeSetup {
         }
         let config = dir.path().join("bridge.toml");
         std::fs::write(&config, cfg).expect("write config");
-        BridgeSetup { dir, config }
+        BridgeSetup {
+            dir,
+            config,
+            deployed: Mutex::new(None),
+        }
+    }
+
+    /// The config file's path at `site` (its directory is copied there once).
+    fn config_at(&self, site: &Arc<Site>) -> String {
+        if site.kvm().is_none() {
+            return self.config.display().to_string();
+        }
+        let mut d = self.deployed.lock().expect("lock");
+        match &*d {
+            Some((s, dir)) if Arc::ptr_eq(s, site) => format!("{dir}/bridge.toml"),
+            _ => {
+                let dir = site.dir(self.dir.path());
+                *d = Some((site.clone(), dir.clone()));
+                format!("{dir}/bridge.toml")
+            }
+        }
     }
 
     /// The PKI directory.
@@ -73,8 +98,11 @@ impl BridgeSetup {
 
     /// The audit log's events.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
-            .unwrap_or_default()
+        let text = match &*self.deployed.lock().expect("lock") {
+            Some((site, dir)) => site.read(&format!("{dir}/audit.jsonl")),
+            None => std::fs::read(self.dir.path().join("audit.jsonl")).unwrap_or_default(),
+        };
+        String::from_utf8_lossy(&text)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
@@ -102,16 +130,19 @@ pub struct BridgeProc {
 }
 
 impl BridgeProc {
-    /// Starts the bridge for the VM whose API socket is `api`, in `netns` if given, and waits
-    /// until it listens.
-    pub fn start(netns: Option<&str>, config: &Path, api: &Path) -> BridgeProc {
-        let mut cmd = crate::netns::command(netns, &bridge_bin());
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .arg("--api")
-            .arg(api);
-        let mut proc = Spawned::start(cmd, "rdma-bridge");
-        let addr = proc.wait_line("rdma-bridge: listening on ", Duration::from_secs(30));
+    /// Starts the bridge for `vm`, where the VM runs (its network namespace or its kvm host),
+    /// and waits until it listens.
+    pub fn start(vm: &Vm, setup: &BridgeSetup) -> BridgeProc {
+        let site = vm.site();
+        let args = vec![
+            "serve".to_string(),
+            "--config".into(),
+            setup.config_at(site),
+            "--api".into(),
+            vm.site_api().to_string(),
+        ];
+        let mut proc = site.spawn("rdma-bridge", &args, "rdma-bridge");
+        let addr = proc.wait_line("rdma-bridge: listening on ", Duration::from_secs(60));
         BridgeProc { proc, addr }
     }
 

@@ -5,7 +5,9 @@
 pub mod bench;
 pub mod bridge;
 pub mod child;
+pub mod kvmhost;
 pub mod netns;
+pub mod site;
 pub mod tiny_guest;
 pub mod vm;
 
@@ -23,9 +25,7 @@ impl Images {
     ///
     /// Panics with instructions if the images were never built: these tests need real guests.
     pub fn load() -> Self {
-        let path = std::env::var_os("BD_IMAGES_ENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache_dir().join("images.env"));
+        let path = Self::env_path();
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "guest images not found ({}: {e}); build them with `images/build.sh` (`make test` does)",
@@ -38,6 +38,13 @@ impl Images {
             .map(|(k, v)| (k.trim().to_string(), PathBuf::from(v.trim())))
             .collect();
         Self { vars }
+    }
+
+    /// Where `images.env` is: `$BD_IMAGES_ENV`, else in the cache root.
+    pub fn env_path() -> PathBuf {
+        std::env::var_os("BD_IMAGES_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache_dir().join("images.env"))
     }
 
     /// One image path by its variable name (e.g. `BD_KERNEL_BZIMAGE`); panics if missing.

@@ -1,42 +1,35 @@
-//! Starting bdvmm as a real child process and watching what it prints.
+//! Starting bdvmm as a real child process — on this machine (tcg) or inside a kvm host (kvm) —
+//! and watching what it prints.
 
-use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bdvmm::api::ApiClient;
+use bdvmm::api::{ApiClient, MemoryReply};
+use introspect::mem::{MappedMem, MemError, PhysMem};
+use rdma_bridge::client::BridgeMem;
 
-use bdvmm::api::MemoryReply;
-use introspect::mem::MappedMem;
+use crate::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
+use crate::child::Spawned;
+use crate::kvmhost::remote::UnixRelay;
+use crate::site::{Engine, Site};
 
 /// A bdvmm child process with its console captured.
 pub struct Vm {
-    child: Child,
-    /// The control socket.
+    proc: Spawned,
+    /// The control socket, usable from this process (for a kvm host: a relay to the real one).
     pub api: PathBuf,
+    site_api: String,
+    engine: Engine,
+    _relay: Option<UnixRelay>,
     dir: tempfile::TempDir,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    exited: Option<ExitStatus>,
-}
-
-fn pump(mut src: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = src.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            into.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
+    // Last: the site (a kvm host) outlives everything running in it.
+    site: Arc<Site>,
 }
 
 /// What to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct VmSpec {
     /// Kernel image.
     pub kernel: PathBuf,
@@ -44,102 +37,159 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     /// Kernel command line (bdvmm appends its backdoor parameters).
     pub cmdline: String,
-    /// "tcg" or "kvm".
-    pub engine: String,
+    /// The engine.
+    pub engine: Engine,
     /// MiB of RAM.
     pub mem: u64,
     /// vCPUs.
     pub vcpus: u8,
-    /// More arguments for `bdvmm run`.
+    /// More arguments for `bdvmm run` (an `--engine` here replaces the one `engine` gives).
     pub extra: Vec<String>,
-    /// Run bdvmm inside this network namespace (`ip netns exec`).
-    pub netns: Option<String>,
+    /// Where bdvmm runs; by default this machine (tcg) or a fresh kvm host (kvm).
+    pub site: Option<Arc<Site>>,
 }
 
 impl VmSpec {
-    /// A tcg guest with our initramfs running `scenario` (plus more `bd.*` parameters).
-    pub fn tcg(kernel: &Path, initrd: &Path, params: &str) -> Self {
+    /// A guest on `engine` with our initramfs running `params` (`bd.scenario=...` and more).
+    pub fn on(engine: Engine, kernel: &Path, initrd: &Path, params: &str) -> Self {
         Self {
             kernel: kernel.to_path_buf(),
             initrd: Some(initrd.to_path_buf()),
             cmdline: format!("console=ttyS0 reboot=k panic=-1 {params}"),
-            engine: "tcg".into(),
+            engine,
             mem: 512,
             vcpus: 1,
             extra: Vec::new(),
-            netns: None,
+            site: None,
         }
+    }
+
+    /// A tcg guest with our initramfs running `params`.
+    pub fn tcg(kernel: &Path, initrd: &Path, params: &str) -> Self {
+        Self::on(Engine::Tcg, kernel, initrd, params)
     }
 }
 
 impl Vm {
-    /// Starts `bdvmm run` for `spec` with a control socket in a fresh temp dir.
+    /// Starts `bdvmm run` for `spec` with a control socket in a fresh directory.
     pub fn start(spec: &VmSpec) -> Self {
+        let site = spec
+            .site
+            .clone()
+            .unwrap_or_else(|| Site::for_engine(spec.engine));
         let dir = tempfile::tempdir().expect("tempdir");
-        let api = dir.path().join("api.sock");
-        let mut args: Vec<OsString> = vec![
+        let site_dir = site.scratch(dir.path());
+        let site_api = format!("{site_dir}/api.sock");
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--kernel".into(),
-            spec.kernel.clone().into(),
+            site.path(&spec.kernel),
             "--cmdline".into(),
-            spec.cmdline.clone().into(),
-            "--engine".into(),
-            spec.engine.clone().into(),
+            spec.cmdline.clone(),
             "--mem".into(),
-            spec.mem.to_string().into(),
+            spec.mem.to_string(),
             "--vcpus".into(),
-            spec.vcpus.to_string().into(),
+            spec.vcpus.to_string(),
             "--api".into(),
-            api.clone().into(),
+            site_api.clone(),
         ];
         if let Some(i) = &spec.initrd {
             args.push("--initrd".into());
-            args.push(i.clone().into());
+            args.push(site.path(i));
         }
-        args.extend(spec.extra.iter().map(OsString::from));
-        Self::spawn(args, api, dir, spec.netns.as_deref())
-    }
-
-    fn spawn(
-        args: Vec<OsString>,
-        api: PathBuf,
-        dir: tempfile::TempDir,
-        netns: Option<&str>,
-    ) -> Self {
-        let mut child = crate::netns::command(netns, &crate::bdvmm_bin())
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn bdvmm");
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let err = Arc::new(Mutex::new(Vec::new()));
-        pump(child.stdout.take().unwrap(), out.clone());
-        pump(child.stderr.take().unwrap(), err.clone());
+        if !spec.extra.iter().any(|a| a == "--engine") {
+            args.extend(["--engine".into(), spec.engine.name().into()]);
+        }
+        args.extend(spec.extra.iter().cloned());
+        let proc = site.spawn("bdvmm", &args, &format!("bdvmm ({})", spec.engine.name()));
+        let (api, relay) = match site.kvm() {
+            Some(h) => {
+                let local = dir.path().join("api.sock");
+                let relay = UnixRelay::start(h.agent(), &site_api, &local)
+                    .unwrap_or_else(|e| panic!("relay to the kvm host's bdvmm API: {e}"));
+                (local, Some(relay))
+            }
+            None => (PathBuf::from(&site_api), None),
+        };
         Self {
-            child,
+            proc,
             api,
+            site_api,
+            engine: spec.engine,
+            _relay: relay,
             dir,
-            out,
-            err,
-            exited: None,
+            site,
         }
     }
 
-    /// The scratch directory of this VM (deleted on drop).
+    /// Where this VM runs.
+    pub fn site(&self) -> &Arc<Site> {
+        &self.site
+    }
+
+    /// The control socket's path where the VM runs (for programs started there).
+    pub fn site_api(&self) -> &str {
+        &self.site_api
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// A local scratch directory of this VM (deleted on drop).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// Everything the guest printed so far.
     pub fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+        self.proc.stdout()
     }
 
     /// Everything bdvmm itself printed so far.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+        self.proc.stderr()
+    }
+
+    /// The console tail, bdvmm's own words, where each vCPU is, and, for a kvm host, its
+    /// console: for failures.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "--- console ---\n{}\n--- bdvmm ---\n{}{}{}{}",
+            tail(&self.stdout()),
+            self.stderr(),
+            self.proc
+                .failure()
+                .map(|f| format!("\n({f})"))
+                .unwrap_or_default(),
+            self.vcpu_state(),
+            self.site.diagnostics()
+        )
+    }
+
+    /// Status and registers of every vCPU, if bdvmm still answers (never waits long).
+    fn vcpu_state(&self) -> String {
+        let Ok(mut c) = ApiClient::connect(&self.api) else {
+            return String::new();
+        };
+        let Ok(st) = c.status() else {
+            return String::new();
+        };
+        let mut out = format!(
+            "\n--- bdvmm status: {} {} vCPU(s), {}, up {} ms ---",
+            st.engine, st.vcpus, st.state, st.uptime_ms
+        );
+        for v in 0..st.vcpus {
+            match c.regs(v) {
+                Ok(r) => out.push_str(&format!(
+                    "\nvCPU {v}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr3 {:#x} cpl {}",
+                    r.rip, r.rsp, r.rflags, r.cr0, r.cr3, r.cpl
+                )),
+                Err(e) => out.push_str(&format!("\nvCPU {v}: {e}")),
+            }
+        }
+        out
     }
 
     /// Waits until the console shows `needle`; panics with the console on timeout or early exit.
@@ -149,73 +199,102 @@ impl Vm {
             if self.stdout().contains(needle) {
                 return;
             }
-            if let Some(st) = self.try_exit() {
+            if let Some(st) = self.proc.try_wait() {
                 // Let the pumps catch up with the last output.
                 std::thread::sleep(Duration::from_millis(200));
                 if self.stdout().contains(needle) {
                     return;
                 }
                 panic!(
-                    "bdvmm exited ({st}) before printing {needle:?}\n--- console ---\n{}\n--- bdvmm ---\n{}",
-                    tail(&self.stdout()),
-                    self.stderr()
+                    "bdvmm exited ({st}) before printing {needle:?}\n{}",
+                    self.diagnostics()
                 );
             }
             if Instant::now() > deadline {
-                panic!(
-                    "no {needle:?} within {timeout:?}\n--- console ---\n{}\n--- bdvmm ---\n{}",
-                    tail(&self.stdout()),
-                    self.stderr()
-                );
+                panic!("no {needle:?} within {timeout:?}\n{}", self.diagnostics());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
+    /// Its exit status, if it has ended.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.proc.try_wait()
     }
 
     /// Waits for bdvmm to exit by itself; None on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.try_exit() {
-                std::thread::sleep(Duration::from_millis(100));
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.proc.wait_exit(timeout)
     }
 
-    /// A client on the control socket.
+    /// A client on the control socket, once bdvmm answers on it.
     pub fn client(&self) -> ApiClient {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match ApiClient::connect(&self.api) {
-                Ok(c) => return c,
-                Err(e) if Instant::now() > deadline => panic!("{e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            let err = match ApiClient::connect(&self.api) {
+                Ok(mut c) => match c.status() {
+                    Ok(_) => return c,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                panic!("bdvmm API: {err}\n{}", self.diagnostics());
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// The guest's RAM, mapped (read-write) through the API, and bdvmm's map of it.
+    /// The guest's RAM mapped (read-write) through the API's memory hand-off, and bdvmm's map of
+    /// it. Only where this process can receive the memfd: on this machine.
     pub fn memory(&self) -> (MappedMem, MemoryReply) {
+        assert!(
+            self.site.kvm().is_none(),
+            "the memfd of a guest inside a kvm host cannot be mapped here; use Vm::guest_mem"
+        );
         let (file, map) = self.client().memory().expect("memory over the API");
         let mem = bdvmm::inspect::map_memory(file, &map).expect("map the memfd");
         (mem, map)
+    }
+
+    /// The guest's RAM as this process can reach it: the memfd mapped from bdvmm's hand-off on
+    /// this machine, or — for a guest inside a kvm host — through a bridge started next to it
+    /// (whose own access is that same hand-off), with read access to everything and write access
+    /// to RAM and the repair hooks.
+    pub fn guest_mem(&self) -> GuestMem {
+        if self.site.kvm().is_none() {
+            let (mem, map) = self.memory();
+            return GuestMem::Mapped(mem, map.backdoor.gpa, map.backdoor.size, map.size);
+        }
+        let setup = BridgeSetup::new(
+            &self.site.listen_addr(),
+            &[MonitorSpec {
+                name: "harness",
+                read: &["sb", "ram"],
+                write: &["ram", "hooks"],
+                restart: false,
+            }],
+            1,
+            1000,
+        );
+        let bridge = BridgeProc::start(self, &setup);
+        let b = bridge.connect(&setup.id("harness"));
+        let (gpa, size) = b.backdoor();
+        let mem = BridgeMem::new(b);
+        let total = self.client().memory_map_size();
+        GuestMem::Remote {
+            mem: Box::new(mem),
+            backdoor: (gpa, size),
+            size: total,
+            _bridge: Box::new((bridge, setup)),
+        }
     }
 
     /// Pauses the guest (with `lease`) and finds its kernel from vCPU 0's CR3 and `syms`; returns
     /// the client that holds the pause (resume it, or drop it to let the lease go).
     pub fn pause_and_locate(
         &self,
-        mem: &MappedMem,
+        mem: &dyn PhysMem,
         syms: &introspect::kernel::Symbols,
         lease: Duration,
     ) -> (ApiClient, introspect::kernel::KernelLocation) {
@@ -227,23 +306,77 @@ impl Vm {
         (c, loc)
     }
 
-    /// bdvmm's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// bdvmm's pid on this machine (None inside a kvm host).
+    pub fn local_pid(&self) -> Option<u32> {
+        self.proc.local_pid()
     }
 }
 
-impl Drop for Vm {
-    /// Asks bdvmm to stop (SIGTERM: it ends its guest and reaps QEMU), and kills it only if it
-    /// has not exited within a few seconds.
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-            if self.wait_exit(Duration::from_secs(5)).is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
+/// Extension of the API client for the harness.
+trait MapSize {
+    fn memory_map_size(&mut self) -> u64;
+}
+
+impl MapSize for ApiClient {
+    /// The guest RAM size from `status`.
+    fn memory_map_size(&mut self) -> u64 {
+        self.status().expect("status").mem_bytes
+    }
+}
+
+/// Guest RAM as a test reaches it (see [`Vm::guest_mem`]).
+pub enum GuestMem {
+    /// The memfd, mapped here: (mapping, backdoor gpa, backdoor size, RAM size).
+    Mapped(MappedMem, u64, u64, u64),
+    /// Through a bridge next to the VM.
+    Remote {
+        /// The bridge client.
+        mem: Box<BridgeMem>,
+        /// The backdoor range.
+        backdoor: (u64, u64),
+        /// RAM size.
+        size: u64,
+        /// The bridge process and its PKI, kept alive.
+        _bridge: Box<(BridgeProc, BridgeSetup)>,
+    },
+}
+
+impl GuestMem {
+    /// The backdoor range (gpa, size).
+    pub fn backdoor(&self) -> (u64, u64) {
+        match self {
+            GuestMem::Mapped(_, g, s, _) => (*g, *s),
+            GuestMem::Remote { backdoor, .. } => *backdoor,
+        }
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            GuestMem::Mapped(_, _, _, n) => *n,
+            GuestMem::Remote { size, .. } => *size,
+        }
+    }
+
+    /// The Sensor Box, read consistently.
+    pub fn sensor_box(&self) -> Result<introspect::sensorbox::SensorBox, String> {
+        let (gpa, size) = self.backdoor();
+        introspect::sensorbox::read(self, gpa, size, 1000).map_err(|e| e.to_string())
+    }
+}
+
+impl PhysMem for GuestMem {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        match self {
+            GuestMem::Mapped(m, ..) => m.read(gpa, buf),
+            GuestMem::Remote { mem, .. } => mem.read(gpa, buf),
+        }
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+        match self {
+            GuestMem::Mapped(m, ..) => m.write(gpa, bytes),
+            GuestMem::Remote { mem, .. } => mem.write(gpa, bytes),
         }
     }
 }
@@ -254,17 +387,14 @@ pub fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
-/// Runs `bdvmm` with `args` to completion (for bad-input tests); returns (status, stderr).
+/// Runs `bdvmm` with `args` to completion on this machine (for bad-input tests); returns
+/// (status, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut vm = Vm::spawn(
-        args.iter().map(OsString::from).collect(),
-        dir.path().join("unused.sock"),
-        dir,
-        None,
-    );
-    let st = vm
+    let mut cmd = std::process::Command::new(crate::bdvmm_bin());
+    cmd.args(args);
+    let mut p = Spawned::start(cmd, "bdvmm");
+    let st = p
         .wait_exit(timeout)
         .unwrap_or_else(|| panic!("bdvmm {args:?} did not exit within {timeout:?}"));
-    (st, vm.stderr())
+    (st, p.stderr())
 }

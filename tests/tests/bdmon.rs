@@ -1,8 +1,10 @@
-//! bdmon end to end: a guest under bdvmm (tcg) with its bridge in a network namespace of its own,
-//! bdmon attached from this namespace. A fork bomb (CPU- and I/O-bound) or a 30-process memory hog
+//! bdmon end to end, on both engines: a guest under bdvmm with its bridge on a host of its own — a
+//! network namespace (tcg) or a kvm host (kvm) — and bdmon attached from this machine, outside, as
+//! a remote monitor. A fork bomb (CPU- and I/O-bound) or a 30-process memory hog
 //! starts as user1 while `useful` runs as user2; bdmon must kill every culprit, `useful` must finish
 //! with iteration times back near its baseline, and nothing else may die. Without bdmon the same
-//! guest is crippled. Then the same on the stock Debian kernel through virtual sensors.
+//! guest is crippled. Then the same on the stock Debian kernel through virtual sensors. A hung guest is
+//! reported (and restarted in place, when asked).
 
 use std::path::Path;
 use std::process::Command;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::child::Spawned;
-use backdoors_tests::netns::NetNs;
+use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{workspace_bin, Images};
 use introspect::target::KernelFiles;
@@ -30,30 +32,30 @@ enum Kernel {
 }
 
 struct World {
-    _ns: NetNs,
-    vm: Vm,
-    setup: BridgeSetup,
+    // Field order: the bridge ends before the VM it serves.
     bridge: BridgeProc,
+    setup: BridgeSetup,
+    vm: Vm,
     kernel: Kernel,
 }
 
-fn world(kernel: Kernel, params: &str) -> World {
+fn world(engine: Engine, kernel: Kernel, params: &str) -> World {
     let img = Images::load();
-    let ns = NetNs::new().expect("network namespace");
     let key = match kernel {
         Kernel::Patched => "BD_KERNEL_BZIMAGE",
         Kernel::Stock => "BD_STOCK_VMLINUZ",
     };
-    let mut spec = VmSpec::tcg(
+    let mut spec = VmSpec::on(
+        engine,
         img.get(key),
         img.get("BD_INITRAMFS"),
         &format!("quiet bd.halt=wait {params}"),
     );
-    spec.netns = Some(ns.name.clone());
+    spec.site = Some(Site::remote_host(engine));
     let mut vm = Vm::start(&spec);
     vm.expect("BACKDOORS: scenario", BOOT);
     let setup = BridgeSetup::new(
-        &format!("{}:7070", ns.ns_ip),
+        &vm.site().listen_addr(),
         &[MonitorSpec {
             name: "mon1",
             read: &["sb", "ram"],
@@ -68,12 +70,11 @@ fn world(kernel: Kernel, params: &str) -> World {
         1,
         1000,
     );
-    let bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    let bridge = BridgeProc::start(&vm, &setup);
     World {
-        _ns: ns,
-        vm,
-        setup,
         bridge,
+        setup,
+        vm,
         kernel,
     }
 }
@@ -192,8 +193,8 @@ fn median(v: &[u64]) -> u64 {
 }
 
 /// Runs `scenario` with bdmon attached and checks the healing.
-fn healed(kernel: Kernel, scenario: &str, hm: &str) {
-    let mut w = world(kernel, &format!("{scenario} bd.iterations=25"));
+fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
+    let mut w = world(engine, kernel, &format!("{scenario} bd.iterations=25"));
     let before = w.survivors();
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon(dir.path(), "");
@@ -233,8 +234,9 @@ fn healed(kernel: Kernel, scenario: &str, hm: &str) {
     let base = median(&it[..3]);
     let tail = median(&it[it.len() - 5..]);
     eprintln!(
-        "{scenario} on {}: baseline {base} us, last iterations {tail} us, worst {} us; {} repair(s); healed {:?}",
+        "{scenario} on {} ({}): baseline {base} us, last iterations {tail} us, worst {} us; {} repair(s); healed {:?}",
         if kernel == Kernel::Patched { "patched" } else { "stock" },
+        engine.name(),
         it.iter().max().unwrap(),
         repairs.len(),
         healed.iter().map(|h| h["recovered_us"].clone()).collect::<Vec<_>>()
@@ -253,8 +255,9 @@ fn healed(kernel: Kernel, scenario: &str, hm: &str) {
 }
 
 #[test]
-fn bdmon_heals_a_cpu_fork_bomb() {
+fn tcg_bdmon_heals_a_cpu_fork_bomb() {
     healed(
+        Engine::Tcg,
         Kernel::Patched,
         "bd.scenario=forkbomb bd.mode=cpu",
         "Proc_Repair_Healer",
@@ -262,8 +265,19 @@ fn bdmon_heals_a_cpu_fork_bomb() {
 }
 
 #[test]
-fn bdmon_heals_an_io_fork_bomb() {
+fn kvm_bdmon_heals_a_cpu_fork_bomb() {
     healed(
+        Engine::Kvm,
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=cpu",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_an_io_fork_bomb() {
+    healed(
+        Engine::Tcg,
         Kernel::Patched,
         "bd.scenario=forkbomb bd.mode=io",
         "Proc_Repair_Healer",
@@ -271,8 +285,19 @@ fn bdmon_heals_an_io_fork_bomb() {
 }
 
 #[test]
-fn bdmon_heals_a_memory_hog_and_its_controller() {
+fn kvm_bdmon_heals_an_io_fork_bomb() {
     healed(
+        Engine::Kvm,
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=io",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_a_memory_hog_and_its_controller() {
+    healed(
+        Engine::Tcg,
         Kernel::Patched,
         "bd.scenario=memhog bd.children=30 bd.mb=20",
         "Mem_Reclaim_Healer",
@@ -280,18 +305,83 @@ fn bdmon_heals_a_memory_hog_and_its_controller() {
 }
 
 #[test]
-fn bdmon_heals_a_fork_bomb_on_the_stock_kernel() {
+fn kvm_bdmon_heals_a_memory_hog_and_its_controller() {
     healed(
+        Engine::Kvm,
+        Kernel::Patched,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_a_cpu_fork_bomb_on_the_stock_kernel() {
+    healed(
+        Engine::Tcg,
         Kernel::Stock,
         "bd.scenario=forkbomb bd.mode=cpu",
         "Proc_Repair_Healer",
     );
 }
 
+#[test]
+fn kvm_bdmon_heals_a_cpu_fork_bomb_on_the_stock_kernel() {
+    healed(
+        Engine::Kvm,
+        Kernel::Stock,
+        "bd.scenario=forkbomb bd.mode=cpu",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_an_io_fork_bomb_on_the_stock_kernel() {
+    healed(
+        Engine::Tcg,
+        Kernel::Stock,
+        "bd.scenario=forkbomb bd.mode=io",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn kvm_bdmon_heals_an_io_fork_bomb_on_the_stock_kernel() {
+    healed(
+        Engine::Kvm,
+        Kernel::Stock,
+        "bd.scenario=forkbomb bd.mode=io",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_a_memory_hog_on_the_stock_kernel() {
+    healed(
+        Engine::Tcg,
+        Kernel::Stock,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
+
+#[test]
+fn kvm_bdmon_heals_a_memory_hog_on_the_stock_kernel() {
+    healed(
+        Engine::Kvm,
+        Kernel::Stock,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
+
 /// Without bdmon: after the fault starts, `useful` does not finish its remaining iterations in
 /// 20 s (at its baseline pace they take about 2 s), or it dies.
 fn crippled(scenario: &str) {
-    let mut w = world(Kernel::Patched, &format!("{scenario} bd.iterations=25"));
+    let mut w = world(
+        Engine::Tcg,
+        Kernel::Patched,
+        &format!("{scenario} bd.iterations=25"),
+    );
     w.vm.expect("fault starts", Duration::from_secs(120));
     let at_fault = iterations(&w.vm.stdout()).len();
     std::thread::sleep(Duration::from_secs(20));
@@ -326,6 +416,7 @@ fn without_bdmon_the_memory_hog_cripples_the_guest() {
 #[test]
 fn dry_run_kills_nothing_and_says_what_it_would() {
     let mut w = world(
+        Engine::Tcg,
         Kernel::Patched,
         "bd.scenario=forkbomb bd.mode=cpu bd.seconds=8 bd.iterations=10",
     );
@@ -356,18 +447,8 @@ fn dry_run_kills_nothing_and_says_what_it_would() {
     w.vm.expect("FORKBOMB done", Duration::from_secs(120));
 }
 
-#[test]
-fn bdmon_heals_a_memory_hog_on_the_stock_kernel() {
-    healed(
-        Kernel::Stock,
-        "bd.scenario=memhog bd.children=30 bd.mb=20",
-        "Mem_Reclaim_Healer",
-    );
-}
-
-#[test]
-fn bdmon_reports_a_hung_guest_but_not_a_paused_one() {
-    let w = world(Kernel::Patched, "bd.scenario=hang bd.after=10");
+fn reports_a_hung_guest_but_not_a_paused_one(engine: Engine) {
+    let w = world(engine, Kernel::Patched, "bd.scenario=hang bd.after=10");
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon(
         dir.path(),
@@ -400,9 +481,8 @@ fn bdmon_reports_a_hung_guest_but_not_a_paused_one() {
     assert!(mon.terminate(Duration::from_secs(10)).is_some());
 }
 
-#[test]
-fn bdmon_restarts_a_hung_guest_through_bdvmm() {
-    let w = world(Kernel::Patched, "bd.scenario=hang bd.after=3");
+fn restarts_a_hung_guest_through_bdvmm(engine: Engine) {
+    let w = world(engine, Kernel::Patched, "bd.scenario=hang bd.after=3");
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon(dir.path(), "[hang]\naction = \"restart\"");
     let mut vm = w.vm;
@@ -421,4 +501,24 @@ fn bdmon_restarts_a_hung_guest_through_bdvmm() {
     }
     assert!(w.setup.audit_events("restart").len() == 1);
     assert!(mon.terminate(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn tcg_bdmon_reports_a_hung_guest_but_not_a_paused_one() {
+    reports_a_hung_guest_but_not_a_paused_one(Engine::Tcg);
+}
+
+#[test]
+fn kvm_bdmon_reports_a_hung_guest_but_not_a_paused_one() {
+    reports_a_hung_guest_but_not_a_paused_one(Engine::Kvm);
+}
+
+#[test]
+fn tcg_bdmon_restarts_a_hung_guest_through_bdvmm() {
+    restarts_a_hung_guest_through_bdvmm(Engine::Tcg);
+}
+
+#[test]
+fn kvm_bdmon_restarts_a_hung_guest_through_bdvmm() {
+    restarts_a_hung_guest_through_bdvmm(Engine::Kvm);
 }

@@ -1,43 +1,55 @@
-//! Real guests boot under bdvmm: both kernels on tcg to /init, a scenario, and a clean exit on
-//! poweroff; the real 6.1 kernel on this host's KVM far enough to print its banner and the exact
-//! command line bdvmm passed.
+//! Real guests boot under bdvmm on both engines: the patched and the stock kernel to /init with 1
+//! and 2 vCPUs, a scenario, and a clean exit when the guest ends; a guest panic ends bdvmm with
+//! its reason; on the kvm engine also the PVH entry of a vmlinux, `--engine auto`, and the exact
+//! command line and e820 map bdvmm passed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::Images;
 
-fn boot_hello_and_power_off(kernel_key: &str) {
+const BOOT: Duration = Duration::from_secs(120);
+
+/// Boots `kernel_key` with `hello` on `site`, checks the scenario, the vCPU count the guest sees
+/// and bdvmm's clean exit.
+fn boot_hello_and_end(engine: Engine, site: &Arc<Site>, kernel_key: &str, vcpus: u8) {
     let img = Images::load();
-    let spec = VmSpec::tcg(
+    let mut spec = VmSpec::on(
+        engine,
         img.get(kernel_key),
         img.get("BD_INITRAMFS"),
         "bd.scenario=hello",
     );
+    spec.vcpus = vcpus;
+    spec.site = Some(site.clone());
     let mut vm = Vm::start(&spec);
-    vm.expect("BACKDOORS: ready", Duration::from_secs(60));
-    vm.expect("BACKDOORS: scenario hello started", Duration::from_secs(30));
-    vm.expect(
-        "BACKDOORS: scenario hello finished rc=0",
-        Duration::from_secs(30),
-    );
-    vm.expect("BACKDOORS: poweroff", Duration::from_secs(30));
-    let status = vm
-        .wait_exit(Duration::from_secs(30))
-        .expect("bdvmm did not exit after the guest powered off");
-    assert!(
-        status.success(),
-        "exit {status}; bdvmm said:\n{}",
-        vm.stderr()
-    );
+    vm.expect("BACKDOORS: ready", BOOT);
+    vm.expect("BACKDOORS: scenario hello started", BOOT);
+    vm.expect("BACKDOORS: scenario hello finished rc=0", BOOT);
+    vm.expect("BACKDOORS: poweroff", BOOT);
+    let status = vm.wait_exit(BOOT).unwrap_or_else(|| {
+        panic!(
+            "bdvmm did not exit after the guest ended\n{}",
+            vm.diagnostics()
+        )
+    });
+    assert!(status.success(), "exit {status}\n{}", vm.diagnostics());
+    // Both engines give the guest ACPI (QEMU's `pc`; bdvmm's own tables on kvm), so it powers off
+    // through S5.
     assert!(
         vm.stderr()
             .contains("bdvmm: guest stopped: guest powered off"),
-        "expected an ACPI poweroff, bdvmm said:\n{}",
-        vm.stderr()
+        "{}",
+        vm.diagnostics()
     );
     let out = vm.stdout();
     assert!(out.contains("HELLO from 6.1."), "{out}");
+    assert!(
+        out.contains(&format!("HELLO cpus={vcpus} ")),
+        "the guest does not see {vcpus} vCPU(s):\n{out}"
+    );
     // The backdoor range is reserved in the map the guest uses.
     assert!(
         out.contains("backdoor.sb=0xf00000,0x100000"),
@@ -45,30 +57,50 @@ fn boot_hello_and_power_off(kernel_key: &str) {
     );
 }
 
-#[test]
-fn tcg_boots_the_patched_kernel_runs_a_scenario_and_powers_off() {
-    boot_hello_and_power_off("BD_KERNEL_BZIMAGE");
+fn boots_with_1_and_2_vcpus(engine: Engine, kernel_key: &str) {
+    let site = Site::for_engine(engine);
+    for vcpus in [1, 2] {
+        boot_hello_and_end(engine, &site, kernel_key, vcpus);
+    }
 }
 
 #[test]
-fn tcg_boots_the_stock_debian_kernel_runs_a_scenario_and_powers_off() {
-    boot_hello_and_power_off("BD_STOCK_VMLINUZ");
+fn tcg_boots_the_patched_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_KERNEL_BZIMAGE");
 }
 
 #[test]
-fn tcg_guest_panic_ends_bdvmm_with_a_reason() {
+fn kvm_boots_the_patched_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_KERNEL_BZIMAGE");
+}
+
+#[test]
+fn tcg_boots_the_stock_debian_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_STOCK_VMLINUZ");
+}
+
+#[test]
+fn kvm_boots_the_stock_debian_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_STOCK_VMLINUZ");
+}
+
+fn guest_panic_ends_bdvmm_with_a_reason(engine: Engine) {
     let img = Images::load();
     // An init that does not exist: the kernel panics ("No working init found").
-    let spec = VmSpec::tcg(
+    let spec = VmSpec::on(
+        engine,
         img.get("BD_KERNEL_BZIMAGE"),
         img.get("BD_INITRAMFS"),
         "rdinit=/nonexistent init=/nonexistent",
     );
     let mut vm = Vm::start(&spec);
-    let status = vm
-        .wait_exit(Duration::from_secs(60))
-        .expect("bdvmm did not exit after a guest panic");
-    assert_eq!(status.code(), Some(1), "{}", vm.stderr());
+    let status = vm.wait_exit(BOOT).unwrap_or_else(|| {
+        panic!(
+            "bdvmm did not exit after a guest panic\n{}",
+            vm.diagnostics()
+        )
+    });
+    assert_eq!(status.code(), Some(1), "{}", vm.diagnostics());
     let last = vm.stderr().lines().last().unwrap_or_default().to_string();
     assert!(
         last.starts_with("bdvmm: error: guest kernel panic: Kernel panic - not syncing"),
@@ -77,33 +109,114 @@ fn tcg_guest_panic_ends_bdvmm_with_a_reason() {
 }
 
 #[test]
-fn kvm_boots_the_real_kernel_to_its_banner_and_command_line() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP: no /dev/kvm on this host");
-        return;
-    }
+fn tcg_guest_panic_ends_bdvmm_with_a_reason() {
+    guest_panic_ends_bdvmm_with_a_reason(Engine::Tcg);
+}
+
+#[test]
+fn kvm_guest_panic_ends_bdvmm_with_a_reason() {
+    guest_panic_ends_bdvmm_with_a_reason(Engine::Kvm);
+}
+
+/// A guest that reboots its machine ends bdvmm by default (status 0, as a poweroff); with
+/// `--on-reset restart` it boots again in place, as it does after the API's `reset`.
+fn guest_reboot_exits_or_restarts_in_place(engine: Engine) {
     let img = Images::load();
-    let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1";
+    let site = Site::for_engine(engine);
+    let spec = |extra: &[&str], params: &str| {
+        let mut s = VmSpec::on(
+            engine,
+            img.get("BD_KERNEL_BZIMAGE"),
+            img.get("BD_INITRAMFS"),
+            &format!("quiet bd.scenario=hello {params}"),
+        );
+        s.vcpus = 2;
+        s.site = Some(site.clone());
+        s.extra = extra.iter().map(|a| a.to_string()).collect();
+        s
+    };
+    let mut vm = Vm::start(&spec(&[], "bd.halt=reboot"));
+    vm.expect("BACKDOORS: reboot", BOOT);
+    let st = vm
+        .wait_exit(BOOT)
+        .unwrap_or_else(|| panic!("a guest reboot did not end bdvmm\n{}", vm.diagnostics()));
+    assert!(st.success(), "{st}\n{}", vm.diagnostics());
+    assert!(vm.stderr().contains("guest reset"), "{}", vm.diagnostics());
+
+    // Restart in place: the guest reboots itself twice, and bdvmm boots it again each time.
+    let mut vm = Vm::start(&spec(&["--on-reset", "restart"], "bd.halt=reboot"));
+    let deadline = std::time::Instant::now() + 2 * BOOT;
+    while vm.stdout().matches("HELLO cpus=2 ").count() < 3 {
+        assert!(
+            vm.try_exit().is_none() && std::time::Instant::now() < deadline,
+            "no third boot\n{}",
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(vm);
+
+    // The API's reset, on a guest that stays up: the same guest boots again on the same memory.
+    let mut vm = Vm::start(&spec(&[], "bd.halt=wait"));
+    vm.expect("BACKDOORS: halt wait", BOOT);
+    let boot_id = |vm: &Vm| vm.guest_mem().sensor_box().map(|sb| sb.header.boot_id);
+    let before = boot_id(&vm).unwrap_or_else(|e| panic!("{e}\n{}", vm.diagnostics()));
+    vm.client().reset().expect("reset");
+    let deadline = std::time::Instant::now() + BOOT;
+    while vm.stdout().matches("BACKDOORS: halt wait").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second boot after reset\n{}",
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = boot_id(&vm).unwrap_or_else(|e| panic!("{e}\n{}", vm.diagnostics()));
+    assert_ne!(before, after, "the Sensor Box is the old boot's");
+    assert!(vm.try_exit().is_none(), "{}", vm.diagnostics());
+}
+
+#[test]
+fn tcg_guest_reboot_exits_or_restarts_in_place() {
+    guest_reboot_exits_or_restarts_in_place(Engine::Tcg);
+}
+
+#[test]
+fn kvm_guest_reboot_exits_or_restarts_in_place() {
+    guest_reboot_exits_or_restarts_in_place(Engine::Kvm);
+}
+
+/// Inside a kvm host: a vmlinux boots through its PVH entry with `--engine auto` (which must pick
+/// kvm there), and the kernel sees exactly the command line and e820 map bdvmm built.
+#[test]
+fn kvm_auto_engine_boots_a_vmlinux_through_pvh_with_the_exact_cmdline_and_e820() {
+    let img = Images::load();
+    let site = Site::kvm_host();
+    let cmdline = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 bd.scenario=hello";
     let spec = VmSpec {
         kernel: img.get("BD_KERNEL_VMLINUX").to_path_buf(),
         initrd: Some(img.get("BD_INITRAMFS").to_path_buf()),
         cmdline: cmdline.into(),
-        engine: "kvm".into(),
+        engine: Engine::Kvm,
         mem: 256,
-        vcpus: 1,
-        extra: Vec::new(),
-        netns: None,
+        vcpus: 2,
+        extra: vec!["--engine".into(), "auto".into()],
+        site: Some(site),
     };
     let mut vm = Vm::start(&spec);
-    vm.expect("Linux version 6.1.", Duration::from_secs(60));
+    vm.expect("HELLO from 6.1.", BOOT);
+    let err = vm.stderr();
+    assert!(
+        err.contains("bdvmm: engine auto -> kvm (host CPU has vmx/svm)"),
+        "{}",
+        vm.diagnostics()
+    );
     // bdvmm prints the command line it passed; the kernel must echo exactly that.
-    let passed = vm
-        .stderr()
+    let passed = err
         .lines()
         .find_map(|l| l.strip_prefix("bdvmm: cmdline: ").map(str::to_string))
         .expect("bdvmm prints its command line");
     assert!(passed.starts_with(cmdline) && passed.contains("backdoor.sb="));
-    vm.expect(&format!("Command line: {passed}"), Duration::from_secs(60));
     let echoed = vm
         .stdout()
         .lines()
@@ -111,11 +224,15 @@ fn kvm_boots_the_real_kernel_to_its_banner_and_command_line() {
             l.split_once("Command line: ")
                 .map(|(_, c)| c.trim_end_matches('\r').to_string())
         })
-        .unwrap();
+        .unwrap_or_else(|| panic!("no command line echoed\n{}", vm.diagnostics()));
     assert_eq!(echoed, passed, "the kernel saw a different command line");
     // The e820 map bdvmm built, with the backdoor range reserved, reached the kernel.
-    vm.expect(
-        "BIOS-e820: [mem 0x0000000000f00000-0x0000000000ffffff] reserved",
-        Duration::from_secs(30),
+    assert!(
+        vm.stdout()
+            .contains("BIOS-e820: [mem 0x0000000000f00000-0x0000000000ffffff] reserved"),
+        "{}",
+        vm.diagnostics()
     );
+    vm.expect("HELLO cpus=2 ", BOOT);
+    assert!(vm.wait_exit(BOOT).is_some_and(|s| s.success()));
 }

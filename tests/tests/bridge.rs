@@ -1,10 +1,11 @@
-//! rdma-bridge end to end: bdvmm and the bridge run in their own network namespace, the monitors
-//! (this test process) reach them over a veth pair, through mutual TLS and the Guard.
+//! rdma-bridge end to end: bdvmm and the bridge run on a host of their own — a network namespace
+//! (tcg engine) or a kvm host (kvm engine) — and the monitors (this test process) reach them over a
+//! veth pair or a tap device, through mutual TLS and the Guard.
 
 use std::time::{Duration, Instant};
 
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
-use backdoors_tests::netns::NetNs;
+use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::Images;
 use introspect::hooks::{KillTarget, Mailbox};
@@ -20,15 +21,16 @@ fn pid_after(out: &str, prefix: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {prefix:?} in:\n{out}"))
 }
 
-/// A patched guest running `params`, with bdvmm in namespace `ns`.
-fn guest(ns: &NetNs, params: &str) -> Vm {
+/// A patched guest on `engine` running `params`, on a host of its own.
+fn guest(engine: Engine, params: &str) -> Vm {
     let img = Images::load();
-    let mut spec = VmSpec::tcg(
+    let mut spec = VmSpec::on(
+        engine,
         img.get("BD_KERNEL_BZIMAGE"),
         img.get("BD_INITRAMFS"),
         &format!("quiet bd.halt=wait {params}"),
     );
-    spec.netns = Some(ns.name.clone());
+    spec.site = Some(Site::remote_host(engine));
     Vm::start(&spec)
 }
 
@@ -39,13 +41,11 @@ const READER: MonitorSpec = MonitorSpec {
     restart: false,
 };
 
-#[test]
-fn a_monitor_in_another_namespace_reads_the_sensor_box_and_process_table() {
-    let ns = NetNs::new().expect("network namespace");
-    let mut vm = guest(&ns, "bd.scenario=spawn bd.count=200");
+fn a_remote_monitor_reads_the_sensor_box_and_process_table(engine: Engine) {
+    let mut vm = guest(engine, "bd.scenario=spawn bd.count=200");
     vm.expect("BACKDOORS: procs end", Duration::from_secs(300));
     let setup = BridgeSetup::new(
-        &format!("{}:7070", ns.ns_ip),
+        &vm.site().listen_addr(),
         &[
             READER,
             MonitorSpec {
@@ -58,7 +58,7 @@ fn a_monitor_in_another_namespace_reads_the_sensor_box_and_process_table() {
         1,
         1000,
     );
-    let bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    let bridge = BridgeProc::start(&vm, &setup);
 
     let mut b = bridge.connect(&setup.id("mon1"));
     let sb = b.sensor_box().expect("FETCH_SB");
@@ -138,9 +138,17 @@ fn a_monitor_in_another_namespace_reads_the_sensor_box_and_process_table() {
 }
 
 #[test]
-fn two_of_three_monitors_must_agree_before_a_kill_is_written() {
-    let ns = NetNs::new().expect("network namespace");
-    let mut vm = guest(&ns, "bd.scenario=repair");
+fn tcg_a_remote_monitor_reads_the_sensor_box_and_process_table() {
+    a_remote_monitor_reads_the_sensor_box_and_process_table(Engine::Tcg);
+}
+
+#[test]
+fn kvm_a_remote_monitor_reads_the_sensor_box_and_process_table() {
+    a_remote_monitor_reads_the_sensor_box_and_process_table(Engine::Kvm);
+}
+
+fn two_of_three_monitors_must_agree_before_a_kill_is_written(engine: Engine) {
+    let mut vm = guest(engine, "bd.scenario=repair");
     vm.expect("REPAIR sleeper pid=", BOOT);
     let out = vm.stdout();
     let busy = pid_after(&out, "REPAIR busy pid=");
@@ -154,8 +162,8 @@ fn two_of_three_monitors_must_agree_before_a_kill_is_written() {
             restart: false,
         })
         .collect();
-    let setup = BridgeSetup::new(&format!("{}:7070", ns.ns_ip), &mons, 2, 1500);
-    let bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    let setup = BridgeSetup::new(&vm.site().listen_addr(), &mons, 2, 1500);
+    let bridge = BridgeProc::start(&vm, &setup);
 
     // Each monitor finds the target itself from the process table.
     let start_time = |mem: &BridgeMem, pid: u32| {
@@ -219,12 +227,20 @@ fn two_of_three_monitors_must_agree_before_a_kill_is_written() {
 }
 
 #[test]
-fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
-    let ns = NetNs::new().expect("network namespace");
-    let mut vm = guest(&ns, "bd.scenario=counter");
+fn tcg_two_of_three_monitors_must_agree_before_a_kill_is_written() {
+    two_of_three_monitors_must_agree_before_a_kill_is_written(Engine::Tcg);
+}
+
+#[test]
+fn kvm_two_of_three_monitors_must_agree_before_a_kill_is_written() {
+    two_of_three_monitors_must_agree_before_a_kill_is_written(Engine::Kvm);
+}
+
+fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen(engine: Engine) {
+    let mut vm = guest(engine, "bd.scenario=counter");
     vm.expect("BACKDOORS: scenario counter started", BOOT);
-    let setup = BridgeSetup::new(&format!("{}:7070", ns.ns_ip), &[READER], 1, 1000);
-    let mut bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    let setup = BridgeSetup::new(&vm.site().listen_addr(), &[READER], 1, 1000);
+    let mut bridge = BridgeProc::start(&vm, &setup);
     let ticks = |b: &mut rdma_bridge::client::Bridge| {
         b.sensor_box()
             .expect("sb")
@@ -281,7 +297,7 @@ fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // A new bridge serves the same, still-running VM.
-    let bridge = BridgeProc::start(Some(&ns.name), &setup.config, &vm.api);
+    let bridge = BridgeProc::start(&vm, &setup);
     let mut w = bridge.connect(&setup.id("mon1"));
     assert!(
         progressing(&mut w),
@@ -296,4 +312,14 @@ fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
         .expect("bridge outlived its VM");
     assert!(st.success(), "{st}\n{}", bridge.output());
     assert!(bridge.output().contains("the VM exited"));
+}
+
+#[test]
+fn tcg_a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
+    a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen(Engine::Tcg);
+}
+
+#[test]
+fn kvm_a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen() {
+    a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen(Engine::Kvm);
 }

@@ -1,45 +1,48 @@
-//! The patched guest's Sensor Box, read from the host through bdvmm's memory API: every built-in
-//! sensor reacts to the event it watches, the externalized state points at the right places, and
-//! the repair hooks kill a busy and a sleeping task while refusing bad requests.
+//! The patched guest's Sensor Box, read from the host through bdvmm's memory API (on the kvm
+//! engine: through a bridge inside the kvm host, which has that hand-off): every built-in sensor
+//! reacts to the event it watches, the sensors move while the guest runs and freeze while it is
+//! paused, the externalized state points at the right places, and the repair hooks kill a busy
+//! and a sleeping task while refusing bad requests.
 
 use std::time::{Duration, Instant};
 
-use backdoors_tests::vm::{Vm, VmSpec};
+use backdoors_tests::site::Engine;
+use backdoors_tests::vm::{GuestMem, Vm, VmSpec};
 use backdoors_tests::{kernel_code_phys, Images};
-use bdvmm::api::MemoryReply;
 use introspect::hooks::{KillTarget, Mailbox, SlotState};
 use introspect::kernel::Symbols;
-use introspect::mem::{MappedMem, PhysMem};
-use introspect::sensorbox::{self, ids, SensorBox, SensorClass};
+use introspect::mem::PhysMem;
+use introspect::sensorbox::{ids, SensorBox, SensorClass};
 
 struct Guest {
+    // Field order: the memory (a bridge, on kvm) goes before the VM it reads.
+    mem: GuestMem,
     vm: Vm,
-    mem: MappedMem,
-    map: MemoryReply,
 }
 
 impl Guest {
     fn boot(params: &str, ready: &str) -> Self {
+        Self::boot_on(Engine::Tcg, params, ready)
+    }
+
+    fn boot_on(engine: Engine, params: &str, ready: &str) -> Self {
         let img = Images::load();
-        let spec = VmSpec::tcg(
+        let spec = VmSpec::on(
+            engine,
             img.get("BD_KERNEL_BZIMAGE"),
             img.get("BD_INITRAMFS"),
             &format!("quiet bd.halt=wait {params}"),
         );
         let mut vm = Vm::start(&spec);
         vm.expect(ready, Duration::from_secs(120));
-        let (mem, map) = vm.memory();
-        Self { vm, mem, map }
+        let mem = vm.guest_mem();
+        Self { mem, vm }
     }
 
     fn sb(&self) -> SensorBox {
-        sensorbox::read(
-            &self.mem,
-            self.map.backdoor.gpa,
-            self.map.backdoor.size,
-            1000,
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.vm.stderr()))
+        self.mem
+            .sensor_box()
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.vm.diagnostics()))
     }
 
     fn value(&self, id: u32) -> u64 {
@@ -78,9 +81,9 @@ fn field(out: &str, prefix: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= on a {prefix:?} line:\n{out}"))
 }
 
-#[test]
-fn sensors_advance_while_running_and_stall_while_paused() {
-    let g = Guest::boot(
+fn sensors_advance_while_running_and_stall_while_paused(engine: Engine) {
+    let g = Guest::boot_on(
+        engine,
         "bd.scenario=counter backdoor.threshold=NPROCS:500,4:77,FREE_PAGES:2048",
         "COUNTER ready",
     );
@@ -152,6 +155,16 @@ fn sensors_advance_while_running_and_stall_while_paused() {
     let t1 = a.value(ids::TIMER_TICKS).unwrap();
     g.wait_value(ids::TIMER_TICKS, Duration::from_secs(5), |v| v > t1);
     assert!(g.sb().header.publishes > a.header.publishes);
+}
+
+#[test]
+fn tcg_sensors_advance_while_running_and_stall_while_paused() {
+    sensors_advance_while_running_and_stall_while_paused(Engine::Tcg);
+}
+
+#[test]
+fn kvm_sensors_advance_while_running_and_stall_while_paused() {
+    sensors_advance_while_running_and_stall_while_paused(Engine::Kvm);
 }
 
 #[test]
@@ -247,9 +260,8 @@ fn a_full_file_table_drives_file_table_full() {
     assert!(g.value(ids::FILE_TABLE_FULL) > 0);
 }
 
-#[test]
-fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests() {
-    let mut g = Guest::boot("bd.scenario=repair", "REPAIR sleeper pid=");
+fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(engine: Engine) {
+    let mut g = Guest::boot_on(engine, "bd.scenario=repair", "REPAIR sleeper pid=");
     let out = g.vm.stdout();
     let busy = field(&out, "REPAIR busy", "pid") as u32;
     let sleeper = field(&out, "REPAIR sleeper", "pid") as u32;
@@ -364,6 +376,16 @@ fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests() {
     // The guest is fine afterwards.
     let t = sb.value(ids::TIMER_TICKS).unwrap();
     g.wait_value(ids::TIMER_TICKS, Duration::from_secs(5), |v| v > t);
+}
+
+#[test]
+fn tcg_repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests() {
+    repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(Engine::Tcg);
+}
+
+#[test]
+fn kvm_repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests() {
+    repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(Engine::Kvm);
 }
 
 /// The per-user fork table that the descriptor names, read with the guest paused: the user whose

@@ -1,0 +1,155 @@
+//! `bd-kvmhost`: boot a kvm host (a QEMU-TCG VM with emulated AMD-V, where bdvmm's kvm engine
+//! runs Linux guests on machines whose own KVM cannot), run programs in it, and — inside it — the
+//! agent that does so. Used by the end-to-end tests, the benchmarks and `make demo ENGINE=kvm`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backdoors_tests::kvmhost::remote::RemoteChild;
+use backdoors_tests::kvmhost::{agent, KvmHost, KvmHostOptions};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bd-kvmhost",
+    version,
+    about = "Boot a kvm host (QEMU TCG, -cpu max: emulated AMD-V with nested paging) and run programs in it",
+    long_about = "A kvm host is a QEMU-TCG VM running the stock Debian kernel with kvm-amd, booted from \
+images/kvmhost (cached) plus a per-run archive with this checkout's release binaries (bdvmm, rdma-bridge, \
+bd-kvmhost) and the guest images under /opt/bd. It is reached over a tap device (10.232.N.2, this \
+machine 10.232.N.1); an agent inside runs programs for `bd-kvmhost exec`. Needs root (tap), \
+`make images` and `make release`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a kvm host, print `bd-kvmhost: ready ip=<addr> agent=<addr:port>`, and keep it up
+    /// until SIGINT or SIGTERM (its console goes to stderr).
+    Up {
+        /// RAM in MiB.
+        #[arg(long, default_value_t = 3072)]
+        mem: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        smp: u8,
+    },
+    /// Run a program inside a kvm host; its output and exit status are this command's.
+    Exec {
+        /// The agent's address, as `up` printed it.
+        #[arg(long)]
+        agent: SocketAddr,
+        /// Program and arguments.
+        #[arg(required = true, trailing_var_arg = true)]
+        argv: Vec<String>,
+    },
+    /// (Inside a kvm host.) Serve the agent protocol.
+    Agent {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7000")]
+        listen: String,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Agent { listen } => match agent::serve(&listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bd-kvmhost agent: cannot listen on {listen}: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Up { mem, smp } => up(mem, smp),
+        Cmd::Exec { agent, argv } => exec(agent, &argv),
+    }
+}
+
+fn up(mem: u64, smp: u8) -> ExitCode {
+    install_stop_handlers();
+    let host = match KvmHost::start(&KvmHostOptions { mem_mib: mem, smp }) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("bd-kvmhost: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("bd-kvmhost: ready ip={} agent={}", host.ip, host.agent());
+    let _ = std::io::stdout().flush();
+    let mut shown = 0;
+    while !STOP.load(Ordering::SeqCst) {
+        let console = host.console();
+        if console.len() > shown {
+            eprint!("{}", &console[shown..]);
+            shown = console.len();
+        }
+        if !host.alive() {
+            eprintln!("bd-kvmhost: the kvm host stopped");
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("bd-kvmhost: stopping the kvm host");
+    ExitCode::SUCCESS
+}
+
+fn exec(agent: SocketAddr, argv: &[String]) -> ExitCode {
+    install_stop_handlers();
+    let child = match RemoteChild::spawn(agent, argv, &[], &[]) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bd-kvmhost: cannot reach the agent at {agent}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (mut out_at, mut err_at) = (0, 0);
+    let mut flush = |child: &RemoteChild| {
+        let (o, e) = (child.output.stdout(), child.output.stderr());
+        print!("{}", &o[out_at..]);
+        eprint!("{}", &e[err_at..]);
+        let _ = std::io::stdout().flush();
+        (out_at, err_at) = (o.len(), e.len());
+    };
+    let mut signalled = false;
+    loop {
+        flush(&child);
+        if let Some(st) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(50));
+            flush(&child);
+            if let Some(f) = child.failure() {
+                eprintln!("bd-kvmhost: {f}");
+            }
+            use std::os::unix::process::ExitStatusExt;
+            return ExitCode::from(match (st.code(), st.signal()) {
+                (Some(c), _) => c as u8,
+                (None, Some(s)) => 128 + s as u8,
+                _ => 1,
+            });
+        }
+        if STOP.load(Ordering::SeqCst) && !signalled {
+            child.signal(libc::SIGTERM);
+            signalled = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
