@@ -3,6 +3,8 @@ SHELL := /bin/bash
 CACHE ?= $(or $(BACKDOORS_CACHE),$(HOME)/.cache/backdoors)
 IMAGES_ENV := $(CACHE)/images.env
 CARGO ?= cargo
+# make demo ENGINE=kvm|tcg|auto (kvm on a CPU without vmx/svm runs inside a kvm host)
+ENGINE ?= $(or $(DEMO_ENGINE),auto)
 
 .PHONY: all deps images build release test lint bench demo fuzz clean-cache
 
@@ -18,16 +20,19 @@ images: deps
 build:
 	$(CARGO) build --workspace --all-targets
 
+# The binaries a kvm host carries (bd-kvmhost is its agent and launcher) and bdmon.
 release:
 	$(CARGO) build --release -p bdvmm -p rdma-bridge -p bdmon
+	$(CARGO) build --release -p backdoors-tests --bin bd-kvmhost
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p rdma-bridge --features verbs --all-targets -- -D warnings
 
-# The whole suite: unit tests, then end-to-end tests on real guests.
-test: images build
+# The whole suite: unit tests, then end-to-end tests on real guests, both engines (the kvm engine
+# inside kvm hosts, which carry the release binaries).
+test: images build release
 	guest-kernel-patches/check.sh
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) test --workspace -- --test-threads=2
 	$(CARGO) test -p rdma-bridge --features verbs --lib --test verbs --test guard -- --nocapture
@@ -57,7 +62,7 @@ fuzz:
 
 # Boots a guest under bdvmm and runs a bounded fork bomb next to a "useful" program.
 demo: images release
-	scripts/demo.sh
+	DEMO_ENGINE=$(ENGINE) scripts/demo.sh
 
 clean-cache:
 	rm -rf $(CACHE)

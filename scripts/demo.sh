@@ -9,6 +9,11 @@
 # iteration times jump when the bomb starts and are back at their baseline right after the repair.
 #
 # The bomb is bounded (DEMO_SECONDS, default 30) so that the demo ends even if healing failed.
+#
+# DEMO_ENGINE (make demo ENGINE=...): auto (default), tcg or kvm. With kvm on a host whose CPU has
+# no vmx/svm (this project's development machines: nested PVM), the demo first boots a kvm host
+# (bd-kvmhost: a QEMU-TCG VM with emulated AMD-V) and runs bdvmm and rdma-bridge inside it; bdmon
+# stays here, outside, and reaches the bridge over a tap device, as a remote monitor would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 env_file=${BACKDOORS_CACHE:-$HOME/.cache/backdoors}/images.env
@@ -16,13 +21,28 @@ env_file=${BACKDOORS_CACHE:-$HOME/.cache/backdoors}/images.env
 # shellcheck source=/dev/null
 . "$env_file"
 bin=target/release
-for b in bdvmm rdma-bridge bdmon; do
+engine=${DEMO_ENGINE:-auto}
+case "$engine" in
+auto | tcg | kvm) ;;
+*) echo "demo: DEMO_ENGINE (ENGINE) must be auto, tcg or kvm, not '$engine'" >&2; exit 2 ;;
+esac
+kvm_host=no
+if [ "$engine" = kvm ] && ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
+	kvm_host=yes
+fi
+need=(bdvmm rdma-bridge bdmon)
+[ "$kvm_host" = yes ] && need+=(bd-kvmhost)
+for b in "${need[@]}"; do
 	[ -x "$bin/$b" ] || { echo "demo: $bin/$b missing; run make release" >&2; exit 1; }
 done
 seconds=${DEMO_SECONDS:-30}
 work=$(mktemp -d /tmp/backdoors-demo.XXXXXX)
 pids=()
+# Follows of log files end when this sleeper does (tail --pid), so cleanup never waits on them.
+sleep infinity &
+watch_pid=$!
 cleanup() {
+	kill "$watch_pid" 2>/dev/null || true
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
 	rm -rf "$work"
@@ -31,19 +51,59 @@ trap cleanup EXIT INT TERM
 
 say() { printf '\033[1mdemo:\033[0m %s\n' "$*" >&2; }
 
-say "booting the patched kernel under bdvmm (engine: ${DEMO_ENGINE:-auto})"
-"$bin/bdvmm" run --kernel "$BD_KERNEL_BZIMAGE" --initrd "$BD_INITRAMFS" --mem 512 --vcpus 1 \
-	--engine "${DEMO_ENGINE:-auto}" --api "$work/vm.sock" \
+# inside CMD...: run CMD where bdvmm runs (here, or in the kvm host).
+inside() {
+	if [ "$kvm_host" = yes ]; then
+		"$bin/bd-kvmhost" exec --agent "$agent" -- "$@"
+	else
+		"$@"
+	fi
+}
+
+if [ "$kvm_host" = yes ]; then
+	say "this CPU has no vmx/svm: booting a kvm host (QEMU TCG, emulated AMD-V) for the kvm engine"
+	"$bin/bd-kvmhost" up >"$work/kvmhost.out" 2>"$work/kvmhost.log" &
+	pids+=($!)
+	for _ in $(seq 1800); do
+		grep -q '^bd-kvmhost: ready' "$work/kvmhost.out" && break
+		kill -0 "${pids[-1]}" 2>/dev/null || break
+		sleep 0.1
+	done
+	line=$(grep '^bd-kvmhost: ready' "$work/kvmhost.out") || {
+		cat "$work/kvmhost.log" >&2
+		exit 1
+	}
+	agent=${line##*agent=}
+	target_ip=${line#*ip=}
+	target_ip=${target_ip%% *}
+	say "kvm host up at $target_ip; bdvmm (kvm engine) and rdma-bridge run there, bdmon here"
+	run_dir=/tmp/demo
+	kernel=/opt/bd/images/bzImage
+	initrd=/opt/bd/images/initramfs.cpio.gz
+	vm_bin=/opt/bd/bin
+else
+	target_ip=127.0.0.1
+	run_dir=$work
+	kernel=$BD_KERNEL_BZIMAGE
+	initrd=$BD_INITRAMFS
+	vm_bin=$bin
+fi
+
+say "booting the patched kernel under bdvmm (engine: $engine)"
+inside "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --vcpus 1 \
+	--engine "$engine" --api "$run_dir/vm.sock" \
 	--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${seconds} bd.iterations=40" \
 	>"$work/console.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do [ -S "$work/vm.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do inside test -S "$run_dir/vm.sock" && break; sleep 0.1; done
 
 say "keys for the bridge and one monitor (mutual TLS)"
 "$bin/rdma-bridge" pki init --dir "$work/pki" >/dev/null
 "$bin/rdma-bridge" pki issue --dir "$work/pki" --name mon1 >/dev/null
+port=0
+[ "$kvm_host" = yes ] && port=7070
 cat >"$work/bridge.toml" <<EOF
-listen = "127.0.0.1:0"
+listen = "$target_ip:$port"
 audit_log = "audit.jsonl"
 [tls]
 ca = "pki/ca.pem"
@@ -55,7 +115,11 @@ cert = "pki/mon1.pem"
 read = ["sb", "ram"]
 write = ["hooks"]
 EOF
-"$bin/rdma-bridge" serve --config "$work/bridge.toml" --api "$work/vm.sock" >"$work/bridge.log" 2>&1 &
+if [ "$kvm_host" = yes ]; then
+	tar -C "$work" -cf - pki bridge.toml |
+		"$bin/bd-kvmhost" exec --stdin --agent "$agent" -- sh -c "mkdir -p $run_dir && tar -xf - -C $run_dir"
+fi
+inside "$vm_bin/rdma-bridge" serve --config "$run_dir/bridge.toml" --api "$run_dir/vm.sock" >"$work/bridge.log" 2>&1 &
 pids+=($!)
 addr=
 for _ in $(seq 100); do
@@ -84,10 +148,10 @@ touch "$work/events.jsonl"
 say "bdmon attached, sampling every 10 ms; guest console and bdmon events follow"
 
 # Interleave the guest's USEFUL/SCENARIO lines and bdmon's events as they happen.
-tail -n +1 -f "$work/console.log" | grep --line-buffered -E '^(USEFUL|SCENARIO|FORKBOMB)' |
+tail --pid="$watch_pid" -n +1 -f "$work/console.log" | grep --line-buffered -E '^(USEFUL|SCENARIO|FORKBOMB)' |
 	sed -u 's/^/  guest | /' &
 pids+=($!)
-tail -n +1 -f "$work/events.jsonl" | python3 -u -c '
+tail --pid="$watch_pid" -n +1 -f "$work/events.jsonl" | python3 -u -c '
 import json, sys
 for line in sys.stdin:
     e = json.loads(line)

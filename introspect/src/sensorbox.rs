@@ -486,6 +486,12 @@ pub fn read(mem: &dyn PhysMem, gpa: u64, size: u64, attempts: u32) -> Result<Sen
     copy(mem, gpa, size, attempts, |_| true).and_then(|c| parse(&c, gpa))
 }
 
+/// Tries of [`copy`] that only spin before it sleeps [`RETRY_SLEEP`] between tries.
+const SPINS_BEFORE_SLEEP: u32 = 8;
+/// How long [`copy`] sleeps between later tries: `attempts` bounds the time a copy can take to
+/// about `attempts × RETRY_SLEEP` (50 ms for 1,000).
+pub const RETRY_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// The raw bytes of a consistent copy (see [`read`]): what a bridge serves. `allowed(len)` is asked,
 /// before each copy, whether `[gpa, gpa + len)` may be read — the length comes from the guest's
 /// header, so it cannot be checked earlier.
@@ -498,7 +504,15 @@ pub fn copy(
 ) -> Result<Vec<u8>, SbError> {
     let size = size.min(MAX_REGION);
     let mut header = [0u8; HEADER_SIZE];
-    for _ in 0..attempts.max(1) {
+    for attempt in 0..attempts.max(1) {
+        // A writer caught mid-publish is usually done within microseconds; but a writer whose vCPU
+        // thread is not running (a busy host, nested virtualization) stays mid-publish until it
+        // runs again, so after a few spins give the CPU away between tries.
+        if attempt >= SPINS_BEFORE_SLEEP {
+            std::thread::sleep(RETRY_SLEEP);
+        } else if attempt > 0 {
+            std::hint::spin_loop();
+        }
         mem.read(gpa, &mut header)?;
         let ext = extent(&header, size)?;
         if !allowed(ext) {
@@ -506,7 +520,6 @@ pub fn copy(
         }
         let seq = u64_at(&header, 0x30);
         if seq % 2 == 1 {
-            std::hint::spin_loop();
             continue;
         }
         let mut copy = vec![0u8; ext as usize];

@@ -217,6 +217,29 @@ impl Vm {
         }
     }
 
+    /// Waits until the console holds a whole line (ended by a newline) containing `needle`, and
+    /// returns it without its line ending; panics like [`Vm::expect`].
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.expect(needle, deadline.saturating_duration_since(Instant::now()));
+            let out = self.stdout();
+            let whole = out
+                .split_inclusive('\n')
+                .find(|l| l.contains(needle) && l.ends_with('\n'));
+            if let Some(l) = whole {
+                return l.trim_end_matches(['\r', '\n']).to_string();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no whole line with {needle:?} within {timeout:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Its exit status, if it has ended.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.proc.try_wait()

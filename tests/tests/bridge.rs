@@ -149,7 +149,7 @@ fn kvm_a_remote_monitor_reads_the_sensor_box_and_process_table() {
 
 fn two_of_three_monitors_must_agree_before_a_kill_is_written(engine: Engine) {
     let mut vm = guest(engine, "bd.scenario=repair");
-    vm.expect("REPAIR sleeper pid=", BOOT);
+    vm.expect_line("REPAIR sleeper pid=", BOOT);
     let out = vm.stdout();
     let busy = pid_after(&out, "REPAIR busy pid=");
     let sleeper = pid_after(&out, "REPAIR sleeper pid=");

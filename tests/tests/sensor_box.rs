@@ -34,7 +34,7 @@ impl Guest {
             &format!("quiet bd.halt=wait {params}"),
         );
         let mut vm = Vm::start(&spec);
-        vm.expect(ready, Duration::from_secs(120));
+        vm.expect_line(ready, Duration::from_secs(120));
         let mem = vm.guest_mem();
         Self { mem, vm }
     }
@@ -439,7 +439,7 @@ fn the_fork_table_names_the_user_behind_maxproc_rate_peruid() {
     assert!(sensor >= 50);
 
     // Once the storm is over, user1's windows go stale and the table agrees with the sensor again.
-    g.vm.expect("SCENARIO forkstorm: spawned", Duration::from_secs(120));
+    g.vm.expect_line("SCENARIO forkstorm: spawned", Duration::from_secs(120));
     g.wait_value(ids::MAXPROC_RATE_PERUID, Duration::from_secs(10), |v| {
         v < 10
     });

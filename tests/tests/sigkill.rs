@@ -31,7 +31,7 @@ fn kill_busy_and_sleeping(
         &format!("quiet bd.scenario=repair bd.halt=wait {params}"),
     );
     let mut vm = Vm::start(&spec);
-    vm.expect("REPAIR sleeper pid=", Duration::from_secs(120));
+    vm.expect_line("REPAIR sleeper pid=", Duration::from_secs(120));
     let out = vm.stdout();
     let busy = pid_after(&out, "REPAIR busy pid=");
     let sleeper = pid_after(&out, "REPAIR sleeper pid=");

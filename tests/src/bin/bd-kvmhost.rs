@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backdoors_tests::kvmhost::remote::RemoteChild;
-use backdoors_tests::kvmhost::{agent, KvmHost, KvmHostOptions};
+use backdoors_tests::kvmhost::{agent, proto, KvmHost, KvmHostOptions};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -45,6 +45,10 @@ enum Cmd {
         /// The agent's address, as `up` printed it.
         #[arg(long)]
         agent: SocketAddr,
+        /// Read this command's stdin to its end first and give it to the program (else the
+        /// program's stdin is empty).
+        #[arg(long)]
+        stdin: bool,
         /// Program and arguments.
         #[arg(required = true, trailing_var_arg = true)]
         argv: Vec<String>,
@@ -81,7 +85,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Up { mem, smp } => up(mem, smp),
-        Cmd::Exec { agent, argv } => exec(agent, &argv),
+        Cmd::Exec { agent, stdin, argv } => exec(agent, stdin, &argv),
     }
 }
 
@@ -113,9 +117,27 @@ fn up(mem: u64, smp: u8) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn exec(agent: SocketAddr, argv: &[String]) -> ExitCode {
+fn exec(agent: SocketAddr, with_stdin: bool, argv: &[String]) -> ExitCode {
     install_stop_handlers();
-    let child = match RemoteChild::spawn(agent, argv, &[], &[]) {
+    let mut input = Vec::new();
+    if with_stdin {
+        use std::io::Read;
+        if let Err(e) = std::io::stdin()
+            .take(proto::MAX_STDIN + 1)
+            .read_to_end(&mut input)
+        {
+            eprintln!("bd-kvmhost: cannot read stdin: {e}");
+            return ExitCode::from(1);
+        }
+        if input.len() as u64 > proto::MAX_STDIN {
+            eprintln!(
+                "bd-kvmhost: stdin is larger than {} MiB",
+                proto::MAX_STDIN >> 20
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let child = match RemoteChild::spawn(agent, argv, &[], &input) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("bd-kvmhost: cannot reach the agent at {agent}: {e}");
