@@ -90,12 +90,17 @@ else
 fi
 
 say "booting the patched kernel under bdvmm (engine: $engine)"
+inside mkdir -p "$run_dir"
 inside "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --vcpus 1 \
 	--engine "$engine" --api "$run_dir/vm.sock" \
 	--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${seconds} bd.iterations=40" \
 	>"$work/console.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do inside test -S "$run_dir/vm.sock" && break; sleep 0.1; done
+inside test -S "$run_dir/vm.sock" || {
+	cat "$work/console.log" >&2
+	exit 1
+}
 
 say "keys for the bridge and one monitor (mutual TLS)"
 "$bin/rdma-bridge" pki init --dir "$work/pki" >/dev/null

@@ -212,7 +212,13 @@ fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
         std::thread::sleep(Duration::from_millis(100));
         ev = events(dir.path());
     }
-    let dump = || format!("events:\n{ev:#?}\nbdmon:\n{}", mon.output());
+    let dump = || {
+        format!(
+            "events:\n{ev:#?}\nbdmon:\n{}\n{}",
+            mon.output(),
+            w.vm.diagnostics()
+        )
+    };
     // Healed by the right HM, with timings.
     let healed: Vec<&Value> = ev
         .iter()
@@ -230,7 +236,7 @@ fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
     }
     // useful: every iteration, and the last ones back near the baseline.
     let it = iterations(&console);
-    assert_eq!(it.len(), 25, "useful did not finish:\n{console}");
+    assert_eq!(it.len(), 25, "useful did not finish:\n{}", dump());
     let base = median(&it[..3]);
     let tail = median(&it[it.len() - 5..]);
     eprintln!(
@@ -495,7 +501,7 @@ fn restarts_a_hung_guest_through_bdvmm(engine: Engine) {
         assert!(
             std::time::Instant::now() < deadline,
             "no second boot:\n{}",
-            vm.stdout()
+            vm.diagnostics()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
