@@ -5,7 +5,8 @@
 //!   processes spinning next to `useful` — with 1 and 2 vCPUs: the tcg engine on this machine, the
 //!   kvm engine inside a kvm host (nested: QEMU TCG emulating AMD-V, so its times are not hardware
 //!   times; the ratio and the shape are what count);
-//! * boot time from `bdvmm run` to the initramfs's `BACKDOORS: ready`, both kernels, both engines;
+//! * boot time from `bdvmm run` to the initramfs's `BACKDOORS: ready` (with `quiet`: every console
+//!   byte is a VM exit, which nested virtualization makes expensive), both kernels, both engines;
 //! * the hand-written tiny guest on this machine's own /dev/kvm, where it exists.
 //!
 //! `cargo bench -p backdoors-tests --bench vmm [-- --rounds N --boots N --engines tcg,kvm]`
@@ -117,7 +118,7 @@ fn main() {
                     engine,
                     img.get(key),
                     img.get("BD_INITRAMFS"),
-                    "bd.scenario=hello",
+                    "quiet bd.scenario=hello",
                 );
                 spec.site = Some(Arc::clone(&site));
                 let t0 = Instant::now();

@@ -25,6 +25,12 @@ const DRAIN: Duration = Duration::from_secs(2);
 pub fn serve(listen: &str) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     eprintln!("bd-kvmhost agent: listening on {}", listener.local_addr()?);
+    serve_on(listener);
+    Ok(())
+}
+
+/// Serves clients of `listener` forever.
+pub fn serve_on(listener: TcpListener) {
     for conn in listener.incoming() {
         match conn {
             Ok(s) => {
@@ -41,7 +47,6 @@ pub fn serve(listen: &str) -> io::Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 fn handle(mut s: TcpStream) -> io::Result<()> {
@@ -197,5 +202,108 @@ fn pump(mut src: Box<dyn Read + Send>, t: u8, out: &Mutex<TcpStream>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvmhost::remote::{self, RemoteChild, UnixRelay};
+
+    fn agent() -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || serve_on(l));
+        addr
+    }
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn runs_programs_with_stdin_output_and_exit_status() {
+        let a = agent();
+        remote::ping(a).unwrap();
+        let c = RemoteChild::spawn(
+            a,
+            &argv(&["sh", "-c", "cat; echo err >&2; exit 3"]),
+            &[],
+            b"hello",
+        )
+        .unwrap();
+        let st = c.wait_exit(Duration::from_secs(10)).expect("ends");
+        assert_eq!(st.code(), Some(3));
+        assert_eq!(c.output.stdout(), "hello");
+        assert_eq!(c.output.stderr(), "err\n");
+        let bad = RemoteChild::spawn(a, &argv(&["/nonexistent"]), &[], &[]).unwrap();
+        assert_eq!(
+            bad.wait_exit(Duration::from_secs(10)).unwrap().code(),
+            Some(127)
+        );
+        assert!(bad.failure().unwrap().contains("/nonexistent"));
+    }
+
+    #[test]
+    fn a_signal_or_a_dropped_client_ends_the_program() {
+        let a = agent();
+        let c = RemoteChild::spawn(a, &argv(&["sleep", "60"]), &[], &[]).unwrap();
+        c.signal(libc::SIGKILL);
+        use std::os::unix::process::ExitStatusExt;
+        let st = c.wait_exit(Duration::from_secs(10)).expect("killed");
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        // A client that goes away takes its program with it.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let c = RemoteChild::spawn(
+            a,
+            &argv(&[
+                "sh",
+                "-c",
+                &format!("echo $$ > {}; exec sleep 60", pidfile.display()),
+            ]),
+            &[],
+            &[],
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&pidfile).map_or(true, |s| s.trim().is_empty()) {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        drop(c);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            assert!(Instant::now() < deadline, "the program outlived its client");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn relays_a_unix_socket() {
+        let a = agent();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("echo.sock");
+        let l = std::os::unix::net::UnixListener::bind(&target).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = io::copy(&mut r, &mut w);
+            }
+        });
+        let relay =
+            UnixRelay::start(a, target.to_str().unwrap(), &dir.path().join("local.sock")).unwrap();
+        let mut s = UnixStream::connect(relay.path()).unwrap();
+        s.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
     }
 }
