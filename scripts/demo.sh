@@ -41,9 +41,15 @@ pids=()
 # Follows of log files end when this sleeper does (tail --pid), so cleanup never waits on them.
 sleep infinity &
 watch_pid=$!
+kvmhost_pid=
 cleanup() {
 	kill "$watch_pid" 2>/dev/null || true
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	# The kvm host goes last, once nothing runs in it any more.
+	if [ -n "$kvmhost_pid" ]; then
+		kill "$kvmhost_pid" 2>/dev/null || true
+	fi
 	wait 2>/dev/null || true
 	rm -rf "$work"
 }
@@ -60,13 +66,26 @@ inside() {
 	fi
 }
 
+# inside_bg LOG CMD...: the same in the background, output to LOG; its pid joins $pids (it is the
+# command itself, or the bd-kvmhost exec that ends the command inside when it is killed).
+inside_bg() {
+	local log=$1
+	shift
+	if [ "$kvm_host" = yes ]; then
+		"$bin/bd-kvmhost" exec --agent "$agent" -- "$@" >"$log" 2>&1 &
+	else
+		"$@" >"$log" 2>&1 &
+	fi
+	pids+=($!)
+}
+
 if [ "$kvm_host" = yes ]; then
 	say "this CPU has no vmx/svm: booting a kvm host (QEMU TCG, emulated AMD-V) for the kvm engine"
 	"$bin/bd-kvmhost" up >"$work/kvmhost.out" 2>"$work/kvmhost.log" &
-	pids+=($!)
+	kvmhost_pid=$!
 	for _ in $(seq 1800); do
 		grep -q '^bd-kvmhost: ready' "$work/kvmhost.out" && break
-		kill -0 "${pids[-1]}" 2>/dev/null || break
+		kill -0 "$kvmhost_pid" 2>/dev/null || break
 		sleep 0.1
 	done
 	line=$(grep '^bd-kvmhost: ready' "$work/kvmhost.out") || {
@@ -91,11 +110,9 @@ fi
 
 say "booting the patched kernel under bdvmm (engine: $engine)"
 inside mkdir -p "$run_dir"
-inside "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" --mem 512 --vcpus 1 \
-	--engine "$engine" --api "$run_dir/vm.sock" \
-	--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${seconds} bd.iterations=40" \
-	>"$work/console.log" 2>&1 &
-pids+=($!)
+inside_bg "$work/console.log" "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" \
+	--mem 512 --vcpus 1 --engine "$engine" --api "$run_dir/vm.sock" \
+	--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${seconds} bd.iterations=40"
 for _ in $(seq 100); do inside test -S "$run_dir/vm.sock" && break; sleep 0.1; done
 inside test -S "$run_dir/vm.sock" || {
 	cat "$work/console.log" >&2
@@ -124,8 +141,8 @@ if [ "$kvm_host" = yes ]; then
 	tar -C "$work" -cf - pki bridge.toml |
 		"$bin/bd-kvmhost" exec --stdin --agent "$agent" -- sh -c "mkdir -p $run_dir && tar -xf - -C $run_dir"
 fi
-inside "$vm_bin/rdma-bridge" serve --config "$run_dir/bridge.toml" --api "$run_dir/vm.sock" >"$work/bridge.log" 2>&1 &
-pids+=($!)
+inside_bg "$work/bridge.log" "$vm_bin/rdma-bridge" serve --config "$run_dir/bridge.toml" \
+	--api "$run_dir/vm.sock"
 addr=
 for _ in $(seq 100); do
 	addr=$(sed -n 's/^rdma-bridge: listening on //p' "$work/bridge.log")

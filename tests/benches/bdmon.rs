@@ -115,6 +115,9 @@ struct Round {
     repair: Duration,
     held_us: u64,
     killed: u64,
+    /// The HM walked the process table (rather than naming the user from the kernel's per-user
+    /// fork counters).
+    walked: bool,
 }
 
 /// Boots a guest on `engine` (tcg: on this machine; kvm: inside a kvm host) running `rounds` bombs
@@ -203,6 +206,7 @@ fn bomb_rounds(engine: Engine, max: u64, rounds: usize, sample_ms: u64) -> Vec<R
             detect: call.duration_since(*onset),
             repair: gone.duration_since(*call),
             held_us: r.and_then(|r| r["lock_held_us"].as_u64()).unwrap_or(0),
+            walked: r.is_some_and(|r| !r["killed"].is_null()),
             // From `healed`: counted from the table, or (no walk) from NPROCS before and after.
             killed: healed
                 .get(i)
@@ -311,8 +315,9 @@ fn main() {
             let (med, p99) = stats(r.iter().map(|r| r.repair).collect());
             let held = r.iter().map(|r| r.held_us).max().unwrap_or(0);
             let killed = r.iter().map(|r| r.killed).max().unwrap_or(0);
+        let walked = r.iter().filter(|r| r.walked).count();
             println!(
-            "{n_label}: median {med:>9.2?}  max {p99:>9.2?}  (paper {} ms)  killed {killed}  guest held paused <= {:.1} ms  ({} rounds)",
+            "{n_label}: median {med:>9.2?}  max {p99:>9.2?}  (paper {} ms)  killed {killed}  guest held paused <= {:.1} ms  ({} rounds, {walked} walked the table)",
             paper.get(&n).copied().unwrap_or(0),
             held as f64 / 1000.0,
             r.len()

@@ -133,6 +133,8 @@ impl BridgeProc {
     /// Starts the bridge for `vm`, where the VM runs (its network namespace or its kvm host),
     /// and waits until it listens.
     pub fn start(vm: &Vm, setup: &BridgeSetup) -> BridgeProc {
+        // bdvmm makes its API socket only once it runs: wait until it answers.
+        drop(vm.client());
         let site = vm.site();
         let args = vec![
             "serve".to_string(),

@@ -62,6 +62,8 @@ enum Cmd {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// How long `exec` waits for its program to end after passing on a SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -152,7 +154,7 @@ fn exec(agent: SocketAddr, with_stdin: bool, argv: &[String]) -> ExitCode {
         let _ = std::io::stdout().flush();
         (out_at, err_at) = (o.len(), e.len());
     };
-    let mut signalled = false;
+    let mut signalled: Option<std::time::Instant> = None;
     loop {
         flush(&child);
         if let Some(st) = child.try_wait() {
@@ -168,9 +170,19 @@ fn exec(agent: SocketAddr, with_stdin: bool, argv: &[String]) -> ExitCode {
                 _ => 1,
             });
         }
-        if STOP.load(Ordering::SeqCst) && !signalled {
-            child.signal(libc::SIGTERM);
-            signalled = true;
+        if STOP.load(Ordering::SeqCst) {
+            match signalled {
+                None => {
+                    child.signal(libc::SIGTERM);
+                    signalled = Some(std::time::Instant::now());
+                }
+                // The kvm host may be gone (then nothing ever answers): do not wait for it.
+                Some(t) if t.elapsed() > STOP_GRACE => {
+                    eprintln!("bd-kvmhost: no answer from the kvm host after SIGTERM; leaving");
+                    return ExitCode::from(143);
+                }
+                Some(_) => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
