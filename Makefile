@@ -34,7 +34,8 @@ lint:
 # inside kvm hosts, which carry the release binaries).
 test: images build release
 	guest-kernel-patches/check.sh
-	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) test --workspace -- --test-threads=2
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) nextest run --workspace --test-threads 2
+	$(CARGO) test --workspace --doc
 	$(CARGO) test -p rdma-bridge --features verbs --lib --test verbs --test guard -- --nocapture
 
 # Benchmarks on real guests; sb_cost also builds the kernel variant without the Sensor Box.

@@ -12,6 +12,11 @@ pkgs=(
 	python3-ply python3-git # checkpatch's SPDX check (guest-kernel-patches/check.sh)
 	cmake pkg-config libibverbs-dev libnl-3-dev libnl-route-3-dev libclang-dev # rdma-bridge's verbs feature
 )
+# cargo-nextest runs the test suite (one process per test, per-test retries: .config/nextest.toml).
+if ! cargo nextest --version >/dev/null 2>&1; then
+	echo "install-deps: installing cargo-nextest" >&2
+	cargo install cargo-nextest --locked >&2
+fi
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
