@@ -40,7 +40,10 @@ impl NetNs {
     pub fn new() -> Result<NetNs, String> {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{}x{n}", std::process::id() % 100_000);
-        let subnet = (std::process::id() * 8 + n) % 250 + 1;
+        // Held until our side of the veth has its address, so that test processes running at
+        // the same time never pick the same subnet.
+        let _lock = NetLock::take();
+        let subnet = free_subnet("10.231", std::process::id() * 8 + n)?;
         let ns = NetNs {
             name: format!("bdt{tag}"),
             host_if: format!("bdh{tag}"),
@@ -88,6 +91,45 @@ impl Drop for NetNs {
         let _ = ip(&["link", "del", &self.host_if]);
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+/// An exclusive lock, across test processes, on choosing and configuring test subnets.
+pub struct NetLock(std::fs::File);
+
+impl NetLock {
+    /// Waits for the lock.
+    pub fn take() -> NetLock {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("backdoors-tests-net.lock"))
+            .expect("open the subnet lock file");
+        // SAFETY: flock on a valid fd we own; blocks until the lock is ours.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        NetLock(f)
+    }
+}
+
+impl Drop for NetLock {
+    fn drop(&mut self) {
+        // SAFETY: as above; closing the file would release it too.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&self.0), libc::LOCK_UN) };
+    }
+}
+
+/// A /24 in `prefix`.0.0/16 (e.g. "10.231") that no interface of this machine uses, trying from
+/// `seed` on; hold a [`NetLock`] until the subnet is configured.
+pub fn free_subnet(prefix: &str, seed: u32) -> Result<u32, String> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .map_err(|e| format!("cannot run ip: {e} (install iproute2)"))?;
+    let used = String::from_utf8_lossy(&out.stdout).into_owned();
+    (0..240)
+        .map(|i| (seed + i) % 240 + 10)
+        .find(|n| !used.contains(&format!(" {prefix}.{n}.")))
+        .ok_or_else(|| format!("no free {prefix}.N.0/24 subnet for a test host"))
 }
 
 /// A command for `program`, run inside `netns` if given.

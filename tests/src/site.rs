@@ -95,9 +95,13 @@ impl Site {
         }
     }
 
-    /// `ip:port` with a port no other listener of this test process was given.
+    /// `ip:port` for a new listener: on this machine port 0 (the kernel picks; the bridge says
+    /// which), elsewhere a port no other listener of this test process was given on that host.
     pub fn listen_addr(&self) -> String {
-        format!("{}:{}", self.ip(), NEXT_PORT.fetch_add(1, Ordering::SeqCst))
+        match self {
+            Site::Local => "127.0.0.1:0".into(),
+            _ => format!("{}:{}", self.ip(), NEXT_PORT.fetch_add(1, Ordering::SeqCst)),
+        }
     }
 
     /// The path of this workspace's binary `name` as seen here.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::remote::{self, RemoteChild};
 use crate::child::Spawned;
+use crate::netns::{free_subnet, NetLock};
 use crate::Images;
 
 /// The agent's port inside every kvm host.
@@ -164,32 +165,27 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A /24 in 10.232.0.0/16 that no interface of this machine uses yet.
-fn free_subnet() -> Result<u32, String> {
-    let out = Command::new("ip")
-        .args(["-o", "-4", "addr", "show"])
-        .output()
-        .map_err(|e| format!("cannot run ip: {e} (install iproute2)"))?;
-    let used = String::from_utf8_lossy(&out.stdout).into_owned();
-    for _ in 0..250 {
-        let n = (std::process::id() * 7 + SUBNET.fetch_add(1, Ordering::SeqCst)) % 240 + 10;
-        if !used.contains(&format!(" 10.232.{n}.")) {
-            return Ok(n);
-        }
-    }
-    Err("no free 10.232.N.0/24 subnet for a kvm host".into())
-}
-
 impl KvmHost {
     /// Boots a kvm host and waits until its agent answers.
     pub fn start(opts: &KvmHostOptions) -> Result<KvmHost, String> {
         let img = Images::load();
         let initrd = packed_initrd()?;
-        let n = free_subnet()?;
+        // Held until our side of the tap has its address (see NetLock).
+        let net_lock = NetLock::take();
+        let n = free_subnet(
+            "10.232",
+            std::process::id() * 7 + SUBNET.fetch_add(1, Ordering::SeqCst),
+        )?;
         let tap = format!("bdkh{}x{n}", std::process::id() % 10_000);
         let (host_ip, guest_ip) = (format!("10.232.{n}.1"), format!("10.232.{n}.2"));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "pc", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        let mut cmd = Command::new(
+            std::env::var_os("BD_KVMHOST_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into()),
+        );
+        if let Some(data) = std::env::var_os("BD_KVMHOST_QEMU_DATA") {
+            cmd.arg("-L").arg(data);
+        }
+        let accel = std::env::var("BD_KVMHOST_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+        cmd.args(["-M", "pc", "-accel", &accel, "-cpu", "max"])
             .args(["-smp", &opts.smp.to_string()])
             .args(["-m", &format!("{}M", opts.mem_mib)])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -237,6 +233,7 @@ impl KvmHost {
         ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &tap])
             .and_then(|_| ip(&["link", "set", &tap, "up"]))
             .map_err(|e| fail(&qemu, e))?;
+        drop(net_lock);
         loop {
             let out = qemu.output();
             if out.contains("KVMHOST: ready") {
