@@ -254,9 +254,18 @@ impl Vcpu {
                 Some(VcpuExitReport::Ended(end)) => self.stop(end),
                 Some(VcpuExitReport::Reset(why)) => {
                     self.state = VcpuState::Stopped;
-                    let _ = self
-                        .exits
-                        .send(VcpuExitReport::Reset(format!("{why} on vCPU {}", self.id)));
+                    // Where the guest was is what tells a crash from a reboot it asked for.
+                    let at = match self.regs() {
+                        Ok(r) => format!(
+                            " (RIP {:#x}, RSP {:#x}, CR2 {:#x}, CR3 {:#x}, CPL {})",
+                            r.rip, r.rsp, r.cr2, r.cr3, r.cpl
+                        ),
+                        Err(_) => String::new(),
+                    };
+                    let _ = self.exits.send(VcpuExitReport::Reset(format!(
+                        "{why} on vCPU {}{at}",
+                        self.id
+                    )));
                     let _ = self.exit_evt.write(1);
                 }
                 None => {}
