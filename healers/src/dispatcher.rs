@@ -177,7 +177,7 @@ impl<'a> GuestLoop<'a> {
             Err(e) => {
                 self.metrics
                     .add("bdmon_sample_errors_total", &[("guest", &name)], 1.0);
-                self.set_up(false, &e);
+                self.set_up(false, &e.to_string());
                 return;
             }
         };

@@ -7,14 +7,14 @@
 use std::time::{Duration, Instant};
 
 use introspect::consistency;
-use introspect::hooks::{KillTarget, Mailbox};
-use introspect::kernel::Symbols;
-use introspect::repair::{self, DirectLayout};
+use introspect::forkrate::ForkRateError;
+use introspect::kernel::{KernelError, Symbols};
+use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, Target};
-use introspect::tasks::{KernelMem, Process};
-use introspect::virtual_sensors::VirtualSensors;
-use rdma_bridge::client::{Bridge, BridgeMem};
+use introspect::tasks::{KernelMem, Process, TaskError};
+use introspect::virtual_sensors::{VirtualError, VirtualSensors};
+use rdma_bridge::client::{Bridge, BridgeMem, ClientError, InspectError};
 use rdma_bridge::wire::VmStatus;
 
 use crate::config::GuestConfig;
@@ -22,6 +22,56 @@ use crate::config::GuestConfig;
 /// How long the lock waits for a moment when no fork or exit holds `tasklist_lock`, before it goes
 /// ahead anyway (the paper's forced lock).
 pub const QUIESCE: Duration = Duration::from_millis(200);
+
+/// Why a call on the guest failed: the session to its bridge (dropped, re-opened at the next call)
+/// or what its memory holds.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The bridge cannot be reached.
+    #[error("bridge {bridge}: {source}")]
+    Connect {
+        /// Its address.
+        bridge: String,
+        /// Why.
+        source: ClientError,
+    },
+    /// The session failed or the bridge refused.
+    #[error(transparent)]
+    Session(#[from] ClientError),
+    /// Locating the kernel over the bridge.
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    /// Walking the task list, or checking `tasklist_lock`.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// The kernel's symbols (stock guests).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// Virtual sensors (stock guests).
+    #[error(transparent)]
+    Virtual(#[from] VirtualError),
+    /// The kernel's per-user fork counters.
+    #[error(transparent)]
+    ForkRate(#[from] ForkRateError),
+    /// A kill.
+    #[error(transparent)]
+    Repair(#[from] RepairError),
+    /// A call that needs the lock, made without it.
+    #[error("lock the guest first")]
+    NotLocked,
+}
+
+impl GuestError {
+    /// True if the session to the bridge failed (rather than the guest's data).
+    pub fn is_session(&self) -> bool {
+        matches!(
+            self,
+            GuestError::Connect { .. }
+                | GuestError::Session(_)
+                | GuestError::Inspect(InspectError::Client(_))
+        )
+    }
+}
 
 /// A located kernel.
 struct Kernel {
@@ -44,17 +94,6 @@ pub struct LockInfo {
     pub at: Option<Instant>,
 }
 
-/// What a kill request did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Killed {
-    /// Processes targeted.
-    pub processes: usize,
-    /// Requests written (mailbox slots or direct signal writes).
-    pub requests: usize,
-    /// How: "mailbox" or "direct".
-    pub how: &'static str,
-}
-
 /// One guest.
 pub struct Guest {
     /// Its config.
@@ -62,10 +101,6 @@ pub struct Guest {
     mem: Option<BridgeMem>,
     kernel: Option<Kernel>,
     locked: bool,
-}
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
 }
 
 impl Guest {
@@ -84,13 +119,19 @@ impl Guest {
         self.cfg.system_map.is_some()
     }
 
-    fn session(&mut self) -> Result<&BridgeMem, String> {
-        if self.mem.is_none() {
-            let b = Bridge::connect(self.cfg.bridge.as_str(), &self.cfg.identity())
-                .map_err(|e| format!("bridge {}: {e}", self.cfg.bridge))?;
-            self.mem = Some(BridgeMem::new(b));
-        }
-        self.mem.as_ref().ok_or_else(|| "no session".to_string())
+    fn session(&mut self) -> Result<&BridgeMem, GuestError> {
+        let mem = match self.mem.take() {
+            Some(m) => m,
+            None => BridgeMem::new(
+                Bridge::connect(self.cfg.bridge.as_str(), &self.cfg.identity()).map_err(
+                    |source| GuestError::Connect {
+                        bridge: self.cfg.bridge.clone(),
+                        source,
+                    },
+                )?,
+            ),
+        };
+        Ok(self.mem.insert(mem))
     }
 
     /// Drops the session (it will be re-opened).
@@ -99,7 +140,7 @@ impl Guest {
         self.locked = false;
     }
 
-    fn guard<T>(&mut self, r: Result<T, String>) -> Result<T, String> {
+    fn guard<T>(&mut self, r: Result<T, GuestError>) -> Result<T, GuestError> {
         if r.is_err() {
             self.disconnect();
         }
@@ -107,45 +148,41 @@ impl Guest {
     }
 
     /// A Sensor Box sample: the guest's own (patched), or virtual sensors (stock).
-    pub fn sample(&mut self) -> Result<SensorBox, String> {
+    pub fn sample(&mut self) -> Result<SensorBox, GuestError> {
         let r = if self.stock() {
             self.virtual_sample()
         } else {
-            self.session()
-                .and_then(|m| m.bridge().sensor_box().map_err(err))
+            self.session().and_then(|m| Ok(m.bridge().sensor_box()?))
         };
         self.guard(r)
     }
 
-    fn virtual_sample(&mut self) -> Result<SensorBox, String> {
+    fn virtual_sample(&mut self) -> Result<SensorBox, GuestError> {
         self.ensure_kernel(None)?;
         let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
-            return Err("kernel not located".into());
+            return Err(GuestError::NotLocked);
         };
-        let virt = k.virt.as_ref().ok_or("no virtual sensors")?;
-        virt.sample(&KernelMem::new(mem, k.target.loc.clone()))
-            .map_err(err)
+        let Some(virt) = &k.virt else {
+            return Err(VirtualError::NoSymbol("(no System.map given)").into());
+        };
+        Ok(virt.sample(&KernelMem::new(mem, k.target.loc.clone()))?)
     }
 
     /// Restarts the guest through the bridge (bdvmm reboots it in place).
-    pub fn restart(&mut self) -> Result<(), String> {
-        let r = self
-            .session()
-            .and_then(|m| m.bridge().restart().map_err(err));
+    pub fn restart(&mut self) -> Result<(), GuestError> {
+        let r = self.session().and_then(|m| Ok(m.bridge().restart()?));
         self.kernel = None;
         self.guard(r)
     }
 
     /// bdvmm's view of the vCPUs.
-    pub fn status(&mut self) -> Result<VmStatus, String> {
-        let r = self
-            .session()
-            .and_then(|m| m.bridge().status().map_err(err));
+    pub fn status(&mut self) -> Result<VmStatus, GuestError> {
+        let r = self.session().and_then(|m| Ok(m.bridge().status()?));
         self.guard(r)
     }
 
     /// Locates the kernel if not yet done for this boot.
-    fn ensure_kernel(&mut self, sb: Option<&SensorBox>) -> Result<(), String> {
+    fn ensure_kernel(&mut self, sb: Option<&SensorBox>) -> Result<(), GuestError> {
         let boot_id = sb.map(|s| s.header.boot_id);
         if let Some(k) = &self.kernel {
             if boot_id.is_none() || k.boot_id == boot_id {
@@ -162,11 +199,11 @@ impl Guest {
         };
         let mem = self.session()?;
         let target = mem.locate(files)?;
-        let direct = DirectLayout::from_btf(&target.btf).map_err(err)?;
+        let direct = DirectLayout::from_btf(&target.btf)?;
         let virt = match &map {
             Some(m) => {
-                let syms = Symbols::from_file(m).map_err(err)?;
-                Some(VirtualSensors::new(&syms, &target.btf, &target.loc).map_err(err)?)
+                let syms = Symbols::from_file(m)?;
+                Some(VirtualSensors::new(&syms, &target.btf, &target.loc)?)
             }
             None => None,
         };
@@ -180,20 +217,23 @@ impl Guest {
     }
 
     /// Takes the pause lock at a moment when no fork or exit holds `tasklist_lock` (retrying with
-    /// the guest running 2 ms in between), or after [`QUIESCE`] anyway.
-    pub fn lock(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, String> {
+    /// the guest running 2 ms in between), or after [`QUIESCE`] anyway. Healers take it through
+    /// [`crate::hm::HealContext::lock`], whose guard releases it.
+    pub(crate) fn lock(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, GuestError> {
         let r = self.lock_inner(sb);
         self.guard(r)
     }
 
-    fn lock_inner(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, String> {
+    fn lock_inner(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, GuestError> {
         self.ensure_kernel(sb)?;
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
-            return Err("kernel not located".into());
+            return Err(GuestError::NotLocked);
         };
         let mut pauser = mem.pauser(lease);
-        let l = consistency::pause_quiescent(&mut pauser, QUIESCE, || k.target.tasklist_busy(mem))?;
+        let l = consistency::pause_quiescent(&mut pauser, QUIESCE, || {
+            Ok::<_, GuestError>(k.target.tasklist_busy(mem)?)
+        })?;
         let info = LockInfo {
             lock_ns: pauser.last_lock().as_nanos() as u64,
             attempts: l.attempts,
@@ -205,27 +245,27 @@ impl Guest {
     }
 
     /// Releases the lock.
-    pub fn unlock(&mut self) -> Result<(), String> {
+    pub(crate) fn unlock(&mut self) -> Result<(), GuestError> {
         if !self.locked {
             return Ok(());
         }
         self.locked = false;
-        let r = self.session().and_then(|m| m.unlock().map_err(err));
+        let r = self.session().and_then(|m| Ok(m.unlock()?));
         self.guard(r)
     }
 
     /// The process table; the caller holds the lock.
-    pub fn processes(&mut self) -> Result<Vec<Process>, String> {
+    pub fn processes(&mut self) -> Result<Vec<Process>, GuestError> {
         let r = match (&self.kernel, &self.mem) {
-            (Some(k), Some(mem)) => k.target.walk(mem),
-            _ => Err("lock the guest first".into()),
+            (Some(k), Some(mem)) if self.locked => k.target.walk(mem).map_err(GuestError::from),
+            _ => Err(GuestError::NotLocked),
         };
         self.guard(r)
     }
 
     /// Per-user fork rates (forks in the current or previous 1 s window) from the kernel's own
     /// counters, on a patched guest; `None` on a stock kernel, which has no such counters.
-    pub fn fork_rates(&mut self, sb: &SensorBox) -> Result<Option<Vec<(u32, u64)>>, String> {
+    pub fn fork_rates(&mut self, sb: &SensorBox) -> Result<Option<Vec<(u32, u64)>>, GuestError> {
         let (Some(k), Some(mem), Some(st)) = (&self.kernel, &self.mem, &sb.state) else {
             return Ok(None);
         };
@@ -238,8 +278,7 @@ impl Guest {
             st,
             sb.header.jiffies,
             sb.header.hz,
-        )
-        .map_err(err)?;
+        )?;
         Ok(Some(
             rates
                 .into_iter()
@@ -248,96 +287,29 @@ impl Guest {
         ))
     }
 
-    /// Kills every process of `uid` (never 0): one KILL_UID mailbox request on a patched guest
-    /// (the kernel skips init and kernel threads), a SIGKILL written into each process on a stock
-    /// one, which needs the process `table`. The caller holds the lock.
-    pub fn kill_uid(
+    /// Kills `victims` through [`repair::kill`], the one kill path (it applies the never-kill
+    /// rule and chooses the mailbox or direct writes). The caller holds the lock.
+    pub fn kill(
         &mut self,
-        uid: u32,
+        victims: &Victims,
         table: Option<&[Process]>,
-        spared: &[u32],
+        spared: &Spared,
         sb: Option<&SensorBox>,
-    ) -> Result<Killed, String> {
-        if uid == 0 || spared.contains(&uid) {
-            return Err(format!("refusing to kill uid {uid}"));
-        }
-        let victims: Vec<&Process> = table
-            .unwrap_or_default()
-            .iter()
-            .filter(|p| p.task.uid == uid && crate::policy::killable(p, spared))
-            .collect();
-        if table.is_none() && (self.stock() || sb.is_none()) {
-            return Err("killing a user without the mailbox needs the process table".into());
-        }
-        let r = match (sb.filter(|_| !self.stock()), &self.mem) {
-            (Some(sb), Some(mem)) => Mailbox::open(mem, sb)
-                .and_then(|mb| mb.post(mem, KillTarget::Uid(uid), u64::from(uid)))
-                .map(|_| Killed {
-                    processes: victims.len(),
-                    requests: 1,
-                    how: "mailbox",
-                })
-                .map_err(err),
-            _ => self.kill_direct(&victims),
-        };
-        self.guard(r)
-    }
-
-    /// Kills these processes (the caller holds the lock): KILL_PID requests with the start-time
-    /// guard on a patched guest, direct SIGKILL writes on a stock one.
-    pub fn kill_pids(
-        &mut self,
-        pids: &[u32],
-        table: &[Process],
-        spared: &[u32],
-        sb: Option<&SensorBox>,
-    ) -> Result<Killed, String> {
-        let victims: Vec<&Process> = table
-            .iter()
-            .filter(|p| pids.contains(&p.task.pid) && crate::policy::killable(p, spared))
-            .collect();
-        let r = match (sb.filter(|_| !self.stock()), &self.mem) {
-            (Some(sb), Some(mem)) => {
-                let mb = Mailbox::open(mem, sb).map_err(err)?;
-                let mut n = 0;
-                for p in &victims {
-                    mb.post(
-                        mem,
-                        KillTarget::Pid {
-                            pid: p.task.pid,
-                            start_time: p.task.start_time,
-                        },
-                        u64::from(p.task.pid),
-                    )
-                    .map_err(err)?;
-                    n += 1;
-                }
-                Ok(Killed {
-                    processes: victims.len(),
-                    requests: n,
-                    how: "mailbox",
-                })
+    ) -> Result<Killed, GuestError> {
+        let r = match (&self.kernel, &self.mem) {
+            (Some(k), Some(mem)) if self.locked => {
+                let km = KernelMem::new(mem, k.target.loc.clone());
+                let site = KillSite {
+                    mem,
+                    km: &km,
+                    sb,
+                    direct: &k.direct,
+                };
+                repair::kill(&site, victims, table, spared).map_err(GuestError::from)
             }
-            _ => self.kill_direct(&victims),
+            _ => Err(GuestError::NotLocked),
         };
         self.guard(r)
-    }
-
-    fn kill_direct(&self, victims: &[&Process]) -> Result<Killed, String> {
-        let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
-            return Err("lock the guest first".into());
-        };
-        let km = KernelMem::new(mem, k.target.loc.clone());
-        let mut n = 0;
-        for p in victims {
-            repair::post_sigkill(mem, &km, None, &k.direct, p).map_err(err)?;
-            n += 1;
-        }
-        Ok(Killed {
-            processes: victims.len(),
-            requests: n,
-            how: "direct",
-        })
     }
 }
 

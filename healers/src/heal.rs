@@ -1,28 +1,34 @@
 //! The repair loop shared by the process and memory healers — the paper's path, kept in one place:
 //! LOCK → read the process table → policy picks the culprit → post SIGKILL through the repair hooks →
 //! UNLOCK → re-check the sensors; again until they are back within their contract.
+//!
+//! A healer is a [`Diagnosis`] (who is to blame, and when the guest is healed) wrapped in a
+//! [`Healer`], which is the [`HealingModule`] the dispatcher calls. The lock is a guard
+//! ([`crate::hm::Held`]) released on every path out; the kill is [`introspect::repair::kill`].
 
 use std::time::{Duration, Instant};
 
+use introspect::repair::Victims;
 use introspect::sensorbox::SensorBox;
 use introspect::tasks::Process;
 use serde_json::json;
 
 use crate::contract::{Checker, Violation};
-use crate::hm::{HealContext, HealOutcome};
+use crate::guest::GuestError;
+use crate::hm::{HealContext, HealOutcome, HealingModule};
 use crate::policy::Culprit;
 
-/// Whom to kill.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Victims {
-    /// Every process of this user.
-    Uid(u32),
-    /// These processes.
-    Pids(Vec<u32>),
-}
-
 /// How a healer diagnoses and when it is done.
-pub trait Diagnosis {
+pub trait Diagnosis: Send {
+    /// The healer's name, in events and metrics.
+    const NAME: &'static str;
+
+    /// Lock–diagnose–repair rounds before giving up.
+    fn max_rounds(&self) -> u32;
+
+    /// How long each round re-samples for [`Diagnosis::recovered`].
+    fn settle(&self) -> Duration;
+
     /// A diagnosis that needs no process table (patched guests only), tried first under the lock:
     /// e.g. the kernel's own per-user fork counters name the culprit and KILL_UID kills all of
     /// the user's processes, so the walk — most of the time the guest is held paused — is
@@ -31,7 +37,7 @@ pub trait Diagnosis {
         &mut self,
         _ctx: &mut HealContext<'_>,
         _sb: &SensorBox,
-    ) -> Result<Option<(Culprit, u32)>, String> {
+    ) -> Result<Option<(Culprit, u32)>, GuestError> {
         Ok(None)
     }
 
@@ -42,54 +48,64 @@ pub trait Diagnosis {
         ctx: &mut HealContext<'_>,
         table: &[Process],
         sb: &SensorBox,
-    ) -> Result<Option<(Culprit, Victims)>, String>;
+    ) -> Result<Option<(Culprit, Victims)>, GuestError>;
 
     /// True once a fresh sample shows the guest healed.
     fn recovered(&mut self, checker: &Checker, v: &Violation, sb: &SensorBox) -> bool;
 }
 
-/// Runs the loop for `hm` on violation `v`: at most `max_rounds` rounds, each followed by up to
-/// `settle` of re-sampling until `d.recovered` says so.
-pub fn heal(
-    hm: &str,
-    ctx: &mut HealContext<'_>,
-    v: &Violation,
-    d: &mut dyn Diagnosis,
-    max_rounds: u32,
-    settle: Duration,
-) -> HealOutcome {
+/// A [`Diagnosis`] as a healing module: the loop of [`heal`] around it.
+pub struct Healer<D>(pub D);
+
+impl<D: Diagnosis> HealingModule for Healer<D> {
+    fn name(&self) -> &str {
+        D::NAME
+    }
+
+    fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
+        heal(ctx, v, &mut self.0)
+    }
+}
+
+/// Why a round failed, and at which step.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {error}")]
+struct RoundError {
+    step: &'static str,
+    error: GuestError,
+}
+
+fn at(step: &'static str) -> impl FnOnce(GuestError) -> RoundError {
+    move |error| RoundError { step, error }
+}
+
+/// What one locked round found and did.
+enum Round {
+    /// Nobody clearly to blame (the reason).
+    NoCulprit(String),
+    /// Dry run: logged what would die.
+    DryRun,
+    /// Kills posted: how many processes the table showed (`None`: no table was walked), and the
+    /// guest's process count before.
+    Repaired {
+        processes: Option<usize>,
+        nprocs_before: Option<u64>,
+    },
+}
+
+/// Runs the loop for `d` on violation `v`: at most `d.max_rounds()` rounds, each followed by up to
+/// `d.settle()` of re-sampling until `d.recovered` says so.
+pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -> HealOutcome {
+    let hm = D::NAME;
+    let (max_rounds, settle) = (d.max_rounds().max(1), d.settle());
     let called = Instant::now();
-    let spared = ctx.spared();
     let mut killed_total = 0usize;
     let mut sb = ctx.sb.clone();
-    for round in 1..=max_rounds.max(1) {
-        let info = match ctx.guest.lock(Some(&sb)) {
-            Ok(i) => i,
-            Err(e) => return not_healed(ctx, hm, v, round, format!("lock: {e}")),
-        };
-        let locked_at = info.at.unwrap_or_else(Instant::now);
-        // A dry run walks, to show exactly which processes would die.
-        let quick = if ctx.guest.stock() || ctx.cfg.dry_run {
-            Ok(None)
-        } else {
-            d.quick(ctx, &sb)
-        };
-        let diag = match quick {
-            Ok(Some((c, uid))) => Ok((None, Some((c, Victims::Uid(uid))))),
-            Ok(None) => ctx
-                .guest
-                .processes()
-                .and_then(|t| d.diagnose(ctx, &t, &sb).map(|c| (Some(t), c))),
-            Err(e) => Err(e),
-        };
-        let (table, culprit) = match diag {
-            Ok((t, Some(c))) => (t, c),
-            Ok((t, None)) => {
-                let _ = ctx.guest.unlock();
-                let reason = format!(
-                    "no clear culprit among {} processes (round {round})",
-                    t.map(|t| t.len()).unwrap_or(0)
-                );
+    for round in 1..=max_rounds {
+        let (walked, nprocs_before) = match locked_round(ctx, d, &sb, round) {
+            Err(e) => return not_healed(ctx, hm, v, round, e.to_string()),
+            Ok(Round::DryRun) => return HealOutcome::DryRun,
+            Ok(Round::NoCulprit(reason)) => {
                 ctx.emit(
                     "no_culprit",
                     json!({"hm": hm, "sensor": v.name, "reason": reason}),
@@ -101,74 +117,21 @@ pub fn heal(
                 );
                 return HealOutcome::NoCulprit(reason);
             }
-            Err(e) => {
-                let _ = ctx.guest.unlock();
-                return not_healed(ctx, hm, v, round, format!("diagnosis: {e}"));
+            Ok(Round::Repaired {
+                processes,
+                nprocs_before,
+            }) => {
+                killed_total += processes.unwrap_or(0);
+                (processes.is_some(), nprocs_before)
             }
         };
-        let (c, victims) = culprit;
-        let nprocs_before = sb.value(introspect::sensorbox::ids::NPROCS);
-        let pids: Vec<u32> = table
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .filter(|p| match &victims {
-                Victims::Uid(u) => p.task.uid == *u,
-                Victims::Pids(v) => v.contains(&p.task.pid),
-            })
-            .filter(|p| crate::policy::killable(p, &spared))
-            .map(|p| p.task.pid)
-            .collect();
-        ctx.emit(
-            "diagnosis",
-            json!({"hm": hm, "round": round, "policy": c.policy, "uid": c.uid, "score": c.score,
-                   "runner_up": c.runner_up, "processes": table.as_ref().map(|t| t.len()),
-                   "victims": table.as_ref().map(|_| pids.len()),
-                   "lock_attempts": info.attempts, "lock_forced": info.forced}),
-        );
-        if ctx.cfg.dry_run {
-            let _ = ctx.guest.unlock();
-            ctx.emit(
-                "repair",
-                json!({"hm": hm, "round": round, "dry_run": true, "uid": c.uid, "would_kill": pids}),
-            );
-            return HealOutcome::DryRun;
-        }
-        let killed = match &victims {
-            Victims::Uid(u) => ctx.guest.kill_uid(*u, table.as_deref(), &spared, Some(&sb)),
-            Victims::Pids(p) => match &table {
-                Some(t) => ctx.guest.kill_pids(p, t, &spared, Some(&sb)),
-                None => Err("a kill by pid needs the process table".into()),
-            },
-        };
-        let unlocked = ctx.guest.unlock();
-        let held = locked_at.elapsed();
-        let killed = match killed.and_then(|k| unlocked.map(|_| k)) {
-            Ok(k) => k,
-            Err(e) => return not_healed(ctx, hm, v, round, format!("repair: {e}")),
-        };
-        killed_total += killed.processes;
-        ctx.metrics.add(
-            "bdmon_killed_total",
-            &[("guest", &ctx.guest.cfg.name), ("hm", hm)],
-            killed.processes as f64,
-        );
-        ctx.emit(
-            "repair",
-            json!({"hm": hm, "round": round, "uid": c.uid,
-                   // Unknown until the re-check when no table was walked (see `healed`).
-                   "killed": table.as_ref().map(|_| killed.processes),
-                   "requests": killed.requests, "how": killed.how, "pids": pids,
-                   "lock_ns": info.lock_ns, "lock_held_us": held.as_micros() as u64,
-                   "dry_run": false}),
-        );
         // Re-check: sample until healed or `settle` runs out.
         let until = Instant::now() + settle;
         loop {
             match ctx.guest.sample() {
                 Ok(s) => {
                     if d.recovered(ctx.checker, v, &s) {
-                        if table.is_none() {
+                        if !walked {
                             // No walk: count the kill from the guest's own process count.
                             let after = s.value(introspect::sensorbox::ids::NPROCS);
                             if let (Some(b), Some(a)) = (nprocs_before, after) {
@@ -211,6 +174,87 @@ pub fn heal(
         max_rounds,
         "sensors still out of contract".into(),
     )
+}
+
+/// One round under the lock: diagnose (quick, or from a walked table), log the diagnosis, kill.
+/// The lock is a guard: every way out of this function releases it.
+fn locked_round<D: Diagnosis>(
+    ctx: &mut HealContext<'_>,
+    d: &mut D,
+    sb: &SensorBox,
+    round: u32,
+) -> Result<Round, RoundError> {
+    let hm = D::NAME;
+    let spared = ctx.spared();
+    let mut held = ctx.lock(sb).map_err(at("lock"))?;
+    let info = held.info;
+    // A dry run walks, to show exactly which processes would die.
+    let quick = if held.guest.stock() || held.cfg.dry_run {
+        None
+    } else {
+        d.quick(&mut held, sb).map_err(at("diagnosis"))?
+    };
+    let (table, culprit) = match quick {
+        Some((c, uid)) => (None, Some((c, Victims::Uid(uid)))),
+        None => {
+            let t = held.guest.processes().map_err(at("diagnosis"))?;
+            let c = d.diagnose(&mut held, &t, sb).map_err(at("diagnosis"))?;
+            (Some(t), c)
+        }
+    };
+    let Some((c, victims)) = culprit else {
+        return Ok(Round::NoCulprit(format!(
+            "no clear culprit among {} processes (round {round})",
+            table.map(|t| t.len()).unwrap_or(0)
+        )));
+    };
+    let pids: Vec<u32> = table
+        .as_deref()
+        .map(|t| victims.select(t, &spared))
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.task.pid)
+        .collect();
+    held.emit(
+        "diagnosis",
+        json!({"hm": hm, "round": round, "policy": c.policy, "uid": c.uid, "score": c.score,
+               "runner_up": c.runner_up, "processes": table.as_ref().map(|t| t.len()),
+               "victims": table.as_ref().map(|_| pids.len()),
+               "lock_attempts": info.attempts, "lock_forced": info.forced}),
+    );
+    if held.cfg.dry_run {
+        drop(held);
+        ctx.emit(
+            "repair",
+            json!({"hm": hm, "round": round, "dry_run": true, "uid": c.uid, "would_kill": pids}),
+        );
+        return Ok(Round::DryRun);
+    }
+    let killed = held
+        .guest
+        .kill(&victims, table.as_deref(), &spared, Some(sb));
+    let released = held.release();
+    let (killed, held_for) = killed
+        .and_then(|k| released.map(|h| (k, h)))
+        .map_err(at("repair"))?;
+    ctx.metrics.add(
+        "bdmon_killed_total",
+        &[("guest", &ctx.guest.cfg.name), ("hm", hm)],
+        killed.processes.unwrap_or(0) as f64,
+    );
+    ctx.emit(
+        "repair",
+        json!({"hm": hm, "round": round, "uid": c.uid,
+               // Unknown until the re-check when no table was walked (see `healed`).
+               "killed": killed.processes,
+               "requests": killed.requests, "how": killed.how, "pids": killed.pids,
+               "lock_ns": info.lock_ns, "lock_held_us": held_for.as_micros() as u64,
+               "dry_run": false}),
+    );
+    Ok(Round::Repaired {
+        processes: killed.processes,
+        nprocs_before: sb.value(introspect::sensorbox::ids::NPROCS),
+    })
 }
 
 fn not_healed(

@@ -33,14 +33,17 @@
 //! ```
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
 
+use introspect::repair::Spared;
 use introspect::sensorbox::SensorBox;
 use serde_json::Value;
 
 use crate::config::Config;
 use crate::contract::{Checker, Violation};
 use crate::events::Events;
-use crate::guest::Guest;
+use crate::guest::{Guest, GuestError, LockInfo};
 use crate::metrics::Metrics;
 
 /// What a handler did.
@@ -80,17 +83,73 @@ pub struct HealContext<'a> {
     pub metrics: &'a Metrics,
 }
 
-impl HealContext<'_> {
+impl<'a> HealContext<'a> {
     /// Logs an event for this guest.
     pub fn emit(&self, event: &str, fields: Value) {
         self.events.emit(&self.guest.cfg.name, event, fields);
     }
 
-    /// Users no healer may kill (root is never killable regardless).
-    pub fn spared(&self) -> Vec<u32> {
-        let mut s = self.cfg.spare_users.clone();
-        s.push(0);
-        s
+    /// Users no healer may kill (root always among them).
+    pub fn spared(&self) -> Spared {
+        Spared::new(self.cfg.spare_users.iter().copied())
+    }
+
+    /// Takes the guest's pause lock (at a moment when its task list is quiet, see
+    /// [`Guest`]) and returns a guard that releases it when dropped, whatever path the healer takes
+    /// out; [`Held::release`] releases it now and reports how that went.
+    pub fn lock<'c>(&'c mut self, sb: &SensorBox) -> Result<Held<'c, 'a>, GuestError> {
+        let info = self.guest.lock(Some(sb))?;
+        Ok(Held {
+            ctx: self,
+            info,
+            held: true,
+        })
+    }
+}
+
+/// The guest's pause lock, held; the [`HealContext`] stays usable through it. Dropping it releases
+/// the lock.
+pub struct Held<'c, 'a> {
+    ctx: &'c mut HealContext<'a>,
+    /// What taking the lock cost.
+    pub info: LockInfo,
+    held: bool,
+}
+
+impl Held<'_, '_> {
+    /// Releases the lock now; returns how long it was held.
+    pub fn release(mut self) -> Result<Duration, GuestError> {
+        self.held = false;
+        let unlocked = self.ctx.guest.unlock();
+        unlocked.map(|()| self.since().elapsed())
+    }
+
+    /// When the lock was taken.
+    pub fn since(&self) -> Instant {
+        self.info.at.unwrap_or_else(Instant::now)
+    }
+}
+
+impl<'a> Deref for Held<'_, 'a> {
+    type Target = HealContext<'a>;
+    fn deref(&self) -> &HealContext<'a> {
+        self.ctx
+    }
+}
+
+impl<'a> DerefMut for Held<'_, 'a> {
+    fn deref_mut(&mut self) -> &mut HealContext<'a> {
+        self.ctx
+    }
+}
+
+impl Drop for Held<'_, '_> {
+    fn drop(&mut self) {
+        if self.held {
+            if let Err(e) = self.ctx.guest.unlock() {
+                tracing::warn!(guest = %self.ctx.guest.cfg.name, "unlock: {e}");
+            }
+        }
     }
 }
 

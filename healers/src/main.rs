@@ -205,7 +205,7 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
             (Err(e), _) => {
                 failed = true;
                 if json {
-                    all.push(serde_json::json!({"guest": g.name, "bridge": g.bridge, "error": e}));
+                    all.push(serde_json::json!({"guest": g.name, "bridge": g.bridge, "error": e.to_string()}));
                 } else {
                     println!("{} ({}) — unreachable: {e}", g.name, g.bridge);
                 }

@@ -9,17 +9,22 @@
 
 use std::time::{Duration, Instant};
 
+use introspect::repair::Victims;
 use introspect::sensorbox::{ids, SensorBox};
 use introspect::tasks::Process;
 
 use crate::config::{MemConfig, MemPolicy};
 use crate::contract::{Checker, Violation};
-use crate::heal::{self, Diagnosis, Victims};
-use crate::hm::{HealContext, HealOutcome, HealingModule};
+use crate::guest::GuestError;
+use crate::heal::{Diagnosis, Healer};
+use crate::hm::HealContext;
 use crate::policy::{self, Culprit};
 
-/// The healer.
-pub struct MemReclaimHealer {
+/// The healer: [`MemReclaim`]'s diagnosis in the shared loop.
+pub type MemReclaimHealer = Healer<MemReclaim>;
+
+/// Mem_Reclaim_Healer's diagnosis.
+pub struct MemReclaim {
     cfg: MemConfig,
     oom_seen: Option<u64>,
     calm_since: Option<Instant>,
@@ -28,32 +33,42 @@ pub struct MemReclaimHealer {
 /// How long memory must stay calm after a kill to count as healed.
 pub const CALM: Duration = Duration::from_millis(300);
 
-impl MemReclaimHealer {
+impl Healer<MemReclaim> {
     /// With this policy.
     pub fn new(cfg: MemConfig) -> Self {
-        MemReclaimHealer {
+        Healer(MemReclaim {
             cfg,
             oom_seen: None,
             calm_since: None,
-        }
+        })
     }
 
     /// The sensors it watches.
     pub const SENSORS: [u32; 3] = [ids::OOM_KILLER_RUNNING, ids::FREE_PAGES, ids::OOM_KILLS];
 }
 
-impl Diagnosis for MemReclaimHealer {
+impl Diagnosis for MemReclaim {
+    const NAME: &'static str = "Mem_Reclaim_Healer";
+
+    fn max_rounds(&self) -> u32 {
+        self.cfg.max_rounds
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(1000)
+    }
+
     fn diagnose(
         &mut self,
         ctx: &mut HealContext<'_>,
         table: &[Process],
         sb: &SensorBox,
-    ) -> Result<Option<(Culprit, Victims)>, String> {
+    ) -> Result<Option<(Culprit, Victims)>, GuestError> {
         self.oom_seen = sb
             .value(ids::OOM_KILLER_RUNNING)
             .or(sb.value(ids::OOM_KILLS));
         self.calm_since = None;
-        let mut spared = ctx.spared();
+        let spared = ctx.spared();
         Ok(match self.cfg.policy {
             MemPolicy::MAX_RSS => {
                 policy::max_rss(table, &spared).map(|(c, p)| (c, Victims::Pids(p)))
@@ -62,7 +77,7 @@ impl Diagnosis for MemReclaimHealer {
                 policy::max_rss_uid(table, &spared).map(|c| (c.clone(), Victims::Uid(c.uid)))
             }
             MemPolicy::MAX_RSSUID_SAVEUID => {
-                spared.extend(&self.cfg.save_users);
+                let spared = spared.with(self.cfg.save_users.iter().copied());
                 policy::max_rss_uid(table, &spared).map(|mut c| {
                     c.policy = "MAX_RSSUID_SAVEUID";
                     (c.clone(), Victims::Uid(c.uid))
@@ -87,23 +102,5 @@ impl Diagnosis for MemReclaimHealer {
         }
         let since = *self.calm_since.get_or_insert_with(Instant::now);
         since.elapsed() >= CALM
-    }
-}
-
-impl HealingModule for MemReclaimHealer {
-    fn name(&self) -> &str {
-        "Mem_Reclaim_Healer"
-    }
-
-    fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
-        let rounds = self.cfg.max_rounds;
-        heal::heal(
-            "Mem_Reclaim_Healer",
-            ctx,
-            v,
-            self,
-            rounds,
-            Duration::from_millis(1000),
-        )
     }
 }

@@ -1,12 +1,13 @@
 //! Diagnosis: who is to blame, from the process table. Pure functions, so every policy is tested
 //! without a guest.
 //!
-//! Never wrong-kill: uid 0 (root and the kernel), kernel threads, init (pid 1) and spared users are
-//! never candidates; a policy whose answer is not clear (no user well ahead of the others) names
+//! Never wrong-kill: what [`introspect::repair::killable`] refuses (root and the kernel, kernel
+//! threads, init, spared users) is never a candidate; a policy whose answer is not clear (no user well ahead of the others) names
 //! nobody, and the healer then reports and does nothing.
 
 use std::collections::{BTreeMap, HashMap};
 
+use introspect::repair::{killable, Spared};
 use introspect::tasks::Process;
 use serde::Serialize;
 
@@ -31,12 +32,6 @@ pub struct Culprit {
     pub score: u64,
     /// The runner-up's figure.
     pub runner_up: u64,
-}
-
-/// May this process ever be killed?
-pub fn killable(p: &Process, spared: &[u32]) -> bool {
-    let t = &p.task;
-    !t.kthread && t.pid > 1 && t.tgid > 1 && t.uid != 0 && !spared.contains(&t.uid)
 }
 
 /// The user with the highest `score`, if clearly ahead: at least `min`, and at least `lead` times
@@ -65,7 +60,7 @@ fn clear_winner(
 }
 
 /// TOO_MANY_PROCS: the user with the most processes (thread groups).
-pub fn too_many_procs(table: &[Process], spared: &[u32]) -> Option<Culprit> {
+pub fn too_many_procs(table: &[Process], spared: &Spared) -> Option<Culprit> {
     let mut n = BTreeMap::new();
     for p in table.iter().filter(|p| killable(p, spared)) {
         *n.entry(p.task.uid).or_insert(0u64) += 1;
@@ -74,7 +69,7 @@ pub fn too_many_procs(table: &[Process], spared: &[u32]) -> Option<Culprit> {
 }
 
 /// TREE_TOO_DEEP: the user owning the deepest process tree.
-pub fn tree_too_deep(table: &[Process], spared: &[u32]) -> Option<Culprit> {
+pub fn tree_too_deep(table: &[Process], spared: &Spared) -> Option<Culprit> {
     let mut d = BTreeMap::new();
     for p in table.iter().filter(|p| killable(p, spared)) {
         let e = d.entry(p.task.uid).or_insert(0u64);
@@ -87,10 +82,10 @@ pub fn tree_too_deep(table: &[Process], spared: &[u32]) -> Option<Culprit> {
 /// the last 1 s window)`, from the kernel's per-user fork table (patched guests: every fork counts,
 /// even of processes already gone) or, on stock kernels, from live processes started in the last
 /// second.
-pub fn rate_too_high(rates: &[(u32, u64)], threshold: u64, spared: &[u32]) -> Option<Culprit> {
+pub fn rate_too_high(rates: &[(u32, u64)], threshold: u64, spared: &Spared) -> Option<Culprit> {
     let mut r = BTreeMap::new();
     for &(uid, rate) in rates {
-        if uid != 0 && !spared.contains(&uid) {
+        if !spared.contains(uid) {
             let e = r.entry(uid).or_insert(0u64);
             *e = (*e).max(rate);
         }
@@ -118,7 +113,7 @@ pub fn rss(p: &Process) -> u64 {
 
 /// MAX_RSSUID (and MAX_RSSUID_SAVEUID, with `save` added to `spared`): the user whose processes
 /// hold the most resident memory.
-pub fn max_rss_uid(table: &[Process], spared: &[u32]) -> Option<Culprit> {
+pub fn max_rss_uid(table: &[Process], spared: &Spared) -> Option<Culprit> {
     let mut r = BTreeMap::new();
     for p in table.iter().filter(|p| killable(p, spared)) {
         *r.entry(p.task.uid).or_insert(0u64) += rss(p);
@@ -139,7 +134,7 @@ pub fn max_rss_uid(table: &[Process], spared: &[u32]) -> Option<Culprit> {
 
 /// MAX_RSS: the process holding the most resident memory, with its ancestors of the same user up
 /// to (not including) init or another user's process — the controller that would respawn it.
-pub fn max_rss(table: &[Process], spared: &[u32]) -> Option<(Culprit, Vec<u32>)> {
+pub fn max_rss(table: &[Process], spared: &Spared) -> Option<(Culprit, Vec<u32>)> {
     let victim = table
         .iter()
         .filter(|p| killable(p, spared))
@@ -220,25 +215,25 @@ pub(crate) mod tests {
     #[test]
     fn too_many_procs_names_the_bomber_and_only_when_clear() {
         let mut t = base();
-        assert_eq!(too_many_procs(&t, &[]), None, "nobody");
+        assert_eq!(too_many_procs(&t, &Spared::root()), None, "nobody");
         for pid in 100..150 {
             t.push(proc(pid, 99, 1000, 3, 10));
         }
-        let c = too_many_procs(&t, &[]).unwrap();
+        let c = too_many_procs(&t, &Spared::root()).unwrap();
         assert_eq!((c.uid, c.score, c.runner_up), (1000, 50, 1));
         // Spared users are never named.
-        assert_eq!(too_many_procs(&t, &[1000]), None);
+        assert_eq!(too_many_procs(&t, &Spared::new([1000])), None);
         // Two users at par: no clear culprit.
         for pid in 200..240 {
             t.push(proc(pid, 99, 1002, 3, 10));
         }
-        assert_eq!(too_many_procs(&t, &[]), None);
+        assert_eq!(too_many_procs(&t, &Spared::root()), None);
         // Root's processes never count.
         let mut r = base();
         for pid in 100..200 {
             r.push(proc(pid, 1, 0, 2, 1));
         }
-        assert_eq!(too_many_procs(&r, &[]), None);
+        assert_eq!(too_many_procs(&r, &Spared::root()), None);
     }
 
     #[test]
@@ -247,18 +242,21 @@ pub(crate) mod tests {
         for (i, pid) in (100..112).enumerate() {
             t.push(proc(pid, pid - 1, 1000, 3 + i as u32, 1));
         }
-        let c = tree_too_deep(&t, &[]).unwrap();
+        let c = tree_too_deep(&t, &Spared::root()).unwrap();
         assert_eq!((c.uid, c.score), (1000, 14));
         t.push(proc(300, 1, 1001, 13, 1));
-        assert_eq!(tree_too_deep(&t, &[]), None);
+        assert_eq!(tree_too_deep(&t, &Spared::root()), None);
     }
 
     #[test]
     fn rate_too_high_respects_threshold_and_spared() {
         let rates = [(1000, 900), (1001, 3), (0, 5000)];
-        assert_eq!(rate_too_high(&rates, 100, &[]).unwrap().uid, 1000);
-        assert_eq!(rate_too_high(&rates, 1000, &[]), None);
-        assert_eq!(rate_too_high(&rates, 100, &[1000]), None);
+        assert_eq!(
+            rate_too_high(&rates, 100, &Spared::root()).unwrap().uid,
+            1000
+        );
+        assert_eq!(rate_too_high(&rates, 1000, &Spared::root()), None);
+        assert_eq!(rate_too_high(&rates, 100, &Spared::new([1000])), None);
         let t: Vec<Process> = (100..110).map(|p| proc(p, 1, 1000, 2, 1)).collect();
         let r = recent_starts(&t, 3_000_000);
         assert_eq!(r, vec![(1000, 4)]);
@@ -271,13 +269,13 @@ pub(crate) mod tests {
         for pid in 21..51 {
             t.push(proc(pid, 20, 1000, 3, 2048 + u64::from(pid)));
         }
-        let (c, pids) = max_rss(&t, &[]).unwrap();
+        let (c, pids) = max_rss(&t, &Spared::root()).unwrap();
         assert_eq!(c.uid, 1000);
         assert_eq!(pids, vec![50, 20]);
-        let u = max_rss_uid(&t, &[]).unwrap();
+        let u = max_rss_uid(&t, &Spared::root()).unwrap();
         assert_eq!(u.uid, 1000);
         // With the hog's user spared, the next user is named: sparing is the operator's choice.
-        assert_eq!(max_rss_uid(&t, &[1000]).unwrap().uid, 1001);
-        assert_eq!(max_rss(&t, &[1000, 1001]), None);
+        assert_eq!(max_rss_uid(&t, &Spared::new([1000])).unwrap().uid, 1001);
+        assert_eq!(max_rss(&t, &Spared::new([1000, 1001])), None);
     }
 }

@@ -10,32 +10,39 @@
 
 use std::time::Duration;
 
+use introspect::repair::Victims;
 use introspect::sensorbox::{ids, SensorBox};
 use introspect::tasks::Process;
 
 use crate::config::{ProcConfig, ProcPolicy};
 use crate::contract::{Checker, Violation};
-use crate::heal::{self, Diagnosis, Victims};
-use crate::hm::{HealContext, HealOutcome, HealingModule};
+use crate::guest::GuestError;
+use crate::heal::{Diagnosis, Healer};
+use crate::hm::HealContext;
 use crate::policy::{self, Culprit};
 
 /// Default forks/s for RATE_TOO_HIGH when neither the config nor the guest gives one.
 pub const DEFAULT_RATE: u64 = 200;
 
-/// The healer.
-pub struct ProcRepairHealer {
+/// The healer: [`ProcRepair`]'s diagnosis in the shared loop.
+pub type ProcRepairHealer = Healer<ProcRepair>;
+
+/// Proc_Repair_Healer's diagnosis.
+pub struct ProcRepair {
     cfg: ProcConfig,
 }
 
-impl ProcRepairHealer {
+impl Healer<ProcRepair> {
     /// With these policies.
     pub fn new(cfg: ProcConfig) -> Self {
-        ProcRepairHealer { cfg }
+        Healer(ProcRepair { cfg })
     }
 
     /// The sensors it watches.
     pub const SENSORS: [u32; 2] = [ids::NPROCS, ids::MAXPROC_RATE_PERUID];
+}
 
+impl ProcRepair {
     fn rate_threshold(&self, ctx: &HealContext<'_>, sb: &SensorBox) -> u64 {
         self.cfg
             .rate_threshold
@@ -47,12 +54,22 @@ impl ProcRepairHealer {
     }
 }
 
-impl Diagnosis for ProcRepairHealer {
+impl Diagnosis for ProcRepair {
+    const NAME: &'static str = "Proc_Repair_Healer";
+
+    fn max_rounds(&self) -> u32 {
+        self.cfg.max_rounds
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(2500)
+    }
+
     fn quick(
         &mut self,
         ctx: &mut HealContext<'_>,
         sb: &SensorBox,
-    ) -> Result<Option<(Culprit, u32)>, String> {
+    ) -> Result<Option<(Culprit, u32)>, GuestError> {
         if self.cfg.policies.first() != Some(&ProcPolicy::RATE_TOO_HIGH) {
             return Ok(None);
         }
@@ -73,7 +90,7 @@ impl Diagnosis for ProcRepairHealer {
         ctx: &mut HealContext<'_>,
         table: &[Process],
         sb: &SensorBox,
-    ) -> Result<Option<(Culprit, Victims)>, String> {
+    ) -> Result<Option<(Culprit, Victims)>, GuestError> {
         let spared = ctx.spared();
         for p in &self.cfg.policies {
             let c = match p {
@@ -96,28 +113,9 @@ impl Diagnosis for ProcRepairHealer {
     }
 
     fn recovered(&mut self, checker: &Checker, _v: &Violation, sb: &SensorBox) -> bool {
-        Self::SENSORS
+        ProcRepairHealer::SENSORS
             .iter()
             .filter_map(|id| sb.sensor(*id))
             .all(|s| checker.level_ok(s))
-    }
-}
-
-impl HealingModule for ProcRepairHealer {
-    fn name(&self) -> &str {
-        "Proc_Repair_Healer"
-    }
-
-    fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
-        let rounds = self.cfg.max_rounds;
-        // MAXPROC_RATE_PERUID keeps a storm's count for up to 2 s after it stops.
-        heal::heal(
-            "Proc_Repair_Healer",
-            ctx,
-            v,
-            self,
-            rounds,
-            Duration::from_millis(2500),
-        )
     }
 }

@@ -7,12 +7,74 @@
 
 use std::time::{Duration, Instant};
 
-/// Something that can stop and restart the guest (bdvmm's API, the bridge).
-pub trait Pauser {
-    /// Stops every vCPU.
-    fn pause(&mut self) -> Result<(), String>;
+/// Something that can stop and restart the guest: the one pause of the project, implemented by
+/// every layer (bdvmm's engines and API client, the bridge's backend and client, the monitor's
+/// guest). Above the bridge the same thing is called the *lock*; below it, *pause*. The mapping is
+/// written down once, in `docs/architecture.md`.
+///
+/// Take it with [`Pausable::paused`], which returns a guard that resumes the guest when dropped,
+/// so no error path can leave a guest stopped (the bridge's lease is the second line of defence).
+pub trait Pausable {
+    /// Why pausing or resuming failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Stops every vCPU; returns once they have all stopped.
+    fn pause(&mut self) -> Result<(), Self::Error>;
     /// Lets them run.
-    fn resume(&mut self) -> Result<(), String>;
+    fn resume(&mut self) -> Result<(), Self::Error>;
+    /// Pauses, and returns a guard that resumes on drop.
+    fn paused(&mut self) -> Result<Paused<'_, Self>, Self::Error>
+    where
+        Self: Sized,
+    {
+        self.pause()?;
+        Ok(Paused {
+            inner: self,
+            held: true,
+        })
+    }
+}
+
+/// A paused guest; dropping it resumes the guest (errors are then logged, not returned: call
+/// [`Paused::resume`] to see them).
+pub struct Paused<'a, P: Pausable> {
+    inner: &'a mut P,
+    held: bool,
+}
+
+impl<P: Pausable> Paused<'_, P> {
+    /// Resumes now, and says whether that worked.
+    pub fn resume(mut self) -> Result<(), P::Error> {
+        self.held = false;
+        self.inner.resume()
+    }
+
+    /// Leaves the guest paused when the guard goes (the caller resumes it later).
+    pub fn keep(mut self) {
+        self.held = false;
+    }
+}
+
+impl<P: Pausable> std::ops::Deref for Paused<'_, P> {
+    type Target = P;
+    fn deref(&self) -> &P {
+        self.inner
+    }
+}
+
+impl<P: Pausable> std::ops::DerefMut for Paused<'_, P> {
+    fn deref_mut(&mut self) -> &mut P {
+        self.inner
+    }
+}
+
+impl<P: Pausable> Drop for Paused<'_, P> {
+    fn drop(&mut self) {
+        if self.held {
+            if let Err(e) = self.inner.resume() {
+                tracing::warn!("resuming the guest failed: {e}");
+            }
+        }
+    }
 }
 
 /// A value read under the pause lock.
@@ -32,40 +94,35 @@ const BACKOFF: Duration = Duration::from_millis(2);
 /// Pauses at a moment when `busy()` says false (retrying with the guest running [`BACKOFF`] in
 /// between), or after `timeout` anyway (`forced`), and returns with the guest still paused: the
 /// caller resumes it. On error the guest is resumed.
-pub fn pause_quiescent<E: From<String>>(
-    pauser: &mut dyn Pauser,
+pub fn pause_quiescent<P: Pausable, E: From<P::Error>>(
+    pauser: &mut P,
     timeout: Duration,
     mut busy: impl FnMut() -> Result<bool, E>,
 ) -> Result<Locked<()>, E> {
     let start = Instant::now();
     let mut attempts = 0u32;
     loop {
-        pauser.pause().map_err(E::from)?;
+        let paused = pauser.paused()?;
         attempts += 1;
-        let held = match busy() {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = pauser.resume();
-                return Err(e);
-            }
-        };
+        let held = busy()?;
         let forced = held && start.elapsed() >= timeout;
         if !held || forced {
+            paused.keep();
             return Ok(Locked {
                 value: (),
                 attempts,
                 forced,
             });
         }
-        pauser.resume().map_err(E::from)?;
+        paused.resume()?;
         std::thread::sleep(BACKOFF);
     }
 }
 
 /// Pauses, waits (as above) for `busy()` to say false, runs `read` while paused, and resumes
 /// whatever happens.
-pub fn read_quiescent<T, E: From<String>>(
-    pauser: &mut dyn Pauser,
+pub fn read_quiescent<P: Pausable, T, E: From<P::Error>>(
+    pauser: &mut P,
     timeout: Duration,
     busy: impl FnMut() -> Result<bool, E>,
     read: impl FnOnce() -> Result<T, E>,
@@ -94,14 +151,27 @@ mod tests {
         pauses: u32,
     }
 
-    impl Pauser for Fake {
-        fn pause(&mut self) -> Result<(), String> {
+    #[derive(Debug, thiserror::Error)]
+    #[error("fake")]
+    struct FakeError;
+
+    #[derive(Debug, thiserror::Error)]
+    enum TestError {
+        #[error(transparent)]
+        Pause(#[from] FakeError),
+        #[error("{0}")]
+        Read(&'static str),
+    }
+
+    impl Pausable for Fake {
+        type Error = FakeError;
+        fn pause(&mut self) -> Result<(), FakeError> {
             assert!(!self.paused);
             self.paused = true;
             self.pauses += 1;
             Ok(())
         }
-        fn resume(&mut self) -> Result<(), String> {
+        fn resume(&mut self) -> Result<(), FakeError> {
             assert!(self.paused);
             self.paused = false;
             Ok(())
@@ -115,7 +185,7 @@ mod tests {
         let r: Locked<u32> = read_quiescent(
             &mut p,
             Duration::from_secs(5),
-            || -> Result<bool, String> {
+            || -> Result<bool, TestError> {
                 held -= 1;
                 Ok(held >= 0)
             },
@@ -132,7 +202,7 @@ mod tests {
         let r: Locked<&str> = read_quiescent(
             &mut p,
             Duration::from_millis(20),
-            || -> Result<bool, String> { Ok(true) },
+            || -> Result<bool, TestError> { Ok(true) },
             || Ok("read anyway"),
         )
         .unwrap();
@@ -143,11 +213,11 @@ mod tests {
     #[test]
     fn the_guest_is_resumed_when_the_read_fails() {
         let mut p = Fake::default();
-        let r: Result<Locked<()>, String> = read_quiescent(
+        let r: Result<Locked<()>, TestError> = read_quiescent(
             &mut p,
             Duration::from_secs(1),
             || Ok(false),
-            || Err("boom".into()),
+            || Err(TestError::Read("boom")),
         );
         assert!(r.is_err());
         assert!(!p.paused);

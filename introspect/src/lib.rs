@@ -5,6 +5,11 @@
 //! * [`mem`] — guest-physical memory sources (bdvmm's memfd, dump files, byte vectors).
 //! * [`sensorbox`] — the Sensor Box of a patched guest, read consistently.
 //! * [`hooks`] — the repair-hook mailbox: asking the guest kernel to kill.
+//! * [`repair`] — the one kill path: the never-kill rule, mailbox or direct SIGKILL.
+//! * [`consistency`] — [`consistency::Pausable`], the project's one pause, and reads at a moment
+//!   when the task list is not being changed.
+//! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
+//! * [`show`] — text tables for command-line tools.
 
 pub mod btf;
 pub mod consistency;
@@ -16,6 +21,7 @@ pub mod mem;
 pub mod paging;
 pub mod repair;
 pub mod sensorbox;
+pub mod show;
 pub mod target;
 pub mod tasks;
 pub mod virtual_sensors;

@@ -8,12 +8,12 @@
 
 use std::path::Path;
 
-use crate::btf::Btf;
-use crate::consistency::{self, Locked, Pauser};
-use crate::kernel::{self, KernelLocation, Symbols};
-use crate::mem::PhysMem;
-use crate::sensorbox;
-use crate::tasks::{self, KernelMem, Limits, Process, TaskLayout, TasklistLock};
+use crate::btf::{Btf, BtfError};
+use crate::consistency::{self, Locked, Pausable};
+use crate::kernel::{self, KernelError, KernelLocation, Symbols};
+use crate::mem::{MemError, PhysMem};
+use crate::sensorbox::{self, SbError};
+use crate::tasks::{self, KernelMem, Limits, Process, TaskError, TaskLayout, TasklistLock};
 
 /// Largest BTF blob copied out of a guest.
 pub const MAX_GUEST_BTF: u64 = 64 << 20;
@@ -37,6 +37,43 @@ pub enum KernelFiles<'a> {
     },
 }
 
+/// Why the guest kernel could not be located.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// System.map, or the kernel's place in memory.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The vmlinux file.
+    #[error("cannot read {path}: {source}")]
+    Vmlinux {
+        /// Its path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A symbol the walk needs is not in System.map.
+    #[error("System.map has no {0}")]
+    NoSymbol(&'static str),
+    /// The kernel's types.
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    /// The patched guest's Sensor Box.
+    #[error("{0}\n(for a stock guest give its System.map and vmlinux)")]
+    SensorBox(#[from] SbError),
+    /// A Sensor Box without the externalized-state descriptor.
+    #[error("the Sensor Box has no externalized-state descriptor")]
+    NoDescriptor,
+    /// The guest claims a BTF size no kernel has.
+    #[error("guest BTF size {0} is implausible; give the guest's vmlinux")]
+    ImplausibleBtf(u64),
+    /// Guest memory.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// Task layouts or `tasklist_lock`.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+}
+
 /// A located guest kernel, ready for task-list walks.
 pub struct Target {
     /// Where the kernel sits.
@@ -58,48 +95,43 @@ impl Target {
         cr3: u64,
         cr4: u64,
         files: KernelFiles<'_>,
-    ) -> Result<Target, String> {
+    ) -> Result<Target, TargetError> {
         let (loc, btf, init_task, tasklist_lock) = match files {
             KernelFiles::Files {
                 system_map,
                 vmlinux,
             } => {
-                let syms = Symbols::from_file(system_map).map_err(|e| e.to_string())?;
-                let loc = kernel::locate(mem, cr3, cr4, &syms).map_err(|e| e.to_string())?;
-                let bytes = std::fs::read(vmlinux)
-                    .map_err(|e| format!("cannot read {}: {e}", vmlinux.display()))?;
-                let btf = Btf::from_elf(&bytes).map_err(|e| e.to_string())?;
-                let sym = |n: &str| {
+                let syms = Symbols::from_file(system_map)?;
+                let loc = kernel::locate(mem, cr3, cr4, &syms)?;
+                let bytes = std::fs::read(vmlinux).map_err(|source| TargetError::Vmlinux {
+                    path: vmlinux.display().to_string(),
+                    source,
+                })?;
+                let btf = Btf::from_elf(&bytes)?;
+                let sym = |n: &'static str| {
                     syms.get(n)
-                        .map(|a| a + loc.slide)
-                        .ok_or(format!("System.map has no {n}"))
+                        .map(|a| a.wrapping_add(loc.slide))
+                        .ok_or(TargetError::NoSymbol(n))
                 };
                 let (init_task, lock) = (sym("init_task")?, sym("tasklist_lock")?);
                 (loc, btf, init_task, lock)
             }
             KernelFiles::SensorBox { gpa, size } => {
-                let sb = sensorbox::read(mem, gpa, size, 1000).map_err(|e| {
-                    format!("{e}\n(for a stock guest give its System.map and vmlinux)")
-                })?;
-                let st = sb
-                    .state
-                    .ok_or("the Sensor Box has no externalized-state descriptor")?;
-                let loc = kernel::from_descriptor(mem, &st, cr3).map_err(|e| e.to_string())?;
-                if st.btf_size == 0 || st.btf_size > MAX_GUEST_BTF {
-                    return Err(format!(
-                        "guest BTF size {} is implausible; give the guest's vmlinux",
-                        st.btf_size
-                    ));
-                }
-                let mut blob = vec![0u8; st.btf_size as usize];
-                mem.read(loc.image_phys(st.btf_start), &mut blob)
-                    .map_err(|e| e.to_string())?;
-                let btf = Btf::parse(&blob).map_err(|e| e.to_string())?;
+                let sb = sensorbox::read(mem, gpa, size, 1000)?;
+                let st = sb.state.ok_or(TargetError::NoDescriptor)?;
+                let loc = kernel::from_descriptor(mem, &st, cr3)?;
+                let len = usize::try_from(st.btf_size)
+                    .ok()
+                    .filter(|&n| n != 0 && st.btf_size <= MAX_GUEST_BTF)
+                    .ok_or(TargetError::ImplausibleBtf(st.btf_size))?;
+                let mut blob = vec![0u8; len];
+                mem.read(loc.image_phys(st.btf_start), &mut blob)?;
+                let btf = Btf::parse(&blob)?;
                 (loc, btf, st.init_task, st.tasklist_lock)
             }
         };
-        let layout = TaskLayout::from_btf(&btf).map_err(|e| e.to_string())?;
-        let tasklist_lock = TasklistLock::new(&btf, tasklist_lock).map_err(|e| e.to_string())?;
+        let layout = TaskLayout::from_btf(&btf)?;
+        let tasklist_lock = TasklistLock::new(&btf, tasklist_lock)?;
         Ok(Target {
             loc,
             btf,
@@ -110,33 +142,30 @@ impl Target {
     }
 
     /// Walks the task list now. The caller holds the guest paused.
-    pub fn walk(&self, mem: &dyn PhysMem) -> Result<Vec<Process>, String> {
+    pub fn walk(&self, mem: &dyn PhysMem) -> Result<Vec<Process>, TaskError> {
         let km = KernelMem::new(mem, self.loc.clone());
         tasks::process_table(&km, &self.layout, self.init_task, Limits::default())
-            .map_err(|e| e.to_string())
     }
 
     /// True if a fork or exit holds `tasklist_lock` for writing right now.
-    pub fn tasklist_busy(&self, mem: &dyn PhysMem) -> Result<bool, String> {
+    pub fn tasklist_busy(&self, mem: &dyn PhysMem) -> Result<bool, TaskError> {
         let km = KernelMem::new(mem, self.loc.clone());
-        self.tasklist_lock
-            .write_held(&km)
-            .map_err(|e| e.to_string())
+        self.tasklist_lock.write_held(&km)
     }
 
     /// Pauses the guest at a moment when `tasklist_lock` is free (or, after `timeout`, anyway),
     /// walks the task list and resumes.
-    pub fn process_table(
+    pub fn process_table<P: Pausable, E: From<P::Error> + From<TaskError>>(
         &self,
         mem: &dyn PhysMem,
-        pauser: &mut dyn Pauser,
+        pauser: &mut P,
         timeout: std::time::Duration,
-    ) -> Result<Locked<Vec<Process>>, String> {
+    ) -> Result<Locked<Vec<Process>>, E> {
         consistency::read_quiescent(
             pauser,
             timeout,
-            || self.tasklist_busy(mem),
-            || self.walk(mem),
+            || Ok(self.tasklist_busy(mem)?),
+            || Ok(self.walk(mem)?),
         )
     }
 }

@@ -107,7 +107,7 @@ impl TaskLayout {
 }
 
 /// One task (a process, or a thread of one).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Task {
     /// Kernel address of its task_struct.
     pub addr: u64,

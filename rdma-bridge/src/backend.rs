@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bdvmm::api::ApiClient;
-use introspect::mem::{MappedMem, PhysMem};
+use bdvmm_api::{map_memory, ApiClient, ApiError};
+use introspect::mem::{MappedMem, MemError, PhysMem};
 
 use crate::wire::{Regs, VmStatus, VM_PAUSED, VM_RUNNING, VM_STOPPED};
 
@@ -25,6 +25,44 @@ pub struct Layout {
     pub backdoor: (u64, u64),
 }
 
+/// Why the backend could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// bdvmm's control API cannot be reached.
+    #[error("cannot reach bdvmm at {socket}: {source}")]
+    Connect {
+        /// The API socket.
+        socket: String,
+        /// Why.
+        source: ApiError,
+    },
+    /// bdvmm refused or the connection failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The guest's memory.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// A memory dump file.
+    #[error("{path}: {source}")]
+    Dump {
+        /// The file.
+        path: String,
+        /// Why.
+        source: MemError,
+    },
+    /// The exit watch.
+    #[error("cannot watch {socket}: {source}")]
+    Watch {
+        /// The API socket.
+        socket: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// What a memory dump cannot do.
+    #[error("a memory dump {0}")]
+    NotLive(&'static str),
+}
+
 /// A source of guest memory and the pause lock.
 pub trait Backend: Send + Sync {
     /// The layout.
@@ -33,15 +71,15 @@ pub trait Backend: Send + Sync {
     fn mem(&self) -> &MappedMem;
     /// Pauses every vCPU for at most `lease` (renewing if already paused by us); returns the
     /// nanoseconds until all acknowledged.
-    fn pause(&self, lease: Duration) -> Result<u64, String>;
+    fn pause(&self, lease: Duration) -> Result<u64, BackendError>;
     /// Resumes the vCPUs.
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), BackendError>;
     /// One vCPU's registers.
-    fn regs(&self, vcpu: u8) -> Result<Regs, String>;
+    fn regs(&self, vcpu: u8) -> Result<Regs, BackendError>;
     /// Whether the vCPUs run.
-    fn status(&self) -> Result<VmStatus, String>;
+    fn status(&self) -> Result<VmStatus, BackendError>;
     /// Restarts the guest in place.
-    fn restart(&self) -> Result<(), String>;
+    fn restart(&self) -> Result<(), BackendError>;
 }
 
 /// A running bdvmm guest.
@@ -54,11 +92,13 @@ pub struct VmBackend {
 
 impl VmBackend {
     /// Connects to bdvmm's control API and maps the guest's memory.
-    pub fn connect(socket: &Path) -> Result<VmBackend, String> {
-        let mut api = ApiClient::connect(socket)
-            .map_err(|e| format!("cannot reach bdvmm at {}: {e}", socket.display()))?;
-        let (file, map) = api.memory().map_err(|e| e.to_string())?;
-        let mem = bdvmm::inspect::map_memory(file, &map)?;
+    pub fn connect(socket: &Path) -> Result<VmBackend, BackendError> {
+        let mut api = ApiClient::connect(socket).map_err(|source| BackendError::Connect {
+            socket: socket.display().to_string(),
+            source,
+        })?;
+        let (file, map) = api.memory()?;
+        let mem = map_memory(file, &map)?;
         let layout = Layout {
             ram: map.ranges.iter().map(|r| (r.gpa, r.size)).collect(),
             backdoor: (map.backdoor.gpa, map.backdoor.size),
@@ -79,9 +119,11 @@ impl VmBackend {
     }
 
     /// Blocks until bdvmm goes away (its API socket closes), on a connection of its own.
-    pub fn watch_exit(&self) -> Result<(), String> {
-        let mut s = UnixStream::connect(&self.socket)
-            .map_err(|e| format!("cannot watch {}: {e}", self.socket.display()))?;
+    pub fn watch_exit(&self) -> Result<(), BackendError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| BackendError::Watch {
+            socket: self.socket.display().to_string(),
+            source,
+        })?;
         let mut buf = [0u8; 256];
         loop {
             match s.read(&mut buf) {
@@ -95,11 +137,11 @@ impl VmBackend {
 }
 
 impl Backend for VmBackend {
-    fn restart(&self) -> Result<(), String> {
-        self.api().reset().map_err(|e| e.to_string())
+    fn restart(&self) -> Result<(), BackendError> {
+        Ok(self.api().reset()?)
     }
-    fn status(&self) -> Result<VmStatus, String> {
-        let st = self.api().status().map_err(|e| e.to_string())?;
+    fn status(&self) -> Result<VmStatus, BackendError> {
+        let st = self.api().status()?;
         Ok(VmStatus {
             state: match st.state.as_str() {
                 "running" => VM_RUNNING,
@@ -117,29 +159,16 @@ impl Backend for VmBackend {
     fn mem(&self) -> &MappedMem {
         &self.mem
     }
-    fn pause(&self, lease: Duration) -> Result<u64, String> {
-        let r = self.api().pause(Some(lease)).map_err(|e| e.to_string())?;
+    fn pause(&self, lease: Duration) -> Result<u64, BackendError> {
+        let r = self.api().pause(Some(lease))?;
         Ok(r.pause_ns)
     }
-    fn resume(&self) -> Result<(), String> {
-        self.api().resume().map(|_| ()).map_err(|e| e.to_string())
+    fn resume(&self) -> Result<(), BackendError> {
+        self.api().resume()?;
+        Ok(())
     }
-    fn regs(&self, vcpu: u8) -> Result<Regs, String> {
-        let r = self.api().regs(vcpu).map_err(|e| e.to_string())?;
-        Ok(Regs {
-            rip: r.rip,
-            rsp: r.rsp,
-            rflags: r.rflags,
-            cr0: r.cr0,
-            cr2: r.cr2,
-            cr3: r.cr3,
-            cr4: r.cr4,
-            efer: r.efer,
-            fs_base: r.fs_base,
-            gs_base: r.gs_base,
-            kernel_gs_base: r.kernel_gs_base,
-            cpl: r.cpl,
-        })
+    fn regs(&self, vcpu: u8) -> Result<Regs, BackendError> {
+        Ok(self.api().regs(vcpu)?)
     }
 }
 
@@ -152,8 +181,11 @@ pub struct DumpBackend {
 
 impl DumpBackend {
     /// Opens `path`; `backdoor` is where the backdoor range was in the dumped guest.
-    pub fn open(path: &Path, backdoor: (u64, u64)) -> Result<DumpBackend, String> {
-        let mem = MappedMem::open_dump(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn open(path: &Path, backdoor: (u64, u64)) -> Result<DumpBackend, BackendError> {
+        let mem = MappedMem::open_dump(path).map_err(|source| BackendError::Dump {
+            path: path.display().to_string(),
+            source,
+        })?;
         let ram = mem.ranges().iter().map(|r| (r.gpa, r.size)).collect();
         Ok(DumpBackend {
             mem,
@@ -163,10 +195,10 @@ impl DumpBackend {
 }
 
 impl Backend for DumpBackend {
-    fn restart(&self) -> Result<(), String> {
-        Err("a memory dump cannot be restarted".into())
+    fn restart(&self) -> Result<(), BackendError> {
+        Err(BackendError::NotLive("cannot be restarted"))
     }
-    fn status(&self) -> Result<VmStatus, String> {
+    fn status(&self) -> Result<VmStatus, BackendError> {
         Ok(VmStatus {
             state: VM_STOPPED,
             vcpus: 0,
@@ -180,20 +212,20 @@ impl Backend for DumpBackend {
     fn mem(&self) -> &MappedMem {
         &self.mem
     }
-    fn pause(&self, _lease: Duration) -> Result<u64, String> {
+    fn pause(&self, _lease: Duration) -> Result<u64, BackendError> {
         Ok(0)
     }
-    fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), BackendError> {
         Ok(())
     }
-    fn regs(&self, _vcpu: u8) -> Result<Regs, String> {
-        Err("a memory dump has no vCPUs".into())
+    fn regs(&self, _vcpu: u8) -> Result<Regs, BackendError> {
+        Err(BackendError::NotLive("has no vCPUs"))
     }
 }
 
 /// Reads through the backend's memory, as [`PhysMem`].
-pub fn read(b: &dyn Backend, gpa: u64, len: usize) -> Result<Vec<u8>, String> {
+pub fn read(b: &dyn Backend, gpa: u64, len: usize) -> Result<Vec<u8>, BackendError> {
     let mut buf = vec![0u8; len];
-    b.mem().read(gpa, &mut buf).map_err(|e| e.to_string())?;
+    b.mem().read(gpa, &mut buf)?;
     Ok(buf)
 }

@@ -21,11 +21,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use introspect::consistency::{Locked, Pauser};
+use introspect::consistency::{Locked, Pausable};
 use introspect::mem::{MemError, PhysMem};
 use introspect::sensorbox::{self, SensorBox};
-use introspect::target::{KernelFiles, Target};
-use introspect::tasks::Process;
+use introspect::target::{KernelFiles, Target, TargetError};
+use introspect::tasks::{Process, TaskError};
 use rustls::{ClientConnection, StreamOwned};
 
 use crate::tls::{Identity, TlsError};
@@ -67,6 +67,21 @@ pub enum ClientError {
     /// The bridge answered with something that does not fit the request.
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+/// Why reading the guest kernel over a bridge failed: the session (a [`ClientError`]) or what the
+/// guest's memory holds (located and walked by [`introspect`]).
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The session.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Locating the kernel.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// Walking the task list.
+    #[error(transparent)]
+    Task(#[from] TaskError),
 }
 
 impl ClientError {
@@ -389,7 +404,7 @@ impl BridgeMem {
         self.bridge().unlock()
     }
 
-    /// The bridge's pause lock as a [`Pauser`]; while held, pages are cached.
+    /// The bridge's pause lock as a [`Pausable`]; while held, pages are cached.
     pub fn pauser(&self, lease: Duration) -> RemotePauser<'_> {
         RemotePauser {
             mem: self,
@@ -403,7 +418,7 @@ impl BridgeMem {
     pub fn process_table(
         &self,
         files: Option<KernelFiles<'_>>,
-    ) -> Result<Locked<Vec<Process>>, String> {
+    ) -> Result<Locked<Vec<Process>>, InspectError> {
         let target = self.locate(files)?;
         target.process_table(
             self,
@@ -413,15 +428,15 @@ impl BridgeMem {
     }
 
     /// Finds the guest kernel with the guest paused (its location does not change while it runs).
-    pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, String> {
+    pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, InspectError> {
         let (gpa, size) = self.bridge().backdoor();
         let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
         let mut p = self.pauser(Duration::from_secs(10));
-        p.pause()?;
-        let regs = self.bridge().regs(0).map_err(|e| e.to_string());
-        let found = regs.and_then(|r| Target::locate(self, r.cr3, r.cr4, files));
-        p.resume()?;
-        found
+        let paused = p.paused()?;
+        let regs = self.bridge().regs(0)?;
+        let found = Target::locate(self, regs.cr3, regs.cr4, files)?;
+        paused.resume()?;
+        Ok(found)
     }
 
     fn fetch(&self, first: u64, pages: u64) -> Result<Vec<u8>, MemError> {
@@ -518,7 +533,8 @@ impl PhysMem for BridgeMem {
     }
 }
 
-/// The bridge's LOCK/UNLOCK as an introspect [`Pauser`].
+/// The bridge's LOCK/UNLOCK as the project's [`Pausable`] (the lock, above the bridge, is bdvmm's
+/// pause below it).
 pub struct RemotePauser<'a> {
     mem: &'a BridgeMem,
     lease: Duration,
@@ -532,12 +548,13 @@ impl RemotePauser<'_> {
     }
 }
 
-impl Pauser for RemotePauser<'_> {
-    fn pause(&mut self) -> Result<(), String> {
-        self.last_lock = self.mem.lock(self.lease).map_err(|e| e.to_string())?;
+impl Pausable for RemotePauser<'_> {
+    type Error = ClientError;
+    fn pause(&mut self) -> Result<(), ClientError> {
+        self.last_lock = self.mem.lock(self.lease)?;
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
-        self.mem.unlock().map_err(|e| e.to_string())
+    fn resume(&mut self) -> Result<(), ClientError> {
+        self.mem.unlock()
     }
 }

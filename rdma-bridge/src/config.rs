@@ -229,7 +229,7 @@ impl BridgeConfig {
                 return bad(format!("monitor {:?} is listed twice", m.name));
             }
             for r in m.read.iter().chain(&m.write) {
-                RangeSpec::parse(r).map_err(ConfigError::Invalid)?;
+                RangeSpec::parse(r).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
         Ok(())
@@ -256,9 +256,20 @@ pub enum RangeSpec {
     },
 }
 
+/// A range spec that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// Not one of the forms.
+    #[error("range {0:?}: expected backdoor, sb, hooks, ram or 0xSTART+0xLEN")]
+    Syntax(String),
+    /// `len` is zero or the end overflows.
+    #[error("range {0:?} is empty or wraps around")]
+    Empty(String),
+}
+
 impl RangeSpec {
     /// Parses `backdoor`, `sb`, `hooks`, `ram` or `0xSTART+0xLEN`.
-    pub fn parse(s: &str) -> Result<RangeSpec, String> {
+    pub fn parse(s: &str) -> Result<RangeSpec, RangeError> {
         match s {
             "backdoor" => return Ok(RangeSpec::Backdoor),
             "sb" => return Ok(RangeSpec::SensorBox),
@@ -266,7 +277,7 @@ impl RangeSpec {
             "ram" => return Ok(RangeSpec::Ram),
             _ => {}
         }
-        let err = || format!("range {s:?}: expected backdoor, sb, hooks, ram or 0xSTART+0xLEN");
+        let err = || RangeError::Syntax(s.to_owned());
         let (a, b) = s.split_once('+').ok_or_else(err)?;
         let num = |t: &str| {
             let t = t.trim();
@@ -277,7 +288,7 @@ impl RangeSpec {
         };
         let (gpa, len) = (num(a)?, num(b)?);
         if len == 0 || gpa.checked_add(len).is_none() {
-            return Err(format!("range {s:?} is empty or wraps around"));
+            return Err(RangeError::Empty(s.to_owned()));
         }
         Ok(RangeSpec::Explicit { gpa, len })
     }

@@ -15,7 +15,10 @@ use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{BridgeConfig, RangeSpec};
+use introspect::mem::MemError;
+
+use crate::config::{BridgeConfig, RangeError, RangeSpec};
+use crate::tls::TlsError;
 
 /// Most distinct writes waiting for agreement at once.
 pub const MAX_PENDING: usize = 64;
@@ -57,6 +60,32 @@ pub struct Grants {
     by_fingerprint: HashMap<String, (String, Grant)>,
 }
 
+/// Why the grants could not be resolved at start.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// A range spec.
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// A monitor's certificate.
+    #[error("monitor {monitor:?}: certificate {cert}: {source}")]
+    Cert {
+        /// The monitor.
+        monitor: String,
+        /// Its certificate file.
+        cert: String,
+        /// Why it cannot be read.
+        source: TlsError,
+    },
+    /// Two monitors with one certificate.
+    #[error("monitor {0:?} shares its certificate with another monitor")]
+    SharedCert(String),
+    /// An `[rdma]` section in a bridge built without verbs.
+    #[error(
+        "the config has an [rdma] section but this bridge was built without the `verbs` feature"
+    )]
+    NoVerbs,
+}
+
 impl Grants {
     /// Resolves the config's ranges against the VM's layout. `fingerprint(path)` gives the SHA-256
     /// of a monitor's certificate file.
@@ -64,11 +93,11 @@ impl Grants {
         cfg: &BridgeConfig,
         ram: &[(u64, u64)],
         backdoor: (u64, u64),
-        fingerprint: impl Fn(&std::path::Path) -> Result<String, String>,
-    ) -> Result<Grants, String> {
+        fingerprint: impl Fn(&std::path::Path) -> Result<String, TlsError>,
+    ) -> Result<Grants, GrantError> {
         let mut by_fingerprint = HashMap::new();
         for m in &cfg.monitors {
-            let resolve = |specs: &[String]| -> Result<Vec<(u64, u64)>, String> {
+            let resolve = |specs: &[String]| -> Result<Vec<(u64, u64)>, GrantError> {
                 let mut out = Vec::new();
                 for s in specs {
                     out.extend(RangeSpec::parse(s)?.resolve(ram, backdoor));
@@ -80,12 +109,13 @@ impl Grants {
                 write: resolve(&m.write)?,
                 restart: m.restart,
             };
-            let fp = fingerprint(&m.cert)?;
+            let fp = fingerprint(&m.cert).map_err(|source| GrantError::Cert {
+                monitor: m.name.clone(),
+                cert: m.cert.display().to_string(),
+                source,
+            })?;
             if by_fingerprint.insert(fp, (m.name.clone(), grant)).is_some() {
-                return Err(format!(
-                    "monitor {:?} shares its certificate with another monitor",
-                    m.name
-                ));
+                return Err(GrantError::SharedCert(m.name.clone()));
             }
         }
         Ok(Grants { by_fingerprint })
@@ -151,7 +181,7 @@ impl Agreement {
         monitor: &str,
         gpa: u64,
         bytes: &[u8],
-        apply: impl FnOnce() -> Result<(), String>,
+        apply: impl FnOnce() -> Result<(), MemError>,
         on_vote: impl FnOnce(usize),
     ) -> Outcome {
         let mut st = match self.state.lock() {
@@ -195,7 +225,7 @@ impl Agreement {
         if p.voters.len() >= self.k {
             let outcome = match apply() {
                 Ok(()) => Outcome::Applied(p.voters.clone()),
-                Err(e) => Outcome::Failed(e),
+                Err(e) => Outcome::Failed(e.to_string()),
             };
             p.done = Some(outcome.clone());
             if p.waiters == 0 {

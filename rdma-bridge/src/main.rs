@@ -171,7 +171,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&sb).unwrap_or_default());
             } else {
-                bdvmm::inspect::print_sensor_box(&sb);
+                introspect::show::print_sensor_box(&sb);
             }
             Ok(())
         }
@@ -191,14 +191,16 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
                 }),
                 _ => None,
             };
-            let t = mem.process_table(files).map_err(|e| (FAILED, e))?;
+            let t = mem
+                .process_table(files)
+                .map_err(|e| (FAILED, e.to_string()))?;
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&t.value).unwrap_or_default()
                 );
             } else {
-                bdvmm::inspect::print_process_table(&t.value);
+                introspect::show::print_process_table(&t.value);
             }
             eprintln!(
                 "{} tasks; lock taken {} time(s){}; {} READ round trips",
@@ -221,7 +223,7 @@ fn serve(
     let cfg = BridgeConfig::load(config).map_err(|e| (BAD_INPUT, e.to_string()))?;
     let (backend, vm): (Arc<dyn Backend>, Option<Arc<VmBackend>>) = match (api, dump) {
         (Some(sock), _) => {
-            let vm = Arc::new(VmBackend::connect(&sock).map_err(|e| (FAILED, e))?);
+            let vm = Arc::new(VmBackend::connect(&sock).map_err(|e| (FAILED, e.to_string()))?);
             (vm.clone(), Some(vm))
         }
         (None, Some(path)) => {
@@ -235,7 +237,7 @@ fn serve(
                     ))
                 }
             };
-            let d = DumpBackend::open(&path, bd).map_err(|e| (BAD_INPUT, e))?;
+            let d = DumpBackend::open(&path, bd).map_err(|e| (BAD_INPUT, e.to_string()))?;
             (Arc::new(d), None)
         }
         (None, None) => return Err((BAD_INPUT, "give --api or --dump".into())),
@@ -252,7 +254,7 @@ fn serve(
                 std::process::exit(i32::from(FAILED));
             }
         });
-        vm.watch_exit().map_err(|e| (FAILED, e))?;
+        vm.watch_exit().map_err(|e| (FAILED, e.to_string()))?;
         server.audit("vm_exited", serde_json::json!({}));
         eprintln!("rdma-bridge: the VM exited; stopping");
         return Ok(());

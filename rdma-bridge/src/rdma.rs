@@ -14,9 +14,27 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use introspect::mem::MemError;
+
 use crate::backend::Backend;
 use crate::guard::Grants;
-use crate::verbs::{self, Access, RegionInfo, RegionSpec, VerbsTarget};
+use crate::verbs::{self, Access, RegionInfo, RegionSpec, VerbsError, VerbsTarget};
+
+/// Why the verbs data path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
+    /// The device, a registration or the exchange.
+    #[error("RDMA: {0}")]
+    Verbs(#[from] VerbsError),
+    /// A monitor's grant is not in guest memory.
+    #[error("RDMA: monitor {monitor}: {source}")]
+    Region {
+        /// The monitor.
+        monitor: String,
+        /// Why.
+        source: MemError,
+    },
+}
 
 /// Registered regions and the target's queue pairs.
 pub struct RdmaGlue {
@@ -31,8 +49,8 @@ impl RdmaGlue {
         backend: &dyn Backend,
         grants: &Grants,
         k: usize,
-    ) -> Result<RdmaGlue, String> {
-        let mut target = VerbsTarget::open(device).map_err(|e| format!("RDMA: {e}"))?;
+    ) -> Result<RdmaGlue, RdmaError> {
+        let mut target = VerbsTarget::open(device)?;
         let mut specs = Vec::new();
         let mut owner = Vec::new();
         for (name, grant) in grants.iter() {
@@ -46,7 +64,10 @@ impl RdmaGlue {
                 let host = backend
                     .mem()
                     .host_ptr(gpa, len as usize)
-                    .map_err(|e| format!("RDMA: monitor {name}: {e}"))?;
+                    .map_err(|source| RdmaError::Region {
+                        monitor: name.clone(),
+                        source,
+                    })?;
                 specs.push(RegionSpec {
                     name: format!("{}-{i}", &name[..name.len().min(24)]),
                     gpa,
@@ -60,7 +81,7 @@ impl RdmaGlue {
         // SAFETY: every host pointer is inside bdvmm's memfd mapping held by `backend`, which the
         // server keeps alive as long as this glue (both live in the server's shared state); no Rust
         // references into guest memory exist (it is only accessed by volatile copies).
-        let infos = unsafe { target.register(specs) }.map_err(|e| format!("RDMA: {e}"))?;
+        let infos = unsafe { target.register(specs) }?;
         let mut regions: HashMap<String, Vec<RegionInfo>> = HashMap::new();
         for (info, name) in infos.into_iter().zip(owner) {
             regions.entry(name).or_default().push(info);
@@ -72,14 +93,14 @@ impl RdmaGlue {
     }
 
     /// Connects `monitor`'s queue pair; returns the bridge's blob with the monitor's regions.
-    pub fn connect(&self, monitor: &str, blob: &[u8]) -> Result<Vec<u8>, String> {
-        let (remote, _) = verbs::decode_connect(blob).map_err(|e| e.to_string())?;
+    pub fn connect(&self, monitor: &str, blob: &[u8]) -> Result<Vec<u8>, VerbsError> {
+        let (remote, _) = verbs::decode_connect(blob)?;
         let mine = self.regions.get(monitor).cloned().unwrap_or_default();
         let mut t = match self.target.lock() {
             Ok(t) => t,
             Err(p) => p.into_inner(),
         };
-        let local = t.accept(remote).map_err(|e| e.to_string())?;
-        verbs::encode_connect(&local, &mine).map_err(|e| e.to_string())
+        let local = t.accept(remote)?;
+        verbs::encode_connect(&local, &mine)
     }
 }

@@ -18,14 +18,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use bdvmm_api::ApiError;
 use introspect::mem::PhysMem;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::json;
 
 use crate::audit::Audit;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::config::{BridgeConfig, SB_OFFSET};
-use crate::guard::{Agreement, Grant, Grants, Outcome};
+use crate::guard::{Agreement, Grant, GrantError, Grants, Outcome};
 use crate::tls;
 use crate::wire::{self, code, Decoder, Frame, Message, Range, Reply, Request};
 
@@ -54,7 +55,11 @@ pub enum ServerError {
     },
     /// Grants could not be resolved.
     #[error("grants: {0}")]
-    Grants(String),
+    Grants(#[from] GrantError),
+    /// The verbs data path.
+    #[cfg(feature = "verbs")]
+    #[error(transparent)]
+    Rdma(#[from] crate::rdma::RdmaError),
 }
 
 struct Holder {
@@ -92,28 +97,21 @@ impl Server {
         let tls = tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
         let layout = backend.layout().clone();
         let grants = Grants::resolve(cfg, &layout.ram, layout.backdoor, |p| {
-            let c = tls::load_certs(p).map_err(|e| e.to_string())?;
+            let c = tls::load_certs(p)?;
             Ok(tls::fingerprint(&c[0]))
-        })
-        .map_err(ServerError::Grants)?;
+        })?;
         #[cfg(not(feature = "verbs"))]
         if cfg.rdma.is_some() {
-            return Err(ServerError::Grants(
-                "the config has an [rdma] section but this bridge was built without the `verbs` feature"
-                    .into(),
-            ));
+            return Err(GrantError::NoVerbs.into());
         }
         #[cfg(feature = "verbs")]
         let rdma = match &cfg.rdma {
-            Some(r) => Some(
-                crate::rdma::RdmaGlue::new(
-                    r.device.as_deref(),
-                    backend.as_ref(),
-                    &grants,
-                    cfg.agreement.k,
-                )
-                .map_err(ServerError::Grants)?,
-            ),
+            Some(r) => Some(crate::rdma::RdmaGlue::new(
+                r.device.as_deref(),
+                backend.as_ref(),
+                &grants,
+                cfg.agreement.k,
+            )?),
             None => None,
         };
         let audit = Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
@@ -276,11 +274,20 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
 
 type Tls = StreamOwned<ServerConnection, TcpStream>;
 
-fn send(s: &mut Tls, frame: &Frame) -> Result<(), String> {
-    let bytes = wire::encode(frame).map_err(|e| format!("encode: {e}"))?;
-    s.write_all(&bytes)
-        .and_then(|_| s.flush())
-        .map_err(|e| format!("send: {e}"))
+/// Why a reply could not be sent (the session then ends).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("encode: {0}")]
+    Encode(#[from] wire::WireError),
+    #[error("send: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn send(s: &mut Tls, frame: &Frame) -> Result<(), SendError> {
+    let bytes = wire::encode(frame)?;
+    s.write_all(&bytes)?;
+    s.flush()?;
+    Ok(())
 }
 
 fn error(id: u64, code: u16, message: impl Into<String>) -> Frame {
@@ -329,7 +336,7 @@ impl Session<'_> {
                 let id = frame.request_id;
                 let (reply, next) = self.handle(frame);
                 if let Err(e) = send(s, &reply) {
-                    return e;
+                    return e.to_string();
                 }
                 if let Next::Close(why) = next {
                     tracing::debug!("closing session {}: {why} (request {id})", self.conn);
@@ -397,9 +404,9 @@ impl Session<'_> {
             Request::Regs { vcpu } => self.regs(vcpu),
             Request::Status => match self.sh.backend.status() {
                 Ok(st) => Reply::Status(st),
-                Err(message) => Reply::Error {
+                Err(e) => Reply::Error {
                     code: code::INTERNAL,
-                    message,
+                    message: e.to_string(),
                 },
             },
             Request::RdmaConnect(blob) => self.rdma_connect(&blob),
@@ -536,7 +543,6 @@ impl Session<'_> {
                     .backend
                     .mem()
                     .write(gpa, bytes)
-                    .map_err(|e| e.to_string())
             },
             |votes| {
                 self.sh.audit.log(
@@ -716,9 +722,9 @@ impl Session<'_> {
                     .log("rdma_connected", json!({"monitor": self.monitor}));
                 Reply::RdmaConnect(b)
             }
-            Err(message) => Reply::Error {
+            Err(e) => Reply::Error {
                 code: code::BAD_REQUEST,
-                message,
+                message: e.to_string(),
             },
         }
     }
@@ -761,8 +767,15 @@ impl Session<'_> {
         match self.sh.backend.regs(vcpu) {
             Ok(r) => Reply::Regs(r),
             Err(e) => Reply::Error {
-                code: code::NO_SUCH_VCPU,
-                message: e,
+                // bdvmm refusing names a vCPU it does not have; anything else is the bridge's own
+                // trouble.
+                code: match e {
+                    BackendError::Api(ApiError::Refused(_)) | BackendError::NotLive(_) => {
+                        code::NO_SUCH_VCPU
+                    }
+                    _ => code::INTERNAL,
+                },
+                message: e.to_string(),
             },
         }
     }

@@ -365,35 +365,8 @@ pub struct Range {
     pub len: u32,
 }
 
-/// A vCPU's registers as carried by the `REGS` reply (the fields a monitor needs to walk page tables
-/// and per-CPU data).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Regs {
-    /// Instruction pointer.
-    pub rip: u64,
-    /// Stack pointer.
-    pub rsp: u64,
-    /// Flags.
-    pub rflags: u64,
-    /// CR0.
-    pub cr0: u64,
-    /// CR2 (last page-fault address).
-    pub cr2: u64,
-    /// CR3 (page-table root).
-    pub cr3: u64,
-    /// CR4.
-    pub cr4: u64,
-    /// EFER MSR.
-    pub efer: u64,
-    /// FS base.
-    pub fs_base: u64,
-    /// GS base.
-    pub gs_base: u64,
-    /// KERNEL_GS_BASE MSR, where the engine can read it.
-    pub kernel_gs_base: Option<u64>,
-    /// Current privilege level, 0..=3.
-    pub cpl: u8,
-}
+/// A vCPU's registers as carried by the `REGS` reply: bdvmm's own register type.
+pub use bdvmm_api::VcpuRegs as Regs;
 
 /// The VM's run state, as bdvmm reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -182,7 +182,7 @@ fn guest_part(rounds: usize) {
     let trips = mem.round_trips();
     let walks = time(rounds / 4, || {
         let t = target
-            .process_table(
+            .process_table::<_, rdma_bridge::client::InspectError>(
                 &mem,
                 &mut mem.pauser(Duration::from_secs(2)),
                 Duration::from_millis(500),

@@ -276,7 +276,7 @@ impl Vm {
             "the memfd of a guest inside a kvm host cannot be mapped here; use Vm::guest_mem"
         );
         let (file, map) = self.client().memory().expect("memory over the API");
-        let mem = bdvmm::inspect::map_memory(file, &map).expect("map the memfd");
+        let mem = bdvmm::api::map_memory(file, &map).expect("map the memfd");
         (mem, map)
     }
 

@@ -12,7 +12,7 @@
 //! (`CONFIG_PHYSICAL_START`; KASLR avoids `memmap=` ranges), and a compressed kernel loaded at
 //! 1 MiB is far smaller than 14 MiB. The MiB below 16 MiB is the one place no one else claims.
 
-use serde::{Deserialize, Serialize};
+pub use bdvmm_api::{GpaRange, RamRange};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
@@ -37,26 +37,6 @@ pub const MAX_VCPUS: u8 = 32;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the kernel and everything above it may live.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
-
-/// A contiguous run of guest RAM and where it lives in the memfd.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RamRange {
-    /// Guest-physical start.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Offset of `gpa` in the memfd.
-    pub offset: u64,
-}
-
-/// A guest-physical range without a file offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GpaRange {
-    /// Guest-physical start.
-    pub gpa: u64,
-    /// Length in bytes.
-    pub size: u64,
-}
 
 /// e820 entry types we use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

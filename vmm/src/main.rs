@@ -314,8 +314,8 @@ fn run(args: RunArgs) -> ExitCode {
 /// A control-API reply as JSON to print.
 fn json<T: serde::Serialize>(
     v: Result<T, bdvmm::api::ApiError>,
-) -> Result<Option<serde_json::Value>, String> {
-    v.map_err(|e| e.to_string())
+) -> Result<Option<serde_json::Value>, inspect::InspectError> {
+    v.map_err(inspect::InspectError::from)
         .map(|r| Some(serde_json::to_value(r).unwrap_or_default()))
 }
 
@@ -352,7 +352,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
                 if as_json {
                     Some(serde_json::to_value(&t.value).unwrap_or_default())
                 } else {
-                    inspect::print_process_table(&t.value);
+                    introspect::show::print_process_table(&t.value);
                     None
                 }
             },
@@ -363,7 +363,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
                 if as_json {
                     Some(serde_json::to_value(&sb).unwrap_or_default())
                 } else {
-                    inspect::print_sensor_box(&sb);
+                    introspect::show::print_sensor_box(&sb);
                     None
                 }
             }),

@@ -1,8 +1,8 @@
-//! bdvmm's control API: protocol, server side, client library.
+//! bdvmm's control API: the server side here; the protocol and the client library are the
+//! `bdvmm-api` crate (re-exported), which monitors use without the VMM.
 
-pub mod client;
-pub mod protocol;
 pub mod server;
 
-pub use client::{ApiClient, ApiError};
-pub use protocol::{MemoryReply, PauseReply, Request, ResumeReply, StatusReply};
+pub use bdvmm_api::{client, protocol};
+pub use bdvmm_api::{map_memory, ApiClient, ApiError};
+pub use bdvmm_api::{MemoryReply, PauseReply, Request, ResumeReply, StatusReply};

@@ -27,6 +27,11 @@ pub enum ApiServerError {
     Bind(PathBuf, std::io::Error),
 }
 
+/// A request line that is not a request.
+#[derive(Debug, thiserror::Error)]
+#[error("bad request ({0}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}")]
+pub struct BadRequest(#[from] serde_json::Error);
+
 /// A client connection.
 struct Conn {
     stream: UnixStream,
@@ -36,7 +41,7 @@ struct Conn {
 /// What reading a connection produced.
 pub enum Incoming {
     /// Complete request lines (each parsed, or the reason it could not be).
-    Requests(Vec<Result<Request, String>>),
+    Requests(Vec<Result<Request, BadRequest>>),
     /// The peer is gone (or broke the protocol); the connection is closed.
     Closed,
 }
@@ -147,11 +152,7 @@ impl ApiServer {
             if text.is_empty() {
                 continue;
             }
-            out.push(serde_json::from_str::<Request>(text).map_err(|e| {
-                format!(
-                    "bad request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
-                )
-            }));
+            out.push(serde_json::from_str::<Request>(text).map_err(BadRequest));
         }
         if conn.buf.len() > MAX_REQUEST {
             // A line longer than any valid request: answer once, then hang up.

@@ -14,6 +14,8 @@ use std::os::fd::RawFd;
 
 use serde::{Deserialize, Serialize};
 
+pub use bdvmm_api::VcpuRegs;
+
 /// Which engine to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,35 +76,6 @@ pub enum OnReset {
     /// The guest boots again in place: the same kernel, initrd and command line on the same
     /// memory, every vCPU back in its boot state.
     Restart,
-}
-
-/// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VcpuRegs {
-    /// Instruction pointer.
-    pub rip: u64,
-    /// Stack pointer.
-    pub rsp: u64,
-    /// Flags.
-    pub rflags: u64,
-    /// CR0.
-    pub cr0: u64,
-    /// CR2 (last page-fault address).
-    pub cr2: u64,
-    /// CR3 (page-table root).
-    pub cr3: u64,
-    /// CR4.
-    pub cr4: u64,
-    /// EFER MSR.
-    pub efer: u64,
-    /// Current privilege level (CS.DPL).
-    pub cpl: u8,
-    /// FS base.
-    pub fs_base: u64,
-    /// GS base (the kernel's per-CPU base while in kernel mode).
-    pub gs_base: u64,
-    /// KERNEL_GS_BASE MSR (the per-CPU base while in user mode), where the engine can read it.
-    pub kernel_gs_base: Option<u64>,
 }
 
 /// How a VM ended.

@@ -23,9 +23,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::VcpuRegs;
-use crate::layout::{GpaRange, RamRange};
-
 /// Longest request line the server accepts.
 pub const MAX_REQUEST: usize = 4096;
 /// Shortest and longest pause lease a client may ask for.
@@ -122,4 +119,56 @@ pub struct StatusReply {
     pub pauses: u64,
     /// Leases that ran out or whose holder vanished.
     pub lease_expiries: u64,
+}
+
+/// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.
+///
+/// The one register type of the project: bdvmm's engines fill it, its API and the bridge's `REGS`
+/// reply carry it (the bridge's `wire::Regs` is this type).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VcpuRegs {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// CR0.
+    pub cr0: u64,
+    /// CR2 (last page-fault address).
+    pub cr2: u64,
+    /// CR3 (page-table root).
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER MSR.
+    pub efer: u64,
+    /// Current privilege level (CS.DPL).
+    pub cpl: u8,
+    /// FS base.
+    pub fs_base: u64,
+    /// GS base (the kernel's per-CPU base while in kernel mode).
+    pub gs_base: u64,
+    /// KERNEL_GS_BASE MSR (the per-CPU base while in user mode), where the engine can read it.
+    pub kernel_gs_base: Option<u64>,
+}
+
+/// A contiguous run of guest RAM and where it lives in the memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRange {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of `gpa` in the memfd.
+    pub offset: u64,
+}
+
+/// A guest-physical range without a file offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpaRange {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
 }

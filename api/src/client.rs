@@ -10,8 +10,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::protocol::{MemoryReply, PauseReply, RegsReply, Request, ResumeReply, StatusReply};
-use crate::engine::VcpuRegs;
+use introspect::mem::{MappedMem, MemError, Range};
+
+use crate::protocol::{
+    MemoryReply, PauseReply, RegsReply, Request, ResumeReply, StatusReply, VcpuRegs,
+};
 
 /// Longest reply the client accepts.
 const MAX_REPLY: usize = 1 << 20;
@@ -116,7 +119,7 @@ impl ApiClient {
         Ok(self.typed::<RegsReply>(&Request::Regs { vcpu })?.regs)
     }
 
-    /// Restarts the guest in place (tcg engine).
+    /// Restarts the guest in place (both engines).
     pub fn reset(&mut self) -> Result<(), ApiError> {
         self.call(&Request::Reset).map(|_| ())
     }
@@ -139,4 +142,19 @@ impl ApiClient {
         let (line, _) = self.read_line()?;
         serde_json::from_slice(&line).map_err(|e| ApiError::BadReply(e.to_string()))
     }
+}
+
+/// Maps a guest's memfd (as the `memory` call hands it out) read-write, for introspection and
+/// repairs.
+pub fn map_memory(file: File, map: &MemoryReply) -> Result<MappedMem, MemError> {
+    let ranges = map
+        .ranges
+        .iter()
+        .map(|r| Range {
+            gpa: r.gpa,
+            size: r.size,
+            offset: r.offset,
+        })
+        .collect();
+    MappedMem::new(file, map.size, ranges, true)
 }
