@@ -15,6 +15,7 @@ use std::os::fd::RawFd;
 use serde::{Deserialize, Serialize};
 
 pub use bdvmm_api::VcpuRegs;
+pub use introspect::consistency::Pausable;
 
 /// Which engine to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -119,15 +120,14 @@ pub enum EngineError {
 }
 
 /// A running guest's vCPUs, as the event loop and control API see them.
-pub trait Engine {
+///
+/// Its pause is the project's one [`Pausable`]: `pause` stops every vCPU and returns only once all
+/// have acknowledged; `resume` lets them run again; both are idempotent.
+pub trait Engine: Pausable<Error = EngineError> {
     /// "kvm" or "tcg".
     fn name(&self) -> &'static str;
     /// Number of vCPUs.
     fn vcpus(&self) -> u8;
-    /// Stops every vCPU; returns only once all have acknowledged. Idempotent.
-    fn pause(&mut self) -> Result<(), EngineError>;
-    /// Lets every vCPU run again. Idempotent.
-    fn resume(&mut self) -> Result<(), EngineError>;
     /// Registers of one vCPU (any state).
     fn regs(&mut self, vcpu: u8) -> Result<VcpuRegs, EngineError>;
     /// Restarts the guest in place (a hardware reset: it boots again from the same kernel, on

@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::boot::BootSpec;
 use self::devices::{EventFdTrigger, PioBus, COM1_IRQ};
-use self::vcpu::{VcpuEvent, VcpuExitReport, VcpuHandle, VcpuReply, ACK_TIMEOUT};
-use super::{Engine, EngineError, OnReset, Ready, VcpuRegs, VmExit};
+use self::vcpu::{VcpuError, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuReply, ACK_TIMEOUT};
+use super::{Engine, EngineError, OnReset, Pausable, Ready, VcpuRegs, VmExit};
 use crate::console::{Console, ConsoleWriter};
 use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
@@ -57,8 +57,8 @@ pub enum KvmError {
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
     /// A vCPU did not acknowledge.
-    #[error("{0}")]
-    Ack(String),
+    #[error(transparent)]
+    Ack(#[from] VcpuError),
     /// Too many vCPUs for this host's KVM.
     #[error("--vcpus {0} is more than this host's KVM supports ({1})")]
     TooManyVcpus(u8, usize),
@@ -277,20 +277,33 @@ impl KvmEngine {
     /// Sends `event` to every vCPU, then collects one acknowledgement from each.
     fn broadcast(&mut self, event: VcpuEvent) -> Result<(), KvmError> {
         for v in &self.vcpus {
-            v.send(event).map_err(KvmError::Ack)?;
+            v.send(event)?;
         }
         for v in &self.vcpus {
-            match v.reply(ACK_TIMEOUT).map_err(KvmError::Ack)? {
+            match v.reply(ACK_TIMEOUT)? {
                 VcpuReply::Paused | VcpuReply::Resumed => {}
                 other => {
-                    return Err(KvmError::Ack(format!(
-                        "vCPU {} answered {other:?} to {event:?}",
-                        v.id
-                    )))
+                    return Err(KvmError::Ack(VcpuError::Unexpected {
+                        id: v.id,
+                        reply: format!("{other:?}"),
+                        event: format!("{event:?}"),
+                    }))
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl Pausable for KvmEngine {
+    type Error = EngineError;
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        Ok(self.broadcast(VcpuEvent::Pause)?)
+    }
+
+    fn resume(&mut self) -> Result<(), EngineError> {
+        Ok(self.broadcast(VcpuEvent::Resume)?)
     }
 }
 
@@ -303,25 +316,22 @@ impl Engine for KvmEngine {
         self.vcpus.len() as u8
     }
 
-    fn pause(&mut self) -> Result<(), EngineError> {
-        Ok(self.broadcast(VcpuEvent::Pause)?)
-    }
-
-    fn resume(&mut self) -> Result<(), EngineError> {
-        Ok(self.broadcast(VcpuEvent::Resume)?)
-    }
-
     fn regs(&mut self, id: u8) -> Result<VcpuRegs, EngineError> {
         let count = self.vcpus();
         let v = self
             .vcpus
             .get(usize::from(id))
             .ok_or(EngineError::NoSuchVcpu(id, count))?;
-        v.send(VcpuEvent::GetRegs).map_err(KvmError::Ack)?;
-        match v.reply(ACK_TIMEOUT).map_err(KvmError::Ack)? {
+        v.send(VcpuEvent::GetRegs).map_err(KvmError::from)?;
+        match v.reply(ACK_TIMEOUT).map_err(KvmError::from)? {
             VcpuReply::Regs(r) => Ok(*r),
-            VcpuReply::RegsFailed(e) => Err(KvmError::Ack(e).into()),
-            other => Err(KvmError::Ack(format!("vCPU {id} answered {other:?} to GetRegs")).into()),
+            VcpuReply::RegsFailed(e) => Err(KvmError::from(e).into()),
+            other => Err(KvmError::from(VcpuError::Unexpected {
+                id,
+                reply: format!("{other:?}"),
+                event: "GetRegs".into(),
+            })
+            .into()),
         }
     }
 

@@ -47,6 +47,40 @@ pub enum VcpuEvent {
     Finish,
 }
 
+/// Why a vCPU thread did not do what the engine asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Its thread has ended.
+    #[error("vCPU {0} thread is gone")]
+    Gone(u8),
+    /// It did not acknowledge in time.
+    #[error("vCPU {id} did not acknowledge within {ms} ms")]
+    Timeout {
+        /// The vCPU.
+        id: u8,
+        /// The wait.
+        ms: u128,
+    },
+    /// It acknowledged something else.
+    #[error("vCPU {id} answered {reply} to {event}")]
+    Unexpected {
+        /// The vCPU.
+        id: u8,
+        /// What it answered.
+        reply: String,
+        /// What it was asked.
+        event: String,
+    },
+    /// Reading its registers failed.
+    #[error("{what}: {source}")]
+    Regs {
+        /// The ioctl.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+}
+
 /// Acknowledgements from a vCPU.
 #[derive(Debug)]
 pub enum VcpuReply {
@@ -57,7 +91,7 @@ pub enum VcpuReply {
     /// Registers.
     Regs(Box<VcpuRegs>),
     /// Registers could not be read.
-    RegsFailed(String),
+    RegsFailed(VcpuError),
 }
 
 /// Why a vCPU stopped running guest code for good, as it reports it to the engine.
@@ -166,10 +200,10 @@ impl VcpuHandle {
     }
 
     /// Sends an event and kicks the thread out of `KVM_RUN`.
-    pub fn send(&self, event: VcpuEvent) -> Result<(), String> {
+    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
         self.events
             .send(event)
-            .map_err(|_| format!("vCPU {} thread is gone", self.id))?;
+            .map_err(|_| VcpuError::Gone(self.id))?;
         if let Some(t) = &self.thread {
             // A failed kick only matters if the vCPU is inside KVM_RUN; the ack timeout reports it.
             let _ = t.kill(kick_signal());
@@ -178,14 +212,13 @@ impl VcpuHandle {
     }
 
     /// Waits for the next acknowledgement.
-    pub fn reply(&self, timeout: Duration) -> Result<VcpuReply, String> {
+    pub fn reply(&self, timeout: Duration) -> Result<VcpuReply, VcpuError> {
         self.replies.recv_timeout(timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => format!(
-                "vCPU {} did not acknowledge within {} ms",
-                self.id,
-                timeout.as_millis()
-            ),
-            RecvTimeoutError::Disconnected => format!("vCPU {} thread is gone", self.id),
+            RecvTimeoutError::Timeout => VcpuError::Timeout {
+                id: self.id,
+                ms: timeout.as_millis(),
+            },
+            RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
         })
     }
 
@@ -294,15 +327,15 @@ impl Vcpu {
         let _ = self.exit_evt.write(1);
     }
 
-    fn regs(&self) -> Result<VcpuRegs, String> {
-        let r = self
-            .fd
-            .get_regs()
-            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-        let s = self
-            .fd
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    fn regs(&self) -> Result<VcpuRegs, VcpuError> {
+        let r = self.fd.get_regs().map_err(|source| VcpuError::Regs {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        let s = self.fd.get_sregs().map_err(|source| VcpuError::Regs {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
         Ok(VcpuRegs {
             rip: r.rip,
             rsp: r.rsp,

@@ -23,7 +23,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use self::qmp::Qmp;
-use super::{Engine, EngineError, OnReset, Ready, VcpuRegs, VmExit};
+use super::{Engine, EngineError, OnReset, Pausable, Ready, VcpuRegs, VmExit};
 use crate::console::Console;
 use crate::memory::GuestRam;
 
@@ -392,14 +392,8 @@ fn set_blocking_read_all(f: &mut File, into: &mut VecDeque<u8>) -> std::io::Resu
     Ok(())
 }
 
-impl Engine for TcgEngine {
-    fn name(&self) -> &'static str {
-        "tcg"
-    }
-
-    fn vcpus(&self) -> u8 {
-        self.vcpus
-    }
+impl Pausable for TcgEngine {
+    type Error = EngineError;
 
     fn pause(&mut self) -> Result<(), EngineError> {
         self.command("stop")
@@ -407,6 +401,16 @@ impl Engine for TcgEngine {
 
     fn resume(&mut self) -> Result<(), EngineError> {
         self.command("cont")
+    }
+}
+
+impl Engine for TcgEngine {
+    fn name(&self) -> &'static str {
+        "tcg"
+    }
+
+    fn vcpus(&self) -> u8 {
+        self.vcpus
     }
 
     fn regs(&mut self, vcpu: u8) -> Result<VcpuRegs, EngineError> {
