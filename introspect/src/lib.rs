@@ -10,6 +10,7 @@
 //!   when the task list is not being changed.
 //! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
 //! * [`show`] — text tables for command-line tools.
+//! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
 
 pub mod btf;
 pub mod consistency;
@@ -17,6 +18,7 @@ pub mod elf;
 pub mod forkrate;
 pub mod hooks;
 pub mod kernel;
+pub mod le;
 pub mod mem;
 pub mod paging;
 pub mod repair;
