@@ -11,8 +11,14 @@
 //! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
 //! * [`show`] — text tables for command-line tools.
 
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)] // TODO(casts): being rewritten
 pub mod btf;
 pub mod consistency;
+mod conv;
 pub mod elf;
 pub mod forkrate;
 pub mod hooks;
