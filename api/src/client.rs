@@ -105,7 +105,8 @@ impl ApiClient {
     /// Pauses the guest (or renews this connection's lease).
     pub fn pause(&mut self, lease: Option<Duration>) -> Result<PauseReply, ApiError> {
         self.typed(&Request::Pause {
-            lease_ms: lease.map(|d| d.as_millis() as u64),
+            // Saturates: bdvmm refuses a lease out of its range rather than shortening it.
+            lease_ms: lease.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         })
     }
 

@@ -105,7 +105,7 @@ impl Checker {
                     }
                     let idle = now.saturating_duration_since(e.1);
                     (t > 0 && idle > Duration::from_millis(t)).then_some(Breach::Stalled {
-                        for_ms: idle.as_millis() as u64,
+                        for_ms: crate::events::millis(idle),
                     })
                 }
                 SensorClass::Level if s.flags & FLAG_LOWER_BOUND != 0 => {

@@ -242,7 +242,7 @@ impl<'a> GuestLoop<'a> {
                 "violation",
                 json!({"sensor": v.name, "value": v.value, "threshold": v.threshold,
                        "breach": v.breach, "hms": names,
-                       "sample_us": took.as_micros() as u64}),
+                       "sample_us": crate::events::micros(took)}),
             );
             for h in hms {
                 let Some(hm) = self.reg.get_mut(h) else {

@@ -235,7 +235,7 @@ impl Guest {
             Ok::<_, GuestError>(k.target.tasklist_busy(mem)?)
         })?;
         let info = LockInfo {
-            lock_ns: pauser.last_lock().as_nanos() as u64,
+            lock_ns: crate::events::nanos(pauser.last_lock()),
             attempts: l.attempts,
             forced: l.forced,
             at: Some(Instant::now()),

@@ -14,6 +14,7 @@ use introspect::tasks::Process;
 use serde_json::json;
 
 use crate::contract::{Checker, Violation};
+use crate::events::{micros, millis};
 use crate::guest::GuestError;
 use crate::hm::{HealContext, HealOutcome, HealingModule};
 use crate::policy::Culprit;
@@ -135,7 +136,10 @@ pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -
                             // No walk: count the kill from the guest's own process count.
                             let after = s.value(introspect::sensorbox::ids::NPROCS);
                             if let (Some(b), Some(a)) = (nprocs_before, after) {
-                                killed_total += b.saturating_sub(a) as usize;
+                                // Both counts come from the guest: saturate, never wrap.
+                                let gone =
+                                    usize::try_from(b.saturating_sub(a)).unwrap_or(usize::MAX);
+                                killed_total = killed_total.saturating_add(gone);
                             }
                         }
                         let recovered = v.sampled_at.elapsed();
@@ -143,9 +147,9 @@ pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -
                             "healed",
                             json!({"hm": hm, "sensor": v.name, "rounds": round, "killed": killed_total,
                                    "detected_at_ms": crate::events::now_ms()
-                                       .saturating_sub(recovered.as_millis() as u64),
-                                   "hm_called_us": called.duration_since(v.sampled_at).as_micros() as u64,
-                                   "recovered_us": recovered.as_micros() as u64}),
+                                       .saturating_sub(millis(recovered)),
+                                   "hm_called_us": micros(called.duration_since(v.sampled_at)),
+                                   "recovered_us": micros(recovered)}),
                         );
                         ctx.metrics.add(
                             "bdmon_repairs_total",
@@ -248,7 +252,7 @@ fn locked_round<D: Diagnosis>(
                // Unknown until the re-check when no table was walked (see `healed`).
                "killed": killed.processes,
                "requests": killed.requests, "how": killed.how, "pids": killed.pids,
-               "lock_ns": info.lock_ns, "lock_held_us": held_for.as_micros() as u64,
+               "lock_ns": info.lock_ns, "lock_held_us": micros(held_for),
                "dry_run": false}),
     );
     Ok(Round::Repaired {

@@ -240,7 +240,7 @@ pub(crate) mod tests {
     fn tree_too_deep_needs_a_clear_lead() {
         let mut t = base();
         for (i, pid) in (100..112).enumerate() {
-            t.push(proc(pid, pid - 1, 1000, 3 + i as u32, 1));
+            t.push(proc(pid, pid - 1, 1000, 3 + u32::try_from(i).unwrap(), 1));
         }
         let c = tree_too_deep(&t, &Spared::root()).unwrap();
         assert_eq!((c.uid, c.score), (1000, 14));

@@ -174,7 +174,9 @@ impl<'a> Elf<'a> {
                 .checked_mul(SHDR_SIZE as u64)
                 .ok_or_else(|| oob("section-header table", shoff, u64::MAX))?;
             match shoff.checked_add(len) {
-                Some(end) if end <= bytes.len() as u64 => Ok(shoff as usize),
+                Some(end) if end <= bytes.len() as u64 => {
+                    usize::try_from(shoff).map_err(|_| oob("section-header table", shoff, len))
+                }
                 _ => Err(oob("section-header table", shoff, len)),
             }
         };
@@ -210,14 +212,17 @@ impl<'a> Elf<'a> {
 
     /// The section header at `index`.
     pub fn section_header(&self, index: u64) -> Result<SectionHeader, ElfError> {
-        if index >= self.shnum as u64 {
-            return Err(ElfError::Malformed(format!(
-                "section index {index} is beyond the {} section headers",
-                self.shnum
-            )));
-        }
+        let index = usize::try_from(index)
+            .ok()
+            .filter(|i| *i < self.shnum)
+            .ok_or_else(|| {
+                ElfError::Malformed(format!(
+                    "section index {index} is beyond the {} section headers",
+                    self.shnum
+                ))
+            })?;
         // Cannot overflow: parse() checked shoff + shnum * 64 <= file length.
-        let base = self.shoff + index as usize * SHDR_SIZE;
+        let base = self.shoff + index * SHDR_SIZE;
         let h = self
             .bytes
             .get(base..base + SHDR_SIZE)
@@ -266,7 +271,10 @@ impl<'a> Elf<'a> {
             return Err(oob);
         }
         // Both bounds are <= the file length, which fits in usize.
-        self.bytes.get(hdr.offset as usize..end as usize).ok_or(oob)
+        let (Ok(start), Ok(end)) = (usize::try_from(hdr.offset), usize::try_from(end)) else {
+            return Err(oob);
+        };
+        self.bytes.get(start..end).ok_or(oob)
     }
 
     /// Finds the section called `name`: its index and header.
@@ -336,11 +344,11 @@ pub(crate) mod tests {
         let mut shstr = vec![0u8];
         let mut names = Vec::new();
         for (n, ..) in sections.iter() {
-            names.push(shstr.len() as u32);
+            names.push(u32::try_from(shstr.len()).unwrap());
             shstr.extend_from_slice(n.as_bytes());
             shstr.push(0);
         }
-        let shstr_name = shstr.len() as u32;
+        let shstr_name = u32::try_from(shstr.len()).unwrap();
         shstr.extend_from_slice(b".shstrtab\0");
 
         let mut out = vec![0u8; EHDR_SIZE];
@@ -370,7 +378,7 @@ pub(crate) mod tests {
             shdr(names[i], *ty, placed[i], data.len() as u64, *link, *entsize);
         }
         shdr(shstr_name, 3, shstr_off, shstr.len() as u64, 0, 0);
-        let shnum = sections.len() as u16 + 2;
+        let shnum = u16::try_from(sections.len()).unwrap() + 2;
         out[0..4].copy_from_slice(MAGIC);
         out[4] = CLASS64;
         out[5] = DATA_LSB;
@@ -378,8 +386,8 @@ pub(crate) mod tests {
         out[16..18].copy_from_slice(&2u16.to_le_bytes());
         out[18..20].copy_from_slice(&62u16.to_le_bytes());
         out[40..48].copy_from_slice(&shoff.to_le_bytes());
-        out[52..54].copy_from_slice(&(EHDR_SIZE as u16).to_le_bytes());
-        out[58..60].copy_from_slice(&(SHDR_SIZE as u16).to_le_bytes());
+        out[52..54].copy_from_slice(&u16::try_from(EHDR_SIZE).unwrap().to_le_bytes());
+        out[58..60].copy_from_slice(&u16::try_from(SHDR_SIZE).unwrap().to_le_bytes());
         out[60..62].copy_from_slice(&shnum.to_le_bytes());
         out[62..64].copy_from_slice(&(shnum - 1).to_le_bytes());
         out
@@ -493,7 +501,7 @@ pub(crate) mod tests {
         g[62..64].copy_from_slice(&100u16.to_le_bytes());
         assert!(matches!(section(&g, ".text"), Err(ElfError::Malformed(_))));
         // A section whose contents run past the end.
-        let shoff = u64::from_le_bytes(f[40..48].try_into().unwrap()) as usize;
+        let shoff = usize::try_from(u64::from_le_bytes(f[40..48].try_into().unwrap())).unwrap();
         let mut g = f.clone();
         let text = shoff + SHDR_SIZE;
         g[text + 32..text + 40].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -530,11 +538,11 @@ pub(crate) mod tests {
         for _ in 0..5000 {
             let mut g = f.clone();
             for _ in 0..(next() % 4 + 1) {
-                let i = (next() % g.len() as u64) as usize;
-                g[i] = next() as u8;
+                let i = usize::try_from(next() % g.len() as u64).unwrap();
+                g[i] = next().to_le_bytes()[0];
             }
             if next() % 4 == 0 {
-                g.truncate((next() % g.len() as u64) as usize);
+                g.truncate(usize::try_from(next() % g.len() as u64).unwrap());
             }
             let _ = section(&g, ".text");
             let _ = section(&g, ".shstrtab");

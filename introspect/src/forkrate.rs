@@ -10,6 +10,7 @@
 //! The table comes from an untrusted guest: its address must lie in the kernel image, its size is
 //! bounded before anything is allocated, and no entry can make this code panic.
 
+use crate::conv::usize_from;
 use crate::kernel::{KernelLocation, START_KERNEL_MAP};
 use crate::mem::{MemError, PhysMem};
 use crate::sensorbox::{ExternalState, FORK_USER_SIZE, MAX_FORK_USERS};
@@ -96,7 +97,7 @@ pub fn per_user_fork_rates(
     if !in_image {
         return Err(ForkRateError::OutsideImage { addr, len });
     }
-    let mut table = vec![0u8; len as usize];
+    let mut table = vec![0u8; usize_from(len)];
     mem.read(loc.image_phys(addr), &mut table)?;
     Ok(rates(&table, jiffies / u64::from(hz)))
 }
@@ -284,7 +285,7 @@ mod tests {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = x as u8;
+                *b = x.to_le_bytes()[0];
             }
             let mem = VecMem::new(loc().image_phys(TABLE), bytes);
             let jiffies = if round % 2 == 0 { x } else { u64::MAX };

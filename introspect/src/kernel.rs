@@ -181,7 +181,8 @@ pub fn from_descriptor(
     cr3: u64,
 ) -> Result<KernelLocation, KernelError> {
     let levels = match st.pgtable_levels {
-        4 | 5 => st.pgtable_levels as u8,
+        4 => 4u8,
+        5 => 5,
         other => {
             return Err(KernelError::Invalid(format!(
                 "descriptor says {other}-level paging"

@@ -194,7 +194,7 @@ impl MappedMem {
         self.ranges
             .iter()
             .find(|r| gpa >= r.gpa && end <= r.gpa + r.size)
-            .map(|r| (r.offset + (gpa - r.gpa)) as usize)
+            .and_then(|r| usize::try_from(r.offset + (gpa - r.gpa)).ok())
             .filter(|o| o + len <= self.len)
             .ok_or(oor)
     }
@@ -274,7 +274,10 @@ impl PhysMem for VecMem {
             gpa,
             len: buf.len() as u64,
         };
-        let start = gpa.checked_sub(self.base).ok_or(oor.clone())? as usize;
+        let start = gpa
+            .checked_sub(self.base)
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or(oor.clone())?;
         let src = bytes
             .get(start..start.checked_add(buf.len()).ok_or(oor.clone())?)
             .ok_or(oor)?;
@@ -291,7 +294,10 @@ impl PhysMem for VecMem {
             gpa,
             len: data.len() as u64,
         };
-        let start = gpa.checked_sub(self.base).ok_or(oor.clone())? as usize;
+        let start = gpa
+            .checked_sub(self.base)
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or(oor.clone())?;
         let dst = bytes
             .get_mut(start..start.checked_add(data.len()).ok_or(oor.clone())?)
             .ok_or(oor)?;

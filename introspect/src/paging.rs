@@ -8,6 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
+use crate::conv::usize_from;
 use crate::mem::{MemError, PhysMem};
 
 const PRESENT: u64 = 1;
@@ -112,8 +113,9 @@ impl<'m> PageWalker<'m> {
 
     fn canonical(&self, va: u64) -> bool {
         let bits = if self.levels == 5 { 57 } else { 48 };
-        let top = (va as i64) >> (bits - 1);
-        top == 0 || top == -1
+        // Canonical: bits 63..bits-1 are all clear or all set (a sign extension of bit bits-1).
+        let top = va >> (bits - 1);
+        top == 0 || top == u64::MAX >> (bits - 1)
     }
 
     /// Walks the tables for `va` (no cache).
@@ -172,7 +174,7 @@ impl<'m> PageWalker<'m> {
         while done < buf.len() {
             let cur = va.wrapping_add(done as u64);
             let t = self.translate(cur)?;
-            let in_page = (4096 - (cur & 0xfff)) as usize;
+            let in_page = usize_from(4096 - (cur & 0xfff));
             let n = in_page.min(buf.len() - done);
             self.mem.read(t.phys, &mut buf[done..done + n])?;
             done += n;
@@ -268,6 +270,30 @@ mod tests {
             ));
             let _ = pw.translate(0x5000).unwrap();
             assert!(pw.stats().hits >= 1);
+        }
+    }
+
+    #[test]
+    fn canonical_means_the_top_bits_copy_the_highest_translated_bit() {
+        let mem = VecMem::new(0, vec![0u8; 8192]);
+        let (pw4, pw5) = (
+            PageWalker::new(&mem, 0, 4).unwrap(),
+            PageWalker::new(&mem, 0, 5).unwrap(),
+        );
+        for (va, in4, in5) in [
+            (0, true, true),
+            (0x0000_7fff_ffff_ffff, true, true),
+            (0x0000_8000_0000_0000, false, true),
+            (0xffff_8000_0000_0000, true, true),
+            (0xffff_7fff_ffff_ffff, false, true),
+            (0x00ff_ffff_ffff_ffff, false, true),
+            (0x0100_0000_0000_0000, false, false),
+            (0xff00_0000_0000_0000, false, true),
+            (0xfeff_ffff_ffff_ffff, false, false),
+            (u64::MAX, true, true),
+        ] {
+            assert_eq!(pw4.canonical(va), in4, "{va:#x} with 4 levels");
+            assert_eq!(pw5.canonical(va), in5, "{va:#x} with 5 levels");
         }
     }
 

@@ -2,8 +2,8 @@
 //! memory with plain reads and no help from the guest.
 //!
 //! The bytes come from an untrusted guest: every offset, count and size is checked against the
-//! region before use, names are cut at their field, and nothing here can panic or allocate more
-//! than the region's size.
+//! region before use, names are cut at their field, and no reader here can panic or allocate
+//! more than the region's size.
 
 use crate::mem::{MemError, PhysMem};
 
@@ -332,6 +332,11 @@ pub fn extent(header: &[u8], region: u64) -> Result<u64, SbError> {
 /// the next page boundary after the table (at least 0x2000) and no externalized-state descriptor.
 /// `seq` must be even for a reader to accept the copy. For tests and benchmarks of readers; the
 /// region is the smallest multiple of 16 KiB that holds it all.
+///
+/// # Panics
+///
+/// If the image would not fit the layout's 32-bit size fields (more than about 67 million
+/// sensors; a reader accepts at most [`MAX_SENSORS`]).
 pub fn encode(sensors: &[Sensor], hz: u32, seq: u64) -> Vec<u8> {
     let capacity = sensors.len().max(64);
     let table_end = 0x100 + capacity * SENSOR_SIZE;
@@ -341,19 +346,20 @@ pub fn encode(sensors: &[Sensor], hz: u32, seq: u64) -> Vec<u8> {
     let mut b = vec![0u8; region];
     let put32 = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
     let put64 = |b: &mut [u8], o: usize, v: u64| b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    let field = |v: usize| u32::try_from(v).expect("a Sensor Box image fits in 4 GiB");
     b[0..8].copy_from_slice(MAGIC);
     put32(&mut b, 0x08, VERSION);
-    put32(&mut b, 0x0c, HEADER_SIZE as u32);
-    put32(&mut b, 0x10, region as u32);
-    put32(&mut b, 0x14, SENSOR_SIZE as u32);
+    put32(&mut b, 0x0c, field(HEADER_SIZE));
+    put32(&mut b, 0x10, field(region));
+    put32(&mut b, 0x14, field(SENSOR_SIZE));
     put32(&mut b, 0x18, 0x100);
-    put32(&mut b, 0x1c, capacity as u32);
-    put32(&mut b, 0x20, sensors.len() as u32);
+    put32(&mut b, 0x1c, field(capacity));
+    put32(&mut b, 0x20, field(sensors.len()));
     put32(&mut b, 0x24, hz);
     put64(&mut b, 0x30, seq);
     put64(&mut b, 0x58, 1); // published once
-    put32(&mut b, 0x50, hooks as u32);
-    put32(&mut b, 0x54, hooks_size as u32);
+    put32(&mut b, 0x50, field(hooks));
+    put32(&mut b, 0x54, field(hooks_size));
     put32(&mut b, hooks, 64);
     put32(&mut b, hooks + 4, 32);
     for (i, s) in sensors.iter().enumerate() {
@@ -522,7 +528,8 @@ pub fn copy(
         if seq % 2 == 1 {
             continue;
         }
-        let mut copy = vec![0u8; ext as usize];
+        let len = usize::try_from(ext).map_err(|_| SbError::NotAllowed(ext))?;
+        let mut copy = vec![0u8; len];
         mem.read(gpa, &mut copy)?;
         if mem.read_u64(gpa + 0x30)? == seq && u64_at(&copy, 0x30) == seq {
             return Ok(copy);

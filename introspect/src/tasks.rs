@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use crate::btf::{Btf, BtfError};
+use crate::conv::usize_from;
 use crate::kernel::{KernelLocation, START_KERNEL_MAP};
 use crate::mem::{MemError, PhysMem};
 
@@ -306,7 +307,8 @@ fn state_letter(state: u32, exit_state: u32) -> char {
 
 /// Reads one task.
 pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, TaskError> {
-    let mut comm = vec![0u8; l.comm_len as usize];
+    // At most 64: `TaskLayout::from_btf` caps it.
+    let mut comm = vec![0u8; usize_from(l.comm_len)];
     km.read(addr.wrapping_add(l.comm), "task comm", &mut comm)?;
     let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
     let comm: String = comm[..len]
@@ -333,8 +335,9 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
             let v = km.u64_at(
                 mm.wrapping_add(l.mm_rss).wrapping_add(idx.wrapping_mul(8)),
                 "mm rss_stat",
-            )? as i64;
-            *slot = v.max(0) as u64;
+            )?;
+            // The counter is signed and may dip below zero: a negative one (top bit set) is 0.
+            *slot = if v >> 63 == 0 { v } else { 0 };
         }
     }
     let flags = km.u32_at(addr.wrapping_add(l.flags), "flags")?;
@@ -503,6 +506,44 @@ mod tests {
                 levels: 4,
             },
         )
+    }
+
+    #[test]
+    fn negative_rss_counters_read_as_zero() {
+        let l = TaskLayout {
+            tasks: 0,
+            pid: 0x10,
+            tgid: 0x14,
+            comm: 0x20,
+            comm_len: 16,
+            real_parent: 0x30,
+            real_cred: 0x38,
+            state: 0x40,
+            exit_state: 0x44,
+            flags: 0x48,
+            start_time: 0x50,
+            mm: 0x58,
+            signal: 0x60,
+            thread_node: 0x68,
+            signal_thread_head: 0x70,
+            cred_uid: 4,
+            cred_euid: 8,
+            mm_rss: 0x10,
+            rss_index: [0, 1, 3],
+        };
+        let mem = crate::mem::VecMem::new(0, vec![0u8; 0x1000]);
+        let (task, cred, mm) = (0x100u64, 0x400u64, 0x800u64);
+        let w = |at: u64, v: &[u8]| mem.write(at, v).unwrap();
+        w(task + l.comm, b"hog\0");
+        w(task + l.real_parent, &(BASE + task).to_le_bytes());
+        w(task + l.real_cred, &(BASE + cred).to_le_bytes());
+        w(task + l.mm, &(BASE + mm).to_le_bytes());
+        w(mm + l.mm_rss, &i64::MAX.to_le_bytes()); // file
+        w(mm + l.mm_rss + 8, &(-3i64).to_le_bytes()); // anon: per-CPU drift below zero
+        w(mm + l.mm_rss + 3 * 8, &7i64.to_le_bytes()); // shmem
+        let t = read_task(&km(&mem), &l, BASE + task).unwrap();
+        assert_eq!(t.comm, "hog");
+        assert_eq!((t.rss_file, t.rss_anon, t.rss_shmem), (u64::MAX >> 1, 0, 7));
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Audit {
         let mut obj = Map::new();
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
         obj.insert("ts_ms".into(), ts.into());
         obj.insert("event".into(), event.into());

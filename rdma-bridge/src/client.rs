@@ -340,7 +340,9 @@ fn unexpected(op: &str, r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {op}: {r:?}"))
 }
 
-const PAGE: u64 = 4096;
+/// Bytes in a page, the unit of [`BridgeMem`]'s cache.
+const PAGE_LEN: usize = 4096;
+const PAGE: u64 = PAGE_LEN as u64;
 /// Pages [`BridgeMem`] fetches per miss while paused (an aligned 32 KiB block).
 pub const READ_AHEAD: u64 = 8;
 /// Most pages [`BridgeMem`] keeps (64 MiB); the cache is emptied when full.
@@ -497,10 +499,10 @@ impl PhysMem for BridgeMem {
                 Err(_) => (first, self.fetch(first, last - first + 1)?),
             };
             let mut c = self.cache.borrow_mut();
-            if c.len() + bytes.len() / PAGE as usize > MAX_CACHED_PAGES {
+            if c.len() + bytes.len() / PAGE_LEN > MAX_CACHED_PAGES {
                 c.clear();
             }
-            for (i, chunk) in bytes.chunks(PAGE as usize).enumerate() {
+            for (i, chunk) in bytes.chunks(PAGE_LEN).enumerate() {
                 c.entry(start + i as u64)
                     .or_insert_with(|| chunk.to_vec().into_boxed_slice());
             }
@@ -510,7 +512,7 @@ impl PhysMem for BridgeMem {
         for p in first..=last {
             let page = c.get(&p).ok_or(MemError::OutOfRange { gpa, len })?;
             let from = if p == first { (gpa % PAGE) as usize } else { 0 };
-            let n = (PAGE as usize - from).min(buf.len() - done);
+            let n = (PAGE_LEN - from).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&page[from..from + n]);
             done += n;
         }

@@ -23,5 +23,15 @@ pub mod rdma;
 pub mod server;
 pub mod tls;
 #[cfg(feature = "verbs")]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)] // TODO(casts): being rewritten
 pub mod verbs;
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)] // TODO(casts): being rewritten
 pub mod wire;

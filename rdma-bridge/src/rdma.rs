@@ -61,18 +61,18 @@ impl RdmaGlue {
                 .map(|r| (r, Access::RemoteRead))
                 .chain(writes.iter().map(|r| (r, Access::RemoteWrite)));
             for (i, (&(gpa, len), access)) in ranges.enumerate() {
-                let host = backend
-                    .mem()
-                    .host_ptr(gpa, len as usize)
-                    .map_err(|source| RdmaError::Region {
-                        monitor: name.clone(),
-                        source,
-                    })?;
+                let region = |source| RdmaError::Region {
+                    monitor: name.clone(),
+                    source,
+                };
+                let len_us =
+                    usize::try_from(len).map_err(|_| region(MemError::OutOfRange { gpa, len }))?;
+                let host = backend.mem().host_ptr(gpa, len_us).map_err(region)?;
                 specs.push(RegionSpec {
                     name: format!("{}-{i}", &name[..name.len().min(24)]),
                     gpa,
                     host,
-                    len: len as usize,
+                    len: len_us,
                     access,
                 });
                 owner.push(name.clone());

@@ -463,7 +463,11 @@ impl Session<'_> {
     }
 
     fn read_bytes(&self, gpa: u64, len: u64) -> Result<Vec<u8>, Reply> {
-        let mut buf = vec![0u8; len as usize];
+        let len = usize::try_from(len).map_err(|_| Reply::Error {
+            code: code::OUT_OF_RANGE,
+            message: format!("a read of {len:#x} bytes at {gpa:#x} does not fit in memory"),
+        })?;
+        let mut buf = vec![0u8; len];
         self.mem().read(gpa, &mut buf).map_err(|e| Reply::Error {
             code: code::OUT_OF_RANGE,
             message: e.to_string(),

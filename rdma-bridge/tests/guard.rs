@@ -50,7 +50,8 @@ fn start(idle_ms: u64) -> Fixture {
     // A dump: 4 MiB of RAM with a Sensor Box at 1 MiB and a marker in "RAM".
     let mut ram = vec![0u8; 4 << 20];
     let sb = sensorbox::encode(&sensors(11), 250, 2);
-    ram[BACKDOOR as usize..BACKDOOR as usize + sb.len()].copy_from_slice(&sb);
+    let bd = usize::try_from(BACKDOOR).unwrap();
+    ram[bd..bd + sb.len()].copy_from_slice(&sb);
     ram[0x30_0000..0x30_0008].copy_from_slice(b"RAMBYTES");
     let dump = dir.path().join("guest.mem");
     std::fs::write(&dump, &ram).unwrap();

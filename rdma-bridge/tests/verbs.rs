@@ -40,7 +40,7 @@ impl SharedMapping {
         let fd = unsafe { libc::memfd_create(c"verbs-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: `fd` is the memfd just created.
-        let rc = unsafe { libc::ftruncate(fd, len as libc::off_t) };
+        let rc = unsafe { libc::ftruncate(fd, libc::off_t::try_from(len).unwrap()) };
         assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
         // SAFETY: a fresh shared mapping of the whole memfd; checked against MAP_FAILED.
         let p = unsafe {
@@ -89,7 +89,7 @@ impl Drop for SharedMapping {
 }
 
 fn pattern(i: usize) -> u8 {
-    (i.wrapping_mul(31) ^ (i >> 8)) as u8
+    (i.wrapping_mul(31) ^ (i >> 8)).to_le_bytes()[0]
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn image_part(rounds: usize) {
     let dump = dir.path().join("mem");
     sensor_box_image(&dump, 64, BACKDOOR, 100, 1, |ram| {
         for (i, b) in ram.iter_mut().enumerate().skip(32 << 20) {
-            *b = i as u8;
+            *b = i.to_le_bytes()[0];
         }
     });
     let setup = BridgeSetup::new("127.0.0.1:0", &[MON], 1, 1000);

@@ -20,8 +20,9 @@ use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
 use backdoors_tests::{tiny_guest, Images};
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+/// The sample at `permille`/1000 of the way through `sorted` (rounded to the nearest index).
+fn percentile(sorted: &[Duration], permille: usize) -> Duration {
+    let i = (sorted.len().saturating_sub(1) * permille + 500) / 1000;
     sorted[i.min(sorted.len() - 1)]
 }
 
@@ -30,8 +31,8 @@ fn report(name: &str, mut samples: Vec<Duration>) {
     println!(
         "{name:<58} n={:<5} median={:>10.1?} p99={:>10.1?} min={:>10.1?}",
         samples.len(),
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.99),
+        percentile(&samples, 500),
+        percentile(&samples, 990),
         samples[0]
     );
 }

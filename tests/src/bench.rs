@@ -14,8 +14,9 @@ pub fn arg(name: &str) -> Option<String> {
 pub fn stats(mut v: Vec<Duration>) -> (Duration, Duration) {
     assert!(!v.is_empty(), "no samples");
     v.sort();
-    let p = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
-    (p(0.5), p(0.99))
+    // The sample `permille`/1000 of the way through, rounded to the nearest index.
+    let p = |permille: usize| v[((v.len() - 1) * permille + 500) / 1000];
+    (p(500), p(990))
 }
 
 /// A memory image of `mib` MiB with a Sensor Box of `n` level sensors (ids from `first_id`) at
@@ -44,6 +45,7 @@ pub fn sensor_box_image(
     let sb = sensorbox::encode(&sensors, 250, 2);
     let mut ram = vec![0u8; mib << 20];
     fill(&mut ram);
-    ram[backdoor as usize..backdoor as usize + sb.len()].copy_from_slice(&sb);
+    let at = usize::try_from(backdoor).expect("the Sensor Box address fits in usize");
+    ram[at..at + sb.len()].copy_from_slice(&sb);
     std::fs::write(path, &ram).expect("write the memory image");
 }

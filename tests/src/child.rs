@@ -196,10 +196,13 @@ impl Spawned {
             return;
         }
         match &self.proc {
-            // SAFETY: kill(2) on our own child's pid with a valid signal number.
-            Proc::Local(c) => unsafe {
-                libc::kill(c.id() as i32, sig);
-            },
+            // A pid that did not fit would wrap to a negative one: a process group, or all (-1).
+            Proc::Local(c) => {
+                if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                    // SAFETY: kill(2) on our own child's (positive) pid with a valid signal number.
+                    unsafe { libc::kill(pid, sig) };
+                }
+            }
             Proc::Remote(r) => r.signal(sig),
         }
     }

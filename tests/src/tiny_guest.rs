@@ -17,7 +17,7 @@ fn code() -> Vec<u8> {
         c.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
     }
     c.extend_from_slice(&[0xff, 0x05]); // inc dword [COUNTER_GPA]
-    c.extend_from_slice(&(COUNTER_GPA as u32).to_le_bytes());
+    c.extend_from_slice(&u32::try_from(COUNTER_GPA).unwrap().to_le_bytes());
     c.extend_from_slice(&[0xeb, 0xf8]); // jmp back to the inc (-8)
     c
 }
@@ -33,7 +33,7 @@ pub fn elf() -> Vec<u8> {
     note.extend_from_slice(&4u32.to_le_bytes());
     note.extend_from_slice(&18u32.to_le_bytes());
     note.extend_from_slice(b"Xen\0");
-    note.extend_from_slice(&(LOAD_GPA as u32).to_le_bytes());
+    note.extend_from_slice(&u32::try_from(LOAD_GPA).unwrap().to_le_bytes());
 
     let mut f = Vec::new();
     f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
@@ -70,7 +70,7 @@ pub fn elf() -> Vec<u8> {
     );
     phdr(&mut f, 4, 4, note_off, 0, note.len() as u64, 4);
     f.extend_from_slice(&note);
-    f.resize(CODE_OFFSET as usize, 0);
+    f.resize(usize::try_from(CODE_OFFSET).unwrap(), 0);
     f.extend_from_slice(&code);
     f
 }
@@ -85,7 +85,7 @@ mod tests {
         assert_eq!(&f[..4], b"\x7fELF");
         let note_off = 64 + 2 * 56;
         assert_eq!(&f[note_off + 12..note_off + 16], b"Xen\0");
-        assert_eq!(f[CODE_OFFSET as usize], 0xba);
+        assert_eq!(f[usize::try_from(CODE_OFFSET).unwrap()], 0xba);
         assert_eq!(&f[f.len() - 2..], &[0xeb, 0xf8]);
     }
 }

@@ -263,8 +263,8 @@ fn a_full_file_table_drives_file_table_full() {
 fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(engine: Engine) {
     let mut g = Guest::boot_on(engine, "bd.scenario=repair", "REPAIR sleeper pid=");
     let out = g.vm.stdout();
-    let busy = field(&out, "REPAIR busy", "pid") as u32;
-    let sleeper = field(&out, "REPAIR sleeper", "pid") as u32;
+    let busy = u32::try_from(field(&out, "REPAIR busy", "pid")).unwrap();
+    let sleeper = u32::try_from(field(&out, "REPAIR sleeper", "pid")).unwrap();
     let sb = g.sb();
     let mb = Mailbox::open(&g.mem, &sb).unwrap();
     let mut c = g.vm.client();

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod bootfiles;
 pub mod console;
+mod conv;
 pub mod engine;
 pub mod inspect;
 pub mod layout;

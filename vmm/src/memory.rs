@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
+use crate::conv::usize_from;
 use crate::layout::MemoryLayout;
 
 /// Why guest RAM could not be set up.
@@ -68,7 +69,7 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_ranges_with_files(layout.ranges.iter().map(|r| {
             (
                 GuestAddress(r.gpa),
-                r.size as usize,
+                usize_from(r.size),
                 Some(FileOffset::from_arc(file.clone(), r.offset)),
             )
         }))

@@ -23,6 +23,7 @@ use crate::api::protocol::{
 };
 use crate::api::server::{ApiServer, Incoming};
 use crate::console::Console;
+use crate::conv::{millis, nanos};
 use crate::engine::{Engine, Ready, VmExit};
 use crate::memory::GuestRam;
 
@@ -185,7 +186,7 @@ impl Vmm {
     fn handle(&mut self, conn: u32, req: Request) -> (Value, Option<RawFd>) {
         match req {
             Request::Pause { lease_ms } => {
-                let ms = lease_ms.unwrap_or(self.default_lease.as_millis() as u64);
+                let ms = lease_ms.unwrap_or(millis(self.default_lease));
                 if !LEASE_MS_RANGE.contains(&ms) {
                     return (
                         err(format!(
@@ -232,7 +233,7 @@ impl Vmm {
                             }
                             return (err(format!("pause failed: {e}")), None);
                         }
-                        let pause_ns = t0.elapsed().as_nanos() as u64;
+                        let pause_ns = nanos(t0.elapsed());
                         self.pauses += 1;
                         self.lease = Some(Lease {
                             holder: conn,
@@ -260,7 +261,7 @@ impl Vmm {
                     self.release(false);
                     (
                         ok(ResumeReply {
-                            resume_ns: t0.elapsed().as_nanos() as u64,
+                            resume_ns: nanos(t0.elapsed()),
                             was_paused: true,
                         }),
                         None,
@@ -289,7 +290,7 @@ impl Vmm {
                     Ok(()) => {
                         tracing::warn!("guest reset on request of API client {conn}");
                         (
-                            serde_json::json!({"ok": true, "reset_ns": t0.elapsed().as_nanos() as u64}),
+                            serde_json::json!({"ok": true, "reset_ns": nanos(t0.elapsed())}),
                             None,
                         )
                     }
@@ -322,11 +323,11 @@ impl Vmm {
                         vcpus: self.engine.vcpus(),
                         mem_bytes: self.ram.layout.total,
                         state: if self.lease.is_some() { "paused" } else { "running" }.into(),
-                        uptime_ms: self.started.elapsed().as_millis() as u64,
+                        uptime_ms: millis(self.started.elapsed()),
                         pid: std::process::id(),
                         cmdline: self.cmdline.clone(),
                         lease_holder: holder,
-                        lease_remaining_ms: self.remaining_lease().map(|d| d.as_millis() as u64),
+                        lease_remaining_ms: self.remaining_lease().map(millis),
                         pauses: self.pauses,
                         lease_expiries: self.lease_expiries,
                     }),
@@ -384,12 +385,13 @@ impl Vmm {
         let mut buf = [0u8; 1024];
         // SAFETY: read into a valid buffer from stdin.
         let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
+        // End of file (0) or an error (negative): stop watching stdin.
+        let Some(n) = usize::try_from(n).ok().filter(|n| *n > 0) else {
             let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
             self.stdin = None;
             return;
-        }
-        self.engine.serial_input(&buf[..n as usize]);
+        };
+        self.engine.serial_input(&buf[..n]);
     }
 }
 
@@ -406,8 +408,8 @@ impl MutEventSubscriber for Vmm {
         if let Some(fd) = self.stdin {
             watch.push((fd, TAG_STDIN));
         }
-        for (i, fd) in self.engine.watch_fds().into_iter().enumerate() {
-            watch.push((fd, TAG_ENGINE + i as u32));
+        for (tag, fd) in (TAG_ENGINE..).zip(self.engine.watch_fds()) {
+            watch.push((fd, tag));
         }
         for (fd, tag) in watch {
             if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {

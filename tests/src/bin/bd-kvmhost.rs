@@ -165,8 +165,9 @@ fn exec(agent: SocketAddr, with_stdin: bool, argv: &[String]) -> ExitCode {
             }
             use std::os::unix::process::ExitStatusExt;
             return ExitCode::from(match (st.code(), st.signal()) {
-                (Some(c), _) => c as u8,
-                (None, Some(s)) => 128 + s as u8,
+                // The low byte, as a shell reports it (statuses are 0..=255, signals 1..=64).
+                (Some(c), _) => c.to_le_bytes()[0],
+                (None, Some(s)) => (128 + s).to_le_bytes()[0],
                 _ => 1,
             });
         }

@@ -84,8 +84,12 @@ fn splice_unix(mut tcp: TcpStream, path: &str) -> io::Result<()> {
 }
 
 fn signal_group(pgid: u32, sig: i32) {
+    // Only a positive pgid: 0 would be the agent's own group and a wrapped one -1, everyone.
+    let Some(pgid) = libc::pid_t::try_from(pgid).ok().filter(|p| *p > 0) else {
+        return;
+    };
     // SAFETY: kill(2) with a negative pid signals the process group the agent created.
-    unsafe { libc::kill(-(pgid as i32), sig) };
+    unsafe { libc::kill(-pgid, sig) };
 }
 
 fn exec(
@@ -95,10 +99,13 @@ fn exec(
     cwd: Option<String>,
     stdin_len: u64,
 ) -> io::Result<()> {
-    if stdin_len > proto::MAX_STDIN {
+    let Some(stdin_len) = usize::try_from(stdin_len)
+        .ok()
+        .filter(|_| stdin_len <= proto::MAX_STDIN)
+    else {
         return proto::write_frame(&mut s, tag::FAILED, b"stdin too large");
-    }
-    let mut stdin_bytes = vec![0u8; stdin_len as usize];
+    };
+    let mut stdin_bytes = vec![0u8; stdin_len];
     s.read_exact(&mut stdin_bytes)?;
     let Some((prog, args)) = argv.split_first() else {
         return proto::write_frame(&mut s, tag::FAILED, b"empty argv");

@@ -92,10 +92,21 @@ impl Exit {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
-    debug_assert!(payload.len() <= MAX_FRAME);
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|_| payload.len() <= MAX_FRAME)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes is over the {MAX_FRAME}-byte limit",
+                    payload.len()
+                ),
+            )
+        })?;
     let mut head = [0u8; 5];
     head[0] = tag;
-    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[1..].copy_from_slice(&len.to_le_bytes());
     w.write_all(&head)?;
     w.write_all(payload)?;
     w.flush()
@@ -170,9 +181,13 @@ mod tests {
         assert_eq!(read_frame(&mut r).unwrap(), Some((tag::EXIT, vec![])));
         assert_eq!(read_frame(&mut r).unwrap(), None);
         let mut big = vec![tag::STDOUT];
-        big.extend_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
+        big.extend_from_slice(&(u32::try_from(MAX_FRAME).unwrap() + 1).to_le_bytes());
         assert!(read_frame(&mut &big[..]).is_err());
         assert!(read_frame(&mut &b"o\x05\0"[..]).is_err());
+        // A writer refuses to send what a reader would refuse, and sends nothing.
+        let mut out = Vec::new();
+        assert!(write_frame(&mut out, tag::STDOUT, &vec![0; MAX_FRAME + 1]).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -133,17 +133,19 @@ impl ApiServer {
                 libc::MSG_DONTWAIT,
             )
         };
-        if n == 0 {
-            return Incoming::Closed;
-        }
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
-                return Incoming::Requests(Vec::new());
+        let n = match usize::try_from(n) {
+            Ok(0) => return Incoming::Closed,
+            Ok(n) => n,
+            // Negative: an error.
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) {
+                    return Incoming::Requests(Vec::new());
+                }
+                return Incoming::Closed;
             }
-            return Incoming::Closed;
-        }
-        conn.buf.extend_from_slice(&chunk[..n as usize]);
+        };
+        conn.buf.extend_from_slice(&chunk[..n]);
         let mut out = Vec::new();
         while let Some(nl) = conn.buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = conn.buf.drain(..=nl).collect();

@@ -48,7 +48,9 @@ fn table(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     let len = 36 + body.len();
     let mut t = Vec::with_capacity(len);
     t.extend_from_slice(signature);
-    t.extend_from_slice(&(len as u32).to_le_bytes());
+    // Our largest table, the MADT for 255 vCPUs, is about 2 KiB.
+    let len32 = u32::try_from(len).expect("an ACPI table is a few KiB");
+    t.extend_from_slice(&len32.to_le_bytes());
     t.push(revision);
     t.push(0); // checksum, below
     t.extend_from_slice(OEM_ID);
@@ -87,7 +89,8 @@ fn com1_aml() -> Vec<u8> {
     body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]); // Zero
     body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S', 0x11]); // Buffer
     body.push(pkg_len_1(1 + 2 + crs.len()));
-    body.extend_from_slice(&[0x0a, crs.len() as u8]);
+    let crs_len = u8::try_from(crs.len()).expect("a 13-byte resource template");
+    body.extend_from_slice(&[0x0a, crs_len]);
     body.extend_from_slice(crs);
     let mut device = vec![0x5b, 0x82, pkg_len_1(1 + 4 + body.len())]; // DeviceOp
     device.extend_from_slice(b"COM1");
@@ -100,11 +103,10 @@ fn com1_aml() -> Vec<u8> {
 
 /// A one-byte AML PkgLength (lengths below 64, which is all these tables need).
 fn pkg_len_1(len: usize) -> u8 {
-    assert!(
-        len < 64,
-        "AML package of {len} bytes needs a longer PkgLength"
-    );
-    len as u8
+    match u8::try_from(len) {
+        Ok(n) if n < 64 => n,
+        _ => panic!("AML package of {len} bytes needs a longer PkgLength"),
+    }
 }
 
 /// The DSDT: `Name (_S5, Package (4) {5, 0, 0, 0})` and COM1.
@@ -128,7 +130,9 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     const CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
     let mut b = vec![0u8; 276 - 36];
     let at = |off: usize| off - 36;
-    b[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    // The 32-bit DSDT pointer; 0 (X_DSDT only) if the DSDT were ever above 4 GiB.
+    let dsdt32 = u32::try_from(dsdt_addr).unwrap_or(0);
+    b[at(40)..at(44)].copy_from_slice(&dsdt32.to_le_bytes());
     b[at(109)..at(111)].copy_from_slice(&(VGA_NOT_PRESENT | CMOS_RTC_NOT_PRESENT).to_le_bytes());
     b[at(112)..at(116)].copy_from_slice(&(HW_REDUCED_ACPI | PWR_BUTTON | SLP_BUTTON).to_le_bytes());
     b[at(131)] = 4; // FADT minor version (6.4)

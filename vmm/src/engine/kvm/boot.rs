@@ -33,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::cpu::BootEntry;
 use super::{acpi, mptable, KvmError};
 use crate::bootfiles::KernelFormat;
+use crate::conv::usize_from;
 use crate::layout::{MemoryLayout, HIGH_MEMORY_START};
 
 /// The PVH start-info structure.
@@ -149,6 +150,14 @@ pub fn load(
             })
         }
         (format, _) => {
+            // The zero page's address and size fields are 32 bits wide.
+            let field32 = |what: &str, v: u64| {
+                u32::try_from(v).map_err(|_| {
+                    KvmError::Boot(format!(
+                        "{what} {v:#x} does not fit the 32-bit boot protocol"
+                    ))
+                })
+            };
             let mut params = boot_params::default();
             if let Some(hdr) = loaded.setup_header {
                 params.hdr = hdr;
@@ -156,15 +165,15 @@ pub fn load(
             params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
-            params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+            params.hdr.cmd_line_ptr = field32("command line address", CMDLINE_START)?;
             params.acpi_rsdp_addr = rsdp;
-            params.hdr.cmdline_size = spec.cmdline.len() as u32 + 1;
+            params.hdr.cmdline_size = field32("command line size", spec.cmdline.len() as u64 + 1)?;
             if params.hdr.kernel_alignment == 0 {
                 params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
             }
             if let Some((addr, size)) = initrd {
-                params.hdr.ramdisk_image = addr as u32;
-                params.hdr.ramdisk_size = size as u32;
+                params.hdr.ramdisk_image = field32("initrd address", addr)?;
+                params.hdr.ramdisk_size = field32("initrd size", size)?;
             }
             let e820 = layout.e820();
             for (slot, (addr, size, kind)) in params.e820_table.iter_mut().zip(e820.iter()) {
@@ -172,7 +181,10 @@ pub fn load(
                 slot.size = *size;
                 slot.r#type = kind.code();
             }
-            params.e820_entries = e820.len() as u8;
+            let written = e820.len().min(params.e820_table.len());
+            params.e820_entries = u8::try_from(written).map_err(|_| {
+                KvmError::Boot(format!("{written} e820 entries do not fit the zero page"))
+            })?;
             LinuxBootConfigurator::write_bootparams(
                 &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
                 mem,
@@ -215,7 +227,8 @@ fn load_initrd(
                 size >> 20
             ))
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    // size < the top of low RAM (checked above).
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, usize_from(size))
         .map_err(|e| KvmError::Boot(format!("cannot read initrd {}: {e}", path.display())))?;
     Ok((addr, size))
 }
@@ -241,7 +254,8 @@ fn write_pvh_info(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: ZERO_PAGE_START,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len())
+            .map_err(|_| KvmError::Boot(format!("{} memory-map entries", memmap.len())))?,
         rsdp_paddr: rsdp,
         ..Default::default()
     };

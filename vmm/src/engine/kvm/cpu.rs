@@ -79,7 +79,8 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` that a GDT entry at `index` describes.
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
-    let raw_limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
+    let raw_limit =
+        u32::try_from(((entry >> 32) & 0x000f_0000) | (entry & 0xffff)).expect("masked to 20 bits");
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
@@ -151,7 +152,7 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, entry: BootEntry) -> Re
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = GDT_START;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&gdt) - 1).expect("a 4-entry GDT");
     sregs.idt.base = IDT_START;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -259,13 +260,14 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
+    // The registers are `c_char`s: take each one's bits as a byte.
     let b = &state.regs[offset..offset + 4];
-    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+    u32::from_le_bytes(std::array::from_fn(|i| b[i].to_ne_bytes()[0]))
 }
 
 fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, byte) in value.to_le_bytes().iter().enumerate() {
-        state.regs[offset + i] = *byte as _;
+        state.regs[offset + i] = std::ffi::c_char::from_ne_bytes([*byte]);
     }
 }
 

@@ -51,10 +51,10 @@ impl PioBus {
         data.fill(0xff);
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
-                data[0] = lock(&self.serial).read((p - COM1_BASE) as u8);
+                data[0] = lock(&self.serial).read(register(p, COM1_BASE));
             }
             I8042_DATA | I8042_COMMAND if data.len() == 1 => {
-                data[0] = lock(&self.i8042).read((port - I8042_DATA) as u8);
+                data[0] = lock(&self.i8042).read(register(port, I8042_DATA));
             }
             SLEEP_STATUS_PORT if data.len() == 1 => data[0] = 0,
             _ => {}
@@ -65,12 +65,12 @@ impl PioBus {
     pub fn write(&self, port: u16, data: &[u8]) {
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) && data.len() == 1 => {
-                if let Err(e) = lock(&self.serial).write((p - COM1_BASE) as u8, data[0]) {
+                if let Err(e) = lock(&self.serial).write(register(p, COM1_BASE), data[0]) {
                     tracing::warn!("serial write failed: {e:?}");
                 }
             }
             I8042_DATA | I8042_COMMAND if data.len() == 1 => {
-                if let Err(e) = lock(&self.i8042).write((port - I8042_DATA) as u8, data[0]) {
+                if let Err(e) = lock(&self.i8042).write(register(port, I8042_DATA), data[0]) {
                     tracing::warn!("i8042 write failed: {e}");
                 }
             }
@@ -86,6 +86,12 @@ impl PioBus {
             _ => {}
         }
     }
+}
+
+/// The register that `port` selects in a device whose ports start at `base`. The callers' match
+/// arms keep `port - base` below 8, so the low byte is all of it.
+fn register(port: u16, base: u16) -> u8 {
+    (port - base).to_le_bytes()[0]
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

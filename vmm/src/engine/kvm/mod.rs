@@ -175,13 +175,13 @@ impl KvmEngine {
         })
         .map_err(|e| KvmError::Vm("PIT", e))?;
 
-        for (slot, region) in self.mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(self.mem.iter()) {
             let host = self
                 .mem
                 .get_host_address(region.start_addr())
                 .map_err(|e| KvmError::Boot(format!("guest RAM not mapped: {e}")))?;
             let region = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -313,7 +313,8 @@ impl Engine for KvmEngine {
     }
 
     fn vcpus(&self) -> u8 {
-        self.vcpus.len() as u8
+        // Never more than spec.vcpus, a u8: the handles are made for 0..spec.vcpus.
+        u8::try_from(self.vcpus.len()).unwrap_or(u8::MAX)
     }
 
     fn regs(&mut self, id: u8) -> Result<VcpuRegs, EngineError> {

@@ -50,7 +50,8 @@ fn config_table(vcpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 1]);
     count += 2;
 
-    let length = (44 + entries.len()) as u16;
+    // 20 bytes per vCPU: about 5 KiB for 255.
+    let length = u16::try_from(44 + entries.len()).expect("an MP table is a few KiB");
     let mut table = Vec::with_capacity(length as usize);
     table.extend_from_slice(b"PCMP");
     table.extend_from_slice(&length.to_le_bytes());
@@ -81,7 +82,9 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), KvmError> {
     }
     let mut fp = Vec::with_capacity(16);
     fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    let table_addr32 = u32::try_from(table_addr)
+        .map_err(|_| KvmError::Boot(format!("MP table at {table_addr:#x}, above 4 GiB")))?;
+    fp.extend_from_slice(&table_addr32.to_le_bytes());
     fp.push(1); // length in 16-byte units
     fp.push(4); // spec revision
     fp.push(0); // checksum, below

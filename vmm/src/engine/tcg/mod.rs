@@ -196,13 +196,14 @@ impl TcgEngine {
             .spawn()
             .map_err(|e| TcgError::Spawn(qemu.display().to_string(), e))?;
         // SAFETY: pidfd_open with a valid pid of our own child and no flags.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) } as RawFd;
-        if pidfd < 0 {
+        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+        // A file descriptor, or -1 and errno.
+        let Some(pidfd) = RawFd::try_from(ret).ok().filter(|fd| *fd >= 0) else {
             let e = std::io::Error::last_os_error();
             let _ = child.kill();
             let _ = child.wait();
             return Err(TcgError::Setup(e));
-        }
+        };
         // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let stdout = child.stdout.take().map(|s| File::from(OwnedFd::from(s)));
