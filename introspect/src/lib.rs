@@ -12,11 +12,6 @@
 //! * [`show`] — text tables for command-line tools.
 //! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
 
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)] // TODO(casts): being rewritten
 pub mod btf;
 pub mod consistency;
 mod conv;

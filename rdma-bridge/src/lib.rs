@@ -29,9 +29,4 @@ pub mod tls;
     clippy::cast_sign_loss
 )] // TODO(casts): being rewritten
 pub mod verbs;
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss
-)] // TODO(casts): being rewritten
 pub mod wire;

@@ -194,24 +194,35 @@ impl Vm {
 
     /// Waits until the console shows `needle`; panics with the console on timeout or early exit.
     pub fn expect(&mut self, needle: &str, timeout: Duration) {
+        if let Err(why) = self.wait_for(needle, timeout) {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until the console shows `needle`; on timeout or early exit, says so with the
+    /// diagnostics (for callers that add their own, e.g. the monitor's events).
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.stdout().contains(needle) {
-                return;
+                return Ok(());
             }
             if let Some(st) = self.proc.try_wait() {
                 // Let the pumps catch up with the last output.
                 std::thread::sleep(Duration::from_millis(200));
                 if self.stdout().contains(needle) {
-                    return;
+                    return Ok(());
                 }
-                panic!(
+                return Err(format!(
                     "bdvmm exited ({st}) before printing {needle:?}\n{}",
                     self.diagnostics()
-                );
+                ));
             }
             if Instant::now() > deadline {
-                panic!("no {needle:?} within {timeout:?}\n{}", self.diagnostics());
+                return Err(format!(
+                    "no {needle:?} within {timeout:?}\n{}",
+                    self.diagnostics()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

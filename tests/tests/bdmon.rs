@@ -198,7 +198,17 @@ fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
     let before = w.survivors();
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon(dir.path(), "");
-    w.vm.expect("useful finished rc=0", Duration::from_secs(600));
+    // 25 iterations take well under a minute once healed, even nested; 300 s bounds a run whose
+    // healing failed, and the failure then shows what bdmon did.
+    if let Err(why) =
+        w.vm.wait_for("useful finished rc=0", Duration::from_secs(300))
+    {
+        panic!(
+            "{why}\nevents:\n{:#?}\nbdmon:\n{}",
+            events(dir.path()),
+            mon.output()
+        );
+    }
     let console = w.vm.stdout();
     // The healer confirms recovery from the sensors, which can lag the kills by up to 2 s
     // (MAXPROC_RATE_PERUID keeps a storm's last window).

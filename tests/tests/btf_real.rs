@@ -3,6 +3,12 @@
 //! pahole prints from the same vmlinux. Needs the guest images (`images/build.sh`); moved out of
 //! `cargo test -p introspect` so the crate's own tests need nothing built.
 
+#![allow(
+    // Test fixtures: small, fixed values built by the test itself.
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

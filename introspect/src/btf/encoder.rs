@@ -1,5 +1,11 @@
 //! A small BTF encoder for tests: builds blobs type by type.
 
+#![allow(
+    // Test fixtures: small, fixed values built by the test itself.
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 use super::*;
 
 /// Builds BTF blobs type by type; ids are handed out in order from 1.

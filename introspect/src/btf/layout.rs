@@ -207,7 +207,7 @@ impl Btf {
                     if self.str_bytes(self.word(rec)?)? == constant.as_bytes() {
                         let raw = self.word(rec + 4)?;
                         return Ok(Some(if t.kflag {
-                            i128::from(raw as i32)
+                            i128::from(i32::from_le_bytes(raw.to_le_bytes()))
                         } else {
                             i128::from(raw)
                         }));
@@ -222,7 +222,7 @@ impl Btf {
                         let raw =
                             u64::from(self.word(rec + 4)?) | (u64::from(self.word(rec + 8)?) << 32);
                         return Ok(Some(if t.kflag {
-                            i128::from(raw as i64)
+                            i128::from(i64::from_le_bytes(raw.to_le_bytes()))
                         } else {
                             i128::from(raw)
                         }));
@@ -271,7 +271,7 @@ impl Btf {
             if !matches!(t.kind, Kind::Enum | Kind::Enum64) {
                 continue;
             }
-            if let Some(v) = self.enumerator(id as TypeId, constant)? {
+            if let Some(v) = self.enumerator(u32_sat(id), constant)? {
                 match found {
                     Some(prev) if prev != v => {
                         return Err(BtfError::Ambiguous(constant.to_owned()))

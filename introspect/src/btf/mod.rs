@@ -16,6 +16,7 @@
 
 use std::fmt;
 
+use crate::conv::usize_from;
 use crate::elf::{self, ElfError};
 use crate::le;
 
@@ -38,6 +39,13 @@ pub const MAX_ANON_DEPTH: u32 = 32;
 pub const MAX_FLAT_MEMBERS: u32 = 1 << 16;
 
 const HEADER_LEN: usize = 24;
+
+/// A position, count or type id inside a blob whose sections are at most 4 GiB (their lengths are
+/// u32 header fields) and whose ids are at most [`MAX_TYPES`], so it always fits a u32; saturates
+/// rather than wraps should that ever stop being true.
+fn u32_sat(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 const TYPE_HEADER_LEN: usize = 12;
 
 /// Why BTF could not be read or a question about it could not be answered.
@@ -344,8 +352,7 @@ impl Btf {
                     have,
                 });
             }
-            // start <= end <= blob.len(), so both fit in usize.
-            blob.get(start as usize..end as usize)
+            blob.get(usize_from(start)..usize_from(end))
                 .ok_or(BtfError::Truncated {
                     what,
                     need: end,
@@ -379,7 +386,7 @@ impl Btf {
             if id > MAX_TYPES {
                 return Err(BtfError::TooManyTypes);
             }
-            let id = id as TypeId;
+            let id = u32_sat(id);
             let remaining = (type_sec.len() - pos) as u64;
             let word = |o: usize| le::u32_at(type_sec, pos + o);
             let (Some(name_off), Some(info), Some(size_or_type)) = (word(0), word(4), word(8))
@@ -399,7 +406,7 @@ impl Btf {
                 return Err(BtfError::TruncatedType {
                     id,
                     kind,
-                    offset: pos as u32,
+                    offset: u32_sat(pos),
                     need: need as u64,
                     have: remaining,
                 });
@@ -407,8 +414,7 @@ impl Btf {
             types.push(RawType {
                 name_off,
                 size_or_type,
-                // The type section is at most 4 GiB (its length is a u32).
-                extra: (pos + TYPE_HEADER_LEN) as u32,
+                extra: u32_sat(pos + TYPE_HEADER_LEN),
                 vlen,
                 kind,
                 kflag: info >> 31 == 1,
@@ -430,7 +436,7 @@ impl Btf {
     /// Checks every string offset and type id in every record.
     fn validate(&self) -> Result<(), BtfError> {
         let count = self.types.len();
-        for id in 1..count as TypeId {
+        for id in 1..u32_sat(count) {
             self.visit_refs(id, |slot| match slot {
                 Slot::Name(pos) => {
                     let offset = self.word(pos)?;
@@ -467,7 +473,7 @@ impl Btf {
                 continue;
             };
             let len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            index.push((start as u32, (start + len) as u32, id as TypeId));
+            index.push((u32_sat(start), u32_sat(start + len), u32_sat(id)));
         }
         let strings = &self.strings;
         let key = |e: &(u32, u32, TypeId)| strings.get(e.0 as usize..e.1 as usize).unwrap_or(&[]);
@@ -487,7 +493,7 @@ impl Btf {
         }
         let hdr = t
             .extra
-            .checked_sub(TYPE_HEADER_LEN as u32)
+            .checked_sub(u32_sat(TYPE_HEADER_LEN))
             .ok_or(BtfError::Corrupt(t.extra))?;
         f(Slot::Name(hdr))?;
         if t.kind.is_alias()
@@ -687,8 +693,8 @@ impl Btf {
             signed: enc & (1 << 24) != 0,
             char: enc & (2 << 24) != 0,
             bool: enc & (4 << 24) != 0,
-            offset: (enc >> 16) as u8,
-            bits: enc as u8,
+            offset: (enc >> 16).to_le_bytes()[0],
+            bits: enc.to_le_bytes()[0],
         })
     }
 

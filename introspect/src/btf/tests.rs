@@ -1,5 +1,11 @@
 //! Unit tests of the BTF reader over hand-built blobs, well-formed and malformed.
 
+#![allow(
+    // Test fixtures: small, fixed values built by the test itself.
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 use super::encoder::*;
 use super::*;
 

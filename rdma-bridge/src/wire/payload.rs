@@ -116,6 +116,11 @@ fn check_string(s: &[u8], field: &'static str, max: usize) -> Result<(), WireErr
     Ok(())
 }
 
+/// A batch's range count as its u16 field (the checks bound it to [`MAX_BATCH_RANGES`]).
+fn count_u16(count: usize) -> Result<u16, WireError> {
+    u16::try_from(count).map_err(|_| WireError::TooManyRanges { count })
+}
+
 fn check_monitor_id(id: &[u8]) -> Result<(), WireError> {
     if id.is_empty() {
         return Err(WireError::Malformed {
@@ -142,8 +147,12 @@ pub(super) fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(
             Request::Hello { monitor_id, nonce } => {
                 check_monitor_id(monitor_id.as_bytes())?;
                 out.extend_from_slice(&nonce.to_le_bytes());
-                // check_monitor_id bounds the length to 64, so it fits a u8.
-                out.push(monitor_id.len() as u8);
+                out.push(
+                    u8::try_from(monitor_id.len()).map_err(|_| WireError::Malformed {
+                        op: Op::Hello.name(),
+                        what: "monitor id longer than 255 bytes".into(),
+                    })?,
+                );
                 out.extend_from_slice(monitor_id.as_bytes());
             }
             Request::FetchSb | Request::Unlock | Request::Status | Request::Restart => {}
@@ -154,8 +163,7 @@ pub(super) fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(
             }
             Request::ReadBatch(ranges) => {
                 check_batch(ranges)?;
-                // check_batch bounds the count to 256.
-                out.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+                out.extend_from_slice(&count_u16(ranges.len())?.to_le_bytes());
                 for r in ranges {
                     put_range(out, *r);
                 }
@@ -191,10 +199,13 @@ pub(super) fn encode_payload(m: &Message, op: Op, out: &mut Vec<u8>) -> Result<(
                     acc.saturating_add(4).saturating_add(p.len())
                 });
                 check_payload_len(total)?;
-                out.extend_from_slice(&(parts.len() as u16).to_le_bytes());
+                out.extend_from_slice(&count_u16(parts.len())?.to_le_bytes());
                 for p in parts {
-                    // total ≤ MAX_PAYLOAD, so each part's length fits a u32.
-                    out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+                    let len = u32::try_from(p.len()).map_err(|_| WireError::PayloadTooLarge {
+                        len: u64::try_from(p.len()).unwrap_or(u64::MAX),
+                        max: MAX_PAYLOAD,
+                    })?;
+                    out.extend_from_slice(&len.to_le_bytes());
                     out.extend_from_slice(p);
                 }
             }

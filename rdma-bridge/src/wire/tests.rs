@@ -1,5 +1,11 @@
 //! Unit tests of the wire format: round trips, streaming, and every malformed input.
 
+#![allow(
+    // Test fixtures: small, fixed values built by the test itself.
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 use super::payload::put_range;
 use super::*;
 
