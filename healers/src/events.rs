@@ -15,22 +15,15 @@
 //! | `error` | `what` |
 
 use std::io::Write;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde_json::{Map, Value};
+pub use rdma_bridge::jsonl::now_ms;
+use rdma_bridge::jsonl::JsonLines;
+use serde_json::Value;
 
 /// Where events go.
 pub struct Events {
-    out: Mutex<Box<dyn Write + Send>>,
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
+    log: JsonLines,
 }
 
 // Durations as the whole numbers of event fields. Each saturates at `u64::MAX` (more than 584
@@ -54,43 +47,24 @@ pub(crate) fn nanos(d: Duration) -> u64 {
 impl Events {
     /// Events to a file (appended) or, for "-", standard output.
     pub fn open(path: &str) -> std::io::Result<Events> {
-        let out: Box<dyn Write + Send> = if path == "-" {
-            Box::new(std::io::stdout())
+        let log = if path == "-" {
+            JsonLines::to_writer(Box::new(std::io::stdout()), "event log")
         } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            )
+            JsonLines::append(path.as_ref(), "event log")?
         };
-        Ok(Events {
-            out: Mutex::new(out),
-        })
+        Ok(Events { log })
     }
 
     /// Events into any writer (tests).
     pub fn to_writer(w: Box<dyn Write + Send>) -> Events {
-        Events { out: Mutex::new(w) }
+        Events {
+            log: JsonLines::to_writer(w, "event log"),
+        }
     }
 
     /// Writes one event line.
     pub fn emit(&self, guest: &str, event: &str, fields: Value) {
-        let mut m = Map::new();
-        m.insert("ts_ms".into(), now_ms().into());
-        m.insert("guest".into(), guest.into());
-        m.insert("event".into(), event.into());
-        if let Value::Object(f) = fields {
-            m.extend(f);
-        }
-        let mut line = Value::Object(m).to_string();
-        line.push('\n');
-        let mut out = match self.out.lock() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
-        if let Err(e) = out.write_all(line.as_bytes()).and_then(|_| out.flush()) {
-            tracing::error!("event log: {e}");
-        }
+        self.log
+            .write(&[("guest", guest.into()), ("event", event.into())], fields);
     }
 }

@@ -21,48 +21,27 @@
 //! | `rdma_connected` | a monitor connected its RDMA queue pair | `monitor` |
 //! | `vm_exited` | bdvmm went away; the bridge stops | |
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::jsonl::JsonLines;
 
 /// An append-only JSON-lines log shared by every connection.
 pub struct Audit {
-    file: Mutex<File>,
+    log: JsonLines,
 }
 
 impl Audit {
     /// Opens (creating or appending to) the log.
     pub fn open(path: &Path) -> std::io::Result<Audit> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(Audit {
-            file: Mutex::new(file),
+            log: JsonLines::append(path, "audit log")?,
         })
     }
 
     /// Appends one event. A failing disk is reported by tracing; it does not stop the bridge.
     pub fn log(&self, event: &str, fields: Value) {
-        let mut obj = Map::new();
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        obj.insert("ts_ms".into(), ts.into());
-        obj.insert("event".into(), event.into());
-        if let Value::Object(m) = fields {
-            obj.extend(m);
-        }
-        let mut line = Value::Object(obj).to_string();
-        line.push('\n');
-        let mut f = match self.file.lock() {
-            Ok(f) => f,
-            Err(p) => p.into_inner(),
-        };
-        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.flush()) {
-            tracing::error!("audit log write failed: {e}");
-        }
+        self.log.write(&[("event", event.into())], fields);
     }
 }

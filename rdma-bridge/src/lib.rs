@@ -18,6 +18,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod guard;
+pub mod jsonl;
 #[cfg(feature = "verbs")]
 pub mod rdma;
 pub mod server;
