@@ -5,6 +5,8 @@
 //! before use, nothing here panics, and nothing allocates in proportion to a value read from the
 //! file. Both entry points are total functions over arbitrary bytes, so they can be fuzzed.
 
+use crate::le::{u16_at as read_u16, u32_at as read_u32, u64_at as read_u64};
+
 /// `\x7fELF`.
 const MAGIC: &[u8; 4] = b"\x7fELF";
 /// `e_ident[EI_CLASS]` for 64-bit files.
@@ -105,23 +107,6 @@ pub fn section<'a>(bytes: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
 /// [`ElfError::NoSymtab`] means the file is stripped.
 pub fn symbol(bytes: &[u8], name: &str) -> Result<Option<u64>, ElfError> {
     Elf::parse(bytes)?.symbol(name)
-}
-
-fn read_u16(b: &[u8], off: usize) -> Option<u16> {
-    let s = b.get(off..off.checked_add(2)?)?;
-    Some(u16::from_le_bytes([s[0], s[1]]))
-}
-
-fn read_u32(b: &[u8], off: usize) -> Option<u32> {
-    let s = b.get(off..off.checked_add(4)?)?;
-    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn read_u64(b: &[u8], off: usize) -> Option<u64> {
-    let s = b.get(off..off.checked_add(8)?)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Some(u64::from_le_bytes(a))
 }
 
 /// The NUL-terminated string at `off` in `table`, without its NUL; `None` if out of range or

@@ -5,6 +5,7 @@
 //! region before use, names are cut at their field, and no reader here can panic or allocate
 //! more than the region's size.
 
+use crate::le;
 use crate::mem::{MemError, PhysMem};
 
 /// `"BKDRSBOX"`.
@@ -242,16 +243,19 @@ pub struct ExternalState {
     pub fork_users: Option<(u64, u32, u32)>,
 }
 
+// Fields of a copy whose length the parser checked first (`within`); a read past its end (a bug,
+// never the guest's doing) gives 0 rather than a panic.
+
 fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
+    le::u16_at(b, off).unwrap_or(0)
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap_or([0; 4]))
+    le::u32_at(b, off).unwrap_or(0)
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap_or([0; 8]))
+    le::u64_at(b, off).unwrap_or(0)
 }
 
 /// Checks that `off..off+len` lies inside a region of `region` bytes.
