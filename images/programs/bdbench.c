@@ -16,7 +16,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/types.h>
@@ -235,13 +234,10 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "iterations", required_argument, NULL, 'n' },
 		{ "rounds", required_argument, NULL, 'r' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'n':
 			iterations = bd_parse_u64("--iterations", optarg, 1, MAX_ITERATIONS);
@@ -249,14 +245,6 @@ int main(int argc, char **argv)
 		case 'r':
 			rounds = bd_parse_u64("--rounds", optarg, 1, MAX_ROUNDS);
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
 	if (optind >= argc)

@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -127,6 +128,53 @@ static inline uint64_t bd_parse_u64(const char *opt, const char *s,
 		bd_usage_error("%s must be between %" PRIu64 " and %" PRIu64
 			       ", got %llu", opt, min, max, v);
 	return (uint64_t)v;
+}
+
+/* Option value of --log (outside the range of option letters). */
+#define BD_OPT_LOG 0x100
+
+/* The options every program takes; end each program's option table with it:
+ *   static const struct option opts[] = { { "max", ... }, BD_COMMON_OPTIONS };
+ * --log FILE   also append every bd_emit() line to FILE
+ * --help       print the program's usage and exit 0 */
+#define BD_COMMON_OPTIONS                                       \
+	{ "log", required_argument, NULL, BD_OPT_LOG },         \
+	{ "help", no_argument, NULL, 'h' },                     \
+	{ NULL, 0, NULL, 0 }
+
+/* The program's next own option (getopt_long with long options only), or
+ * -1 after the last. --log and --help are handled here, and an unknown or
+ * incomplete option is a usage error (exit 2), so a program's switch only
+ * has cases for its own options. */
+static inline int bd_next_option(int argc, char **argv,
+				 const struct option *opts,
+				 void (*usage)(void))
+{
+	opterr = 0;
+	for (;;) {
+		int c = getopt_long(argc, argv, "", opts, NULL);
+		switch (c) {
+		case BD_OPT_LOG:
+			bd_open_log(optarg);
+			continue;
+		case 'h':
+			usage();
+			exit(BD_EXIT_OK);
+		case '?':
+		case ':':
+			bd_usage_error("unknown or incomplete option '%s'",
+				       argv[optind - 1]);
+		default:
+			return c;
+		}
+	}
+}
+
+/* After the options, for programs that take no operands. */
+static inline void bd_no_operands(int argc, char **argv)
+{
+	if (optind < argc)
+		bd_usage_error("unexpected argument '%s'", argv[optind]);
 }
 
 static inline uint64_t bd_now_ns(void)

@@ -17,7 +17,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <sched.h>
 #include <sys/mman.h>
 
@@ -77,29 +76,17 @@ int main(int argc, char **argv)
 
 	static const struct option opts[] = {
 		{ "seconds", required_argument, NULL, 's' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 's':
 			seconds = bd_parse_u64("--seconds", optarg, 1, 31536000);
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 
 	const size_t page = (size_t)sysconf(_SC_PAGESIZE);
 	unsigned char *mem = mmap(NULL, page, PROT_READ | PROT_WRITE,

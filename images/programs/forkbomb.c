@@ -19,7 +19,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <sys/mman.h>
@@ -97,13 +96,10 @@ int main(int argc, char **argv)
 		{ "mode", required_argument, NULL, 'm' },
 		{ "seconds", required_argument, NULL, 's' },
 		{ "max", required_argument, NULL, 'x' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'm':
 			if (strcmp(optarg, "cpu") == 0)
@@ -119,18 +115,9 @@ int main(int argc, char **argv)
 		case 'x':
 			max = bd_parse_u64("--max", optarg, 1, 100000000);
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 
 	int zero_fd = -1, null_fd = -1;
 	if (mode == MODE_IO) {

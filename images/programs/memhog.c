@@ -13,7 +13,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/types.h>
@@ -103,13 +102,10 @@ int main(int argc, char **argv)
 		{ "mb", required_argument, NULL, 'm' },
 		{ "seconds", required_argument, NULL, 's' },
 		{ "interval-ms", required_argument, NULL, 'i' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'c':
 			children = bd_parse_u64("--children", optarg, 1, 100000);
@@ -123,18 +119,9 @@ int main(int argc, char **argv)
 		case 'i':
 			interval_ms = bd_parse_u64("--interval-ms", optarg, 0, 3600000);
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 	if (children == 0)
 		bd_usage_error("--children N is required");
 	if (mb == 0)

@@ -11,7 +11,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <sys/resource.h>
 
 static void usage(void)
@@ -51,13 +50,10 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "max", required_argument, NULL, 'm' },
 		{ "hold", required_argument, NULL, 's' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'm':
 			max = bd_parse_u64("--max", optarg, 1, 100000000);
@@ -66,18 +62,9 @@ int main(int argc, char **argv)
 			hold = bd_parse_u64("--hold", optarg, 0, 31536000);
 			hold_forever = 0;
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 
 	struct rlimit rl;
 	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)

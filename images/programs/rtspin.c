@@ -13,7 +13,6 @@
 #include "bdprog.h"
 
 #include <fcntl.h>
-#include <getopt.h>
 #include <sched.h>
 
 static void usage(void)
@@ -28,24 +27,17 @@ int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{ "seconds", required_argument, NULL, 's' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	uint64_t seconds = 0, deadline = 0;
 	struct sched_param sp = { .sched_priority = 99 };
 	int c, fd;
 
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 's':
 			seconds = bd_parse_u64("--seconds", optarg, 1, 3600);
 			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			usage();
-			return BD_EXIT_USAGE;
 		}
 	}
 	fd = open("/proc/sys/kernel/sched_rt_runtime_us", O_WRONLY);

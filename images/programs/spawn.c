@@ -10,7 +10,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -57,13 +56,10 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "count", required_argument, NULL, 'c' },
 		{ "sleep", no_argument, NULL, 's' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'c':
 			count = bd_parse_u64("--count", optarg, 1, 1000000);
@@ -71,18 +67,9 @@ int main(int argc, char **argv)
 		case 's':
 			periodic = 1;
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 	if (count == 0)
 		bd_usage_error("--count N is required");
 

@@ -9,7 +9,6 @@
 #define _GNU_SOURCE
 #include "bdprog.h"
 
-#include <getopt.h>
 
 /* A round is a chain of xor, multiply, shift-xor: about 6 cycles. 36 M
  * rounds take about 50 ms on a modern x86-64 core at 4+ GHz (measured 60 ms
@@ -61,13 +60,10 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "iterations", required_argument, NULL, 'n' },
 		{ "work", required_argument, NULL, 'w' },
-		{ "log", required_argument, NULL, 'l' },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+		BD_COMMON_OPTIONS,
 	};
 	int c;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+	while ((c = bd_next_option(argc, argv, opts, usage)) != -1) {
 		switch (c) {
 		case 'n':
 			iterations = bd_parse_u64("--iterations", optarg, 1, MAX_ITERATIONS);
@@ -75,18 +71,9 @@ int main(int argc, char **argv)
 		case 'w':
 			work = bd_parse_u64("--work", optarg, 1, 1000000);
 			break;
-		case 'l':
-			bd_open_log(optarg);
-			break;
-		case 'h':
-			usage();
-			return BD_EXIT_OK;
-		default:
-			bd_usage_error("unknown or incomplete option '%s'", argv[optind - 1]);
 		}
 	}
-	if (optind < argc)
-		bd_usage_error("unexpected argument '%s'", argv[optind]);
+	bd_no_operands(argc, argv);
 
 	uint64_t *wall_us = calloc((size_t)iterations, sizeof(uint64_t));
 	if (wall_us == NULL)
