@@ -2,8 +2,8 @@
 //!
 //! The connect blob ([`connect`]: [`encode_connect`], [`decode_connect`], [`Endpoint`],
 //! [`RegionInfo`]) and [`VerbsError`] are built without the feature too: the codec parses untrusted
-//! peer input, and is unit tested on hosts without libibverbs. Everything that touches a device needs
-//! the feature.
+//! peer input, and is unit tested and fuzzed (`rdma-bridge/fuzz`, target `connect_decode`) on hosts
+//! without libibverbs. Everything that touches a device needs the feature.
 //!
 //! | file | job | feature |
 //! |---|---|---|
