@@ -10,9 +10,11 @@
 //!   when the task list is not being changed.
 //! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
 //! * [`show`] — text tables for command-line tools.
+//! * [`cache`] — a page cache over any memory source, for reads of a paused guest.
 //! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
 
 pub mod btf;
+pub mod cache;
 pub mod consistency;
 mod conv;
 pub mod elf;

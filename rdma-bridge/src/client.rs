@@ -15,12 +15,12 @@
 //! # Ok(()) }
 //! ```
 
-use std::cell::{RefCell, RefMut};
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell, RefMut};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use introspect::cache::CachedMem;
 use introspect::consistency::{Locked, Pausable};
 use introspect::mem::{MemError, PhysMem};
 use introspect::sensorbox::{self, SensorBox};
@@ -340,56 +340,125 @@ fn unexpected(op: &str, r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {op}: {r:?}"))
 }
 
-/// Bytes in a page, the unit of [`BridgeMem`]'s cache.
-const PAGE_LEN: usize = 4096;
-const PAGE: u64 = PAGE_LEN as u64;
 /// Pages [`BridgeMem`] fetches per miss while paused (an aligned 32 KiB block).
 pub const READ_AHEAD: u64 = 8;
 /// Most pages [`BridgeMem`] keeps (64 MiB); the cache is emptied when full.
 pub const MAX_CACHED_PAGES: usize = 16 << 10;
 
-/// Guest memory through a bridge, as an [`introspect`] memory source.
+/// Moves guest-memory bytes between a monitor and a bridge. The TLS control channel ([`Bridge`])
+/// and the RDMA verbs data path ([`crate::verbs::VerbsMonitor`]) both implement it; everything
+/// above (the page cache, introspection) works over either.
+pub trait Transport {
+    /// Reads `len` bytes at guest-physical `gpa`.
+    fn read_mem(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, MemError>;
+    /// Writes `bytes` at guest-physical `gpa`.
+    fn write_mem(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), MemError>;
+}
+
+impl Transport for Bridge {
+    fn read_mem(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, MemError> {
+        self.read(gpa, len)
+            .map_err(|e| remote(gpa, u64::from(len), e))
+    }
+    fn write_mem(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        self.write(gpa, bytes).map_err(|e| remote(gpa, len, e))
+    }
+}
+
+/// Any [`Transport`] as an [`introspect`] memory source, counting its round trips.
+pub struct TransportMem<T> {
+    t: RefCell<T>,
+    round_trips: Cell<u64>,
+}
+
+impl<T: Transport> TransportMem<T> {
+    /// Wraps a transport.
+    pub fn new(t: T) -> Self {
+        TransportMem {
+            t: RefCell::new(t),
+            round_trips: Cell::new(0),
+        }
+    }
+
+    /// The transport, for other calls.
+    pub fn transport(&self) -> RefMut<'_, T> {
+        self.t.borrow_mut()
+    }
+
+    /// Gives the transport back.
+    pub fn into_inner(self) -> T {
+        self.t.into_inner()
+    }
+
+    /// Reads made so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.get()
+    }
+}
+
+impl<T: Transport> PhysMem for TransportMem<T> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let oor = || MemError::OutOfRange {
+            gpa,
+            len: u64::try_from(buf.len()).unwrap_or(u64::MAX),
+        };
+        let n = u32::try_from(buf.len()).map_err(|_| oor())?;
+        self.round_trips.set(self.round_trips.get() + 1);
+        let b = self.t.borrow_mut().read_mem(gpa, n)?;
+        if b.len() != buf.len() {
+            return Err(MemError::Remote(format!(
+                "{gpa:#x}+{n:#x}: the bridge sent {} bytes",
+                b.len()
+            )));
+        }
+        buf.copy_from_slice(&b);
+        Ok(())
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+        self.t.borrow_mut().write_mem(gpa, bytes)
+    }
+}
+
+/// Guest memory through a bridge session, as an [`introspect`] memory source.
 ///
-/// While the guest is paused ([`BridgeMem::lock`] or [`BridgeMem::pauser`]), reads fetch aligned
-/// 32 KiB blocks ([`READ_AHEAD`] pages, one READ) and keep them, so a task-list walk costs one
-/// round trip per new block rather than one per field. Outside a pause nothing is cached: the
-/// guest changes its memory.
+/// While the guest is paused ([`BridgeMem::lock`] or [`BridgeMem::pauser`]), reads go through a
+/// page cache ([`CachedMem`]) that fetches aligned 32 KiB blocks ([`READ_AHEAD`] pages, one READ)
+/// and keeps them, so a task-list walk costs one round trip per new block rather than one per
+/// field. Outside a pause nothing is cached: the guest changes its memory.
 pub struct BridgeMem {
-    bridge: RefCell<Bridge>,
-    cache: RefCell<HashMap<u64, Box<[u8]>>>,
-    caching: std::cell::Cell<bool>,
-    round_trips: std::cell::Cell<u64>,
+    mem: CachedMem<TransportMem<Bridge>>,
 }
 
 impl BridgeMem {
     /// Wraps a session.
     pub fn new(bridge: Bridge) -> BridgeMem {
         BridgeMem {
-            bridge: RefCell::new(bridge),
-            cache: RefCell::new(HashMap::new()),
-            caching: std::cell::Cell::new(false),
-            round_trips: std::cell::Cell::new(0),
+            mem: CachedMem::new(TransportMem::new(bridge), READ_AHEAD, MAX_CACHED_PAGES),
         }
     }
 
     /// The session, for other calls.
     pub fn bridge(&self) -> RefMut<'_, Bridge> {
-        self.bridge.borrow_mut()
+        self.mem.inner().transport()
     }
 
     /// Gives the session back.
     pub fn into_inner(self) -> Bridge {
-        self.bridge.into_inner()
+        self.mem.into_inner().into_inner()
     }
 
     /// READ round trips made so far.
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.get()
+        self.mem.inner().round_trips()
     }
 
     fn set_caching(&self, on: bool) {
-        self.cache.borrow_mut().clear();
-        self.caching.set(on);
+        self.mem.set_caching(on);
     }
 
     /// Takes the pause lock; until [`BridgeMem::unlock`], pages read are cached (the guest cannot
@@ -440,17 +509,6 @@ impl BridgeMem {
         paused.resume()?;
         Ok(found)
     }
-
-    fn fetch(&self, first: u64, pages: u64) -> Result<Vec<u8>, MemError> {
-        let len = u32::try_from(pages * PAGE).map_err(|_| MemError::OutOfRange {
-            gpa: first * PAGE,
-            len: pages * PAGE,
-        })?;
-        self.round_trips.set(self.round_trips.get() + 1);
-        self.bridge()
-            .read(first * PAGE, len)
-            .map_err(|e| remote(first * PAGE, u64::from(len), e))
-    }
 }
 
 fn remote(gpa: u64, len: u64, e: ClientError) -> MemError {
@@ -462,76 +520,11 @@ fn remote(gpa: u64, len: u64, e: ClientError) -> MemError {
 
 impl PhysMem for BridgeMem {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let len = buf.len() as u64;
-        let end = gpa
-            .checked_add(len)
-            .ok_or(MemError::OutOfRange { gpa, len })?;
-        if !self.caching.get() {
-            let n = u32::try_from(len).map_err(|_| MemError::OutOfRange { gpa, len })?;
-            self.round_trips.set(self.round_trips.get() + 1);
-            let b = self
-                .bridge()
-                .read(gpa, n)
-                .map_err(|e| remote(gpa, len, e))?;
-            buf.copy_from_slice(&b);
-            return Ok(());
-        }
-        let (first, last) = (gpa / PAGE, (end - 1) / PAGE);
-        let missing = {
-            let c = self.cache.borrow();
-            (first..=last).filter(|p| !c.contains_key(p)).count() as u64
-        };
-        if missing > 0 {
-            // One READ for the whole run, widened to the aligned READ_AHEAD block around it:
-            // kernel objects of one kind sit together (a slab of task_structs spans several
-            // pages), so a walk's next object is usually in the block already fetched. Where the
-            // wider block is not all readable (the end of RAM, an ungranted range), read just
-            // the run.
-            let (ra_first, ra_last) = (
-                first / READ_AHEAD * READ_AHEAD,
-                (last / READ_AHEAD + 1) * READ_AHEAD - 1,
-            );
-            let (start, bytes) = match self.fetch(ra_first, ra_last - ra_first + 1) {
-                Ok(b) => (ra_first, b),
-                Err(_) => (first, self.fetch(first, last - first + 1)?),
-            };
-            let mut c = self.cache.borrow_mut();
-            if c.len() + bytes.len() / PAGE_LEN > MAX_CACHED_PAGES {
-                c.clear();
-            }
-            for (i, chunk) in bytes.chunks(PAGE_LEN).enumerate() {
-                c.entry(start + i as u64)
-                    .or_insert_with(|| chunk.to_vec().into_boxed_slice());
-            }
-        }
-        let c = self.cache.borrow();
-        let mut done = 0usize;
-        for p in first..=last {
-            let page = c.get(&p).ok_or(MemError::OutOfRange { gpa, len })?;
-            let from = if p == first { (gpa % PAGE) as usize } else { 0 };
-            let n = (PAGE_LEN - from).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&page[from..from + n]);
-            done += n;
-        }
-        Ok(())
+        self.mem.read(gpa, buf)
     }
 
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
-        self.bridge()
-            .write(gpa, bytes)
-            .map_err(|e| remote(gpa, bytes.len() as u64, e))?;
-        // Keep cached pages truthful.
-        let mut c = self.cache.borrow_mut();
-        for (i, b) in bytes.iter().enumerate() {
-            let a = gpa + i as u64;
-            if let Some(p) = c.get_mut(&(a / PAGE)) {
-                p[(a % PAGE) as usize] = *b;
-            }
-        }
-        Ok(())
+        self.mem.write(gpa, bytes)
     }
 }
 

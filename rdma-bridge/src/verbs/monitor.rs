@@ -436,6 +436,28 @@ fn status_hint(code: u32) -> &'static str {
     }
 }
 
+/// The verbs data path as a [`crate::client::Transport`]: the same page cache and introspection
+/// that run over the TLS channel run over one-sided RDMA.
+impl crate::client::Transport for VerbsMonitor {
+    fn read_mem(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, introspect::mem::MemError> {
+        let n = usize::try_from(len).unwrap_or(usize::MAX);
+        self.read(gpa, n)
+            .map_err(|e| mem_error(gpa, u64::from(len), &e))
+    }
+
+    fn write_mem(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), introspect::mem::MemError> {
+        let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        self.write(gpa, bytes).map_err(|e| mem_error(gpa, len, &e))
+    }
+}
+
+fn mem_error(gpa: u64, len: u64, e: &VerbsError) -> introspect::mem::MemError {
+    match e {
+        VerbsError::OutOfRegion { .. } => introspect::mem::MemError::OutOfRange { gpa, len },
+        _ => introspect::mem::MemError::Remote(format!("{gpa:#x}+{len:#x}: RDMA: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
