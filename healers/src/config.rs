@@ -265,8 +265,8 @@ impl GuestConfig {
     }
 
     /// The bridge identity.
-    pub fn identity(&self) -> rdma_bridge::tls::Identity {
-        let mut id = rdma_bridge::tls::Identity::from_pki_dir(&self.pki, &self.monitor);
+    pub fn identity(&self) -> bridge_client::tls::Identity {
+        let mut id = bridge_client::tls::Identity::from_pki_dir(&self.pki, &self.monitor);
         id.server_name = self.server_name.clone();
         id
     }
@@ -288,7 +288,7 @@ fn default_lease_ms() -> u64 {
     2000
 }
 fn default_server_name() -> String {
-    rdma_bridge::tls::DEFAULT_SERVER_NAME.into()
+    bridge_client::tls::DEFAULT_SERVER_NAME.into()
 }
 fn default_proc_policies() -> Vec<ProcPolicy> {
     vec![

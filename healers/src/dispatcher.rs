@@ -205,8 +205,7 @@ impl<'a> GuestLoop<'a> {
             .any(|v| matches!(v.breach, Breach::Stalled { .. }))
         {
             // A stall means a hang only if bdvmm says the vCPUs ran.
-            let running =
-                matches!(self.guest.status(), Ok(st) if st.state == rdma_bridge::wire::VM_RUNNING);
+            let running = matches!(self.guest.status(), Ok(st) if st.state == bridge_client::wire::VM_RUNNING);
             if !running {
                 self.checker.reset_progress(Instant::now());
                 violations.retain(|v| !matches!(v.breach, Breach::Stalled { .. }));

@@ -17,8 +17,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-pub use rdma_bridge::jsonl::now_ms;
-use rdma_bridge::jsonl::JsonLines;
+pub use bridge_client::jsonl::now_ms;
+use bridge_client::jsonl::JsonLines;
 use serde_json::Value;
 
 /// Where events go.

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use bridge_client::client::{Bridge, BridgeMem, ClientError, InspectError};
+use bridge_client::wire::VmStatus;
 use introspect::consistency;
 use introspect::forkrate::ForkRateError;
 use introspect::kernel::{KernelError, Symbols};
@@ -14,8 +16,6 @@ use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, Target};
 use introspect::tasks::{KernelMem, Process, TaskError};
 use introspect::virtual_sensors::{VirtualError, VirtualSensors};
-use rdma_bridge::client::{Bridge, BridgeMem, ClientError, InspectError};
-use rdma_bridge::wire::VmStatus;
 
 use crate::config::GuestConfig;
 

@@ -31,7 +31,7 @@
 //! | `0x06` | `LOCK`       | `lease_ms u32` @0: the lock is released by the bridge when the lease runs out      |
 //! | `0x07` | `UNLOCK`     | empty                                                                              |
 //! | `0x08` | `REGS`       | `vcpu u8` @0                                                                       |
-//! | `0x09` | `RDMA_CONNECT` | the monitor's RDMA endpoint, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes (format in [`crate::verbs::connect`]) |
+//! | `0x09` | `RDMA_CONNECT` | the monitor's RDMA endpoint, an opaque blob of at most [`MAX_RDMA_BLOB`] bytes (format in `rdma_bridge::verbs::connect`) |
 //! | `0x0A` | `STATUS`     | empty                                                                              |
 //! | `0x0B` | `RESTART`    | empty: reboot the guest in place (monitors with `restart = true` only)             |
 //! | `0x81` | `HELLO` ok   | `nonce u64` @0 (the bridge's), `backdoor_gpa u64` @8, `backdoor_size u64` @16: where the Sensor Box range is |
@@ -425,7 +425,7 @@ pub enum Request {
         /// vCPU index.
         vcpu: u8,
     },
-    /// The monitor's RDMA endpoint (opaque here; see [`crate::verbs::connect`]), at most
+    /// The monitor's RDMA endpoint (opaque here; see `rdma_bridge::verbs::connect`), at most
     /// [`MAX_RDMA_BLOB`] bytes.
     RdmaConnect(Vec<u8>),
     /// The VM's run state.
@@ -463,7 +463,7 @@ pub enum Reply {
     Unlock,
     /// A vCPU's registers.
     Regs(Regs),
-    /// The bridge's RDMA endpoint and regions (opaque here; see [`crate::verbs::connect`]).
+    /// The bridge's RDMA endpoint and regions (opaque here; see `rdma_bridge::verbs::connect`).
     RdmaConnect(Vec<u8>),
     /// The VM's run state.
     Status(VmStatus),

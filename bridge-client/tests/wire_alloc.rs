@@ -5,7 +5,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use rdma_bridge::wire::{encode, Decoder, Frame, Header, Op, Request, MAX_PAYLOAD, VERSION};
+use bridge_client::wire::{encode, Decoder, Frame, Header, Op, Request, MAX_PAYLOAD, VERSION};
 
 /// Records the largest single allocation made by the current thread.
 struct TrackMax;

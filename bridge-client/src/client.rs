@@ -2,8 +2,8 @@
 //! [`introspect`] source so the process table can be read remotely.
 //!
 //! ```no_run
-//! use rdma_bridge::client::{Bridge, BridgeMem};
-//! use rdma_bridge::tls::Identity;
+//! use bridge_client::client::{Bridge, BridgeMem};
+//! use bridge_client::tls::Identity;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let id = Identity::from_pki_dir("pki".as_ref(), "mon1");
 //! let mut bridge = Bridge::connect("10.0.0.1:7070", &id)?;
@@ -346,7 +346,7 @@ pub const READ_AHEAD: u64 = 8;
 pub const MAX_CACHED_PAGES: usize = 16 << 10;
 
 /// Moves guest-memory bytes between a monitor and a bridge. The TLS control channel ([`Bridge`])
-/// and the RDMA verbs data path ([`crate::verbs::VerbsMonitor`]) both implement it; everything
+/// and the RDMA verbs data path (`rdma_bridge::verbs::VerbsMonitor`) both implement it; everything
 /// above (the page cache, introspection) works over either.
 pub trait Transport {
     /// Reads `len` bytes at guest-physical `gpa`.
