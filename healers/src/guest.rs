@@ -158,6 +158,10 @@ impl Guest {
     }
 
     fn virtual_sample(&mut self) -> Result<SensorBox, GuestError> {
+        // A session dropped after an error is opened again here; the located kernel is kept (it
+        // does not move while this boot runs). Without this, one failed repair left a stock
+        // guest unsampled for good.
+        self.session()?;
         self.ensure_kernel(None)?;
         let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
             return Err(GuestError::NotLocked);
@@ -183,7 +187,8 @@ impl Guest {
 
     /// Locates the kernel if not yet done for this boot.
     fn ensure_kernel(&mut self, sb: Option<&SensorBox>) -> Result<(), GuestError> {
-        let boot_id = sb.map(|s| s.header.boot_id);
+        // Virtual sensors (stock guests) carry no boot id (0): that says nothing about a reboot.
+        let boot_id = sb.map(|s| s.header.boot_id).filter(|&b| b != 0);
         if let Some(k) = &self.kernel {
             if boot_id.is_none() || k.boot_id == boot_id {
                 return Ok(());

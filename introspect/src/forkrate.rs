@@ -104,7 +104,8 @@ pub fn per_user_fork_rates(
 
 /// Rates in window `w` of the 24-byte entries in `table`, busiest first.
 fn rates(table: &[u8], w: u64) -> Vec<ForkRate> {
-    let u32_at = |e: &[u8], o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]);
+    // Entries are exactly FORK_USER_SIZE (24) bytes, so every field is there.
+    let u32_at = |e: &[u8], o: usize| crate::le::u32_at(e, o).unwrap_or(0);
     let mut out: Vec<ForkRate> = Vec::new();
     for e in table.chunks_exact(FORK_USER_SIZE as usize) {
         let window = u64::from(u32_at(e, 0x10)) | u64::from(u32_at(e, 0x14)) << 32;

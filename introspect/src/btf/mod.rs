@@ -316,7 +316,7 @@ impl Btf {
             need: HEADER_LEN as u64,
             have,
         })?;
-        let magic = u16::from_le_bytes([hdr[0], hdr[1]]);
+        let magic = le::u16_at(hdr, 0).unwrap_or(0);
         if magic == MAGIC.swap_bytes() {
             return Err(BtfError::BigEndian);
         }
