@@ -106,7 +106,7 @@ impl ApiClient {
     pub fn pause(&mut self, lease: Option<Duration>) -> Result<PauseReply, ApiError> {
         self.typed(&Request::Pause {
             // Saturates: bdvmm refuses a lease out of its range rather than shortening it.
-            lease_ms: lease.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            lease_ms: lease.map(introspect::conv::millis),
         })
     }
 

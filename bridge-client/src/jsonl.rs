@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(introspect::conv::millis)
         .unwrap_or(0)
 }
 

@@ -15,7 +15,6 @@
 //! | `error` | `what` |
 
 use std::io::Write;
-use std::time::Duration;
 
 pub use bridge_client::jsonl::now_ms;
 use bridge_client::jsonl::JsonLines;
@@ -26,23 +25,8 @@ pub struct Events {
     log: JsonLines,
 }
 
-// Durations as the whole numbers of event fields. Each saturates at `u64::MAX` (more than 584
-// years in nanoseconds) rather than wrap to a small, plausible-looking number.
-
-/// `d` in whole milliseconds.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// `d` in whole microseconds.
-pub(crate) fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// `d` in whole nanoseconds.
-pub(crate) fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
+// Durations as the whole numbers of event fields (saturating).
+pub(crate) use introspect::conv::{micros, millis, nanos};
 
 impl Events {
     /// Events to a file (appended) or, for "-", standard output.

@@ -16,7 +16,7 @@
 pub mod btf;
 pub mod cache;
 pub mod consistency;
-mod conv;
+pub mod conv;
 pub mod elf;
 pub mod forkrate;
 pub mod hooks;

@@ -7,7 +7,6 @@
 pub mod api;
 pub mod bootfiles;
 pub mod console;
-mod conv;
 pub mod engine;
 pub mod inspect;
 pub mod layout;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-use crate::conv::usize_from;
 use crate::layout::MemoryLayout;
+use introspect::conv::usize_from;
 
 /// Why guest RAM could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -23,9 +23,9 @@ use crate::api::protocol::{
 };
 use crate::api::server::{ApiServer, Incoming};
 use crate::console::Console;
-use crate::conv::{millis, nanos};
 use crate::engine::{Engine, Ready, VmExit};
 use crate::memory::GuestRam;
+use introspect::conv::{millis, nanos};
 
 const TAG_LISTENER: u32 = 1;
 const TAG_LEASE_TIMER: u32 = 2;

@@ -33,8 +33,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::cpu::BootEntry;
 use super::{acpi, mptable, KvmError};
 use crate::bootfiles::KernelFormat;
-use crate::conv::usize_from;
 use crate::layout::{MemoryLayout, HIGH_MEMORY_START};
+use introspect::conv::usize_from;
 
 /// The PVH start-info structure.
 pub const PVH_INFO_START: u64 = 0x6000;
