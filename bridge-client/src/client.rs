@@ -23,7 +23,7 @@ use std::time::Duration;
 use introspect::cache::CachedMem;
 use introspect::consistency::{Locked, Pausable};
 use introspect::mem::{MemError, PhysMem};
-use introspect::sensorbox::{self, SbError, SensorBox};
+use introspect::sensorbox::{self, SensorBox};
 use introspect::target::{KernelFiles, Target, TargetError};
 use introspect::tasks::{Process, TaskError};
 use rustls::{ClientConnection, StreamOwned};
@@ -340,11 +340,6 @@ fn unexpected(op: &str, r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {op}: {r:?}"))
 }
 
-/// Pauses [`BridgeMem::locate`] tries when each one catches a Sensor Box update half done.
-pub const LOCATE_ATTEMPTS: u32 = 5;
-/// How long the guest runs between them.
-pub const LOCATE_BACKOFF: Duration = Duration::from_millis(2);
-
 /// Pages [`BridgeMem`] fetches per miss while paused (an aligned 32 KiB block).
 pub const READ_AHEAD: u64 = 8;
 /// Most pages [`BridgeMem`] keeps (64 MiB); the cache is emptied when full.
@@ -503,32 +498,21 @@ impl BridgeMem {
         )
     }
 
-    /// Finds the guest kernel with the guest paused (its location does not change while it runs).
-    ///
-    /// A pause can catch the guest kernel in the middle of publishing its Sensor Box (the
-    /// sequence counter odd): no read can succeed until it runs again. Then the guest runs
-    /// [`LOCATE_BACKOFF`] and is paused again, at most [`LOCATE_ATTEMPTS`] times.
+    /// Finds the guest kernel with the guest paused (its location does not change while it runs;
+    /// see [`Target::locate_paused`]).
     pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, InspectError> {
         let (gpa, size) = self.bridge().backdoor();
         let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
         let mut p = self.pauser(Duration::from_secs(10));
-        let mut attempt = 1;
-        loop {
-            let paused = p.paused()?;
-            let regs = self.bridge().regs(0)?;
-            match Target::locate(self, regs.cr3, regs.cr4, files) {
-                Ok(found) => {
-                    paused.resume()?;
-                    return Ok(found);
-                }
-                Err(TargetError::SensorBox(SbError::Torn(_))) if attempt < LOCATE_ATTEMPTS => {
-                    paused.resume()?;
-                    attempt += 1;
-                    std::thread::sleep(LOCATE_BACKOFF);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Target::locate_paused(
+            self,
+            &mut p,
+            |_| {
+                let r = self.bridge().regs(0)?;
+                Ok::<_, InspectError>((r.cr3, r.cr4))
+            },
+            files,
+        )
     }
 }
 

@@ -15,6 +15,11 @@ use crate::mem::{MemError, PhysMem};
 use crate::sensorbox::{self, SbError};
 use crate::tasks::{self, KernelMem, Limits, Process, TaskError, TaskLayout, TasklistLock};
 
+/// Pauses [`Target::locate_paused`] tries when each one catches a Sensor Box update half done.
+pub const LOCATE_ATTEMPTS: u32 = 5;
+/// How long the guest runs between them.
+pub const LOCATE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Largest BTF blob copied out of a guest.
 pub const MAX_GUEST_BTF: u64 = 64 << 20;
 
@@ -141,6 +146,39 @@ impl Target {
         })
     }
 
+    /// Pauses the guest with `pauser`, reads CR3 and CR4 with `regs`, locates the kernel and
+    /// resumes. A pause can catch the guest kernel in the middle of publishing its Sensor Box (the
+    /// sequence counter odd), and then no read succeeds until it runs again: the guest runs
+    /// [`LOCATE_BACKOFF`] and is paused again, at most [`LOCATE_ATTEMPTS`] times.
+    pub fn locate_paused<P, E>(
+        mem: &dyn PhysMem,
+        pauser: &mut P,
+        mut regs: impl FnMut(&mut P) -> Result<(u64, u64), E>,
+        files: KernelFiles<'_>,
+    ) -> Result<Target, E>
+    where
+        P: Pausable,
+        E: From<P::Error> + From<TargetError>,
+    {
+        let mut attempt = 1;
+        loop {
+            let mut paused = pauser.paused()?;
+            let (cr3, cr4) = regs(&mut paused)?;
+            match Target::locate(mem, cr3, cr4, files) {
+                Ok(found) => {
+                    paused.resume()?;
+                    return Ok(found);
+                }
+                Err(TargetError::SensorBox(SbError::Torn(_))) if attempt < LOCATE_ATTEMPTS => {
+                    paused.resume()?;
+                    attempt += 1;
+                    std::thread::sleep(LOCATE_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Walks the task list now. The caller holds the guest paused.
     pub fn walk(&self, mem: &dyn PhysMem) -> Result<Vec<Process>, TaskError> {
         let km = KernelMem::new(mem, self.loc.clone());
@@ -167,5 +205,73 @@ impl Target {
             || Ok(self.tasklist_busy(mem)?),
             || Ok(self.walk(mem)?),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::VecMem;
+
+    #[derive(Default)]
+    struct Guest {
+        paused: bool,
+        pauses: u32,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("fake")]
+    struct Never;
+
+    #[derive(Debug, thiserror::Error)]
+    enum TestError {
+        #[error(transparent)]
+        Pause(#[from] Never),
+        #[error(transparent)]
+        Target(#[from] TargetError),
+    }
+
+    impl Pausable for Guest {
+        type Error = Never;
+        fn pause(&mut self) -> Result<(), Never> {
+            self.paused = true;
+            self.pauses += 1;
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), Never> {
+            self.paused = false;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_box_caught_mid_update_gets_a_bounded_number_of_fresh_pauses() {
+        // An odd sequence counter: the guest kernel was paused in the middle of publishing.
+        let image = sensorbox::encode(&[], 250, 43);
+        let size = u64::try_from(image.len()).unwrap();
+        let mem = VecMem::new(0x10_0000, image);
+        let mut g = Guest::default();
+        let r: Result<Target, TestError> = Target::locate_paused(
+            &mem,
+            &mut g,
+            |g| {
+                assert!(g.paused, "registers are read while paused");
+                Ok((0, 0))
+            },
+            KernelFiles::SensorBox {
+                gpa: 0x10_0000,
+                size,
+            },
+        );
+        assert!(
+            matches!(
+                r,
+                Err(TestError::Target(TargetError::SensorBox(SbError::Torn(_))))
+            ),
+            "{:?}",
+            r.err()
+        );
+        assert_eq!(g.pauses, LOCATE_ATTEMPTS);
+        assert!(!g.paused, "the guest runs again after the last attempt");
     }
 }

@@ -99,9 +99,14 @@ pub fn process_table(
     };
     // The kernel's location and layouts do not change while it runs: find them once, paused.
     let mut pauser = ApiPauser(client);
-    let mut paused = pauser.paused()?;
-    let regs = paused.0.regs(0)?;
-    let target = Target::locate(&mem, regs.cr3, regs.cr4, files)?;
-    paused.resume()?;
+    let target = Target::locate_paused(
+        &mem,
+        &mut pauser,
+        |p| {
+            let r = p.0.regs(0)?;
+            Ok::<_, InspectError>((r.cr3, r.cr4))
+        },
+        files,
+    )?;
     target.process_table(&mem, &mut pauser, QUIESCE_TIMEOUT)
 }
