@@ -56,6 +56,9 @@ pub enum ServerError {
     /// Grants could not be resolved.
     #[error("grants: {0}")]
     Grants(#[from] GrantError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The verbs data path.
     #[cfg(feature = "verbs")]
     #[error(transparent)]
@@ -114,10 +117,7 @@ impl Server {
             )?),
             None => None,
         };
-        let audit = Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
-            what: format!("cannot open audit log {}", cfg.audit_log.display()),
-            source,
-        })?;
+        let audit = Audit::open_with(&cfg.audit_log, cfg.audit_options())?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Io {
             what: format!("cannot listen on {}", cfg.listen),
             source,
@@ -263,6 +263,7 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
     let reason = sess.run(&mut s);
     sess.release_lock();
     if sess.hello {
+        sh.audit.session_end(&sess.monitor);
         sh.audit.log(
             "disconnected",
             json!({"monitor": sess.monitor, "peer": peer.to_string(), "reason": reason}),
@@ -354,10 +355,7 @@ impl Session<'_> {
     }
 
     fn denied(&self, op: &str, gpa: u64, len: u64) -> Reply {
-        self.sh.audit.log(
-            "denied",
-            json!({"monitor": self.monitor, "op": op, "gpa": gpa, "len": len}),
-        );
+        self.sh.audit.denied(&self.monitor, op, gpa, len);
         Reply::Error {
             code: code::DENIED,
             message: format!(
@@ -536,17 +534,27 @@ impl Session<'_> {
             return self.denied("WRITE", gpa, len);
         }
         let sha = tls::fingerprint(bytes);
-        let applied_here = std::cell::Cell::new(false);
+        let unrecorded = std::cell::RefCell::new(None);
         let outcome = self.sh.agreement.vote(
             &self.monitor,
             gpa,
             bytes,
-            || {
-                applied_here.set(true);
-                self.sh
-                    .backend
-                    .mem()
-                    .write(gpa, bytes)
+            |voters| {
+                // The record first: a write the audit log cannot hold is not made.
+                let rec = json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters});
+                if let Err(e) = self.sh.audit.append("write_applied", rec) {
+                    let msg = e.to_string();
+                    *unrecorded.borrow_mut() = Some(e);
+                    return Err(introspect::mem::MemError::Io(msg));
+                }
+                let written = self.sh.backend.mem().write(gpa, bytes);
+                if let Err(e) = &written {
+                    self.sh.audit.log(
+                        "write_failed",
+                        json!({"gpa": gpa, "len": len, "reason": e.to_string()}),
+                    );
+                }
+                written
             },
             |votes| {
                 self.sh.audit.log(
@@ -556,15 +564,7 @@ impl Session<'_> {
             },
         );
         match outcome {
-            Outcome::Applied(voters) => {
-                if applied_here.get() {
-                    self.sh.audit.log(
-                        "write_applied",
-                        json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters}),
-                    );
-                }
-                Reply::Write
-            }
+            Outcome::Applied(_) => Reply::Write,
             Outcome::Expired(voters) => {
                 self.sh.audit.log(
                     "write_expired",
@@ -578,9 +578,15 @@ impl Session<'_> {
                     ),
                 }
             }
-            Outcome::Failed(e) => Reply::Error {
-                code: code::OUT_OF_RANGE,
-                message: e,
+            Outcome::Failed(e) => match unrecorded.into_inner() {
+                Some(a) => Reply::Error {
+                    code: code::INTERNAL,
+                    message: format!("write refused, nothing was written: {a}"),
+                },
+                None => Reply::Error {
+                    code: code::OUT_OF_RANGE,
+                    message: e,
+                },
             },
             Outcome::Busy => Reply::Error {
                 code: code::BUSY,
@@ -636,6 +642,14 @@ impl Session<'_> {
                     .audit
                     .log("lock_expired", json!({"monitor": cur.monitor}));
             }
+        }
+        // The record first: a pause the audit log cannot hold is not taken.
+        let rec = json!({"monitor": self.monitor, "lease_ms": lease_ms});
+        if let Err(e) = self.sh.audit.append("lock_request", rec) {
+            return Reply::Error {
+                code: code::INTERNAL,
+                message: format!("lock refused, the guest was not paused: {e}"),
+            };
         }
         let lease = Duration::from_millis(u64::from(lease_ms));
         match self.sh.backend.pause(lease) {
