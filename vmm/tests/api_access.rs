@@ -168,6 +168,15 @@ fn child() {
                         println!("{name}=ok");
                     }
                 }
+                // Nor can the descriptor be reopened writable through /proc.
+                let reopen = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(format!("/proc/self/fd/{fd}"));
+                match reopen {
+                    Ok(_) => println!("reopen_rw=ok"),
+                    Err(e) => println!("reopen_rw=errno {}", e.raw_os_error().unwrap_or(0)),
+                }
             }
             Err(e) => println!("memory={}", describe::<()>(Err(e))),
         }
@@ -235,6 +244,11 @@ fn a_readonly_uid_gets_a_readonly_memfd_and_no_pause() {
         "a writable shared mapping of the read-only client's memfd must fail with EACCES"
     );
     assert_eq!(field(&out, "mmap_read"), "ok");
+    assert_eq!(
+        field(&out, "reopen_rw"),
+        format!("errno {}", libc::EACCES),
+        "reopening the read-only descriptor read-write through /proc must fail"
+    );
     let pause = field(&out, "pause");
     assert!(
         pause.starts_with("refused: uid 65534 has read-only access"),

@@ -16,7 +16,9 @@
 //! - **Read-only clients** may ask `status`, `regs` and `memory`; `pause`, `resume` and `reset`
 //!   are refused. Their `memory` descriptor is the memfd reopened read-only (through
 //!   `/proc/self/fd/N`, `O_RDONLY`), so the kernel refuses a shared writable mapping of it
-//!   (`EACCES`) and `mprotect` cannot add write access later.
+//!   (`EACCES`) and `mprotect` cannot add write access later. The memfd itself is mode 0600
+//!   (`memory.rs`), so that descriptor cannot be reopened read-write through `/proc` by another
+//!   uid either.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -370,6 +372,28 @@ impl ApiServer {
     }
 }
 
+/// Creates a fresh directory (mode 0700, which a umask can only narrow) in `parent`. A name
+/// someone else made first (in a shared directory) is never reused: another is tried.
+fn private_dir(parent: &Path) -> std::io::Result<PathBuf> {
+    let pid = std::process::id();
+    let mut last = std::io::Error::from(ErrorKind::AlreadyExists);
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mut name = OsString::from(".bdvmm-api.");
+        name.push(format!("{pid}.{nanos:x}{attempt}"));
+        let dir = parent.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
 /// Binds `path` with its final mode (and group) already in place: bound in a private 0700
 /// directory beside it, restricted there, then renamed onto `path`.
 fn bind_restricted(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, ApiServerError> {
@@ -378,14 +402,7 @@ fn bind_restricted(path: &Path, policy: &AccessPolicy) -> Result<UnixListener, A
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut name = OsString::from(".bdvmm-api.");
-    name.push(std::process::id().to_string());
-    let private = parent.join(name);
-    // mkdir's mode is only ever narrowed by the umask: never wider than 0700.
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(fail)?;
+    let private = private_dir(&parent).map_err(fail)?;
     let staged = private.join("s");
     let result = (|| {
         let listener = UnixListener::bind(&staged).map_err(fail)?;
