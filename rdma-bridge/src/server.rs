@@ -65,6 +65,9 @@ pub enum ServerError {
     Rdma(#[from] crate::rdma::RdmaError),
 }
 
+/// How a WRITE refused because its audit record could not be appended is answered.
+const UNRECORDED_WRITE: &str = "write refused, nothing was written";
+
 struct Holder {
     conn: u64,
     monitor: String,
@@ -534,7 +537,6 @@ impl Session<'_> {
             return self.denied("WRITE", gpa, len);
         }
         let sha = tls::fingerprint(bytes);
-        let unrecorded = std::cell::RefCell::new(None);
         let outcome = self.sh.agreement.vote(
             &self.monitor,
             gpa,
@@ -543,9 +545,10 @@ impl Session<'_> {
                 // The record first: a write the audit log cannot hold is not made.
                 let rec = json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters});
                 if let Err(e) = self.sh.audit.append("write_applied", rec) {
-                    let msg = e.to_string();
-                    *unrecorded.borrow_mut() = Some(e);
-                    return Err(introspect::mem::MemError::Io(msg));
+                    // Every voter of this write gets this message (and INTERNAL, below).
+                    return Err(introspect::mem::MemError::Remote(format!(
+                        "{UNRECORDED_WRITE}: {e}"
+                    )));
                 }
                 let written = self.sh.backend.mem().write(gpa, bytes);
                 if let Err(e) = &written {
@@ -578,15 +581,13 @@ impl Session<'_> {
                     ),
                 }
             }
-            Outcome::Failed(e) => match unrecorded.into_inner() {
-                Some(a) => Reply::Error {
-                    code: code::INTERNAL,
-                    message: format!("write refused, nothing was written: {a}"),
-                },
-                None => Reply::Error {
-                    code: code::OUT_OF_RANGE,
-                    message: e,
-                },
+            Outcome::Failed(e) if e.starts_with(UNRECORDED_WRITE) => Reply::Error {
+                code: code::INTERNAL,
+                message: e,
+            },
+            Outcome::Failed(e) => Reply::Error {
+                code: code::OUT_OF_RANGE,
+                message: e,
             },
             Outcome::Busy => Reply::Error {
                 code: code::BUSY,
