@@ -136,6 +136,8 @@ name = "mon1"
 cert = "pki/mon1.pem"
 read = ["sb", "ram"]
 write = ["hooks"]
+lock = true
+regs = true
 EOF
 if [ "$kvm_host" = yes ]; then
 	tar -C "$work" -cf - pki bridge.toml |

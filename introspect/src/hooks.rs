@@ -115,6 +115,12 @@ impl Mailbox {
 
     /// Posts a kill request and rings the doorbell; returns the slot used. The guest must be
     /// paused.
+    ///
+    /// The whole 32-byte slot — its state `REQUESTED` included — is written in **one** write, then
+    /// the doorbell in a second: over a bridge each is one WRITE, so a request is never seen (nor
+    /// built, by two posters interleaving) half old and half new. With `k = 1` the bridge applies
+    /// WRITEs only from the lock's holder, so two monitors cannot post at once; with k-of-n the
+    /// monitors' identical writes are the request.
     pub fn post(&self, mem: &dyn PhysMem, target: KillTarget, tag: u64) -> Result<u32, HookError> {
         let slot = (0..self.slots)
             .find(|&i| {
@@ -126,13 +132,14 @@ impl Mailbox {
             KillTarget::Pid { pid, start_time } => (1u32, pid, start_time),
             KillTarget::Uid(uid) => (2u32, uid, 0),
         };
-        let g = self.slot_gpa(slot);
-        mem.write(g + 4, &kind.to_le_bytes())?;
-        mem.write(g + 8, &id.to_le_bytes())?;
-        mem.write(g + 12, &0u32.to_le_bytes())?;
-        mem.write(g + 16, &start_time.to_le_bytes())?;
-        mem.write(g + 24, &tag.to_le_bytes())?;
-        mem.write(g, &STATE_REQUESTED.to_le_bytes())?;
+        let mut bytes = [0u8; 32];
+        bytes[0..4].copy_from_slice(&STATE_REQUESTED.to_le_bytes());
+        bytes[4..8].copy_from_slice(&kind.to_le_bytes());
+        bytes[8..12].copy_from_slice(&id.to_le_bytes());
+        // 12..16: the result, zero until the kernel sets it.
+        bytes[16..24].copy_from_slice(&start_time.to_le_bytes());
+        bytes[24..32].copy_from_slice(&tag.to_le_bytes());
+        mem.write(self.slot_gpa(slot), &bytes)?;
         let doorbell = mem.read_u64(self.gpa + 8)?;
         mem.write(self.gpa + 8, &doorbell.wrapping_add(1).to_le_bytes())?;
         Ok(slot)
@@ -211,6 +218,52 @@ mod tests {
         mem.write(mb.slot_gpa(0) + 12, &1u32.to_le_bytes()).unwrap();
         assert_eq!(mb.slot(&mem, 0).unwrap(), SlotState::Done(1));
         assert_eq!(mb.post(&mem, KillTarget::Uid(1001), 9).unwrap(), 0);
+    }
+
+    /// Remembers every write, in order.
+    struct Recording {
+        mem: VecMem,
+        writes: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
+    }
+
+    impl PhysMem for Recording {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.mem.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+            self.writes.borrow_mut().push((gpa, bytes.to_vec()));
+            self.mem.write(gpa, bytes)
+        }
+    }
+
+    #[test]
+    fn a_post_is_one_write_of_the_whole_slot_then_the_doorbell() {
+        let img = image();
+        let sb = parse(&img, 0x10_0000).unwrap();
+        let mem = Recording {
+            mem: VecMem::new(0x10_0000, img),
+            writes: Default::default(),
+        };
+        let mb = Mailbox::open(&mem, &sb).unwrap();
+        let target = KillTarget::Pid {
+            pid: 1234,
+            start_time: 0x0102_0304_0506_0708,
+        };
+        assert_eq!(mb.post(&mem, target, 7).unwrap(), 0);
+        let writes = mem.writes.borrow().clone();
+        assert_eq!(writes.len(), 2, "slot, then doorbell: {writes:x?}");
+        let (gpa, slot) = &writes[0];
+        assert_eq!(*gpa, mb.slot_gpa(0));
+        let mut want = Vec::new();
+        want.extend(STATE_REQUESTED.to_le_bytes());
+        want.extend(1u32.to_le_bytes());
+        want.extend(1234u32.to_le_bytes());
+        want.extend(0u32.to_le_bytes());
+        want.extend(0x0102_0304_0506_0708u64.to_le_bytes());
+        want.extend(7u64.to_le_bytes());
+        assert_eq!(slot, &want);
+        assert_eq!(writes[1], (mb.gpa + 8, 1u64.to_le_bytes().to_vec()));
+        assert_eq!(mb.slot(&mem, 0).unwrap(), SlotState::Requested);
     }
 
     #[test]

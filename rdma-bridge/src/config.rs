@@ -9,8 +9,16 @@
 //! audit_denied_interval_ms = 10000 # repeated denials (per monitor and op) are counted: one
 //!                                  # `denied` line, then a `denied_summary` per interval and at
 //!                                  # the end of the session
-//! max_connections = 32             # further connections are closed at once
 //! idle_timeout_ms = 30000          # a peer silent (or stuck mid-frame) this long is disconnected
+//!
+//! # Before authentication (OpenSSH's MaxStartups and LoginGraceTime): a connection that has not
+//! # yet shown a listed certificate holds a slot of its own small pool, never a monitor's.
+//! max_startups = 16                # connections in the TLS handshake at once; more are closed
+//! max_startups_per_source = 4      # ... of which at most this many from one IP address
+//! login_grace_ms = 5000            # the whole handshake must end this long after accept
+//! # After authentication every listed monitor has slots no one else can take.
+//! max_sessions_per_monitor = 4     # sessions of one monitor at once; more are refused
+//! max_connections = 32             # authenticated sessions of all monitors together
 //!
 //! [tls]                            # mutual TLS: every monitor has its own key and certificate
 //! ca = "pki/ca.pem"                # the CA that signed the monitors' certificates
@@ -21,6 +29,11 @@
 //! k = 2                            # a write is applied once k monitors issued the same bytes
 //! window_ms = 2000                 # ... within this window, else it expires and is reported
 //!
+//! [lock]                           # the pause lock (LOCK/UNLOCK): least privilege, bounded
+//! max_lease_ms = 10000             # a LOCK asking for a longer lease is refused
+//! duty_window_ms = 60000           # over any window this long ...
+//! max_pause_per_window_ms = 20000  # ... one monitor may hold the guest paused at most this long
+//!
 //! [[monitor]]
 //! name = "mon1"                    # must match the monitor's HELLO
 //! cert = "pki/mon1.pem"            # its certificate, pinned by SHA-256: a certificate the CA
@@ -28,6 +41,11 @@
 //! read = ["sb", "ram"]             # what it may read
 //! write = ["hooks"]                # what it may write
 //! restart = false                  # may it reboot the guest (RESTART, for hung guests)?
+//! lock = true                      # may it pause the guest (LOCK)? default false; with k = 1 a
+//!                                  # WRITE is applied only while its writer holds the lock
+//! regs = true                      # may it read vCPU registers (REGS: CR3, RIP, GS base —
+//!                                  # they defeat KASLR)? default false; needed to locate a stock
+//!                                  # kernel (`rdma-bridge ps`, bdmon on stock guests)
 //!
 //! [rdma]                           # optional, feature `verbs`: one-sided RDMA data path
 //! device = "mlx5_0"                # the first device if absent
@@ -95,9 +113,21 @@ pub struct BridgeConfig {
     /// Repeated denials of one monitor and op are summarised once per this many milliseconds.
     #[serde(default = "default_audit_denied_interval_ms")]
     pub audit_denied_interval_ms: u64,
-    /// Most concurrent monitor connections.
+    /// Most authenticated sessions, of all monitors together.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Most connections still in their TLS handshake (before a listed certificate was shown).
+    #[serde(default = "default_max_startups")]
+    pub max_startups: usize,
+    /// Most connections in their handshake from one source IP address.
+    #[serde(default = "default_max_startups_per_source")]
+    pub max_startups_per_source: usize,
+    /// The whole TLS handshake must end this many milliseconds after `accept`.
+    #[serde(default = "default_login_grace_ms")]
+    pub login_grace_ms: u64,
+    /// Most sessions one monitor may have at once.
+    #[serde(default = "default_max_sessions_per_monitor")]
+    pub max_sessions_per_monitor: usize,
     /// Idle timeout in milliseconds.
     #[serde(default = "default_idle_ms")]
     pub idle_timeout_ms: u64,
@@ -106,6 +136,9 @@ pub struct BridgeConfig {
     /// Write agreement.
     #[serde(default)]
     pub agreement: Agreement,
+    /// Limits on the pause lock.
+    #[serde(default)]
+    pub lock: LockLimits,
     /// The monitors.
     #[serde(rename = "monitor", default)]
     pub monitors: Vec<MonitorConfig>,
@@ -154,6 +187,32 @@ impl Default for Agreement {
     }
 }
 
+/// `[lock]`: how long and how often one monitor may hold the guest paused.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockLimits {
+    /// Longest lease one LOCK may ask for, in milliseconds.
+    #[serde(default = "default_max_lease_ms")]
+    pub max_lease_ms: u64,
+    /// The sliding window over which a monitor's pause time is counted, in milliseconds.
+    #[serde(default = "default_duty_window_ms")]
+    pub duty_window_ms: u64,
+    /// Most pause time (leases granted, renewals included) one monitor may hold within any
+    /// `duty_window_ms`, in milliseconds.
+    #[serde(default = "default_max_pause_per_window_ms")]
+    pub max_pause_per_window_ms: u64,
+}
+
+impl Default for LockLimits {
+    fn default() -> Self {
+        LockLimits {
+            max_lease_ms: default_max_lease_ms(),
+            duty_window_ms: default_duty_window_ms(),
+            max_pause_per_window_ms: default_max_pause_per_window_ms(),
+        }
+    }
+}
+
 /// One monitor.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,6 +230,12 @@ pub struct MonitorConfig {
     /// May it restart the guest (RESTART)?
     #[serde(default)]
     pub restart: bool,
+    /// May it take the pause lock (LOCK)? Also needed to vote on writes when `agreement.k >= 2`.
+    #[serde(default)]
+    pub lock: bool,
+    /// May it read vCPU registers (REGS)?
+    #[serde(default)]
+    pub regs: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -190,6 +255,27 @@ fn default_audit_keep() -> usize {
 }
 fn default_audit_denied_interval_ms() -> u64 {
     10_000
+}
+fn default_max_startups() -> usize {
+    16
+}
+fn default_max_startups_per_source() -> usize {
+    4
+}
+fn default_login_grace_ms() -> u64 {
+    5_000
+}
+fn default_max_sessions_per_monitor() -> usize {
+    4
+}
+fn default_max_lease_ms() -> u64 {
+    10_000
+}
+fn default_duty_window_ms() -> u64 {
+    60_000
+}
+fn default_max_pause_per_window_ms() -> u64 {
+    20_000
 }
 
 impl BridgeConfig {
@@ -258,6 +344,46 @@ impl BridgeConfig {
         }
         if !(100..=3_600_000).contains(&self.idle_timeout_ms) {
             return bad("idle_timeout_ms must be 100..=3600000".into());
+        }
+        if self.max_startups == 0 || self.max_startups > 1024 {
+            return bad("max_startups must be 1..=1024".into());
+        }
+        if self.max_startups_per_source == 0 || self.max_startups_per_source > self.max_startups {
+            return bad("max_startups_per_source must be 1..=max_startups".into());
+        }
+        if !(100..=60_000).contains(&self.login_grace_ms) {
+            return bad("login_grace_ms must be 100..=60000".into());
+        }
+        if self.max_sessions_per_monitor == 0 || self.max_sessions_per_monitor > 64 {
+            return bad("max_sessions_per_monitor must be 1..=64".into());
+        }
+        let l = &self.lock;
+        if !(1..=600_000).contains(&l.max_lease_ms) {
+            return bad("lock.max_lease_ms must be 1..=600000".into());
+        }
+        if !(1..=86_400_000).contains(&l.duty_window_ms) {
+            return bad("lock.duty_window_ms must be 1..=86400000".into());
+        }
+        if l.max_pause_per_window_ms == 0 || l.max_pause_per_window_ms > l.duty_window_ms {
+            return bad("lock.max_pause_per_window_ms must be 1..=lock.duty_window_ms".into());
+        }
+        if l.max_lease_ms > l.max_pause_per_window_ms {
+            return bad(format!(
+                "lock.max_lease_ms ({}) exceeds lock.max_pause_per_window_ms ({}): no such lease could be granted",
+                l.max_lease_ms, l.max_pause_per_window_ms
+            ));
+        }
+        if self.agreement.k >= 2 {
+            if let Some(m) = self
+                .monitors
+                .iter()
+                .find(|m| !m.write.is_empty() && !m.lock)
+            {
+                return bad(format!(
+                    "monitor {:?} may write but has no `lock = true`: with agreement.k >= 2 a write vote needs the lock permission",
+                    m.name
+                ));
+            }
         }
         for (i, m) in self.monitors.iter().enumerate() {
             if m.name.is_empty() || m.name.len() > crate::wire::MAX_MONITOR_ID {
@@ -414,6 +540,14 @@ key = "b.key"
             ),
             ("bogus = 1\n", "unknown field"),
 
+            (
+                "[agreement]\nk = 2\nwindow_ms = 10\n[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\nwrite = [\"hooks\"]\nlock = true\n[[monitor]]\nname = \"n\"\ncert = \"n.pem\"\nwrite = [\"hooks\"]\n",
+                "needs the lock permission",
+            ),
+            (
+                "[lock]\nmax_lease_ms = 5000\nmax_pause_per_window_ms = 1000\n[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n",
+                "no such lease could be granted",
+            ),
         ];
         for (extra, want) in cases {
             std::fs::write(&p, format!("{base}{extra}")).unwrap();

@@ -5,11 +5,14 @@
 //! close or widen them. Every READ, READ_BATCH, FETCH_SB and WRITE is checked against them before any
 //! guest memory is touched.
 //!
-//! **Delayed write agreement.** With `k > 1`, a WRITE is a *vote* for `(gpa, bytes)`. The bytes are
-//! written only when `k` distinct monitors have voted for exactly the same `(gpa, bytes)` within
-//! `window` of the first vote; each voter's WRITE returns then. If the window runs out first, every
-//! waiting voter gets [`Outcome::Expired`] and nothing is written. A monitor voting twice counts once.
-//! At most [`MAX_PENDING`] distinct writes wait at a time, so memory stays bounded.
+//! **Delayed write agreement.** With `k > 1`, a WRITE is a *vote* for `(gpa, bytes)`. Each vote is
+//! valid for `window` after *it* was cast (so a monitor that votes early cannot shorten the window
+//! of the monitors that vote after it). The bytes are written, as one copy, when `k` distinct
+//! monitors hold unexpired votes for exactly the same `(gpa, bytes)`; each waiting voter's WRITE
+//! returns then. A voter whose own vote runs out first gets [`Outcome::Expired`] and nothing is
+//! written for it. A monitor voting twice counts once. At most [`MAX_PENDING`] distinct writes wait
+//! at a time, and at most [`MAX_PENDING_PER_MONITOR`] of them carry one monitor's vote, so memory
+//! stays bounded and one monitor cannot take every slot.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
@@ -22,6 +25,8 @@ use crate::tls::TlsError;
 
 /// Most distinct writes waiting for agreement at once.
 pub const MAX_PENDING: usize = 64;
+/// Most distinct writes one monitor may have waiting for agreement at once.
+pub const MAX_PENDING_PER_MONITOR: usize = 4;
 
 /// One monitor's access.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,6 +37,10 @@ pub struct Grant {
     pub write: Vec<(u64, u64)>,
     /// May restart the guest.
     pub restart: bool,
+    /// May take the pause lock (and vote on writes under k-of-n agreement).
+    pub lock: bool,
+    /// May read vCPU registers.
+    pub regs: bool,
 }
 
 fn inside(ranges: &[(u64, u64)], gpa: u64, len: u64) -> bool {
@@ -108,6 +117,8 @@ impl Grants {
                 read: resolve(&m.read)?,
                 write: resolve(&m.write)?,
                 restart: m.restart,
+                lock: m.lock,
+                regs: m.regs,
             };
             let fp = fingerprint(&m.cert).map_err(|source| GrantError::Cert {
                 monitor: m.name.clone(),
@@ -137,21 +148,35 @@ impl Grants {
 pub enum Outcome {
     /// Written; these monitors agreed (in vote order).
     Applied(Vec<String>),
-    /// The window ran out; these had voted.
+    /// This vote ran out before k agreed; these had unexpired votes then (this one included).
     Expired(Vec<String>),
     /// Writing guest memory failed.
     Failed(String),
-    /// Too many writes are waiting.
-    Busy,
+    /// Too many writes are waiting, in all or from this monitor.
+    Busy(String),
+}
+
+struct Vote {
+    monitor: String,
+    expires: Instant,
 }
 
 struct Pending {
     gpa: u64,
     bytes: Vec<u8>,
-    voters: Vec<String>,
-    deadline: Instant,
+    votes: Vec<Vote>,
     done: Option<Outcome>,
     waiters: usize,
+}
+
+impl Pending {
+    fn live_voters(&self, now: Instant) -> Vec<String> {
+        self.votes
+            .iter()
+            .filter(|v| now < v.expires)
+            .map(|v| v.monitor.clone())
+            .collect()
+    }
 }
 
 /// k-of-n agreement on writes.
@@ -163,7 +188,7 @@ pub struct Agreement {
 }
 
 impl Agreement {
-    /// `k` identical votes within `window` apply a write.
+    /// `k` identical votes, each at most `window` old, apply a write.
     pub fn new(k: usize, window: Duration) -> Agreement {
         Agreement {
             k: k.max(1),
@@ -173,10 +198,15 @@ impl Agreement {
         }
     }
 
-    /// Votes for writing `bytes` at `gpa` and waits until the write is applied or expires.
-    /// `apply` does the write (called once, by the vote that completes the quorum, with the
-    /// voters, so that it can record them before writing); `on_vote` is
-    /// told of each vote that has to wait, with the number of votes so far.
+    /// How many monitors must agree.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Votes for writing `bytes` at `gpa` and waits until the write is applied or this vote
+    /// expires. `apply` does the write (called once, by the vote that completes the quorum, with
+    /// the voters, so that it can record them before writing); `on_vote` is told of each vote that
+    /// has to wait, with the number of unexpired votes so far.
     pub fn vote(
         &self,
         monitor: &str,
@@ -190,16 +220,31 @@ impl Agreement {
             Err(p) => p.into_inner(),
         };
         let now = Instant::now();
-        let found = st
-            .1
-            .iter()
-            .find(|(_, p)| p.done.is_none() && p.gpa == gpa && p.bytes == bytes && now < p.deadline)
-            .map(|(id, _)| *id);
+        let mine = now + self.window;
+        // Votes whose voter stopped waiting (expired) are dropped with the last waiter; prune any
+        // expired vote of writes nobody waits for any more.
+        st.1.retain(|_, p| p.waiters > 0 || p.done.is_some());
+        let found =
+            st.1.iter()
+                .find(|(_, p)| p.done.is_none() && p.gpa == gpa && p.bytes == bytes)
+                .map(|(id, _)| *id);
         let id = match found {
             Some(id) => id,
             None => {
+                let by_me = st
+                    .1
+                    .values()
+                    .filter(|p| p.done.is_none() && p.votes.iter().any(|v| v.monitor == monitor))
+                    .count();
+                if by_me >= MAX_PENDING_PER_MONITOR {
+                    return Outcome::Busy(format!(
+                        "monitor {monitor} already has {by_me} writes waiting for agreement (at most {MAX_PENDING_PER_MONITOR}); retry when they are applied or expired"
+                    ));
+                }
                 if st.1.len() >= MAX_PENDING {
-                    return Outcome::Busy;
+                    return Outcome::Busy(format!(
+                        "{MAX_PENDING} writes are waiting for agreement; retry"
+                    ));
                 }
                 st.0 += 1;
                 let id = st.0;
@@ -208,8 +253,7 @@ impl Agreement {
                     Pending {
                         gpa,
                         bytes: bytes.to_vec(),
-                        voters: Vec::new(),
-                        deadline: now + self.window,
+                        votes: Vec::new(),
                         done: None,
                         waiters: 0,
                     },
@@ -217,15 +261,21 @@ impl Agreement {
                 id
             }
         };
+        let k = self.k;
         let Some(p) = st.1.get_mut(&id) else {
             return Outcome::Failed("agreement state lost".into());
         };
-        if !p.voters.iter().any(|v| v == monitor) {
-            p.voters.push(monitor.to_owned());
+        match p.votes.iter_mut().find(|v| v.monitor == monitor) {
+            Some(v) => v.expires = v.expires.max(mine),
+            None => p.votes.push(Vote {
+                monitor: monitor.to_owned(),
+                expires: mine,
+            }),
         }
-        if p.voters.len() >= self.k {
-            let outcome = match apply(&p.voters) {
-                Ok(()) => Outcome::Applied(p.voters.clone()),
+        let live = p.live_voters(now);
+        if live.len() >= k {
+            let outcome = match apply(&live) {
+                Ok(()) => Outcome::Applied(live),
                 Err(e) => Outcome::Failed(e.to_string()),
             };
             p.done = Some(outcome.clone());
@@ -235,23 +285,34 @@ impl Agreement {
             self.changed.notify_all();
             return outcome;
         }
-        on_vote(p.voters.len());
+        on_vote(live.len());
         p.waiters += 1;
         loop {
             let Some(p) = st.1.get_mut(&id) else {
                 return Outcome::Failed("agreement state lost".into());
             };
-            if p.done.is_none() && Instant::now() >= p.deadline {
-                p.done = Some(Outcome::Expired(p.voters.clone()));
-            }
-            if let Some(outcome) = p.done.clone() {
+            let now = Instant::now();
+            let outcome = match p.done.clone() {
+                Some(o) => Some(o),
+                None if now >= mine => {
+                    let mut voters = p.live_voters(now);
+                    if !voters.iter().any(|v| v == monitor) {
+                        voters.push(monitor.to_owned());
+                    }
+                    // This monitor's vote ends with its wait (unless it voted again later).
+                    p.votes.retain(|v| v.monitor != monitor || now < v.expires);
+                    Some(Outcome::Expired(voters))
+                }
+                None => None,
+            };
+            if let Some(outcome) = outcome {
                 p.waiters -= 1;
-                if p.waiters == 0 {
+                if p.waiters == 0 && (p.done.is_some() || p.votes.is_empty()) {
                     st.1.remove(&id);
                 }
                 return outcome;
             }
-            let wait = p.deadline.saturating_duration_since(Instant::now());
+            let wait = mine.saturating_duration_since(now);
             st = match self.changed.wait_timeout(st, wait) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
@@ -271,7 +332,7 @@ mod tests {
         let g = Grant {
             read: vec![(0x1000, 0x1000)],
             write: vec![(0x2000, 0x40)],
-            restart: false,
+            ..Grant::default()
         };
         assert!(g.may_read(0x1000, 0x1000));
         assert!(!g.may_read(0x1000, 0x1001));
@@ -339,6 +400,73 @@ mod tests {
         let out = a.vote("m1", 0, b"z", |_| panic!("applied"), |_| {});
         assert_eq!(out, Outcome::Expired(vec!["m1".into()]));
         assert_eq!(t.join().unwrap(), out);
+        assert!(a.state.lock().unwrap().1.is_empty(), "state leaked");
+    }
+
+    #[test]
+    fn one_monitor_cannot_take_every_pending_slot() {
+        let a = Arc::new(Agreement::new(2, Duration::from_millis(1500)));
+        let waiting: Vec<_> = (0..MAX_PENDING_PER_MONITOR)
+            .map(|i| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    a.vote("hog", 8, &[u8::try_from(i).unwrap()], |_| Ok(()), |_| {})
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.state.lock().unwrap().1.len() < MAX_PENDING_PER_MONITOR {
+            assert!(Instant::now() < deadline, "the hog's votes never arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // One more from the hog is refused at once; another monitor's vote is taken.
+        let out = a.vote("hog", 8, b"one more", |_| panic!("applied"), |_| {});
+        assert!(
+            matches!(&out, Outcome::Busy(m) if m.contains("hog")),
+            "{out:?}"
+        );
+        let a2 = a.clone();
+        let honest = std::thread::spawn(move || a2.vote("m1", 16, b"kill", |_| Ok(()), |_| {}));
+        let out = sorted(a.vote("m2", 16, b"kill", |_| Ok(()), |_| {}));
+        assert_eq!(out, Outcome::Applied(vec!["m1".into(), "m2".into()]));
+        assert_eq!(sorted(honest.join().unwrap()), out);
+        for t in waiting {
+            assert!(matches!(t.join().unwrap(), Outcome::Expired(_)));
+        }
+    }
+
+    fn sorted(o: Outcome) -> Outcome {
+        match o {
+            Outcome::Applied(mut v) => {
+                v.sort();
+                Outcome::Applied(v)
+            }
+            o => o,
+        }
+    }
+
+    #[test]
+    fn an_early_vote_does_not_shorten_the_window_of_later_ones() {
+        // k = 3. A hostile monitor votes first; an honest one votes well inside that window, two
+        // more after it ended. Each vote counts for its own window, so the three honest votes
+        // agree (with one window for the whole write, set by the first vote, they never could).
+        let a = Arc::new(Agreement::new(3, Duration::from_millis(2000)));
+        let vote = |who: &'static str| {
+            let a = a.clone();
+            std::thread::spawn(move || a.vote(who, 8, b"kill", |_| Ok(()), |_| {}))
+        };
+        let early = vote("hostile");
+        std::thread::sleep(Duration::from_millis(800));
+        let m1 = vote("m1");
+        // Past the hostile vote's window (2000 ms), well inside m1's (2800 ms).
+        std::thread::sleep(Duration::from_millis(1500));
+        let m2 = vote("m2");
+        let out = sorted(a.vote("m3", 8, b"kill", |_| Ok(()), |_| {}));
+        let all = Outcome::Applied(vec!["m1".into(), "m2".into(), "m3".into()]);
+        assert_eq!(out, all);
+        assert_eq!(sorted(m1.join().unwrap()), all);
+        assert_eq!(sorted(m2.join().unwrap()), all);
+        assert!(matches!(early.join().unwrap(), Outcome::Expired(_)));
         assert!(a.state.lock().unwrap().1.is_empty(), "state leaked");
     }
 }

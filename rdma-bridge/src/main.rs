@@ -23,7 +23,10 @@ use rdma_bridge::tls::{self, Identity};
     long_about = "The remote backdoor of a bdvmm guest.\n\n\
         `serve` runs next to bdvmm (its own process: if it dies the guest runs on; when the VM exits \
         it stops). Monitors connect over mutual TLS with their own keys; the config file says what \
-        each may read and write, and how many must agree on a write.\n\n\
+        each may read and write, whether it may pause the guest (`lock`) or read its registers \
+        (`regs`), and how many must agree on a write. Connections still in their handshake have a \
+        bounded pool of their own (`max_startups`, `login_grace_ms`), so no unauthenticated peer \
+        can lock a listed monitor out.\n\n\
         Quick start:\n  \
         rdma-bridge pki init --dir pki && rdma-bridge pki issue --dir pki --name mon1\n  \
         rdma-bridge serve --config bridge.toml --api /run/vm.sock\n  \
@@ -64,7 +67,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// (monitor) Read a guest's process table through a bridge (takes the lock briefly).
+    /// (monitor) Read a guest's process table through a bridge (takes the lock briefly; the
+    /// monitor's entry needs `read = ["sb", "ram"]`, `lock = true` and `regs = true`).
     Ps {
         #[command(flatten)]
         who: Who,

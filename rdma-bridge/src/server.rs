@@ -1,19 +1,40 @@
 //! The bridge's TCP server: mutual TLS, then frames (see [`crate::wire`]), each checked by the Guard.
 //!
-//! One thread per monitor connection, at most `max_connections` at once. A session is:
+//! One thread per monitor connection. A session is:
 //!
-//! 1. TLS 1.3 handshake (bounded by [`HANDSHAKE_TIMEOUT`]); the monitor's certificate must chain to
-//!    the CA *and* be listed in the config, which names the monitor and its grant.
-//! 2. `HELLO` naming that same monitor, first; anything else first ends the session.
-//! 3. Requests with strictly increasing request ids (a repeated or smaller id is a replay and ends
+//! 1. TLS 1.3 handshake. Until the peer has shown a listed certificate it holds a slot of the
+//!    *startup* pool (`max_startups` in all, `max_startups_per_source` per source IP address; a
+//!    connection beyond either is closed at accept), and the whole handshake must end within
+//!    `login_grace_ms` of accept — a deadline, not a per-read timeout, so a peer trickling bytes
+//!    cannot keep its slot. The monitor's certificate must chain to the CA *and* be listed in the
+//!    config, which names the monitor and its grant.
+//! 2. The session then counts against its monitor's own cap (`max_sessions_per_monitor`) and the
+//!    total of authenticated sessions (`max_connections`): unauthenticated peers can never take the
+//!    slots of a configured monitor.
+//! 3. `HELLO` naming that same monitor, first; anything else first ends the session.
+//! 4. Requests with strictly increasing request ids (a repeated or smaller id is a replay and ends
 //!    the session), each answered in order.
 //!
 //! A malformed frame, an unknown op or a peer silent for `idle_timeout_ms` (also mid-frame) ends
 //! that session only; every other monitor is served on. A session that ends while holding the pause
 //! lock releases it at once.
+//!
+//! **The pause lock** needs `lock = true` in the monitor's entry. A lease is at most
+//! `[lock] max_lease_ms`; one monitor may hold the guest paused at most `max_pause_per_window_ms`
+//! within any `duty_window_ms` (renewals count); monitors waiting for the lock are served first come,
+//! first served, and a holder may not renew while another monitor waits.
+//!
+//! **Writes** with `agreement.k = 1` are applied only while their writer holds an unexpired lock
+//! (the write is then one copy into a paused guest). With `k >= 2` only one monitor could hold the
+//! lock, so a vote does not need to hold it: it needs the write grant *and* `lock = true`, and the
+//! defence is the agreement of `k` distinct monitors on the same bytes, applied as one copy.
+//!
+//! **REGS** needs `regs = true`, is audited, and is rate-limited per session ([`REGS_BURST`],
+//! [`REGS_PER_SECOND`]): each call costs the guest a vCPU exit.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -25,13 +46,15 @@ use serde_json::json;
 
 use crate::audit::Audit;
 use crate::backend::{Backend, BackendError};
-use crate::config::{BridgeConfig, SB_OFFSET};
+use crate::config::{BridgeConfig, LockLimits, SB_OFFSET};
 use crate::guard::{Agreement, Grant, GrantError, Grants, Outcome};
 use crate::tls;
 use crate::wire::{self, code, Decoder, Frame, Message, Range, Reply, Request};
 
-/// Longest a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most REGS calls one session may make in a burst.
+pub const REGS_BURST: u64 = 16;
+/// REGS calls per second one session may sustain.
+pub const REGS_PER_SECOND: u64 = 8;
 /// Largest request payload the bridge accepts (a WRITE of up to 1 MiB).
 pub const MAX_REQUEST_PAYLOAD: u32 = (1 << 20) + 8;
 /// Longest a LOCK waits for another monitor's lock to be released before it answers BUSY.
@@ -74,14 +97,62 @@ struct Holder {
     deadline: Instant,
 }
 
+/// The pause lock: who holds it, who waits (first come, first served), and each monitor's recent
+/// pauses for the duty cycle.
+#[derive(Default)]
+struct LockState {
+    holder: Option<Holder>,
+    queue: VecDeque<u64>,
+    /// Per monitor, `(start, end)` of each pause it held within the last duty window; `end` is the
+    /// lease's end until the pause ends earlier.
+    history: HashMap<String, VecDeque<(Instant, Instant)>>,
+}
+
+impl LockState {
+    /// Ends the current holder's pause now (UNLOCK, disconnect, restart) for the duty cycle.
+    fn end_hold(&mut self, now: Instant) {
+        if let Some(h) = self.holder.take() {
+            if let Some(last) = self.history.get_mut(&h.monitor).and_then(|v| v.back_mut()) {
+                last.1 = last.1.min(now);
+            }
+        }
+    }
+
+    /// Pause time `monitor` held within `[now - window, now]`.
+    fn paused_within(&mut self, monitor: &str, now: Instant, window: Duration) -> Duration {
+        let from = now.checked_sub(window).unwrap_or(now);
+        let Some(v) = self.history.get_mut(monitor) else {
+            return Duration::ZERO;
+        };
+        v.retain(|&(_, end)| end > from);
+        v.iter()
+            .map(|&(start, end)| end.min(now).saturating_duration_since(start.max(from)))
+            .sum()
+    }
+}
+
+/// Connections in their handshake, by source address.
+#[derive(Default)]
+struct Startups {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
 struct Shared {
     backend: Arc<dyn Backend>,
     tls: Arc<ServerConfig>,
     grants: Grants,
     agreement: Agreement,
     audit: Audit,
-    lock: Mutex<Option<Holder>>,
+    lock: Mutex<LockState>,
     lock_freed: Condvar,
+    limits: LockLimits,
+    startups: Mutex<Startups>,
+    max_startups: usize,
+    max_startups_per_source: usize,
+    login_grace: Duration,
+    sessions: Mutex<HashMap<String, usize>>,
+    max_sessions_per_monitor: usize,
     conns: AtomicUsize,
     next_conn: AtomicU64,
     max_conns: usize,
@@ -145,8 +216,15 @@ impl Server {
                     Duration::from_millis(cfg.agreement.window_ms),
                 ),
                 audit,
-                lock: Mutex::new(None),
+                lock: Mutex::new(LockState::default()),
                 lock_freed: Condvar::new(),
+                limits: cfg.lock,
+                startups: Mutex::new(Startups::default()),
+                max_startups: cfg.max_startups,
+                max_startups_per_source: cfg.max_startups_per_source,
+                login_grace: Duration::from_millis(cfg.login_grace_ms),
+                sessions: Mutex::new(HashMap::new()),
+                max_sessions_per_monitor: cfg.max_sessions_per_monitor,
                 conns: AtomicUsize::new(0),
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
@@ -180,26 +258,170 @@ impl Server {
                 }
                 Err(e) => return Err(e),
             };
+            let accepted = Instant::now();
             let sh = self.shared.clone();
-            if sh.conns.fetch_add(1, Ordering::SeqCst) >= sh.max_conns {
-                sh.conns.fetch_sub(1, Ordering::SeqCst);
-                sh.audit.log(
-                    "refused",
-                    json!({"peer": peer.to_string(),
-                    "reason": format!("more than {} connections", sh.max_conns)}),
-                );
-                continue;
-            }
+            let slot = match StartupSlot::take(&sh, peer.ip()) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    sh.audit.log(
+                        "refused",
+                        json!({"peer": peer.to_string(), "reason": reason}),
+                    );
+                    continue;
+                }
+            };
             let spawned = std::thread::Builder::new()
                 .name(format!("bridge-{peer}"))
-                .spawn(move || {
-                    serve(&sh, tcp, peer);
-                    sh.conns.fetch_sub(1, Ordering::SeqCst);
-                });
+                .spawn(move || serve(&sh, tcp, peer, accepted, slot));
             if let Err(e) = spawned {
-                self.shared.conns.fetch_sub(1, Ordering::SeqCst);
                 tracing::warn!("cannot spawn a connection thread: {e}");
             }
+        }
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A slot of the startup pool, held from accept until the peer's certificate is found listed (or
+/// the connection ends); released on drop.
+struct StartupSlot {
+    sh: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl StartupSlot {
+    fn take(sh: &Arc<Shared>, ip: IpAddr) -> Result<StartupSlot, String> {
+        let mut st = locked(&sh.startups);
+        if st.total >= sh.max_startups {
+            return Err(format!(
+                "{} connections are already in their handshake (max_startups)",
+                st.total
+            ));
+        }
+        let n = st.by_ip.entry(ip).or_insert(0);
+        if *n >= sh.max_startups_per_source {
+            return Err(format!(
+                "{n} connections from {ip} are already in their handshake (max_startups_per_source)"
+            ));
+        }
+        *n += 1;
+        st.total += 1;
+        Ok(StartupSlot { sh: sh.clone(), ip })
+    }
+}
+
+impl Drop for StartupSlot {
+    fn drop(&mut self) {
+        let mut st = locked(&self.sh.startups);
+        st.total = st.total.saturating_sub(1);
+        if let Some(n) = st.by_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An authenticated session's place under its monitor's cap and the total; released on drop.
+struct SessionSlot<'a> {
+    sh: &'a Shared,
+    monitor: String,
+}
+
+impl<'a> SessionSlot<'a> {
+    fn take(sh: &'a Shared, monitor: &str) -> Result<SessionSlot<'a>, String> {
+        let mut by = locked(&sh.sessions);
+        let n = by.entry(monitor.to_owned()).or_insert(0);
+        if *n >= sh.max_sessions_per_monitor {
+            return Err(format!(
+                "monitor {monitor} already has {n} sessions (max_sessions_per_monitor)"
+            ));
+        }
+        if sh.conns.fetch_add(1, Ordering::SeqCst) >= sh.max_conns {
+            sh.conns.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!(
+                "more than {} authenticated sessions (max_connections)",
+                sh.max_conns
+            ));
+        }
+        *n += 1;
+        Ok(SessionSlot {
+            sh,
+            monitor: monitor.to_owned(),
+        })
+    }
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.sh.conns.fetch_sub(1, Ordering::SeqCst);
+        let mut by = locked(&self.sh.sessions);
+        if let Some(n) = by.get_mut(&self.monitor) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.monitor);
+            }
+        }
+    }
+}
+
+/// Runs the TLS handshake to its end or until `deadline` (one deadline for the whole handshake,
+/// however the peer spreads its bytes).
+fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), String> {
+    let late = || {
+        format!(
+            "not done within login_grace_ms ({} ms) of accept",
+            grace.as_millis()
+        )
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        let _ = s.sock.set_read_timeout(Some(left));
+        let _ = s.sock.set_write_timeout(Some(left));
+        if s.conn.wants_write() {
+            match s.conn.write_tls(&mut s.sock) {
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(late())
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !s.conn.is_handshaking() {
+            return Ok(());
+        }
+        match s.conn.read_tls(&mut s.sock) {
+            Ok(0) => return Err("the peer closed the connection".into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Err(e) = s.conn.process_new_packets() {
+            // Tell the peer why (a TLS alert), best effort.
+            let _ = s.conn.write_tls(&mut s.sock);
+            return Err(e.to_string());
         }
     }
 }
@@ -213,6 +435,9 @@ struct Session<'a> {
     grant: Grant,
     hello: bool,
     last_id: Option<u64>,
+    /// REGS tokens, in thousandths of a call, and when they were last refilled.
+    regs_tokens: u64,
+    regs_refilled: Instant,
 }
 
 /// Whether to go on after a request.
@@ -221,11 +446,9 @@ enum Next {
     Close(String),
 }
 
-fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
+fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr, accepted: Instant, slot: StartupSlot) {
     let conn = sh.next_conn.fetch_add(1, Ordering::SeqCst);
     let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(sh.idle));
     let auth_failed = |reason: String| {
         sh.audit.log(
             "auth_failed",
@@ -237,11 +460,10 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
         Err(e) => return auth_failed(format!("TLS session: {e}")),
     };
     let mut s = StreamOwned::new(tls_conn, tcp);
-    while s.conn.is_handshaking() {
-        if let Err(e) = s.conn.complete_io(&mut s.sock) {
-            return auth_failed(format!("TLS handshake: {e}"));
-        }
+    if let Err(e) = handshake(&mut s, accepted + sh.login_grace, sh.login_grace) {
+        return auth_failed(format!("TLS handshake: {e}"));
     }
+    let _ = s.sock.set_write_timeout(Some(sh.idle));
     let fp = match s.conn.peer_certificates().and_then(|c| c.first()) {
         Some(c) => tls::fingerprint(c),
         None => return auth_failed("no client certificate".into()),
@@ -253,7 +475,22 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
             "certificate {fp} is not listed in the bridge config"
         ));
     };
+    // Authenticated: leave the startup pool for this monitor's own slots.
+    drop(slot);
+    let _session_slot = match SessionSlot::take(sh, &monitor) {
+        Ok(slot) => slot,
+        Err(reason) => {
+            sh.audit.log(
+                "refused",
+                json!({"monitor": monitor, "peer": peer.to_string(), "reason": reason}),
+            );
+            s.conn.send_close_notify();
+            let _ = s.conn.complete_io(&mut s.sock);
+            return;
+        }
+    };
     let _ = s.sock.set_read_timeout(Some(sh.idle));
+    let _ = s.sock.set_write_timeout(Some(sh.idle));
     let mut sess = Session {
         sh,
         conn,
@@ -262,6 +499,8 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
         grant,
         hello: false,
         last_id: None,
+        regs_tokens: REGS_BURST * 1000,
+        regs_refilled: Instant::now(),
     };
     let reason = sess.run(&mut s);
     sess.release_lock();
@@ -363,6 +602,21 @@ impl Session<'_> {
             code: code::DENIED,
             message: format!(
                 "{op} of {len:#x} bytes at {gpa:#x} is outside what monitor {} was granted",
+                self.monitor
+            ),
+        }
+    }
+
+    /// Refuses an operation this monitor's entry does not allow, and says which setting would.
+    fn not_permitted(&self, op: &str, setting: &str) -> Reply {
+        self.sh.audit.log(
+            "denied",
+            json!({"monitor": self.monitor, "op": op, "reason": format!("no `{setting}`")}),
+        );
+        Reply::Error {
+            code: code::DENIED,
+            message: format!(
+                "monitor {} may not {op}: its [[monitor]] entry in the bridge config needs `{setting}`",
                 self.monitor
             ),
         }
@@ -536,6 +790,43 @@ impl Session<'_> {
         if len == 0 || !self.grant.may_write(gpa, len) {
             return self.denied("WRITE", gpa, len);
         }
+        if self.sh.agreement.k() >= 2 {
+            // k-of-n: one monitor alone cannot write, so a vote need not hold the lock (only one
+            // monitor could); it needs the lock permission as well as the write grant.
+            if !self.grant.lock {
+                return self.not_permitted("WRITE (vote under k-of-n agreement)", "lock = true");
+            }
+            return self.vote(gpa, bytes);
+        }
+        // k = 1: applied only into a guest this writer holds paused, under the lock's mutex so
+        // that the lease cannot end or pass to another monitor halfway.
+        let st = self.state();
+        let now = Instant::now();
+        let why = match st.holder.as_ref() {
+            Some(h) if h.conn == self.conn && now < h.deadline => None,
+            Some(h) if h.conn == self.conn => {
+                Some("the lease of this monitor's lock ran out; LOCK again before writing")
+            }
+            _ => Some("WRITE needs the pause lock: LOCK first, write, then UNLOCK"),
+        };
+        if let Some(why) = why {
+            self.sh.audit.log(
+                "denied",
+                json!({"monitor": self.monitor, "op": "WRITE", "gpa": gpa, "len": len,
+                       "reason": "not holding the lock"}),
+            );
+            return Reply::Error {
+                code: code::NOT_LOCKED,
+                message: why.into(),
+            };
+        }
+        let reply = self.vote(gpa, bytes);
+        drop(st);
+        reply
+    }
+
+    fn vote(&self, gpa: u64, bytes: &[u8]) -> Reply {
+        let len = bytes.len() as u64;
         let sha = tls::fingerprint(bytes);
         let outcome = self.sh.agreement.vote(
             &self.monitor,
@@ -589,60 +880,127 @@ impl Session<'_> {
                 code: code::OUT_OF_RANGE,
                 message: e,
             },
-            Outcome::Busy => Reply::Error {
+            Outcome::Busy(message) => Reply::Error {
                 code: code::BUSY,
-                message: "too many writes are waiting for agreement; retry".into(),
+                message,
             },
         }
     }
 
-    fn holder(&self) -> std::sync::MutexGuard<'_, Option<Holder>> {
-        match self.sh.lock.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    fn state(&self) -> std::sync::MutexGuard<'_, LockState> {
+        locked(&self.sh.lock)
+    }
+
+    fn lock_busy(&self, holder: Option<&str>, message: String) -> Reply {
+        self.sh.audit.log(
+            "lock_busy",
+            json!({"monitor": self.monitor, "holder": holder, "reason": message}),
+        );
+        Reply::Error {
+            code: code::BUSY,
+            message,
         }
     }
 
     fn lock(&self, lease_ms: u32) -> Reply {
-        if !(1..=600_000).contains(&lease_ms) {
+        if !self.grant.lock {
+            return self.not_permitted("LOCK", "lock = true");
+        }
+        let max = self.sh.limits.max_lease_ms;
+        if lease_ms == 0 || u64::from(lease_ms) > max {
             return Reply::Error {
                 code: code::BAD_REQUEST,
-                message: format!("lease_ms {lease_ms} is outside 1..=600000"),
+                message: format!(
+                    "lease_ms {lease_ms} is outside 1..={max} (the bridge's [lock] max_lease_ms); ask for a shorter lease"
+                ),
             };
         }
-        let mut h = self.holder();
-        // Replicated monitors take turns: wait (bounded) for another holder to let go.
-        let give_up = Instant::now() + MAX_LOCK_WAIT;
-        loop {
-            let now = Instant::now();
-            match h.as_ref() {
-                Some(cur) if cur.conn != self.conn && now < cur.deadline && now < give_up => {
-                    let wait = cur.deadline.min(give_up) - now;
-                    h = match self.sh.lock_freed.wait_timeout(h, wait) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
+        let lease = Duration::from_millis(u64::from(lease_ms));
+        let mut st = self.state();
+        let now = Instant::now();
+        let renewing = st
+            .holder
+            .as_ref()
+            .is_some_and(|h| h.conn == self.conn && now < h.deadline);
+        if renewing {
+            if !st.queue.is_empty() {
+                return self.lock_busy(
+                    None,
+                    "another monitor is waiting for the lock: a holder may not renew then; UNLOCK, and LOCK again later".into(),
+                );
+            }
+        } else {
+            // Wait (bounded) for our turn: first come, first served among waiting monitors.
+            st.queue.push_back(self.conn);
+            let give_up = now + MAX_LOCK_WAIT;
+            loop {
+                let now = Instant::now();
+                let held_until = st
+                    .holder
+                    .as_ref()
+                    .filter(|h| h.conn != self.conn && now < h.deadline)
+                    .map(|h| h.deadline);
+                let first = st.queue.front() == Some(&self.conn);
+                if held_until.is_none() && first {
+                    break;
                 }
-                _ => break,
+                if now >= give_up {
+                    st.queue.retain(|&c| c != self.conn);
+                    self.sh.lock_freed.notify_all();
+                    let holder = st.holder.as_ref().map(|h| h.monitor.clone());
+                    let message = match &holder {
+                        Some(h) => format!("monitor {h} holds the lock"),
+                        None => "other monitors are waiting for the lock before this one".into(),
+                    };
+                    return self.lock_busy(holder.as_deref(), message);
+                }
+                let wait = held_until.unwrap_or(give_up).min(give_up) - now;
+                st = match self.sh.lock_freed.wait_timeout(st, wait) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+            st.queue.pop_front();
+            // Whoever is next waits for this monitor now; let them re-check.
+            self.sh.lock_freed.notify_all();
+            if let Some(old) = st.holder.take() {
+                self.sh
+                    .audit
+                    .log("lock_expired", json!({"monitor": old.monitor}));
             }
         }
         let now = Instant::now();
-        if let Some(cur) = h.as_ref() {
-            if cur.conn != self.conn && now < cur.deadline {
-                self.sh.audit.log(
-                    "lock_busy",
-                    json!({"monitor": self.monitor, "holder": cur.monitor}),
-                );
-                return Reply::Error {
-                    code: code::BUSY,
-                    message: format!("monitor {} holds the lock", cur.monitor),
-                };
+        // The duty cycle: a renewal's unused rest of the lease is given back first.
+        if renewing {
+            if let Some(last) = st.history.get_mut(&self.monitor).and_then(|v| v.back_mut()) {
+                last.1 = last.1.min(now);
             }
-            if now >= cur.deadline {
-                self.sh
-                    .audit
-                    .log("lock_expired", json!({"monitor": cur.monitor}));
+        }
+        let limits = self.sh.limits;
+        let window = Duration::from_millis(limits.duty_window_ms);
+        let budget = Duration::from_millis(limits.max_pause_per_window_ms);
+        let used = st.paused_within(&self.monitor, now, window);
+        if used + lease > budget {
+            if renewing {
+                // Keep what was left of the current lease: the refusal takes nothing back.
+                let deadline = st.holder.as_ref().map(|h| h.deadline);
+                if let (Some(last), Some(deadline)) = (
+                    st.history.get_mut(&self.monitor).and_then(|v| v.back_mut()),
+                    deadline,
+                ) {
+                    last.1 = deadline;
+                }
             }
+            return self.lock_busy(
+                None,
+                format!(
+                    "monitor {} held the guest paused {} ms of the last {} ms; with {lease_ms} ms more it would exceed [lock] max_pause_per_window_ms = {}: wait before locking again",
+                    self.monitor,
+                    used.as_millis(),
+                    limits.duty_window_ms,
+                    limits.max_pause_per_window_ms
+                ),
+            );
         }
         // The record first: a pause the audit log cannot hold is not taken.
         let rec = json!({"monitor": self.monitor, "lease_ms": lease_ms});
@@ -652,14 +1010,17 @@ impl Session<'_> {
                 message: format!("lock refused, the guest was not paused: {e}"),
             };
         }
-        let lease = Duration::from_millis(u64::from(lease_ms));
         match self.sh.backend.pause(lease) {
             Ok(lock_ns) => {
-                *h = Some(Holder {
+                st.holder = Some(Holder {
                     conn: self.conn,
                     monitor: self.monitor.clone(),
                     deadline: now + lease,
                 });
+                st.history
+                    .entry(self.monitor.clone())
+                    .or_default()
+                    .push_back((now, now + lease));
                 self.sh.audit.log(
                     "lock",
                     json!({"monitor": self.monitor, "lease_ms": lease_ms, "lock_ns": lock_ns}),
@@ -667,7 +1028,8 @@ impl Session<'_> {
                 Reply::Lock { lock_ns }
             }
             Err(e) => {
-                *h = None;
+                st.end_hold(now);
+                self.sh.lock_freed.notify_all();
                 Reply::Error {
                     code: code::INTERNAL,
                     message: format!("pause failed: {e}"),
@@ -677,11 +1039,12 @@ impl Session<'_> {
     }
 
     fn unlock(&self) -> Reply {
-        let mut h = self.holder();
-        match h.as_ref() {
+        let mut st = self.state();
+        match st.holder.as_ref() {
             Some(cur) if cur.conn == self.conn => {
-                let expired = Instant::now() >= cur.deadline;
-                *h = None;
+                let now = Instant::now();
+                let expired = now >= cur.deadline;
+                st.end_hold(now);
                 self.sh.lock_freed.notify_all();
                 if expired {
                     // bdvmm already resumed the guest when the lease ran out.
@@ -715,9 +1078,10 @@ impl Session<'_> {
     }
 
     fn release_lock(&self) {
-        let mut h = self.holder();
-        if h.as_ref().is_some_and(|cur| cur.conn == self.conn) {
-            *h = None;
+        let mut st = self.state();
+        st.queue.retain(|&c| c != self.conn);
+        if st.holder.as_ref().is_some_and(|cur| cur.conn == self.conn) {
+            st.end_hold(Instant::now());
             self.sh.lock_freed.notify_all();
             let _ = self.sh.backend.resume();
             self.sh
@@ -762,8 +1126,8 @@ impl Session<'_> {
             return self.denied("RESTART", 0, 0);
         }
         // A restart ends any pause lock: the guest boots afresh.
-        let mut h = self.holder();
-        *h = None;
+        let mut st = self.state();
+        st.end_hold(Instant::now());
         self.sh.lock_freed.notify_all();
         match self.sh.backend.restart() {
             Ok(()) => {
@@ -779,10 +1143,37 @@ impl Session<'_> {
         }
     }
 
-    fn regs(&self, vcpu: u8) -> Reply {
-        if self.grant.read.is_empty() {
-            return self.denied("REGS", 0, 0);
+    fn regs(&mut self, vcpu: u8) -> Reply {
+        if !self.grant.regs {
+            return self.not_permitted("REGS", "regs = true");
         }
+        // A token bucket per session: each REGS forces a vCPU exit on kvm.
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.regs_refilled);
+        let earned = u64::try_from(elapsed.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(REGS_PER_SECOND);
+        self.regs_tokens = self
+            .regs_tokens
+            .saturating_add(earned)
+            .min(REGS_BURST * 1000);
+        self.regs_refilled = now;
+        if self.regs_tokens < 1000 {
+            self.sh.audit.log(
+                "denied",
+                json!({"monitor": self.monitor, "op": "REGS", "reason": "rate limit"}),
+            );
+            return Reply::Error {
+                code: code::BUSY,
+                message: format!(
+                    "REGS is limited to {REGS_PER_SECOND} per second (bursts of {REGS_BURST}) per session; retry later"
+                ),
+            };
+        }
+        self.regs_tokens -= 1000;
+        self.sh
+            .audit
+            .log("regs", json!({"monitor": self.monitor, "vcpu": vcpu}));
         match self.sh.backend.regs(vcpu) {
             Ok(r) => Reply::Regs(r),
             Err(e) => Reply::Error {

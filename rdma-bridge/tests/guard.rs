@@ -73,6 +73,8 @@ name = "mon1"
 cert = "pki/mon1.pem"
 read = ["sb", "ram"]
 write = ["hooks"]
+lock = true
+regs = true
 [[monitor]]
 name = "mon2"
 cert = "pki/mon2.pem"
@@ -217,7 +219,8 @@ fn monitors_read_what_they_were_granted_and_nothing_else() {
     assert_eq!(m2.sensor_box().unwrap().sensors.len(), 11);
     fx.wait_audit("denied", "\"op\":\"READ\"");
     fx.wait_audit("denied", "\"op\":\"WRITE\"");
-    // A dump has no vCPUs; the error says so.
+    // REGS needs `regs = true` (mon2 has not); a dump has no vCPUs, and the error says so.
+    assert_eq!(m2.regs(0).unwrap_err().code(), Some(code::DENIED));
     let e = m1.regs(0).unwrap_err();
     assert!(e.to_string().contains("no vCPUs"), "{e}");
     assert_eq!(m1.status().unwrap().state, wire::VM_STOPPED);
@@ -352,11 +355,18 @@ fn bad_input_ends_one_session_and_the_bridge_serves_on() {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused_and_the_bridge_recovers() {
+fn sessions_beyond_a_monitors_cap_are_refused_and_the_bridge_recovers() {
     let fx = start(30_000);
-    let held: Vec<Bridge> = (0..8).map(|_| fx.connect("mon2").unwrap()).collect();
-    assert!(fx.connect("mon1").is_err(), "a ninth session was served");
-    fx.wait_audit("refused", "more than 8");
+    // Each monitor has `max_sessions_per_monitor` (4) slots of its own: mon2 filling its own
+    // locks mon1 out of nothing.
+    let held: Vec<Bridge> = (0..4).map(|_| fx.connect("mon2").unwrap()).collect();
+    assert!(
+        fx.connect("mon2").is_err(),
+        "a fifth mon2 session was served"
+    );
+    fx.wait_audit("refused", "max_sessions_per_monitor");
+    let mut m1 = fx.connect("mon1").unwrap();
+    assert_eq!(m1.sensor_box().unwrap().sensors.len(), 11);
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -42,6 +42,8 @@ const MON: MonitorSpec = MonitorSpec {
     read: &["sb", "ram"],
     write: &["hooks"],
     restart: false,
+    lock: true,
+    regs: true,
 };
 
 /// Wraps an HM and notes when it is called.

@@ -30,6 +30,8 @@ const MON: MonitorSpec = MonitorSpec {
     read: &["backdoor", "ram"],
     write: &["hooks"],
     restart: false,
+    lock: true,
+    regs: true,
 };
 
 fn row(what: &str, v: Vec<Duration>) -> Duration {

@@ -22,6 +22,11 @@ pub struct MonitorSpec {
     pub write: &'static [&'static str],
     /// May restart the guest.
     pub restart: bool,
+    /// May take the pause lock (needed to write: with k = 1 a WRITE needs the lock held, with
+    /// k >= 2 a vote needs the permission).
+    pub lock: bool,
+    /// May read vCPU registers (needed to locate the guest kernel).
+    pub regs: bool,
 }
 
 /// A PKI and a bridge config in a temp dir.
@@ -53,12 +58,14 @@ impl BridgeSetup {
         for m in monitors {
             tls::pki_issue(&pki, m.name).expect("pki issue");
             cfg.push_str(&format!(
-                "[[monitor]]\nname = \"{}\"\ncert = \"pki/{}.pem\"\nread = [{}]\nwrite = [{}]\nrestart = {}\n",
+                "[[monitor]]\nname = \"{}\"\ncert = \"pki/{}.pem\"\nread = [{}]\nwrite = [{}]\nrestart = {}\nlock = {}\nregs = {}\n",
                 m.name,
                 m.name,
                 list(m.read),
                 list(m.write),
-                m.restart
+                m.restart,
+                m.lock,
+                m.regs
             ));
         }
         let config = dir.path().join("bridge.toml");

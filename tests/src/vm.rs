@@ -307,6 +307,8 @@ impl Vm {
                 read: &["sb", "ram"],
                 write: &["ram", "hooks"],
                 restart: false,
+                lock: true,
+                regs: true,
             }],
             1,
             1000,
@@ -321,6 +323,7 @@ impl Vm {
             backdoor: (gpa, size),
             size: total,
             _bridge: Box::new((bridge, setup)),
+            locked: std::cell::Cell::new(false),
         }
     }
 
@@ -372,10 +375,37 @@ pub enum GuestMem {
         size: u64,
         /// The bridge process and its PKI, kept alive.
         _bridge: Box<(BridgeProc, BridgeSetup)>,
+        /// Whether this session holds the bridge's lock (see [`GuestMem::pause`]).
+        locked: std::cell::Cell<bool>,
     },
 }
 
 impl GuestMem {
+    /// Pauses the guest for writes through this memory: bdvmm's pause over `c` for the mapped
+    /// memfd, the bridge's lock for a remote guest (the bridge applies a WRITE only from the
+    /// lock's holder). Undo with [`GuestMem::resume`].
+    pub fn pause(&self, c: &mut ApiClient, lease: Duration) -> Result<(), String> {
+        match self {
+            GuestMem::Mapped(..) => c.pause(Some(lease)).map(drop).map_err(|e| e.to_string()),
+            GuestMem::Remote { mem, locked, .. } => {
+                mem.lock(lease).map_err(|e| e.to_string())?;
+                locked.set(true);
+                Ok(())
+            }
+        }
+    }
+
+    /// Resumes what [`GuestMem::pause`] paused.
+    pub fn resume(&self, c: &mut ApiClient) -> Result<(), String> {
+        match self {
+            GuestMem::Mapped(..) => c.resume().map(drop).map_err(|e| e.to_string()),
+            GuestMem::Remote { mem, locked, .. } => {
+                locked.set(false);
+                mem.unlock().map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// The backdoor range (gpa, size).
     pub fn backdoor(&self) -> (u64, u64) {
         match self {
@@ -410,7 +440,16 @@ impl PhysMem for GuestMem {
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         match self {
             GuestMem::Mapped(m, ..) => m.write(gpa, bytes),
-            GuestMem::Remote { mem, .. } => mem.write(gpa, bytes),
+            GuestMem::Remote { mem, locked, .. } if locked.get() => mem.write(gpa, bytes),
+            // The bridge applies a WRITE only from the lock's holder: hold it around the write.
+            GuestMem::Remote { mem, .. } => {
+                mem.lock(Duration::from_secs(2))
+                    .map_err(|e| MemError::Remote(format!("lock for a write: {e}")))?;
+                let written = mem.write(gpa, bytes);
+                let unlocked = mem.unlock();
+                written?;
+                unlocked.map_err(|e| MemError::Remote(format!("unlock after a write: {e}")))
+            }
         }
     }
 }

@@ -66,6 +66,8 @@ fn world(engine: Engine, kernel: Kernel, params: &str) -> World {
                 &["hooks"]
             },
             restart: true,
+            lock: true,
+            regs: true,
         }],
         1,
         1000,

@@ -39,6 +39,8 @@ const READER: MonitorSpec = MonitorSpec {
     read: &["sb", "ram"],
     write: &["hooks"],
     restart: false,
+    lock: true,
+    regs: true,
 };
 
 fn a_remote_monitor_reads_the_sensor_box_and_process_table(engine: Engine) {
@@ -53,6 +55,8 @@ fn a_remote_monitor_reads_the_sensor_box_and_process_table(engine: Engine) {
                 read: &["sb"],
                 write: &[],
                 restart: false,
+                lock: false,
+                regs: false,
             },
         ],
         1,
@@ -119,6 +123,12 @@ fn a_remote_monitor_reads_the_sensor_box_and_process_table(engine: Engine) {
         s.write(bd + 0x2000, &[0; 4]).unwrap_err().code(),
         Some(code::DENIED)
     );
+    // Nor may it pause the guest or read its registers (CR3, RIP and GS base defeat KASLR).
+    assert_eq!(
+        s.lock(Duration::from_secs(1)).unwrap_err().code(),
+        Some(code::DENIED)
+    );
+    assert_eq!(s.regs(0).unwrap_err().code(), Some(code::DENIED));
     // And mon1 may write only the hooks, not RAM or the Sensor Box header.
     assert_eq!(
         b.write(0x10_0000, &[0; 4]).unwrap_err().code(),
@@ -160,6 +170,8 @@ fn two_of_three_monitors_must_agree_before_a_kill_is_written(engine: Engine) {
             read: &["sb", "ram"],
             write: &["hooks"],
             restart: false,
+            lock: true,
+            regs: true,
         })
         .collect();
     let setup = BridgeSetup::new(&vm.site().listen_addr(), &mons, 2, 1500);
@@ -214,8 +226,8 @@ fn two_of_three_monitors_must_agree_before_a_kill_is_written(engine: Engine) {
     );
     let applied = setup.audit_events("write_applied");
     assert!(
-        applied.len() >= 7,
-        "slot fields, state and doorbell: {applied:?}"
+        applied.len() >= 2,
+        "the whole slot, then the doorbell: {applied:?}"
     );
     assert!(applied
         .iter()
@@ -255,11 +267,11 @@ fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen(engine: Engi
     };
     assert!(progressing(&mut watcher));
 
-    // 1. A monitor takes the lock for a minute and its connection dies (as when its process is
+    // 1. A monitor takes the lock for the longest lease (10 s) and its connection dies (as when its process is
     //    killed: the kernel closes the socket). The guest runs again at once.
     let mut m = bridge.connect(&setup.id("mon1"));
     assert_eq!(watcher.status().unwrap().state, wire::VM_RUNNING);
-    m.lock(Duration::from_secs(60)).expect("lock");
+    m.lock(Duration::from_secs(10)).expect("lock");
     assert_eq!(watcher.status().unwrap().state, wire::VM_PAUSED);
     assert!(!progressing(&mut watcher), "the guest ran while locked");
     let locked = Instant::now();
@@ -285,7 +297,7 @@ fn a_dead_monitor_or_a_crashed_bridge_never_leaves_the_guest_frozen(engine: Engi
 
     // 3. The bridge itself crashes while a monitor holds the lock: bdvmm ends the lease.
     let mut m = bridge.connect(&setup.id("mon1"));
-    m.lock(Duration::from_secs(60)).expect("lock");
+    m.lock(Duration::from_secs(10)).expect("lock");
     bridge.crash();
     let mut c = vm.client();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -269,7 +269,8 @@ fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(engine: 
     let mb = Mailbox::open(&g.mem, &sb).unwrap();
     let mut c = g.vm.client();
 
-    c.pause(Some(Duration::from_secs(10))).unwrap();
+    // Through the bridge (a kvm host), writes need the bridge's lock: pause through `g.mem`.
+    g.mem.pause(&mut c, Duration::from_secs(10)).unwrap();
     let s_busy = mb
         .post(
             &g.mem,
@@ -335,7 +336,7 @@ fn repair_hooks_kill_a_busy_and_a_sleeping_task_and_refuse_bad_requests(engine: 
     let mut junk = [0xa5u8; 32];
     junk[0..4].copy_from_slice(&77u32.to_le_bytes());
     mb.post_raw(&g.mem, 40, &junk).unwrap();
-    c.resume().unwrap();
+    g.mem.resume(&mut c).unwrap();
 
     g.vm.expect(
         &format!("REPAIR exited pid={busy} status=137"),
