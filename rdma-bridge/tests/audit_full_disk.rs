@@ -145,6 +145,7 @@ name = "mon1"
 cert = "pki/mon1.pem"
 read = ["sb", "ram"]
 write = ["hooks"]
+lock = true
 "#,
     )
     .unwrap();
