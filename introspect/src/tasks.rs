@@ -402,6 +402,13 @@ impl<'m> KernelMem<'m> {
         }
         Ok(out)
     }
+
+    /// Fills `buf` from kernel virtual `va` as memory is now, past any cache
+    /// ([`PhysMem::read_fresh`]): the kill path's checks right before it writes.
+    pub fn read_fresh(&self, va: u64, what: &'static str, buf: &mut [u8]) -> Result<(), TaskError> {
+        let base = self.phys(va & !7, what)?;
+        Ok(self.mem.read_fresh(base + (va & 7), buf)?)
+    }
 }
 
 /// `_QW_WMASK` (include/asm-generic/qrwlock.h): the writer bits of a qrwlock's count.
