@@ -242,7 +242,8 @@ pub struct GuestConfig {
     /// Sampling period for this guest.
     #[serde(default)]
     pub sample_ms: Option<u64>,
-    /// Pause lease while healing.
+    /// Pause lease while healing; kills are posted only while more than a quarter of it is left
+    /// ([`crate::hm::LEASE_MARGIN`]).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
     /// Threshold overrides, by sensor name.

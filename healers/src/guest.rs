@@ -293,13 +293,16 @@ impl Guest {
     }
 
     /// Kills `victims` through [`repair::kill`], the one kill path (it applies the never-kill
-    /// rule and chooses the mailbox or direct writes). The caller holds the lock.
+    /// rule, chooses the mailbox or direct writes, re-checks each direct victim and starts
+    /// nothing after `until`). The caller holds the lock: healers call
+    /// [`crate::hm::Held::kill`], which passes the end of its lease.
     pub fn kill(
         &mut self,
         victims: &Victims,
         table: Option<&[Process]>,
         spared: &Spared,
         sb: Option<&SensorBox>,
+        until: Option<Instant>,
     ) -> Result<Killed, GuestError> {
         let r = match (&self.kernel, &self.mem) {
             (Some(k), Some(mem)) if self.locked => {
@@ -309,6 +312,7 @@ impl Guest {
                     km: &km,
                     sb,
                     direct: &k.direct,
+                    until,
                 };
                 repair::kill(&site, victims, table, spared).map_err(GuestError::from)
             }
