@@ -17,7 +17,8 @@
 //!   and a loop of `real_parent` pointers is [`TaskError::Cycle`].
 //!
 //! [`TaskError::is_guest_fault`] tells a hostile or corrupt guest (or one too big for the budget)
-//! from memory that could not be read.
+//! from memory that could not be read; [`TaskError::is_over_budget`] tells a walk stopped by its
+//! budget of entries or time.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -96,11 +97,15 @@ pub enum TaskError {
 }
 
 impl TaskError {
-    /// True if the guest's memory made no sense or was too big for the walk's budget (a hostile
-    /// or corrupt kernel, wrong symbols or layouts), false if memory could not be read (a lost
-    /// session, an ungranted range) or a type is missing from BTF.
+    /// True if the guest's task lists made no sense or held more than the walk's budget of
+    /// entries (a hostile or corrupt kernel, wrong symbols or layouts); false if memory could not
+    /// be read (a lost session, an ungranted range), a type is missing from BTF, or the walk ran
+    /// out of time (slow memory as likely as a hostile guest: the entries are bounded anyway).
     pub fn is_guest_fault(&self) -> bool {
-        !matches!(self, TaskError::Mem(_) | TaskError::Btf(_))
+        !matches!(
+            self,
+            TaskError::Mem(_) | TaskError::Btf(_) | TaskError::OutOfTime { .. }
+        )
     }
 
     /// True if the walk stopped at its budget of entries or of time (see [`Limits`]).
@@ -685,6 +690,37 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
         max_time: Duration::from_secs(1),
     };
     let _ = process_table(&km, &layout, 0xffff_8880_0000_0000 + off(17), limits);
+    // The walk's parts on their own, so that every input reaches them, not only one whose
+    // init_task looks like the idle task: lists sharing one budget and visited set ...
+    let mut walk = Walk::new(limits);
+    let head = 0xffff_8880_0000_0000 + off(18);
+    if let Ok(leaders) = km.list(&mut walk, head, layout.tasks, "task list", None, None) {
+        for (i, &t) in leaders.iter().enumerate() {
+            let Ok(signal) = km.u64_at(t.wrapping_add(layout.signal), "signal") else {
+                break;
+            };
+            let threads = signal.wrapping_add(layout.signal_thread_head);
+            let list = km.list(
+                &mut walk,
+                threads,
+                layout.thread_node,
+                "thread list",
+                Some(i),
+                Some(t),
+            );
+            if list.is_err() {
+                break;
+            }
+        }
+    }
+    // ... and depths over parent links taken from the input (0xff: no parent).
+    let n = data.len().clamp(1, 4096);
+    let parent: Vec<Option<usize>> = data
+        .iter()
+        .take(n)
+        .map(|&b| (b != 0xff).then_some(usize::from(b) % n))
+        .collect();
+    let _ = depths(&parent, &mut WalkStats::default());
 }
 
 #[cfg(test)]
@@ -964,7 +1000,7 @@ mod tests {
         };
         let e = g.walk(no_time).0.unwrap_err();
         assert!(matches!(e, TaskError::OutOfTime { .. }), "{e}");
-        assert!(e.is_over_budget());
+        assert!(e.is_over_budget() && !e.is_guest_fault());
         // A read failure is not the guest's fault.
         assert!(!TaskError::Mem(MemError::Io("gone".into())).is_guest_fault());
     }
