@@ -14,7 +14,7 @@ use introspect::kernel::{KernelError, Symbols};
 use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, Target};
-use introspect::tasks::{KernelMem, Process, TaskError};
+use introspect::tasks::{KernelMem, Limits, Process, TaskError};
 use introspect::virtual_sensors::{VirtualError, VirtualSensors};
 
 use crate::config::GuestConfig;
@@ -259,10 +259,18 @@ impl Guest {
         self.guard(r)
     }
 
-    /// The process table; the caller holds the lock.
+    /// The process table, within the walk budget of this guest's config; the caller holds the
+    /// lock (healers: [`crate::hm::Held::processes`], which also ends the walk with the lease).
     pub fn processes(&mut self) -> Result<Vec<Process>, GuestError> {
+        self.processes_within(self.cfg.walk_limits())
+    }
+
+    /// The process table, within `limits`; the caller holds the lock.
+    pub fn processes_within(&mut self, limits: Limits) -> Result<Vec<Process>, GuestError> {
         let r = match (&self.kernel, &self.mem) {
-            (Some(k), Some(mem)) if self.locked => k.target.walk(mem).map_err(GuestError::from),
+            (Some(k), Some(mem)) if self.locked => {
+                k.target.walk_within(mem, limits).map_err(GuestError::from)
+            }
             _ => Err(GuestError::NotLocked),
         };
         self.guard(r)

@@ -217,7 +217,7 @@ fn locked_round<D: Diagnosis>(
     let (table, culprit) = match quick {
         Some((c, uid)) => (None, Some((c, Victims::Uid(uid)))),
         None => {
-            let t = held.guest.processes().map_err(at("diagnosis"))?;
+            let t = held.processes().map_err(at("diagnosis"))?;
             let c = d.diagnose(&mut held, &t, sb).map_err(at("diagnosis"))?;
             (Some(t), c)
         }

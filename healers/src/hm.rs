@@ -146,6 +146,15 @@ impl Held<'_, '_> {
         self.post_until().saturating_duration_since(Instant::now())
     }
 
+    /// The process table, walked under this lock within the guest's walk budget
+    /// (`walk_entries`, `walk_ms`), and never past [`Held::post_until`]: a table read after
+    /// that could not be acted on.
+    pub fn processes(&mut self) -> Result<Vec<Process>, GuestError> {
+        let mut limits = self.ctx.guest.cfg.walk_limits();
+        limits.max_time = limits.max_time.min(self.lease_left());
+        self.ctx.guest.processes_within(limits)
+    }
+
     /// Kills `victims` under this lock ([`Guest::kill`], the one kill path): nothing is posted
     /// after [`Held::post_until`], and a direct victim whose task_struct holds another task
     /// now is left alone; both are reported in the result.
