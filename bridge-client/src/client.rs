@@ -528,6 +528,10 @@ impl PhysMem for BridgeMem {
         self.mem.read(gpa, buf)
     }
 
+    fn read_fresh(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.mem.read_fresh(gpa, buf)
+    }
+
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         self.mem.write(gpa, bytes)
     }

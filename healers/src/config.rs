@@ -26,6 +26,9 @@
 //! pki = "pki"                      # ca.pem, MONITOR.pem, MONITOR.key
 //! monitor = "mon1"
 //! # stock kernels (virtual sensors): system_map = "...", vmlinux = "..."
+//! lease_ms = 2000                  # pause lease while healing; kills stop in its last quarter
+//! walk_entries = 65536             # most task_structs one task-list walk takes (tasks + threads)
+//! walk_ms = 1000                   # longest one walk may take
 //! [guest.thresholds]               # override the guest's thresholds, by sensor name
 //! NPROCS = 300
 //! ```
@@ -242,9 +245,17 @@ pub struct GuestConfig {
     /// Sampling period for this guest.
     #[serde(default)]
     pub sample_ms: Option<u64>,
-    /// Pause lease while healing.
+    /// Pause lease while healing; kills are posted only while more than a quarter of it is left
+    /// ([`crate::hm::LEASE_MARGIN`]).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Most task_structs one walk of this guest's task lists takes, processes and threads
+    /// together (a hostile kernel cannot make bdmon walk more).
+    #[serde(default = "default_walk_entries")]
+    pub walk_entries: usize,
+    /// Longest one walk may take, in ms (never longer than the lease allows a kill after it).
+    #[serde(default = "default_walk_ms")]
+    pub walk_ms: u64,
     /// Threshold overrides, by sensor name.
     #[serde(default)]
     pub thresholds: BTreeMap<String, u64>,
@@ -262,6 +273,14 @@ impl GuestConfig {
                     .map(|(_, id)| (*id, *t))
             })
             .collect()
+    }
+
+    /// The budget of one walk of this guest's task lists.
+    pub fn walk_limits(&self) -> introspect::tasks::Limits {
+        introspect::tasks::Limits {
+            max_entries: self.walk_entries,
+            max_time: std::time::Duration::from_millis(self.walk_ms),
+        }
     }
 
     /// The bridge identity.
@@ -286,6 +305,12 @@ fn default_rounds() -> u32 {
 }
 fn default_lease_ms() -> u64 {
     2000
+}
+fn default_walk_entries() -> usize {
+    introspect::tasks::DEFAULT_MAX_ENTRIES
+}
+fn default_walk_ms() -> u64 {
+    crate::events::millis(introspect::tasks::DEFAULT_MAX_TIME)
 }
 fn default_server_name() -> String {
     bridge_client::tls::DEFAULT_SERVER_NAME.into()
@@ -387,6 +412,12 @@ impl Config {
             if !(10..=600_000).contains(&g.lease_ms) {
                 return bad(format!("guest {}: lease_ms must be 10..=600000", g.name));
             }
+            if !(1..=1 << 22).contains(&g.walk_entries) || !(1..=600_000).contains(&g.walk_ms) {
+                return bad(format!(
+                    "guest {}: walk_entries must be 1..=4194304 and walk_ms 1..=600000",
+                    g.name
+                ));
+            }
             for name in g.thresholds.keys() {
                 if !SENSOR_NAMES.iter().any(|(n, _)| n == name) {
                     return bad(format!(
@@ -415,6 +446,10 @@ mod tests {
         assert_eq!(c.mem.policy, MemPolicy::MAX_RSSUID_SAVEUID);
         assert_eq!(c.proc.policies[0], ProcPolicy::RATE_TOO_HIGH);
         assert!(!c.dry_run);
+        assert_eq!(
+            c.guests[0].walk_limits(),
+            introspect::tasks::Limits::default()
+        );
     }
 
     #[test]
@@ -436,6 +471,7 @@ mod tests {
                 "needs command",
             ),
             (&format!("{GUEST}{GUEST}"), "duplicate"),
+            (&format!("{GUEST}walk_entries = 0\n"), "walk_entries"),
         ] {
             let e = Config::parse(text, Path::new("x.toml"))
                 .unwrap_err()

@@ -14,7 +14,7 @@ use introspect::kernel::{KernelError, Symbols};
 use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, Target};
-use introspect::tasks::{KernelMem, Process, TaskError};
+use introspect::tasks::{KernelMem, Limits, Process, TaskError};
 use introspect::virtual_sensors::{VirtualError, VirtualSensors};
 
 use crate::config::GuestConfig;
@@ -259,10 +259,18 @@ impl Guest {
         self.guard(r)
     }
 
-    /// The process table; the caller holds the lock.
+    /// The process table, within the walk budget of this guest's config; the caller holds the
+    /// lock (healers: [`crate::hm::Held::processes`], which also ends the walk with the lease).
     pub fn processes(&mut self) -> Result<Vec<Process>, GuestError> {
+        self.processes_within(self.cfg.walk_limits())
+    }
+
+    /// The process table, within `limits`; the caller holds the lock.
+    pub fn processes_within(&mut self, limits: Limits) -> Result<Vec<Process>, GuestError> {
         let r = match (&self.kernel, &self.mem) {
-            (Some(k), Some(mem)) if self.locked => k.target.walk(mem).map_err(GuestError::from),
+            (Some(k), Some(mem)) if self.locked => {
+                k.target.walk_within(mem, limits).map_err(GuestError::from)
+            }
             _ => Err(GuestError::NotLocked),
         };
         self.guard(r)
@@ -293,13 +301,16 @@ impl Guest {
     }
 
     /// Kills `victims` through [`repair::kill`], the one kill path (it applies the never-kill
-    /// rule and chooses the mailbox or direct writes). The caller holds the lock.
+    /// rule, chooses the mailbox or direct writes, re-checks each direct victim and starts
+    /// nothing after `until`). The caller holds the lock: healers call
+    /// [`crate::hm::Held::kill`], which passes the end of its lease.
     pub fn kill(
         &mut self,
         victims: &Victims,
         table: Option<&[Process]>,
         spared: &Spared,
         sb: Option<&SensorBox>,
+        until: Option<Instant>,
     ) -> Result<Killed, GuestError> {
         let r = match (&self.kernel, &self.mem) {
             (Some(k), Some(mem)) if self.locked => {
@@ -309,6 +320,7 @@ impl Guest {
                     km: &km,
                     sb,
                     direct: &k.direct,
+                    until,
                 };
                 repair::kill(&site, victims, table, spared).map_err(GuestError::from)
             }

@@ -92,6 +92,8 @@ enum Round {
         processes: Option<usize>,
         nprocs_before: Option<u64>,
     },
+    /// Too little of the lock's lease was left to kill: nothing posted; lock and diagnose again.
+    LeaseShort,
 }
 
 /// Runs the loop for `d` on violation `v`: at most `d.max_rounds()` rounds, each followed by up to
@@ -102,10 +104,24 @@ pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -
     let called = Instant::now();
     let mut killed_total = 0usize;
     let mut sb = ctx.sb.clone();
+    let mut lease_short = false;
     for round in 1..=max_rounds {
+        lease_short = false;
         let (walked, nprocs_before) = match locked_round(ctx, d, &sb, round) {
-            Err(e) => return not_healed(ctx, hm, v, round, e.to_string()),
+            Err(e) => {
+                // A hostile or corrupt task list (or one over the walk's budget), not a failed read.
+                let guest_fault = matches!(&e.error, GuestError::Task(t) if t.is_guest_fault());
+                if guest_fault {
+                    tracing::warn!(guest = %ctx.guest.cfg.name, "{e}");
+                }
+                return not_healed(ctx, hm, v, round, e.to_string(), guest_fault);
+            }
             Ok(Round::DryRun) => return HealOutcome::DryRun,
+            Ok(Round::LeaseShort) => {
+                // Lock again at once and diagnose afresh: the table may be out of date.
+                lease_short = true;
+                continue;
+            }
             Ok(Round::NoCulprit(reason)) => {
                 ctx.emit(
                     "no_culprit",
@@ -171,13 +187,13 @@ pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    not_healed(
-        ctx,
-        hm,
-        v,
-        max_rounds,
-        "sensors still out of contract".into(),
-    )
+    let reason = if lease_short {
+        "the lock's lease was nearly over before every kill; raise lease_ms (the walk or the \
+         bridge is slow)"
+    } else {
+        "sensors still out of contract"
+    };
+    not_healed(ctx, hm, v, max_rounds, reason.into(), false)
 }
 
 /// One round under the lock: diagnose (quick, or from a walked table), log the diagnosis, kill.
@@ -201,7 +217,7 @@ fn locked_round<D: Diagnosis>(
     let (table, culprit) = match quick {
         Some((c, uid)) => (None, Some((c, Victims::Uid(uid)))),
         None => {
-            let t = held.guest.processes().map_err(at("diagnosis"))?;
+            let t = held.processes().map_err(at("diagnosis"))?;
             let c = d.diagnose(&mut held, &t, sb).map_err(at("diagnosis"))?;
             (Some(t), c)
         }
@@ -234,9 +250,20 @@ fn locked_round<D: Diagnosis>(
         );
         return Ok(Round::DryRun);
     }
-    let killed = held
-        .guest
-        .kill(&victims, table.as_deref(), &spared, Some(sb));
+    // The kill must land while the guest is surely still paused: with too little of the lease
+    // left (a slow walk or bridge), post nothing and go round again.
+    if held.lease_left().is_zero() {
+        let since = held.since();
+        drop(held);
+        ctx.emit(
+            "lease_short",
+            json!({"hm": hm, "round": round, "uid": c.uid, "victims": pids.len(),
+                   "lease_ms": ctx.guest.cfg.lease_ms, "locked_us": micros(since.elapsed()),
+                   "reason": "too little of the lock's lease left to kill; nothing posted"}),
+        );
+        return Ok(Round::LeaseShort);
+    }
+    let killed = held.kill(&victims, table.as_deref(), &spared, Some(sb));
     let released = held.release();
     let (killed, held_for) = killed
         .and_then(|k| released.map(|h| (k, h)))
@@ -252,6 +279,8 @@ fn locked_round<D: Diagnosis>(
                // Unknown until the re-check when no table was walked (see `healed`).
                "killed": killed.processes,
                "requests": killed.requests, "how": killed.how, "pids": killed.pids,
+               // Left alone: their task_struct holds another task now; not posted: lease short.
+               "stale": killed.stale, "late": killed.late,
                "lock_ns": info.lock_ns, "lock_held_us": micros(held_for),
                "dry_run": false}),
     );
@@ -267,10 +296,14 @@ fn not_healed(
     v: &Violation,
     round: u32,
     reason: String,
+    guest_fault: bool,
 ) -> HealOutcome {
+    // `guest_fault`: the guest's task lists are hostile, corrupt or over the walk's budget
+    // (introspect::tasks::TaskError::is_guest_fault), not a failed read.
     ctx.emit(
         "not_healed",
-        json!({"hm": hm, "sensor": v.name, "rounds": round, "reason": reason}),
+        json!({"hm": hm, "sensor": v.name, "rounds": round, "reason": reason,
+               "guest_fault": guest_fault}),
     );
     ctx.metrics.add(
         "bdmon_not_healed_total",

@@ -36,8 +36,9 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
-use introspect::repair::Spared;
+use introspect::repair::{Killed, Spared, Victims};
 use introspect::sensorbox::SensorBox;
+use introspect::tasks::Process;
 use serde_json::Value;
 
 use crate::config::Config;
@@ -98,13 +99,29 @@ impl<'a> HealContext<'a> {
     /// [`Guest`]) and returns a guard that releases it when dropped, whatever path the healer takes
     /// out; [`Held::release`] releases it now and reports how that went.
     pub fn lock<'c>(&'c mut self, sb: &SensorBox) -> Result<Held<'c, 'a>, GuestError> {
+        // Before the LOCK is asked for: the lease cannot have started earlier, so the end of
+        // the lease reckoned from here is never later than the bridge's.
+        let taken = Instant::now();
         let info = self.guest.lock(Some(sb))?;
+        let lease = Duration::from_millis(self.guest.cfg.lease_ms);
         Ok(Held {
             ctx: self,
             info,
             held: true,
+            taken,
+            lease,
         })
     }
+}
+
+/// Kills are posted only while more than `1 / LEASE_MARGIN` of the lock's lease is left (500 ms
+/// of the default 2 s): what is posted lands while the guest is surely still paused.
+pub const LEASE_MARGIN: u32 = 4;
+
+/// The last instant a lock whose lease `lease` was asked for at `taken` may post kills.
+pub fn post_until(taken: Instant, lease: Duration) -> Instant {
+    let usable = lease.saturating_sub(lease / LEASE_MARGIN);
+    taken.checked_add(usable).unwrap_or(taken)
 }
 
 /// The guest's pause lock, held; the [`HealContext`] stays usable through it. Dropping it releases
@@ -114,9 +131,44 @@ pub struct Held<'c, 'a> {
     /// What taking the lock cost.
     pub info: LockInfo,
     held: bool,
+    taken: Instant,
+    lease: Duration,
 }
 
 impl Held<'_, '_> {
+    /// The last instant this lock may post kills ([`post_until`]).
+    pub fn post_until(&self) -> Instant {
+        post_until(self.taken, self.lease)
+    }
+
+    /// What is left of the lease before [`Held::post_until`] (zero once past it).
+    pub fn lease_left(&self) -> Duration {
+        self.post_until().saturating_duration_since(Instant::now())
+    }
+
+    /// The process table, walked under this lock within the guest's walk budget
+    /// (`walk_entries`, `walk_ms`), and never past [`Held::post_until`]: a table read after
+    /// that could not be acted on.
+    pub fn processes(&mut self) -> Result<Vec<Process>, GuestError> {
+        let mut limits = self.ctx.guest.cfg.walk_limits();
+        limits.max_time = limits.max_time.min(self.lease_left());
+        self.ctx.guest.processes_within(limits)
+    }
+
+    /// Kills `victims` under this lock ([`Guest::kill`], the one kill path): nothing is posted
+    /// after [`Held::post_until`], and a direct victim whose task_struct holds another task
+    /// now is left alone; both are reported in the result.
+    pub fn kill(
+        &mut self,
+        victims: &Victims,
+        table: Option<&[Process]>,
+        spared: &Spared,
+        sb: Option<&SensorBox>,
+    ) -> Result<Killed, GuestError> {
+        let until = self.post_until();
+        self.ctx.guest.kill(victims, table, spared, sb, Some(until))
+    }
+
     /// Releases the lock now; returns how long it was held.
     pub fn release(mut self) -> Result<Duration, GuestError> {
         self.held = false;
@@ -210,5 +262,19 @@ impl Registry {
         let mut v: Vec<u32> = self.by_sensor.keys().copied().collect();
         v.sort_unstable();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kills_stop_a_quarter_of_the_lease_before_it_ends() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(post_until(t, ms(2000)), t + ms(1500));
+        assert_eq!(post_until(t, ms(10)), t + ms(10) - ms(10) / 4);
+        assert_eq!(post_until(t, Duration::ZERO), t);
     }
 }

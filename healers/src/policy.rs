@@ -5,7 +5,7 @@
 //! threads, init, spared users) is never a candidate; a policy whose answer is not clear (no user well ahead of the others) names
 //! nobody, and the healer then reports and does nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use introspect::repair::{killable, Spared};
 use introspect::tasks::Process;
@@ -144,11 +144,13 @@ pub fn max_rss(table: &[Process], spared: &Spared) -> Option<(Culprit, Vec<u32>)
     }
     let by_pid: HashMap<u32, &Process> = table.iter().map(|p| (p.task.pid, p)).collect();
     let mut pids = vec![victim.task.pid];
+    // A set beside the list: a hostile guest's 65,536-long chain must not cost a quadratic scan.
+    let mut seen: HashSet<u32> = pids.iter().copied().collect();
     let mut cur = victim;
     for _ in 0..table.len() {
         match by_pid.get(&cur.task.ppid) {
             Some(parent) if killable(parent, spared) && parent.task.uid == victim.task.uid => {
-                if pids.contains(&parent.task.pid) {
+                if !seen.insert(parent.task.pid) {
                     break;
                 }
                 pids.push(parent.task.pid);

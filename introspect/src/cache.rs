@@ -124,6 +124,10 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
         Ok(())
     }
 
+    fn read_fresh(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.inner.read_fresh(gpa, buf)
+    }
+
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         self.inner.write(gpa, bytes)?;
         // Keep cached pages truthful.

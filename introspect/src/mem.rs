@@ -35,6 +35,12 @@ pub trait PhysMem {
         Err(MemError::Io("this memory source is read-only".into()))
     }
 
+    /// Fills `buf` from the memory as it is now, past any cache: for the checks the kill path
+    /// makes right before it writes ([`crate::repair`]). Sources without a cache just read.
+    fn read_fresh(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.read(gpa, buf)
+    }
+
     /// Reads a little-endian u64.
     fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
         let mut b = [0u8; 8];

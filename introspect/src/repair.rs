@@ -18,9 +18,27 @@
 //! The guest must be paused (bdvmm's pause lock) for the duration of the call: the direct path is
 //! a read-modify-write of words the guest kernel also writes.
 //!
+//! The table a kill works from is a snapshot, and a task_struct is reused as soon as its task is
+//! gone. So the kill is tied to the pause it was read under:
+//!
+//! * **Direct path: every victim re-checked.** Right before its writes, each of the victim's
+//!   task_structs is read again at its address, past any page cache
+//!   ([`crate::mem::PhysMem::read_fresh`]): the leader's pid, tgid and start time, each other
+//!   thread's pid and tgid must still be the table's. If one is not, the victim is left alone
+//!   and reported in [`Killed::stale`] — a reused task_struct (a root daemon's, say) is never
+//!   signalled.
+//! * **Mailbox path:** a KILL_PID request carries the start time, and the guest kernel checks pid
+//!   and start time itself when it carries the request out (guest-kernel-patches/0004,
+//!   `bd_kill_pid`: `-ESTALE` on a mismatch), so nothing is re-read here.
+//! * **Within the lease.** [`KillSite::until`] is the last instant the caller's lock is surely
+//!   still held (its lease less a margin): no request or victim is started after it, and what is
+//!   left is counted in [`Killed::late`]; the caller locks again and re-diagnoses.
+//!
 //! [`kill`] is the one kill path of the project: the healers and the tests name the victims (a user
 //! or some pids) and the users to spare, and it applies the never-kill rule ([`killable`], the only
 //! copy of it), chooses mailbox or direct writes, and reports what it did.
+
+use std::time::Instant;
 
 use crate::btf::Btf;
 use crate::hooks::{HookError, KillTarget, Mailbox};
@@ -66,6 +84,37 @@ pub enum RepairError {
     /// The request cannot be carried out without the process table.
     #[error("{0} needs the process table (no repair-hook mailbox to ask the guest kernel)")]
     NeedsTable(&'static str),
+    /// The victim's task_struct now holds another task: the table is out of date.
+    #[error(
+        "pid {} ({:#x}) now holds pid {} tgid {} started at {} ns: the process table is out of \
+         date (did the lock's lease run out?); nothing written, lock and walk again",
+        .0.pid, .0.addr, .0.found.pid, .0.found.tgid, .0.found.start_time
+    )]
+    Stale(Box<Stale>),
+}
+
+/// Who a task_struct holds, read at its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Identity {
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+    /// `start_time`, ns since boot.
+    pub start_time: u64,
+}
+
+/// A victim left alone because one of its task_structs no longer holds the task the table showed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Stale {
+    /// The task's pid in the table.
+    pub pid: u32,
+    /// The victim's (process) pid in the table.
+    pub victim: u32,
+    /// The task_struct's address.
+    pub addr: u64,
+    /// What is there now.
+    pub found: Identity,
 }
 
 /// Offsets the direct path writes, from BTF.
@@ -75,6 +124,9 @@ pub struct DirectLayout {
     shared_pending: u64,
     pending: u64,
     ti_flags: u64,
+    pid: u64,
+    tgid: u64,
+    start_time: u64,
 }
 
 impl DirectLayout {
@@ -85,6 +137,9 @@ impl DirectLayout {
             shared_pending: btf.field_offset("signal_struct", "shared_pending.signal.sig")?,
             pending: btf.field_offset("task_struct", "pending.signal.sig")?,
             ti_flags: btf.field_offset("task_struct", "thread_info.flags")?,
+            pid: btf.field_offset("task_struct", "pid")?,
+            tgid: btf.field_offset("task_struct", "tgid")?,
+            start_time: btf.field_offset("task_struct", "start_time")?,
         })
     }
 }
@@ -186,6 +241,11 @@ pub struct Killed {
     pub requests: usize,
     /// How.
     pub how: How,
+    /// Victims left alone because a task_struct of theirs holds another task now (direct path).
+    pub stale: Vec<Stale>,
+    /// Requests or victims not started because the lock's lease was about to end
+    /// ([`KillSite::until`]).
+    pub late: usize,
 }
 
 /// The guest as the kill path needs it: its memory, its kernel's address space, the Sensor Box
@@ -200,9 +260,17 @@ pub struct KillSite<'a> {
     pub sb: Option<&'a SensorBox>,
     /// Offsets for direct writes.
     pub direct: &'a DirectLayout,
+    /// Nothing is started at or after this instant: the end of the lock's lease, less a margin
+    /// (`None`: no lease, e.g. a local pause that the caller ends itself).
+    pub until: Option<Instant>,
 }
 
 impl KillSite<'_> {
+    /// True once [`KillSite::until`] has passed.
+    fn late(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() >= u)
+    }
+
     fn mailbox(&self) -> Result<Option<Mailbox>, RepairError> {
         match self.sb.filter(|s| s.hooks_gpa().is_some()) {
             Some(sb) => Ok(Some(Mailbox::open(self.mem, sb)?)),
@@ -233,16 +301,26 @@ pub fn kill(
     let pids: Vec<u32> = selected.iter().flatten().map(|p| p.task.pid).collect();
     let processes = selected.as_ref().map(Vec::len);
     let mailbox = site.mailbox()?;
-    let mut requests = 0;
+    let (mut requests, mut late) = (0, 0);
+    let mut stale = Vec::new();
     let how = match (&mailbox, victims) {
         (Some(mb), Victims::Uid(uid)) => {
-            mb.post(site.mem, KillTarget::Uid(*uid), u64::from(*uid))?;
-            requests = 1;
+            if site.late() {
+                late = 1;
+            } else {
+                mb.post(site.mem, KillTarget::Uid(*uid), u64::from(*uid))?;
+                requests = 1;
+            }
             How::Mailbox
         }
         (Some(mb), Victims::Pids(_)) => {
             let procs = selected.ok_or(RepairError::NeedsTable("a kill by pid"))?;
-            for p in procs {
+            for (i, p) in procs.iter().enumerate() {
+                if site.late() {
+                    late = procs.len() - i;
+                    break;
+                }
+                // The guest kernel checks pid and start time when it carries this out.
                 mb.post(site.mem, pid_target(p), u64::from(p.task.pid))?;
                 requests += 1;
             }
@@ -250,24 +328,48 @@ pub fn kill(
         }
         (None, _) => {
             let procs = selected.ok_or(RepairError::NeedsTable("a direct kill"))?;
-            for p in procs {
-                write_sigkill(site, p)?;
+            for (i, p) in procs.iter().enumerate() {
+                if site.late() {
+                    late = procs.len() - i;
+                    break;
+                }
+                if let Some(s) = check(site, p)? {
+                    tracing::warn!(
+                        pid = s.pid,
+                        victim = s.victim,
+                        now = s.found.pid,
+                        "task_struct {:#x} holds another task now: victim left alone",
+                        s.addr
+                    );
+                    stale.push(s);
+                    continue;
+                }
+                if !write_sigkill(site, p)? {
+                    late = procs.len() - i;
+                    break;
+                }
                 requests += 1;
             }
             How::Direct
         }
     };
+    if late > 0 {
+        tracing::warn!(late, "the lock's lease is about to end: kills not posted");
+    }
     Ok(Killed {
         processes,
         pids,
         requests,
         how,
+        stale,
+        late,
     })
 }
 
 /// Posts SIGKILL for one process of the walked table (its whole thread group): a KILL_PID
-/// request if `sb` has a mailbox, direct writes otherwise. Refused unless [`killable`] with only
-/// root spared. The guest must be paused.
+/// request if `sb` has a mailbox, direct writes otherwise, after the same re-check as [`kill`]
+/// ([`RepairError::Stale`] if a task_struct holds another task now). Refused unless [`killable`]
+/// with only root spared. The guest must be paused.
 pub fn post_sigkill(
     mem: &dyn PhysMem,
     km: &KernelMem,
@@ -287,10 +389,14 @@ pub fn post_sigkill(
         km,
         sb,
         direct,
+        until: None,
     };
     if let Some(mb) = site.mailbox()? {
         let slot = mb.post(mem, pid_target(proc), u64::from(t.pid))?;
         return Ok(Posted::Mailbox { slot });
+    }
+    if let Some(s) = check(&site, proc)? {
+        return Err(RepairError::Stale(Box::new(s)));
     }
     write_sigkill(&site, proc)?;
     Ok(Posted::Direct {
@@ -305,15 +411,74 @@ fn pid_target(p: &Process) -> KillTarget {
     }
 }
 
+/// What the task_struct at `addr` holds now, read past any cache: in one read when the three
+/// fields lie within [`SPAN`] bytes (they do, in every kernel we know), else one read each.
+fn identity(site: &KillSite<'_>, addr: u64) -> Result<Identity, RepairError> {
+    let d = site.direct;
+    let lo = d.pid.min(d.tgid).min(d.start_time);
+    let hi = d.pid.max(d.tgid).max(d.start_time).saturating_add(8);
+    let span = usize::try_from(hi - lo).ok().filter(|&n| n <= SPAN);
+    let mut buf = vec![0u8; span.unwrap_or(0)];
+    if span.is_some() {
+        site.km
+            .read_fresh(addr.wrapping_add(lo), "task identity", &mut buf)?;
+    }
+    let field = |off: u64, n: usize| -> Result<Vec<u8>, RepairError> {
+        let at = usize::try_from(off - lo).unwrap_or(usize::MAX);
+        if let Some(b) = buf.get(at..at.saturating_add(n)) {
+            return Ok(b.to_vec());
+        }
+        let mut b = vec![0u8; n];
+        site.km
+            .read_fresh(addr.wrapping_add(off), "task identity", &mut b)?;
+        Ok(b)
+    };
+    let (pid, tgid, start) = (field(d.pid, 4)?, field(d.tgid, 4)?, field(d.start_time, 8)?);
+    Ok(Identity {
+        pid: crate::le::u32_at(&pid, 0).unwrap_or(0),
+        tgid: crate::le::u32_at(&tgid, 0).unwrap_or(0),
+        start_time: crate::le::u64_at(&start, 0).unwrap_or(0),
+    })
+}
+
+/// The most bytes [`identity`] reads in one go.
+const SPAN: usize = 1024;
+
+/// Re-reads every task_struct of `proc` right before it is signalled: the leader must still hold
+/// the table's pid, tgid and start time, each other thread its pid and the tgid. The first that
+/// does not is returned (and nothing must be written).
+fn check(site: &KillSite<'_>, proc: &Process) -> Result<Option<Stale>, RepairError> {
+    let t = &proc.task;
+    let expected = std::iter::once(t.pid).chain(proc.threads.iter().copied());
+    for (i, (&addr, pid)) in proc.thread_addrs.iter().zip(expected).enumerate() {
+        let found = identity(site, addr)?;
+        let same =
+            found.pid == pid && found.tgid == t.tgid && (i > 0 || found.start_time == t.start_time);
+        if !same {
+            return Ok(Some(Stale {
+                pid,
+                victim: t.pid,
+                addr,
+                found,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// The direct path: SIGKILL in the shared and every thread's private pending set, and
-/// TIF_SIGPENDING in every thread's flags.
-fn write_sigkill(site: &KillSite<'_>, proc: &Process) -> Result<(), RepairError> {
+/// TIF_SIGPENDING in every thread's flags. Returns false if [`KillSite::until`] passed before
+/// every thread was flagged.
+fn write_sigkill(site: &KillSite<'_>, proc: &Process) -> Result<bool, RepairError> {
     let (mem, km, d) = (site.mem, site.km, site.direct);
     let t = &proc.task;
     let signal = km.read_u64(t.addr.wrapping_add(d.signal), "task signal")?;
     let pending = km.phys(signal.wrapping_add(d.shared_pending), "shared_pending")?;
     set_bits(mem, pending, SIGKILL_BIT)?;
     for &task in &proc.thread_addrs {
+        if site.late() {
+            return Ok(false);
+        }
         set_bits(
             mem,
             km.phys(task.wrapping_add(d.pending), "pending")?,
@@ -322,7 +487,7 @@ fn write_sigkill(site: &KillSite<'_>, proc: &Process) -> Result<(), RepairError>
         let flags = km.phys(task.wrapping_add(d.ti_flags), "thread_info flags")?;
         set_bits(mem, flags, TIF_SIGPENDING)?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn set_bits(mem: &dyn PhysMem, gpa: u64, bits: u64) -> Result<(), RepairError> {
@@ -395,5 +560,191 @@ mod tests {
         assert_eq!(pids(&Victims::Uid(1000)), [10, 11]);
         assert_eq!(pids(&Victims::Uid(0)), Vec::<u32>::new());
         assert_eq!(pids(&Victims::Pids(vec![1, 2, 11, 12])), [11]);
+    }
+
+    use std::cell::Cell;
+
+    use crate::kernel::KernelLocation;
+    use crate::mem::{MemError, VecMem};
+
+    const BASE: u64 = 0xffff_8880_0000_0000;
+
+    /// Guest memory that counts the writes reaching it.
+    struct Recording {
+        mem: VecMem,
+        writes: Cell<usize>,
+    }
+
+    impl PhysMem for Recording {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.mem.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
+            self.writes.set(self.writes.get() + 1);
+            self.mem.write(gpa, bytes)
+        }
+    }
+
+    const DIRECT: DirectLayout = DirectLayout {
+        signal: 0x60,
+        shared_pending: 0x10,
+        pending: 0x80,
+        ti_flags: 0x08,
+        pid: 0x20,
+        tgid: 0x24,
+        start_time: 0x50,
+    };
+
+    /// task_struct `i` at 0x1000 * (i + 1), its signal_struct 0x800 further.
+    fn at(i: u64) -> u64 {
+        0x1000 * (i + 1)
+    }
+
+    fn write_task(mem: &dyn PhysMem, i: u64, pid: u32, tgid: u32, start: u64) {
+        let a = at(i);
+        mem.write(a + DIRECT.pid, &pid.to_le_bytes()).unwrap();
+        mem.write(a + DIRECT.tgid, &tgid.to_le_bytes()).unwrap();
+        mem.write(a + DIRECT.start_time, &start.to_le_bytes())
+            .unwrap();
+        mem.write(a + DIRECT.signal, &(BASE + a + 0x800).to_le_bytes())
+            .unwrap();
+    }
+
+    /// A table entry for task `i` (a process of uid 1000) with threads `threads`.
+    fn victim(i: u64, pid: u32, start: u64, threads: &[(u64, u32)]) -> Process {
+        let mut p = proc(pid, 1000, false);
+        p.task.addr = BASE + at(i);
+        p.task.start_time = start;
+        p.thread_addrs = std::iter::once(p.task.addr)
+            .chain(threads.iter().map(|&(t, _)| BASE + at(t)))
+            .collect();
+        p.threads = threads.iter().map(|&(_, pid)| pid).collect();
+        p
+    }
+
+    fn loc() -> KernelLocation {
+        KernelLocation {
+            slide: 0,
+            phys_base: 0,
+            page_offset_base: BASE,
+            cr3: 0,
+            levels: 4,
+        }
+    }
+
+    fn pending(mem: &dyn PhysMem, i: u64) -> u64 {
+        mem.read_u64(at(i) + DIRECT.pending).unwrap()
+    }
+
+    #[test]
+    fn a_stale_task_struct_on_the_stock_path_is_never_written() {
+        let mem = Recording {
+            mem: VecMem::new(0, vec![0u8; 0x10000]),
+            writes: Cell::new(0),
+        };
+        // The table: pid 500 at task 0, pid 501 at task 1 with thread 502 at task 2.
+        let table = vec![
+            victim(0, 500, 7_000, &[]),
+            victim(1, 501, 8_000, &[(2, 502)]),
+        ];
+        // Since the walk, pid 500 exited and its task_struct now holds a root daemon; 501 and its
+        // thread are still there.
+        write_task(&mem, 0, 900, 900, 9_999);
+        write_task(&mem, 1, 501, 501, 8_000);
+        write_task(&mem, 2, 502, 501, 8_100);
+        mem.writes.set(0);
+        let km = KernelMem::new(&mem, loc());
+        let site = KillSite {
+            mem: &mem,
+            km: &km,
+            sb: None,
+            direct: &DIRECT,
+            until: None,
+        };
+        let k = kill(&site, &Victims::Uid(1000), Some(&table), &Spared::root()).unwrap();
+        assert_eq!(k.requests, 1);
+        assert_eq!(k.stale.len(), 1, "{k:?}");
+        assert_eq!((k.stale[0].pid, k.stale[0].found.pid), (500, 900));
+        assert_eq!(pending(&mem, 0), 0, "the daemon was not signalled");
+        assert_eq!(pending(&mem, 1), SIGKILL_BIT);
+        assert_eq!(pending(&mem, 2), SIGKILL_BIT);
+        // shared pending + 2 x (pending, flags) for 501's two threads; nothing for the daemon.
+        assert_eq!(mem.writes.get(), 5);
+
+        // One call, one process: refused with the reason, nothing written.
+        let refused = |p: &Process, pid: u32| {
+            mem.writes.set(0);
+            let r = post_sigkill(&mem, &km, None, &DIRECT, p);
+            assert!(
+                matches!(r, Err(RepairError::Stale(ref s)) if s.pid == pid),
+                "{r:?}"
+            );
+            assert_eq!(mem.writes.get(), 0);
+        };
+        refused(&table[0], 500);
+        // The same pid and tgid but another start time: the pid was reused.
+        write_task(&mem, 0, 500, 500, 9_999);
+        refused(&table[0], 500);
+        // A thread whose task_struct was reused: the whole victim is left alone.
+        write_task(&mem, 2, 77, 77, 1);
+        refused(&table[1], 502);
+    }
+
+    #[test]
+    fn the_re_check_reads_past_the_page_cache() {
+        // Over a bridge the walk's pages stay cached while the lock is held; if the lease ran out
+        // the guest changed memory under that cache.
+        let mem = crate::cache::CachedMem::new(VecMem::new(0, vec![0u8; 0x10000]), 1, 64);
+        write_task(&mem, 0, 500, 500, 7_000);
+        mem.set_caching(true);
+        assert_eq!(mem.read_u32(at(0) + DIRECT.pid).unwrap(), 500);
+        write_task(mem.inner(), 0, 900, 900, 9_999);
+        assert_eq!(mem.read_u32(at(0) + DIRECT.pid).unwrap(), 500, "cached");
+        let km = KernelMem::new(&mem, loc());
+        let r = post_sigkill(&mem, &km, None, &DIRECT, &victim(0, 500, 7_000, &[]));
+        assert!(matches!(r, Err(RepairError::Stale(_))), "{r:?}");
+        assert_eq!(mem.inner().read_u64(at(0) + DIRECT.pending).unwrap(), 0);
+    }
+
+    #[test]
+    fn nothing_is_posted_once_the_lease_is_nearly_over() {
+        let mem = Recording {
+            mem: VecMem::new(0, vec![0u8; 0x10000]),
+            writes: Cell::new(0),
+        };
+        write_task(&mem, 0, 500, 500, 7_000);
+        let table = vec![victim(0, 500, 7_000, &[])];
+        mem.writes.set(0);
+        let km = KernelMem::new(&mem, loc());
+        let mut site = KillSite {
+            mem: &mem,
+            km: &km,
+            sb: None,
+            direct: &DIRECT,
+            until: Some(Instant::now()),
+        };
+        let k = kill(&site, &Victims::Uid(1000), Some(&table), &Spared::root()).unwrap();
+        assert_eq!((k.requests, k.late, mem.writes.get()), (0, 1, 0), "{k:?}");
+
+        // The mailbox path (patched guest) too.
+        let img = crate::sensorbox::tests::image();
+        let sb = crate::sensorbox::parse(&img, 0x10_0000).unwrap();
+        let mb = Recording {
+            mem: VecMem::new(0x10_0000, img),
+            writes: Cell::new(0),
+        };
+        let km = KernelMem::new(&mb, loc());
+        site.mem = &mb;
+        site.km = &km;
+        site.sb = Some(&sb);
+        for victims in [Victims::Uid(1000), Victims::Pids(vec![500])] {
+            let k = kill(&site, &victims, Some(&table), &Spared::root()).unwrap();
+            assert_eq!((k.requests, k.late, mb.writes.get()), (0, 1, 0), "{k:?}");
+        }
+        // With lease left, the same request is posted.
+        site.until = Instant::now().checked_add(std::time::Duration::from_secs(60));
+        let k = kill(&site, &Victims::Uid(1000), None, &Spared::root()).unwrap();
+        assert_eq!((k.requests, k.late), (1, 0));
+        assert!(mb.writes.get() > 0);
     }
 }

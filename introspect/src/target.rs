@@ -179,10 +179,19 @@ impl Target {
         }
     }
 
-    /// Walks the task list now. The caller holds the guest paused.
+    /// Walks the task list now, within the default [`Limits`]. The caller holds the guest paused.
     pub fn walk(&self, mem: &dyn PhysMem) -> Result<Vec<Process>, TaskError> {
+        self.walk_within(mem, Limits::default())
+    }
+
+    /// Walks the task list now, within `limits`. The caller holds the guest paused.
+    pub fn walk_within(
+        &self,
+        mem: &dyn PhysMem,
+        limits: Limits,
+    ) -> Result<Vec<Process>, TaskError> {
         let km = KernelMem::new(mem, self.loc.clone());
-        tasks::process_table(&km, &self.layout, self.init_task, Limits::default())
+        tasks::process_table(&km, &self.layout, self.init_task, limits)
     }
 
     /// True if a fork or exit holds `tasklist_lock` for writing right now.

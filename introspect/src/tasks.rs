@@ -1,10 +1,27 @@
 //! The guest's process table, read from `init_task`'s task list with layouts from BTF.
 //!
 //! Every pointer comes from the guest and is checked: it must be 8-byte aligned and lie in the
-//! direct map or the kernel image; list walks stop after a bounded number of steps and report a
-//! cycle or a wild pointer as an error; strings are cut at their field.
+//! direct map or the kernel image; strings are cut at their field.
+//!
+//! The guest kernel may be hostile, and one bdmon process watches every guest, so a walk is
+//! bounded as a whole, not list by list ([`Limits`]):
+//!
+//! * **One budget of task_structs** for the task list and every thread list together
+//!   ([`DEFAULT_MAX_ENTRIES`]), and **a deadline** ([`DEFAULT_MAX_TIME`]).
+//! * **One visited set** shared by all those lists: a task_struct address is taken once per walk,
+//!   whichever list reaches it. Reaching one again (a loop in a list, a thread list shared by
+//!   several leaders, a leader that is also another process's thread) ends the walk with
+//!   [`TaskError::Cycle`] or [`TaskError::Shared`]: every list step either takes a new entry from
+//!   the budget or ends, so the work is linear in the budget.
+//! * **Depth memoised**: each process's parent chain is followed once for the whole table (O(n)),
+//!   and a loop of `real_parent` pointers is [`TaskError::Cycle`].
+//!
+//! [`TaskError::is_guest_fault`] tells a hostile or corrupt guest (or one too big for the budget)
+//! from memory that could not be read; [`TaskError::is_over_budget`] tells a walk stopped by its
+//! budget of entries or time.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crate::btf::{Btf, BtfError};
 use crate::conv::usize_from;
@@ -36,15 +53,68 @@ pub enum TaskError {
         /// The value.
         ptr: u64,
     },
-    /// A list came back to an element other than its head.
-    #[error("cycle in {0} (a task seen twice)")]
+    /// A list came back to an element other than its head, or `real_parent` pointers loop.
+    #[error("cycle in {0} (a task seen twice): the guest's task lists are corrupt or hostile")]
     Cycle(&'static str),
+    /// A thread list reached a task_struct another list of this walk already took (thread lists
+    /// shared between processes, or a leader listed as another process's thread).
+    #[error(
+        "task_struct {addr:#x} reached again from {what}: thread lists shared between processes \
+         (the guest's task lists are corrupt or hostile)"
+    )]
+    Shared {
+        /// The list that reached it again.
+        what: &'static str,
+        /// The task_struct's address.
+        addr: u64,
+    },
     /// What should be `init_task` is not the idle task.
     #[error("the task at init_task is pid {0} {1:?}, not the idle task (pid 0, swapper): wrong symbols or layout")]
     NotInitTask(u32, String),
-    /// A list did not end within the step limit.
-    #[error("{0} longer than {1} entries; giving up")]
-    TooLong(&'static str, usize),
+    /// The task list and thread lists together hold more task_structs than the walk's budget.
+    #[error(
+        "{what} took the walk past its budget of {max} task_structs (tasks and threads \
+         together); a guest this big needs a larger walk budget (tasks::Limits::max_entries), \
+         otherwise its task lists are hostile"
+    )]
+    TooLong {
+        /// The list that was being walked.
+        what: &'static str,
+        /// The budget.
+        max: usize,
+    },
+    /// The walk ran out of time.
+    #[error(
+        "the task walk ran out of its {limit:?} after {entries} task_structs (memory too slow, \
+         or a hostile guest); raise tasks::Limits::max_time if the guest is just big"
+    )]
+    OutOfTime {
+        /// The time budget.
+        limit: Duration,
+        /// Task_structs taken by then.
+        entries: usize,
+    },
+}
+
+impl TaskError {
+    /// True if the guest's task lists made no sense or held more than the walk's budget of
+    /// entries (a hostile or corrupt kernel, wrong symbols or layouts); false if memory could not
+    /// be read (a lost session, an ungranted range), a type is missing from BTF, or the walk ran
+    /// out of time (slow memory as likely as a hostile guest: the entries are bounded anyway).
+    pub fn is_guest_fault(&self) -> bool {
+        !matches!(
+            self,
+            TaskError::Mem(_) | TaskError::Btf(_) | TaskError::OutOfTime { .. }
+        )
+    }
+
+    /// True if the walk stopped at its budget of entries or of time (see [`Limits`]).
+    pub fn is_over_budget(&self) -> bool {
+        matches!(
+            self,
+            TaskError::TooLong { .. } | TaskError::OutOfTime { .. }
+        )
+    }
 }
 
 /// Field offsets the walk needs, resolved once from BTF.
@@ -116,7 +186,7 @@ pub struct Task {
     pub pid: u32,
     /// Process id.
     pub tgid: u32,
-    /// Parent's pid.
+    /// Parent's process id (its thread group: what getppid() returns).
     pub ppid: u32,
     /// Real uid.
     pub uid: u32,
@@ -153,21 +223,109 @@ pub struct Process {
     pub children: u32,
 }
 
-/// Limits of a walk.
-#[derive(Clone, Copy, Debug)]
+/// Task_structs one walk takes at most by default: processes and threads together.
+pub const DEFAULT_MAX_ENTRIES: usize = 65_536;
+/// How long one walk may take by default: half of bdmon's default 2 s lease, so that a walk that
+/// uses it all still leaves time to kill under the same lock.
+pub const DEFAULT_MAX_TIME: Duration = Duration::from_secs(1);
+
+/// The budget of one whole walk: the task list and every thread list share it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Most processes.
-    pub max_processes: usize,
-    /// Most threads per process.
-    pub max_threads: usize,
+    /// Most task_structs taken, leaders and threads together, each at most once
+    /// ([`DEFAULT_MAX_ENTRIES`]).
+    pub max_entries: usize,
+    /// Longest the walk may take ([`DEFAULT_MAX_TIME`]).
+    pub max_time: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_processes: 1 << 20,
-            max_threads: 1 << 16,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_time: DEFAULT_MAX_TIME,
         }
+    }
+}
+
+/// What a walk cost, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WalkStats {
+    /// Task_structs taken from the budget (processes and threads).
+    pub entries: usize,
+    /// Steps along `real_parent` chains to compute every depth.
+    pub parent_steps: usize,
+}
+
+/// A process table and what reading it cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    /// The processes, in task-list order.
+    pub processes: Vec<Process>,
+    /// The cost.
+    pub stats: WalkStats,
+}
+
+/// One walk's budget and visited set: every task_struct address reached by any list, with the
+/// index of the process it belongs to.
+struct Walk {
+    max: usize,
+    limit: Duration,
+    deadline: Option<Instant>,
+    seen: HashMap<u64, usize>,
+    stats: WalkStats,
+}
+
+impl Walk {
+    fn new(limits: Limits) -> Walk {
+        Walk {
+            max: limits.max_entries,
+            limit: limits.max_time,
+            deadline: Instant::now().checked_add(limits.max_time),
+            seen: HashMap::new(),
+            stats: WalkStats::default(),
+        }
+    }
+
+    /// Fails once the deadline has passed.
+    fn in_time(&self) -> Result<(), TaskError> {
+        match self.deadline {
+            Some(d) if Instant::now() >= d => Err(TaskError::OutOfTime {
+                limit: self.limit,
+                entries: self.stats.entries,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes the task_struct at `addr` for process `owner`: a new one costs one entry of the
+    /// budget. One already taken by any list of this walk is an error: a cycle if it belongs to
+    /// the list being walked (`list_owner`; `None` for the task list, whose entries are all its
+    /// own), otherwise a list shared with another process.
+    fn take(
+        &mut self,
+        addr: u64,
+        owner: usize,
+        list_owner: Option<usize>,
+        what: &'static str,
+    ) -> Result<(), TaskError> {
+        if let Some(&had) = self.seen.get(&addr) {
+            return Err(if list_owner.is_none_or(|o| o == had) {
+                TaskError::Cycle(what)
+            } else {
+                TaskError::Shared { what, addr }
+            });
+        }
+        if self.stats.entries >= self.max {
+            return Err(TaskError::TooLong {
+                what,
+                max: self.max,
+            });
+        }
+        self.in_time()?;
+        self.seen.insert(addr, owner);
+        self.stats.entries += 1;
+        Ok(())
     }
 }
 
@@ -220,37 +378,41 @@ impl<'m> KernelMem<'m> {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// Walks a `list_head` list from `head`, returning the addresses of its entries (the
-    /// containing structures, `offset` bytes before each node). A loop that does not pass through
-    /// the head is found with Brent's algorithm, without allocating.
+    /// Walks a `list_head` list from `head` and returns its entries (the containing structures,
+    /// `offset` bytes before each node). Each entry is taken from `walk` for process `owner` (or,
+    /// with `owner` `None`, for a new process per entry): an entry any list of the walk already
+    /// took ends the walk with an error, so a list cannot loop and lists cannot share entries.
+    /// `skip` (a thread list's own leader) is passed over once.
     fn list(
         &self,
+        walk: &mut Walk,
         head: u64,
         offset: u64,
         what: &'static str,
-        max: usize,
+        owner: Option<usize>,
+        mut skip: Option<u64>,
     ) -> Result<Vec<u64>, TaskError> {
         let mut out = Vec::new();
-        let (mut tortoise, mut power, mut lam) = (head, 1usize, 0usize);
         let mut node = self.u64_at(head, what)?;
         while node != head {
-            if out.len() >= max {
-                return Err(TaskError::TooLong(what, max));
-            }
-            if node == tortoise {
-                return Err(TaskError::Cycle(what));
-            }
             self.phys(node, what)?;
-            out.push(node.wrapping_sub(offset));
-            lam += 1;
-            if lam == power {
-                tortoise = node;
-                power = power.saturating_mul(2);
-                lam = 0;
+            let entry = node.wrapping_sub(offset);
+            if skip == Some(entry) {
+                skip = None;
+            } else {
+                walk.take(entry, owner.unwrap_or(out.len()), owner, what)?;
+                out.push(entry);
             }
             node = self.u64_at(node, what)?;
         }
         Ok(out)
+    }
+
+    /// Fills `buf` from kernel virtual `va` as memory is now, past any cache
+    /// ([`PhysMem::read_fresh`]): the kill path's checks right before it writes.
+    pub fn read_fresh(&self, va: u64, what: &'static str, buf: &mut [u8]) -> Result<(), TaskError> {
+        let base = self.phys(va & !7, what)?;
+        Ok(self.mem.read_fresh(base + (va & 7), buf)?)
     }
 }
 
@@ -325,7 +487,8 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
     let ppid = if parent == addr {
         0
     } else {
-        km.u32_at(parent.wrapping_add(l.pid), "parent pid")?
+        // What getppid() says: the thread group of the thread that forked it.
+        km.u32_at(parent.wrapping_add(l.tgid), "parent tgid")?
     };
     let cred = km.u64_at(addr.wrapping_add(l.real_cred), "real_cred")?;
     let mm = km.u64_at(addr.wrapping_add(l.mm), "mm")?;
@@ -361,41 +524,62 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
     })
 }
 
-/// Reads the whole process table starting at `init_task` (kernel virtual address).
+/// Marks `init_task` in the visited set: no list may reach the idle task but through its head.
+const IDLE: usize = usize::MAX;
+
+/// Reads the whole process table starting at `init_task` (kernel virtual address), within
+/// `limits` (see the module's documentation).
 pub fn process_table(
     km: &KernelMem,
     l: &TaskLayout,
     init_task: u64,
     limits: Limits,
 ) -> Result<Vec<Process>, TaskError> {
+    walk_table(km, l, init_task, limits).map(|t| t.processes)
+}
+
+/// [`process_table`], and what the walk cost.
+pub fn walk_table(
+    km: &KernelMem,
+    l: &TaskLayout,
+    init_task: u64,
+    limits: Limits,
+) -> Result<Table, TaskError> {
+    let mut walk = Walk::new(limits);
     // The head must look like the idle task: pid 0, named swapper (swapper/0 on SMP).
     let idle = read_task(km, l, init_task)?;
     if idle.pid != 0 || !idle.comm.starts_with("swapper") {
         return Err(TaskError::NotInitTask(idle.pid, idle.comm));
     }
+    walk.seen.insert(init_task, IDLE);
     let leaders = km.list(
+        &mut walk,
         init_task.wrapping_add(l.tasks),
         l.tasks,
         "task list",
-        limits.max_processes,
+        None,
+        None,
     )?;
     let mut procs = Vec::with_capacity(leaders.len());
-    for addr in leaders {
+    let mut parents = Vec::with_capacity(leaders.len());
+    for (i, addr) in leaders.into_iter().enumerate() {
+        walk.in_time()?;
         let task = read_task(km, l, addr)?;
+        parents.push(km.u64_at(addr.wrapping_add(l.real_parent), "real_parent")?);
         let signal = km.u64_at(addr.wrapping_add(l.signal), "signal")?;
         let mut threads = Vec::new();
         let mut thread_addrs = vec![addr];
         if signal != 0 {
             for t in km.list(
+                &mut walk,
                 signal.wrapping_add(l.signal_thread_head),
                 l.thread_node,
                 "thread list",
-                limits.max_threads,
+                Some(i),
+                Some(addr),
             )? {
-                if t != addr {
-                    threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
-                    thread_addrs.push(t);
-                }
+                threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
+                thread_addrs.push(t);
             }
         }
         procs.push(Process {
@@ -406,28 +590,65 @@ pub fn process_table(
             children: 0,
         });
     }
-    let parent: HashMap<u32, u32> = procs.iter().map(|p| (p.task.pid, p.task.ppid)).collect();
-    let mut children: HashMap<u32, u32> = HashMap::new();
-    for p in &procs {
-        *children.entry(p.task.ppid).or_default() += 1;
+    // Each process's parent, as an index into the table: `real_parent` may be any thread of the
+    // parent process. The idle task, or a task not in the table, is no parent (depth 1).
+    let parent: Vec<Option<usize>> = parents
+        .iter()
+        .enumerate()
+        .map(|(i, p)| walk.seen.get(p).copied().filter(|&o| o != IDLE && o != i))
+        .collect();
+    let depths = depths(&parent, &mut walk.stats)?;
+    for (p, depth) in procs.iter_mut().zip(depths) {
+        p.depth = depth;
     }
-    for p in &mut procs {
-        p.children = children.get(&p.task.pid).copied().unwrap_or(0);
-        let mut depth = 0u32;
-        let mut cur = p.task.pid;
-        // Bounded by the table size: a parent loop cannot make this spin.
-        for _ in 0..=parent.len() {
-            match parent.get(&cur) {
-                Some(&pp) if pp != 0 && pp != cur => {
-                    depth += 1;
-                    cur = pp;
-                }
-                _ => break,
+    for &pp in parent.iter().flatten() {
+        if let Some(p) = procs.get_mut(pp) {
+            p.children = p.children.saturating_add(1);
+        }
+    }
+    Ok(Table {
+        processes: procs,
+        stats: walk.stats,
+    })
+}
+
+/// The depth of every process (1 for one whose parent is not in the table), each parent link
+/// followed once for the whole table; a loop of parents is an error.
+fn depths(parent: &[Option<usize>], stats: &mut WalkStats) -> Result<Vec<u32>, TaskError> {
+    const UNKNOWN: u32 = 0;
+    const ON_PATH: u32 = u32::MAX;
+    let mut depth = vec![UNKNOWN; parent.len()];
+    let mut path = Vec::new();
+    for start in 0..parent.len() {
+        // Climb until a process whose depth is known, or one without a parent.
+        let mut cur = start;
+        let base = loop {
+            match depth.get(cur).copied() {
+                Some(ON_PATH) => return Err(TaskError::Cycle("parent chain")),
+                Some(UNKNOWN) => {}
+                Some(d) => break d,
+                None => break 0,
+            }
+            path.push(cur);
+            if let Some(d) = depth.get_mut(cur) {
+                *d = ON_PATH;
+            }
+            stats.parent_steps += 1;
+            match parent.get(cur).copied().flatten() {
+                Some(p) => cur = p,
+                None => break 0,
+            }
+        };
+        // Unwind: each process on the path is one deeper than the one above it.
+        let mut d = base;
+        while let Some(i) = path.pop() {
+            d = d.saturating_add(1);
+            if let Some(slot) = depth.get_mut(i) {
+                *slot = d;
             }
         }
-        p.depth = depth + 1;
     }
-    Ok(procs)
+    Ok(depth)
 }
 
 /// Fuzzing entry point: walks a task list in arbitrary memory with a layout made of small offsets
@@ -465,10 +686,41 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
     };
     let km = KernelMem::new(mem, loc);
     let limits = Limits {
-        max_processes: 4096,
-        max_threads: 256,
+        max_entries: 4096,
+        max_time: Duration::from_secs(1),
     };
     let _ = process_table(&km, &layout, 0xffff_8880_0000_0000 + off(17), limits);
+    // The walk's parts on their own, so that every input reaches them, not only one whose
+    // init_task looks like the idle task: lists sharing one budget and visited set ...
+    let mut walk = Walk::new(limits);
+    let head = 0xffff_8880_0000_0000 + off(18);
+    if let Ok(leaders) = km.list(&mut walk, head, layout.tasks, "task list", None, None) {
+        for (i, &t) in leaders.iter().enumerate() {
+            let Ok(signal) = km.u64_at(t.wrapping_add(layout.signal), "signal") else {
+                break;
+            };
+            let threads = signal.wrapping_add(layout.signal_thread_head);
+            let list = km.list(
+                &mut walk,
+                threads,
+                layout.thread_node,
+                "thread list",
+                Some(i),
+                Some(t),
+            );
+            if list.is_err() {
+                break;
+            }
+        }
+    }
+    // ... and depths over parent links taken from the input (0xff: no parent).
+    let n = data.len().clamp(1, 4096);
+    let parent: Vec<Option<usize>> = data
+        .iter()
+        .take(n)
+        .map(|&b| (b != 0xff).then_some(usize::from(b) % n))
+        .collect();
+    let _ = depths(&parent, &mut WalkStats::default());
 }
 
 #[cfg(test)]
@@ -485,28 +737,7 @@ mod tests {
         assert_eq!(state_letter(4, 0), 'T');
     }
 
-    fn fake(links: &[(u64, u64)]) -> crate::mem::VecMem {
-        let mem = crate::mem::VecMem::new(0, vec![0u8; 0x1000]);
-        for &(at, next) in links {
-            mem.write(at, &(BASE + next).to_le_bytes()).unwrap();
-        }
-        mem
-    }
-
     const BASE: u64 = 0xffff_8880_0000_0000;
-
-    fn km(mem: &crate::mem::VecMem) -> KernelMem<'_> {
-        KernelMem::new(
-            mem,
-            KernelLocation {
-                slide: 0,
-                phys_base: 0,
-                page_offset_base: BASE,
-                cr3: 0,
-                levels: 4,
-            },
-        )
-    }
 
     #[test]
     fn negative_rss_counters_read_as_zero() {
@@ -546,29 +777,293 @@ mod tests {
         assert_eq!((t.rss_file, t.rss_anon, t.rss_shmem), (u64::MAX >> 1, 0, 7));
     }
 
+    /// Counts the reads that reach guest memory.
+    struct Counting<'m>(&'m crate::mem::VecMem, std::cell::Cell<u64>);
+
+    impl PhysMem for Counting<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.1.set(self.1.get() + 1);
+            self.0.read(gpa, buf)
+        }
+    }
+
+    /// A synthetic guest: task_structs of [`LAYOUT`] every 0x100 bytes from 0x1_0000 (task 0 is
+    /// `init_task`), signal_structs every 0x100 bytes from 0x80_0000, one cred (uid 1000).
+    struct Guest {
+        mem: crate::mem::VecMem,
+    }
+
+    const LAYOUT: TaskLayout = TaskLayout {
+        tasks: 0,
+        pid: 0x10,
+        tgid: 0x14,
+        comm: 0x20,
+        comm_len: 16,
+        real_parent: 0x30,
+        real_cred: 0x38,
+        state: 0x40,
+        exit_state: 0x44,
+        flags: 0x48,
+        start_time: 0x50,
+        mm: 0x58,
+        signal: 0x60,
+        thread_node: 0x68,
+        signal_thread_head: 0x70,
+        cred_uid: 4,
+        cred_euid: 8,
+        mm_rss: 0x10,
+        rss_index: [0, 1, 3],
+    };
+    const CRED: u64 = 0x800;
+
+    fn t(i: u64) -> u64 {
+        0x1_0000 + i * 0x100
+    }
+
+    fn sig(j: u64) -> u64 {
+        0x80_0000 + j * 0x100
+    }
+
+    impl Guest {
+        /// Room for `tasks` task_structs and `signals` signal_structs; task 0 is the idle task.
+        fn new(tasks: u64) -> Guest {
+            let size = usize::try_from(sig(tasks.max(1))).unwrap();
+            let g = Guest {
+                mem: crate::mem::VecMem::new(0, vec![0u8; size]),
+            };
+            g.w(CRED + 4, &1000u32.to_le_bytes());
+            g.task(0, 0, 0, b"swapper/0");
+            g
+        }
+
+        fn w(&self, at: u64, v: &[u8]) {
+            self.mem.write(at, v).unwrap();
+        }
+
+        fn ptr(&self, at: u64, to: u64) {
+            self.w(at, &(BASE + to).to_le_bytes());
+        }
+
+        /// Task `i` with `pid`, child of task `parent`, no threads.
+        fn task(&self, i: u64, pid: u32, parent: u64, comm: &[u8]) {
+            let a = t(i);
+            self.w(a + LAYOUT.pid, &pid.to_le_bytes());
+            self.w(a + LAYOUT.tgid, &pid.to_le_bytes());
+            self.w(a + LAYOUT.comm, comm);
+            self.w(
+                a + LAYOUT.start_time,
+                &(u64::from(pid) * 1000).to_le_bytes(),
+            );
+            self.ptr(a + LAYOUT.real_parent, t(parent));
+            self.ptr(a + LAYOUT.real_cred, CRED);
+        }
+
+        /// Links `nodes` (addresses of list_heads) into the list at `head`.
+        fn list(&self, head: u64, nodes: &[u64]) {
+            let mut at = head;
+            for &n in nodes {
+                self.ptr(at, n);
+                at = n;
+            }
+            self.ptr(at, head);
+        }
+
+        /// The task list: init_task, then `leaders` (task indices).
+        fn leaders(&self, leaders: &[u64]) {
+            let nodes: Vec<u64> = leaders.iter().map(|&i| t(i) + LAYOUT.tasks).collect();
+            self.list(t(0) + LAYOUT.tasks, &nodes);
+        }
+
+        /// Gives leader `leader` the signal_struct `j`, whose thread list holds `threads`.
+        fn threads(&self, leader: u64, j: u64, threads: &[u64]) {
+            self.ptr(t(leader) + LAYOUT.signal, sig(j));
+            let nodes: Vec<u64> = threads.iter().map(|&i| t(i) + LAYOUT.thread_node).collect();
+            self.list(sig(j) + LAYOUT.signal_thread_head, &nodes);
+        }
+
+        fn walk(&self, limits: Limits) -> (Result<Table, TaskError>, u64) {
+            let c = Counting(&self.mem, std::cell::Cell::new(0));
+            let r = walk_table(&km(&c), &LAYOUT, BASE + t(0), limits);
+            (r, c.1.get())
+        }
+    }
+
+    fn km(mem: &dyn PhysMem) -> KernelMem<'_> {
+        KernelMem::new(
+            mem,
+            KernelLocation {
+                slide: 0,
+                phys_base: 0,
+                page_offset_base: BASE,
+                cr3: 0,
+                levels: 4,
+            },
+        )
+    }
+
     #[test]
-    fn list_walks_end_at_the_head_or_report_loops_and_wild_pointers() {
-        let good = fake(&[(0, 0x100), (0x100, 0x200), (0x200, 0x300), (0x300, 0)]);
-        let k = km(&good);
+    fn a_small_guest_walks_into_its_table() {
+        let g = Guest::new(8);
+        g.task(1, 1, 0, b"init");
+        g.task(2, 50, 1, b"sh");
+        g.task(3, 51, 2, b"sh"); // a thread of pid 50
+        g.w(t(3) + LAYOUT.tgid, &50u32.to_le_bytes());
+        g.task(4, 60, 3, b"child"); // forked by the thread: its ppid is the process, 50
+        g.leaders(&[1, 2, 4]);
+        g.threads(2, 0, &[2, 3]);
+        let table = g.walk(Limits::default()).0.unwrap();
+        let p: Vec<(u32, u32, u32, u32, Vec<u32>)> = table
+            .processes
+            .iter()
+            .map(|p| {
+                let t = &p.task;
+                (t.pid, t.ppid, p.depth, p.children, p.threads.clone())
+            })
+            .collect();
         assert_eq!(
-            k.list(BASE, 0x10, "t", 100).unwrap(),
-            vec![BASE + 0xf0, BASE + 0x1f0, BASE + 0x2f0]
+            p,
+            [
+                (1, 0, 1, 1, vec![]),
+                (50, 1, 2, 1, vec![51]),
+                (60, 50, 3, 0, vec![])
+            ]
         );
+        assert_eq!(table.processes[1].thread_addrs, [BASE + t(2), BASE + t(3)]);
+        assert_eq!(table.stats.entries, 4);
+    }
+
+    #[test]
+    fn one_thread_list_shared_by_4096_leaders_ends_within_the_budget() {
+        // The probe of issue 12: every leader's signal_struct is the same one, whose thread list
+        // holds the first leader and 4,096 threads. Walked per leader, that was 4,096 x 4,097
+        // task_structs (24 MiB and growing); a task_struct is now taken once per walk.
+        const N: u64 = 4096;
+        let g = Guest::new(2 * N + 1);
+        for i in 1..=N {
+            g.task(i, u32::try_from(i + 100).unwrap(), 0, b"bomb");
+        }
+        for i in N + 1..=2 * N {
+            g.task(i, u32::try_from(i + 100).unwrap(), 0, b"thread");
+            g.w(t(i) + LAYOUT.tgid, &101u32.to_le_bytes());
+        }
+        let leaders: Vec<u64> = (1..=N).collect();
+        g.leaders(&leaders);
+        let threads: Vec<u64> = std::iter::once(1).chain(N + 1..=2 * N).collect();
+        g.threads(1, 0, &threads);
+        for i in 2..=N {
+            g.ptr(t(i) + LAYOUT.signal, sig(0));
+        }
+        let (r, reads) = g.walk(Limits::default());
+        match r {
+            Err(e @ TaskError::Shared { .. }) => assert!(e.is_guest_fault(), "{e}"),
+            other => panic!(
+                "expected a shared thread list, got {:?}",
+                other.map(|t| t.stats)
+            ),
+        }
+        // Linear in the task_structs there are (8,193), not in leaders x threads (16.8 million).
+        assert!(reads < 20 * (2 * N + 1), "{reads} reads");
+    }
+
+    #[test]
+    fn tasks_and_threads_share_one_budget_of_entries_and_time() {
+        // 600 processes of 2 threads each: 1,200 task_structs, each list short.
+        let g = Guest::new(1201);
+        let leaders: Vec<u64> = (1..=600).collect();
+        for &i in &leaders {
+            g.task(i, u32::try_from(i + 100).unwrap(), 0, b"p");
+            g.task(i + 600, u32::try_from(i + 1000).unwrap(), 0, b"t");
+            g.threads(i, i, &[i, i + 600]);
+        }
+        g.leaders(&leaders);
+        let ok = g.walk(Limits::default()).0.unwrap();
+        assert_eq!((ok.processes.len(), ok.stats.entries), (600, 1200));
+        let small = Limits {
+            max_entries: 1000,
+            ..Limits::default()
+        };
+        let e = g.walk(small).0.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TaskError::TooLong {
+                    what: "thread list",
+                    max: 1000
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.is_guest_fault() && e.is_over_budget());
+        let no_time = Limits {
+            max_time: Duration::ZERO,
+            ..Limits::default()
+        };
+        let e = g.walk(no_time).0.unwrap_err();
+        assert!(matches!(e, TaskError::OutOfTime { .. }), "{e}");
+        assert!(e.is_over_budget() && !e.is_guest_fault());
+        // A read failure is not the guest's fault.
+        assert!(!TaskError::Mem(MemError::Io("gone".into())).is_guest_fault());
+    }
+
+    #[test]
+    fn a_4096_deep_parent_chain_is_followed_once() {
+        // Each process the parent of the next: depth was recomputed from every process up to
+        // init (8.4 million steps for 4,096, quadratic); now each link is followed once.
+        const N: u64 = 4096;
+        let g = Guest::new(N + 1);
+        for i in 1..=N {
+            g.task(i, u32::try_from(i).unwrap(), i - 1, b"deep");
+        }
+        let leaders: Vec<u64> = (1..=N).rev().collect();
+        g.leaders(&leaders);
+        let table = g.walk(Limits::default()).0.unwrap();
+        for p in &table.processes {
+            assert_eq!(p.depth, p.task.pid);
+            assert_eq!(p.task.ppid, p.task.pid - 1);
+            assert_eq!(p.children, u32::from(p.task.pid < 4096));
+        }
+        assert_eq!(table.stats.parent_steps, 4096);
+    }
+
+    #[test]
+    fn cycles_in_task_thread_and_parent_lists_are_errors() {
+        let g = Guest::new(8);
+        for i in 1..=4 {
+            g.task(i, u32::try_from(i + 10).unwrap(), 0, b"x");
+        }
+        // Task list: 1 -> 2 -> 3 -> 2 ...
+        g.leaders(&[1, 2, 3]);
+        g.ptr(t(3) + LAYOUT.tasks, t(2) + LAYOUT.tasks);
+        let e = g.walk(Limits::default()).0.unwrap_err();
+        assert!(matches!(e, TaskError::Cycle("task list")), "{e}");
+        // Thread list of 1: 1 -> 4 -> 1 (the leader twice).
+        g.leaders(&[1, 2, 3]);
+        g.threads(1, 0, &[1, 4]);
+        g.ptr(t(4) + LAYOUT.thread_node, t(1) + LAYOUT.thread_node);
+        let e = g.walk(Limits::default()).0.unwrap_err();
+        assert!(matches!(e, TaskError::Cycle("thread list")), "{e}");
+        // Thread list of 1 reaching init_task.
+        g.threads(1, 0, &[1, 0]);
+        let e = g.walk(Limits::default()).0.unwrap_err();
+        assert!(matches!(e, TaskError::Shared { .. }), "{e}");
+        g.threads(1, 0, &[1, 4]);
+        assert!(g.walk(Limits::default()).0.is_ok());
+        // Parents: 2 -> 3 -> 2.
+        g.ptr(t(2) + LAYOUT.real_parent, t(3));
+        g.ptr(t(3) + LAYOUT.real_parent, t(2));
+        let e = g.walk(Limits::default()).0.unwrap_err();
+        assert!(matches!(e, TaskError::Cycle("parent chain")), "{e}");
+        assert!(e.is_guest_fault());
+    }
+
+    #[test]
+    fn wild_pointers_in_lists_are_errors() {
+        let g = Guest::new(4);
+        g.task(1, 11, 0, b"x");
+        g.leaders(&[1]);
+        g.w(t(1) + LAYOUT.tasks, &0x1234_5678u64.to_le_bytes());
         assert!(matches!(
-            k.list(BASE, 0, "t", 2),
-            Err(TaskError::TooLong(..))
-        ));
-        // A loop B -> C -> B that never returns to the head.
-        let rho = fake(&[(0, 0x100), (0x100, 0x200), (0x200, 0x300), (0x300, 0x200)]);
-        assert!(matches!(
-            km(&rho).list(BASE, 0, "t", 1 << 20),
-            Err(TaskError::Cycle(_))
-        ));
-        // A pointer outside the direct map.
-        let wild = fake(&[(0, 0x100)]);
-        wild.write(0x100, &0x1234_5678u64.to_le_bytes()).unwrap();
-        assert!(matches!(
-            km(&wild).list(BASE, 0, "t", 100),
+            g.walk(Limits::default()).0,
             Err(TaskError::WildPointer { .. })
         ));
     }
