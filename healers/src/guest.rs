@@ -36,6 +36,10 @@ pub const QUIESCE: Duration = Duration::from_millis(200);
 /// Longest lease of a locate's pause (less when less of the pause budget is left).
 pub const LOCATE_LEASE: Duration = Duration::from_secs(10);
 
+/// What a budget-capped lease leaves for the vCPUs to stop, which bdvmm does not count in the
+/// lease (half of [`MIN_PAUSE`], so such a lease is at least 5 ms).
+const STOP_MARGIN: Duration = Duration::from_millis(5);
+
 /// Why a call on the guest failed: the session to its bridge (dropped, re-opened at the next call)
 /// or what its memory holds.
 #[derive(Debug, thiserror::Error)]
@@ -262,10 +266,12 @@ impl Pausable for Budgeted<'_> {
                     .unwrap_or(now + self.budget.window()),
             });
         }
+        // Outside a repair the lease is the budget left, less the time the vCPUs may take to
+        // stop (bdvmm starts the lease once they have): bdvmm ends the pause within the budget.
         let lease = if self.repair {
             self.lease
         } else {
-            self.lease.min(left)
+            self.lease.min(left.saturating_sub(STOP_MARGIN))
         };
         // Charged from before the request: the guest may stop before the reply comes back.
         let at = Instant::now();
