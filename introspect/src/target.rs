@@ -9,8 +9,8 @@
 //! **First, do no harm.** Only the guest-memory reads that need a consistent guest happen under
 //! the pause. A stock kernel's files are read, parsed and checked before it ([`StockKernel::load`],
 //! which a monitor does once and keeps, [`KernelFiles::Stock`]), so a wrong path or a file that is
-//! not the guest's vmlinux fails without ever stopping the guest; a patched guest's BTF blob is
-//! copied under the pause and parsed after it.
+//! not the guest's vmlinux fails without ever stopping the guest; a patched guest's BTF blob
+//! (read-only data) is copied and parsed after it.
 
 use std::path::Path;
 
@@ -203,9 +203,13 @@ enum Found<'a> {
     Patched {
         loc: KernelLocation,
         st: ExternalState,
-        blob: Vec<u8>,
+        len: usize,
     },
 }
+
+/// Bytes of a guest's BTF blob read at a time (it is copied with the guest running: a bridge
+/// session reads through without its page cache then, one READ per chunk).
+const BTF_CHUNK: usize = 1 << 20;
 
 /// Loads `files` (when they are paths) before calling `f`: nothing is read from disk inside it.
 fn with_source<T, E: From<TargetError>>(
@@ -242,23 +246,27 @@ fn read<'a>(
                 .ok()
                 .filter(|&n| n != 0 && st.btf_size <= MAX_GUEST_BTF)
                 .ok_or(TargetError::ImplausibleBtf(st.btf_size))?;
-            let mut blob = vec![0u8; len];
-            mem.read(loc.image_phys(st.btf_start), &mut blob)?;
-            Ok(Found::Patched { loc, st, blob })
+            Ok(Found::Patched { loc, st, len })
         }
     }
 }
 
 impl Found<'_> {
-    /// Parses what was read (with the guest running again).
-    fn finish(self) -> Result<Target, TargetError> {
+    /// Copies and parses the kernel's types, with the guest running again: its `.BTF` section is
+    /// read-only data that does not change while the kernel runs, so it needs no pause.
+    fn finish(self, mem: &dyn PhysMem) -> Result<Target, TargetError> {
         let (loc, btf, init_task, tasklist_lock) = match self {
             Found::Stock { loc, kernel } => {
                 let slid = |a: u64| a.wrapping_add(loc.slide);
                 let (init, lock) = (slid(kernel.init_task), slid(kernel.tasklist_lock));
                 (loc, kernel.btf.clone(), init, lock)
             }
-            Found::Patched { loc, st, blob } => {
+            Found::Patched { loc, st, len } => {
+                let mut blob = vec![0u8; len];
+                let start = loc.image_phys(st.btf_start);
+                for (at, chunk) in (0u64..).step_by(BTF_CHUNK).zip(blob.chunks_mut(BTF_CHUNK)) {
+                    mem.read(start.wrapping_add(at), chunk)?;
+                }
                 (loc, Btf::parse(&blob)?, st.init_task, st.tasklist_lock)
             }
         };
@@ -284,7 +292,7 @@ impl Target {
         cr4: u64,
         files: KernelFiles<'_>,
     ) -> Result<Target, TargetError> {
-        with_source(files, |src| read(mem, cr3, cr4, src)?.finish())
+        with_source(files, |src| read(mem, cr3, cr4, src)?.finish(mem))
     }
 
     /// Loads the kernel files (if `files` are paths) with the guest running, then pauses it with
@@ -311,7 +319,7 @@ impl Target {
                 match read(mem, cr3, cr4, src) {
                     Ok(found) => {
                         paused.resume()?;
-                        return Ok(found.finish()?);
+                        return Ok(found.finish(mem)?);
                     }
                     Err(TargetError::SensorBox(SbError::Torn(_))) if attempt < LOCATE_ATTEMPTS => {
                         paused.resume()?;
