@@ -399,3 +399,68 @@ impl<'a> GuestLoop<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A guest whose bridge cannot be reached is not retried at every sample: one try, one
+    /// `backoff` event saying what to fix and when the next try is, then nothing until then.
+    #[test]
+    fn a_failing_sample_backs_off_and_says_so_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            "sample_ms = 1\n[[guest]]\nname = \"vm\"\nbridge = \"127.0.0.1:1\"\npki = \"nopki\"\nmonitor = \"m\"\n",
+            &dir.path().join("bdmon.toml"),
+        )
+        .unwrap();
+        let buf = Buf::default();
+        let events = Events::to_writer(Box::new(buf.clone()));
+        let metrics = Metrics::default();
+        let mut l = GuestLoop::new(
+            &cfg,
+            cfg.guests[0].clone(),
+            Registry::new(),
+            &events,
+            &metrics,
+        );
+        for _ in 0..50 {
+            l.once();
+        }
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let backoffs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &serde_json::Value| e["event"] == "backoff")
+            .collect();
+        assert_eq!(backoffs.len(), 1, "{text}");
+        let e = &backoffs[0];
+        assert_eq!(e["step"], "sample");
+        assert_eq!(e["retry_in_ms"], 1000);
+        assert!(e["retry_at_ms"].as_u64().is_some(), "{e}");
+        assert!(
+            e["fix"]
+                .as_str()
+                .is_some_and(|f| f.contains("[[guest]] vm")),
+            "{e}"
+        );
+        assert!(metrics
+            .render()
+            .contains("bdmon_backoffs_total{guest=\"vm\",step=\"sample\"} 1"));
+    }
+}
