@@ -10,7 +10,7 @@
 //! | `{"cmd":"regs","vcpu":0}` | `regs`: `rip rsp rflags cr0 cr2 cr3 cr4 efer cpl fs_base gs_base kernel_gs_base` |
 //! | `{"cmd":"memory"}` | `size`, `ranges` (`gpa size offset`), `backdoor` (`gpa size`); the memfd arrives with the reply as an `SCM_RIGHTS` ancillary message |
 //! | `{"cmd":"reset"}` | `reset_ns`: the guest reboots in place on the same memory (kvm engine: a new VM with every vCPU in its boot state, the kernel and initrd loaded again; tcg engine: QEMU's system reset). Refused while another client holds the pause lease; the caller's own lease ends first |
-//! | `{"cmd":"status"}` | `engine vcpus mem_bytes state uptime_ms pid cmdline lease_holder lease_remaining_ms pauses lease_expiries` |
+//! | `{"cmd":"status"}` | `engine vcpus mem_bytes state uptime_ms pid cmdline lease_holder lease_remaining_ms pauses lease_expiries paused_ns_total` |
 //!
 //! Errors are `{"ok": false, "error": "<what went wrong and what to do>"}`.
 //!
@@ -119,6 +119,11 @@ pub struct StatusReply {
     pub pauses: u64,
     /// Leases that ran out or whose holder vanished.
     pub lease_expiries: u64,
+    /// Nanoseconds the guest has spent paused under leases since bdvmm started it, the pause
+    /// going on now included: what the monitors' locks have cost the guest (e.g. sample it twice
+    /// and divide the difference by the time between). Absent from older bdvmm builds.
+    #[serde(default)]
+    pub paused_ns_total: u64,
 }
 
 /// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.

@@ -498,8 +498,10 @@ impl BridgeMem {
         )
     }
 
-    /// Finds the guest kernel with the guest paused (its location does not change while it runs;
-    /// see [`Target::locate_paused`]).
+    /// Finds the guest kernel (its location does not change while it runs; see
+    /// [`Target::locate_paused`]): a stock kernel's files are read and parsed first, with the
+    /// guest running, and the pause covers the memory reads only. A caller that locates more than
+    /// once loads a [`introspect::target::StockKernel`] once and passes [`KernelFiles::Stock`].
     pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, InspectError> {
         let (gpa, size) = self.bridge().backdoor();
         let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });

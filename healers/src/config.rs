@@ -6,6 +6,10 @@
 //! metrics = "127.0.0.1:9464"       # Prometheus text on GET /metrics (optional)
 //! dry_run = false                  # diagnose and log what would be killed, kill nothing
 //! spare_users = [1001]             # never killed by any healer (root always is spared)
+//! pause_budget_percent = 1.0       # pause bdmon may cost a guest outside repairs, in % of ...
+//! pause_budget_window_s = 60       # ... any sliding window of this many seconds
+//! retry_min_ms = 1000              # a failing step (connect, locate, sample, heal) is retried
+//! retry_max_ms = 60000             # after 1 s, 2 s, 4 s ... up to this; reset on success
 //!
 //! [proc]                           # Proc_Repair_Healer (NPROCS, MAXPROC_RATE_PERUID)
 //! policies = ["RATE_TOO_HIGH", "TOO_MANY_PROCS", "TREE_TOO_DEEP"]   # tried in order
@@ -29,6 +33,7 @@
 //! lease_ms = 2000                  # pause lease while healing; kills stop in its last quarter
 //! walk_entries = 65536             # most task_structs one task-list walk takes (tasks + threads)
 //! walk_ms = 1000                   # longest one walk may take
+//! # pause_budget_percent = 0.5     # this guest's own budget (default: the one above)
 //! [guest.thresholds]               # override the guest's thresholds, by sensor name
 //! NPROCS = 300
 //! ```
@@ -81,6 +86,19 @@ pub struct Config {
     /// Users no healer ever kills.
     #[serde(default)]
     pub spare_users: Vec<u32>,
+    /// The guest time bdmon may hold paused outside an actual repair, in percent of any sliding
+    /// `pause_budget_window_s` (see [`crate::budget`]).
+    #[serde(default = "default_budget_percent")]
+    pub pause_budget_percent: f64,
+    /// The budget's sliding window, in seconds.
+    #[serde(default = "default_budget_window_s")]
+    pub pause_budget_window_s: u64,
+    /// First delay before a failing step is tried again (ms); it doubles at each failure.
+    #[serde(default = "default_retry_min_ms")]
+    pub retry_min_ms: u64,
+    /// Longest delay between two tries of a failing step (ms).
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
     /// Proc_Repair_Healer.
     #[serde(default)]
     pub proc: ProcConfig,
@@ -256,6 +274,16 @@ pub struct GuestConfig {
     /// Longest one walk may take, in ms (never longer than the lease allows a kill after it).
     #[serde(default = "default_walk_ms")]
     pub walk_ms: u64,
+    /// This guest's pause budget, in percent (default: the top-level `pause_budget_percent`,
+    /// filled in when the config is read).
+    #[serde(default)]
+    pub pause_budget_percent: Option<f64>,
+    /// The budget's window in seconds (the top-level `pause_budget_window_s`, filled in).
+    #[serde(skip)]
+    pub pause_budget_window_s: Option<u64>,
+    /// Backoff of failing steps, (first, longest) delay in ms (the top level's, filled in).
+    #[serde(skip)]
+    pub retry_ms: Option<(u64, u64)>,
     /// Threshold overrides, by sensor name.
     #[serde(default)]
     pub thresholds: BTreeMap<String, u64>,
@@ -281,6 +309,29 @@ impl GuestConfig {
             max_entries: self.walk_entries,
             max_time: std::time::Duration::from_millis(self.walk_ms),
         }
+    }
+
+    /// This guest's pause budget.
+    pub fn pause_budget(&self) -> crate::budget::PauseBudget {
+        crate::budget::PauseBudget::new(
+            self.pause_budget_percent
+                .unwrap_or_else(default_budget_percent),
+            std::time::Duration::from_secs(
+                self.pause_budget_window_s
+                    .unwrap_or_else(default_budget_window_s),
+            ),
+        )
+    }
+
+    /// Backoff for this guest's failing steps.
+    pub fn backoff(&self) -> crate::budget::Backoff {
+        let (min, max) = self
+            .retry_ms
+            .unwrap_or((default_retry_min_ms(), default_retry_max_ms()));
+        crate::budget::Backoff::new(
+            std::time::Duration::from_millis(min),
+            std::time::Duration::from_millis(max),
+        )
     }
 
     /// The bridge identity.
@@ -311,6 +362,18 @@ fn default_walk_entries() -> usize {
 }
 fn default_walk_ms() -> u64 {
     crate::events::millis(introspect::tasks::DEFAULT_MAX_TIME)
+}
+fn default_budget_percent() -> f64 {
+    1.0
+}
+fn default_budget_window_s() -> u64 {
+    60
+}
+fn default_retry_min_ms() -> u64 {
+    1000
+}
+fn default_retry_max_ms() -> u64 {
+    60_000
 }
 fn default_server_name() -> String {
     bridge_client::tls::DEFAULT_SERVER_NAME.into()
@@ -364,6 +427,9 @@ impl Config {
             }
         };
         for g in &mut c.guests {
+            g.pause_budget_percent.get_or_insert(c.pause_budget_percent);
+            g.pause_budget_window_s = Some(c.pause_budget_window_s);
+            g.retry_ms = Some((c.retry_min_ms, c.retry_max_ms));
             fix(&mut g.pki);
             if let Some(p) = &mut g.system_map {
                 fix(p);
@@ -390,6 +456,18 @@ impl Config {
         if self.spare_users.contains(&u32::MAX) {
             return bad("spare_users: 4294967295 is not a user".into());
         }
+        let percent_ok = |p: f64| p > 0.0 && p <= 100.0;
+        if !percent_ok(self.pause_budget_percent) {
+            return bad("pause_budget_percent must be more than 0 and at most 100".into());
+        }
+        if !(1..=86_400).contains(&self.pause_budget_window_s) {
+            return bad("pause_budget_window_s must be 1..=86400".into());
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
+            return bad(
+                "retry_min_ms must be at least 1 and retry_max_ms at least retry_min_ms".into(),
+            );
+        }
         if self.proc.policies.is_empty() {
             return bad("[proc] policies is empty; set enabled = false instead".into());
         }
@@ -408,6 +486,12 @@ impl Config {
             }
             if g.sample_ms == Some(0) {
                 return bad(format!("guest {}: sample_ms must be at least 1", g.name));
+            }
+            if g.pause_budget_percent.is_some_and(|p| !percent_ok(p)) {
+                return bad(format!(
+                    "guest {}: pause_budget_percent must be more than 0 and at most 100",
+                    g.name
+                ));
             }
             if !(10..=600_000).contains(&g.lease_ms) {
                 return bad(format!("guest {}: lease_ms must be 10..=600000", g.name));
@@ -450,6 +534,23 @@ mod tests {
             c.guests[0].walk_limits(),
             introspect::tasks::Limits::default()
         );
+        // First, do no harm: 1 % of any minute, retries from 1 s to 60 s.
+        let b = c.guests[0].pause_budget();
+        assert_eq!(b.allowed(), std::time::Duration::from_millis(600));
+        assert_eq!(b.window(), std::time::Duration::from_secs(60));
+        assert_eq!(
+            c.guests[0].backoff().fail(),
+            std::time::Duration::from_secs(1)
+        );
+        let c = Config::parse(
+            &format!("pause_budget_percent = 2.5\n{GUEST}pause_budget_percent = 0.5\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.guests[0].pause_budget().allowed(),
+            std::time::Duration::from_millis(300)
+        );
     }
 
     #[test]
@@ -472,6 +573,15 @@ mod tests {
             ),
             (&format!("{GUEST}{GUEST}"), "duplicate"),
             (&format!("{GUEST}walk_entries = 0\n"), "walk_entries"),
+            (
+                &format!("pause_budget_percent = 0.0\n{GUEST}"),
+                "pause_budget_percent",
+            ),
+            (
+                &format!("{GUEST}pause_budget_percent = 150.0\n"),
+                "pause_budget_percent",
+            ),
+            (&format!("retry_max_ms = 10\n{GUEST}"), "retry_max_ms"),
         ] {
             let e = Config::parse(text, Path::new("x.toml"))
                 .unwrap_err()

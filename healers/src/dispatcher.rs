@@ -4,8 +4,16 @@
 //! Each guest has a thread of its own, so a slow or dead guest (or a long repair) never delays the
 //! sampling of the others. Sampling is periodic (`sample_ms`, 1 ms and up; a late sample is not
 //! made up for with a burst) and on demand ([`Handle::sample_now`]). A handler that found no
-//! culprit or failed is not called again for the same sensor for [`RETRY_AFTER`], so a violation
-//! nobody can heal is logged once per period, not once per sample.
+//! culprit or failed is not called again for the same sensor for [`RETRY_AFTER`], doubling at each
+//! further failure up to `retry_max_ms`, so a violation nobody can heal is logged once per period,
+//! not once per sample.
+//!
+//! First, do no harm: a sample that fails (the bridge unreachable, the kernel not locatable, a
+//! lock the pause budget refused) is not retried at the next period but after a backoff, 1 s
+//! doubling to 60 s by default and reset by the next good sample (on-demand samples wait too).
+//! Each failure is reported once: a warning on stderr that says what to fix, a `backoff` event
+//! with the reason and the next retry time (`pause_skipped` when the budget refused the lock), and
+//! the `bdmon_backoffs_total` metric.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,10 +24,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::budget::Backoff;
 use crate::config::{Config, GuestConfig};
 use crate::contract::{Breach, Checker};
-use crate::events::Events;
-use crate::guest::Guest;
+use crate::events::{millis, Events};
+use crate::guest::{Guest, GuestError};
 use crate::hm::{HealContext, HealOutcome, HmId, Registry};
 use crate::metrics::Metrics;
 
@@ -101,7 +110,14 @@ pub struct GuestLoop<'a> {
     metrics: &'a Metrics,
     period: Duration,
     up: Option<bool>,
-    backoff: HashMap<(HmId, u32), Instant>,
+    /// Per handler and sensor: no call before, and the delay after the next failure.
+    backoff: HashMap<(HmId, u32), (Instant, Duration)>,
+    /// Failing samples.
+    retry: Backoff,
+    /// No sample before this (a failing sample backs off).
+    not_before: Option<Instant>,
+    /// Longest handler backoff.
+    retry_max: Duration,
 }
 
 impl<'a> GuestLoop<'a> {
@@ -114,6 +130,7 @@ impl<'a> GuestLoop<'a> {
         metrics: &'a Metrics,
     ) -> Self {
         let overrides = g.threshold_overrides();
+        let retry = g.backoff();
         GuestLoop {
             period: Duration::from_millis(g.sample_ms.unwrap_or(cfg.sample_ms).max(1)),
             cfg,
@@ -124,7 +141,69 @@ impl<'a> GuestLoop<'a> {
             metrics,
             up: None,
             backoff: HashMap::new(),
+            retry,
+            not_before: None,
+            retry_max: Duration::from_millis(cfg.retry_max_ms).max(RETRY_AFTER),
         }
+    }
+
+    /// Reports a failed `step` once (stderr, a `backoff` or `pause_skipped` event, a metric) and
+    /// sets when it may be tried again.
+    fn failed(&mut self, step: &str, e: &GuestError) {
+        let name = self.guest.cfg.name.clone();
+        let now = Instant::now();
+        let (event, next) = match e.retry_at() {
+            // The budget refused a lock: not a failure to double, a wait until one fits.
+            Some(at) => ("pause_skipped", at.max(now)),
+            None => ("backoff", now + self.retry.fail()),
+        };
+        self.not_before = Some(next);
+        let wait = next.saturating_duration_since(now);
+        let fix = e.fix(&name);
+        let reason = e.to_string();
+        self.metrics.add(
+            if event == "backoff" {
+                "bdmon_backoffs_total"
+            } else {
+                "bdmon_pause_skipped_total"
+            },
+            &[("guest", &name), ("step", step)],
+            1.0,
+        );
+        self.metrics.set(
+            "bdmon_backoff_seconds",
+            &[("guest", &name)],
+            wait.as_secs_f64(),
+        );
+        self.events.emit(
+            &name,
+            event,
+            json!({"step": step, "reason": reason, "fix": fix,
+                   "failures": self.retry.failures(),
+                   "retry_in_ms": millis(wait),
+                   "retry_at_ms": crate::events::now_ms().saturating_add(millis(wait))}),
+        );
+        tracing::warn!(
+            "guest {name}: {step} failed: {reason}{}; next try in {:.1} s",
+            fix.map(|f| format!("; {f}")).unwrap_or_default(),
+            wait.as_secs_f64()
+        );
+    }
+
+    /// Publishes what bdmon has cost the guest outside repairs.
+    fn budget_metrics(&mut self) {
+        let name = self.guest.cfg.name.clone();
+        let b = self.guest.budget();
+        let used = b.used(Instant::now());
+        let ratio = used.as_secs_f64() / b.allowed().as_secs_f64().max(f64::MIN_POSITIVE);
+        let total = b.total().as_secs_f64();
+        self.metrics
+            .set("bdmon_pause_budget_used_ratio", &[("guest", &name)], ratio);
+        self.metrics.set(
+            "bdmon_budget_pause_seconds_total",
+            &[("guest", &name)],
+            total,
+        );
     }
 
     fn run(mut self, stop: &AtomicBool, wake: &mpsc::Receiver<()>) {
@@ -168,8 +247,17 @@ impl<'a> GuestLoop<'a> {
         }
     }
 
-    /// One sample, its checks and the dispatch of its violations.
+    /// One sample, its checks and the dispatch of its violations (nothing while a failed sample
+    /// backs off).
     pub fn once(&mut self) {
+        if self.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.step();
+        self.budget_metrics();
+    }
+
+    fn step(&mut self) {
         let name = self.guest.cfg.name.clone();
         let t = Instant::now();
         let sb = match self.guest.sample() {
@@ -178,10 +266,19 @@ impl<'a> GuestLoop<'a> {
                 self.metrics
                     .add("bdmon_sample_errors_total", &[("guest", &name)], 1.0);
                 self.set_up(false, &e.to_string());
+                self.failed("sample", &e);
                 return;
             }
         };
         let took = t.elapsed();
+        if self.not_before.take().is_some() {
+            let failures = self.retry.reset();
+            self.metrics
+                .set("bdmon_backoff_seconds", &[("guest", &name)], 0.0);
+            if failures > 0 {
+                tracing::warn!("guest {name}: sampling works again after {failures} failure(s)");
+            }
+        }
         self.set_up(true, "");
         self.metrics
             .add("bdmon_samples_total", &[("guest", &name)], 1.0);
@@ -226,7 +323,7 @@ impl<'a> GuestLoop<'a> {
                 .filter(|h| {
                     self.backoff
                         .get(&(*h, v.id))
-                        .is_none_or(|until| now >= *until)
+                        .is_none_or(|(until, _)| now >= *until)
                 })
                 .collect();
             if hms.is_empty() {
@@ -256,12 +353,41 @@ impl<'a> GuestLoop<'a> {
                     metrics: self.metrics,
                 };
                 let out = hm.handle(&mut ctx, &v);
+                let hm_name = hm.name().to_owned();
                 match out {
                     HealOutcome::Healed { .. } => {
                         self.backoff.remove(&(h, v.id));
                     }
-                    _ => {
-                        self.backoff.insert((h, v.id), Instant::now() + RETRY_AFTER);
+                    out => {
+                        // Doubling from RETRY_AFTER: a violation nobody can heal costs the guest
+                        // (and the log) less and less.
+                        let delay = self
+                            .backoff
+                            .get(&(h, v.id))
+                            .map_or(RETRY_AFTER, |(_, d)| *d);
+                        let next = delay.saturating_mul(2).min(self.retry_max);
+                        self.backoff
+                            .insert((h, v.id), (Instant::now() + delay, next));
+                        if let HealOutcome::NotHealed(reason) = out {
+                            self.metrics.add(
+                                "bdmon_backoffs_total",
+                                &[("guest", &name), ("step", &hm_name)],
+                                1.0,
+                            );
+                            self.events.emit(
+                                &name,
+                                "backoff",
+                                json!({"step": hm_name, "sensor": v.name, "reason": reason,
+                                       "retry_in_ms": millis(delay),
+                                       "retry_at_ms": crate::events::now_ms()
+                                           .saturating_add(millis(delay))}),
+                            );
+                            tracing::warn!(
+                                "guest {name}: {hm_name} could not heal {}: {reason}; next try in {:.1} s",
+                                v.name,
+                                delay.as_secs_f64()
+                            );
+                        }
                     }
                 }
             }
@@ -271,5 +397,70 @@ impl<'a> GuestLoop<'a> {
                 self.checker.reset_progress(Instant::now());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A guest whose bridge cannot be reached is not retried at every sample: one try, one
+    /// `backoff` event saying what to fix and when the next try is, then nothing until then.
+    #[test]
+    fn a_failing_sample_backs_off_and_says_so_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            "sample_ms = 1\n[[guest]]\nname = \"vm\"\nbridge = \"127.0.0.1:1\"\npki = \"nopki\"\nmonitor = \"m\"\n",
+            &dir.path().join("bdmon.toml"),
+        )
+        .unwrap();
+        let buf = Buf::default();
+        let events = Events::to_writer(Box::new(buf.clone()));
+        let metrics = Metrics::default();
+        let mut l = GuestLoop::new(
+            &cfg,
+            cfg.guests[0].clone(),
+            Registry::new(),
+            &events,
+            &metrics,
+        );
+        for _ in 0..50 {
+            l.once();
+        }
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let backoffs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &serde_json::Value| e["event"] == "backoff")
+            .collect();
+        assert_eq!(backoffs.len(), 1, "{text}");
+        let e = &backoffs[0];
+        assert_eq!(e["step"], "sample");
+        assert_eq!(e["retry_in_ms"], 1000);
+        assert!(e["retry_at_ms"].as_u64().is_some(), "{e}");
+        assert!(
+            e["fix"]
+                .as_str()
+                .is_some_and(|f| f.contains("[[guest]] vm")),
+            "{e}"
+        );
+        assert!(metrics
+            .render()
+            .contains("bdmon_backoffs_total{guest=\"vm\",step=\"sample\"} 1"));
     }
 }

@@ -12,6 +12,8 @@
 //! | `no_culprit` | `hm`, `sensor`, `reason` |
 //! | `not_healed` | `hm`, `sensor`, `reason`, `rounds` |
 //! | `hang` | `stalled` (sensors), `for_ms`, `action`, `command_status` |
+//! | `backoff` | `step` (`sample`, or the healer's name), `reason`, `fix` (what to change in the config, or null), `failures` (in a row), `sensor` (healers), `retry_in_ms`, `retry_at_ms` (Unix ms) |
+//! | `pause_skipped` | a lock not taken because it would break the guest's pause budget: `step`, `reason` (used and allowed ms, window), `retry_in_ms`, `retry_at_ms` |
 //! | `error` | `what` |
 
 use std::io::Write;

@@ -1,27 +1,44 @@
 //! One attached guest, seen through its bridge: sampling, the lock, the process table and kills.
 //!
-//! A session that fails is dropped and re-opened at the next call, so a bridge that restarts or a
-//! network blip costs one sample, not the monitor. The guest kernel is located once per boot (the
-//! Sensor Box's `boot_id` changes when the guest reboots) and reused.
+//! A session that fails is dropped and re-opened at the next call (the dispatcher backs off while
+//! it keeps failing), so a bridge that restarts or a network blip costs one sample, not the
+//! monitor. The guest kernel is located once per boot (the Sensor Box's `boot_id` changes when the
+//! guest reboots) and reused.
+//!
+//! First, do no harm: a stock kernel's `system_map` and `vmlinux` are read and parsed with the
+//! guest running, once, and kept for as long as neither file changes (path, size and mtime); the
+//! pause of a locate covers its memory reads only. Every pause is taken through the guest's
+//! [`PauseBudget`] (see [`crate::budget`]): a lock outside a repair that would break it is not
+//! taken ([`GuestError::Budget`]), and the time a lock holds the guest is charged to it unless a
+//! kill was posted under it.
 
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use bridge_client::client::{Bridge, BridgeMem, ClientError, InspectError};
-use bridge_client::wire::VmStatus;
-use introspect::consistency;
+use bridge_client::wire::{self, VmStatus};
+use introspect::consistency::{self, Pausable};
 use introspect::forkrate::ForkRateError;
-use introspect::kernel::{KernelError, Symbols};
+use introspect::kernel::KernelError;
 use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
 use introspect::sensorbox::SensorBox;
-use introspect::target::{KernelFiles, Target};
+use introspect::target::{KernelFiles, StockKernel, Target, TargetError};
 use introspect::tasks::{KernelMem, Limits, Process, TaskError};
 use introspect::virtual_sensors::{VirtualError, VirtualSensors};
 
+use crate::budget::{PauseBudget, MIN_PAUSE};
 use crate::config::GuestConfig;
 
 /// How long the lock waits for a moment when no fork or exit holds `tasklist_lock`, before it goes
 /// ahead anyway (the paper's forced lock).
 pub const QUIESCE: Duration = Duration::from_millis(200);
+
+/// Longest lease of a locate's pause (less when less of the pause budget is left).
+pub const LOCATE_LEASE: Duration = Duration::from_secs(10);
+
+/// What a budget-capped lease leaves for the vCPUs to stop, which bdvmm does not count in the
+/// lease (half of [`MIN_PAUSE`], so such a lease is at least 5 ms).
+const STOP_MARGIN: Duration = Duration::from_millis(5);
 
 /// Why a call on the guest failed: the session to its bridge (dropped, re-opened at the next call)
 /// or what its memory holds.
@@ -41,6 +58,28 @@ pub enum GuestError {
     /// Locating the kernel over the bridge.
     #[error(transparent)]
     Inspect(#[from] InspectError),
+    /// A stock kernel's `system_map` or `vmlinux` cannot be read or does not parse; no lock was
+    /// taken.
+    #[error(transparent)]
+    Files(TargetError),
+    /// Locating the kernel in guest memory.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// The lock would break the guest's pause budget, so it was not taken.
+    #[error(
+        "lock not taken: bdmon's pause budget for this guest is spent ({} ms of {} ms in the last {} s)",
+        .used.as_millis(), .allowed.as_millis(), .window.as_secs()
+    )]
+    Budget {
+        /// Paused time charged within the window.
+        used: Duration,
+        /// The budget per window.
+        allowed: Duration,
+        /// The window.
+        window: Duration,
+        /// When a lock fits again.
+        retry_at: Instant,
+    },
     /// Walking the task list, or checking `tasklist_lock`.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -71,6 +110,63 @@ impl GuestError {
                 | GuestError::Inspect(InspectError::Client(_))
         )
     }
+
+    /// For a lock the budget refused, when one fits again.
+    pub fn retry_at(&self) -> Option<Instant> {
+        match self {
+            GuestError::Budget { retry_at, .. } => Some(*retry_at),
+            _ => None,
+        }
+    }
+
+    /// What the user should fix, naming the setting of `[[guest]] name` at fault, when the error
+    /// says.
+    pub fn fix(&self, name: &str) -> Option<String> {
+        let g = format!("[[guest]] {name}");
+        let target = |e: &TargetError| -> Option<String> {
+            Some(match e {
+                TargetError::Vmlinux { .. } => format!("fix `vmlinux` in {g}"),
+                TargetError::VmlinuxBtf { .. } => format!(
+                    "fix `vmlinux` in {g}: it must be the guest kernel's uncompressed vmlinux, \
+                     built with CONFIG_DEBUG_INFO_BTF"
+                ),
+                TargetError::Kernel(KernelError::SystemMap(..)) => {
+                    format!("fix `system_map` in {g}")
+                }
+                TargetError::NoSymbol(_)
+                | TargetError::Kernel(_)
+                | TargetError::Task(_)
+                | TargetError::Btf(_) => format!(
+                    "check that `system_map` and `vmlinux` in {g} belong to the kernel the guest \
+                     runs (or leave both out for a patched guest)"
+                ),
+                _ => return None,
+            })
+        };
+        match self {
+            GuestError::Connect { .. } => Some(format!(
+                "check `bridge`, `pki` and `monitor` in {g}, and that the bridge runs"
+            )),
+            GuestError::Files(e) | GuestError::Target(e) => target(e),
+            GuestError::Inspect(InspectError::Target(e)) => target(e),
+            GuestError::Kernel(KernelError::SystemMap(..)) => {
+                Some(format!("fix `system_map` in {g}"))
+            }
+            GuestError::Session(c) if c.code() == Some(wire::code::DENIED) => Some(format!(
+                "the bridge refused monitor `monitor` of {g}: check its grants in the bridge's config"
+            )),
+            GuestError::Budget { .. } => Some(format!(
+                "bdmon holds itself to `pause_budget_percent` for {g}; see the events before this \
+                 for what kept locking"
+            )),
+            _ => None,
+        }
+    }
+
+    /// True if no lock can be held after this error, so the session need not be dropped.
+    fn lock_free(&self) -> bool {
+        matches!(self, GuestError::Files(_) | GuestError::Budget { .. })
+    }
 }
 
 /// A located kernel.
@@ -94,24 +190,129 @@ pub struct LockInfo {
     pub at: Option<Instant>,
 }
 
+/// A file as it was when read: a change of any of these means read it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileKey {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Option<FileKey> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileKey {
+            path: path.to_owned(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
+/// A stock kernel's files, parsed, and the files as they were (`None`: could not be told, so
+/// read again next time).
+struct LoadedFiles {
+    keys: [Option<FileKey>; 2],
+    kernel: StockKernel,
+}
+
+/// The lock, held.
+#[derive(Clone, Copy, Debug)]
+struct HeldLock {
+    /// When the guest was paused.
+    since: Instant,
+    /// A kill was posted under it: it is a repair, outside the budget.
+    repair: bool,
+}
+
 /// One guest.
 pub struct Guest {
     /// Its config.
     pub cfg: GuestConfig,
     mem: Option<BridgeMem>,
     kernel: Option<Kernel>,
-    locked: bool,
+    files: Option<LoadedFiles>,
+    budget: PauseBudget,
+    locked: Option<HeldLock>,
+}
+
+/// The bridge's lock, taken within the guest's pause budget: refused when less than
+/// [`MIN_PAUSE`] is left; outside a repair, with the budget left as its lease (bdvmm ends the pause
+/// there whatever bdmon does); every pause it ends is charged.
+struct Budgeted<'a> {
+    mem: &'a BridgeMem,
+    budget: &'a mut PauseBudget,
+    lease: Duration,
+    /// May become a repair: the lease is `lease` in full, charged only if no kill follows.
+    repair: bool,
+    since: Option<Instant>,
+    last_lock: Duration,
+}
+
+impl Pausable for Budgeted<'_> {
+    type Error = GuestError;
+
+    fn pause(&mut self) -> Result<(), GuestError> {
+        let now = Instant::now();
+        let left = self.budget.remaining(now);
+        if left < MIN_PAUSE {
+            return Err(GuestError::Budget {
+                used: self.budget.used(now),
+                allowed: self.budget.allowed(),
+                window: self.budget.window(),
+                retry_at: self
+                    .budget
+                    .fits_at(MIN_PAUSE, now)
+                    .unwrap_or(now + self.budget.window()),
+            });
+        }
+        // Outside a repair the lease is the budget left, less the time the vCPUs may take to
+        // stop (bdvmm starts the lease once they have): bdvmm ends the pause within the budget.
+        let lease = if self.repair {
+            self.lease
+        } else {
+            self.lease.min(left.saturating_sub(STOP_MARGIN))
+        };
+        // Charged from before the request: the guest may stop before the reply comes back.
+        let at = Instant::now();
+        match self.mem.lock(lease) {
+            Ok(took) => {
+                self.last_lock = took;
+                self.since = Some(at);
+                Ok(())
+            }
+            Err(e) => {
+                self.budget.charge(at, Instant::now());
+                Err(e.into())
+            }
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        let r = self.mem.unlock();
+        if let Some(t) = self.since.take() {
+            self.budget.charge(t, Instant::now());
+        }
+        Ok(r?)
+    }
 }
 
 impl Guest {
     /// A guest not yet connected.
     pub fn new(cfg: GuestConfig) -> Guest {
         Guest {
+            budget: cfg.pause_budget(),
             cfg,
             mem: None,
             kernel: None,
-            locked: false,
+            files: None,
+            locked: None,
         }
+    }
+
+    /// The guest's pause budget: what bdmon has charged to it.
+    pub fn budget(&mut self) -> &mut PauseBudget {
+        &mut self.budget
     }
 
     /// True for a stock kernel (virtual sensors).
@@ -134,15 +335,26 @@ impl Guest {
         Ok(self.mem.insert(mem))
     }
 
-    /// Drops the session (it will be re-opened).
+    /// Drops the session (it will be re-opened; the bridge ends any lock it held).
     pub fn disconnect(&mut self) {
         self.mem = None;
-        self.locked = false;
+        self.settle_lock();
+    }
+
+    /// Forgets the held lock, charging it to the budget unless it was a repair.
+    fn settle_lock(&mut self) {
+        if let Some(l) = self.locked.take() {
+            if !l.repair {
+                self.budget.charge(l.since, Instant::now());
+            }
+        }
     }
 
     fn guard<T>(&mut self, r: Result<T, GuestError>) -> Result<T, GuestError> {
-        if r.is_err() {
-            self.disconnect();
+        if let Err(e) = &r {
+            if !e.lock_free() {
+                self.disconnect();
+            }
         }
         r
     }
@@ -185,6 +397,25 @@ impl Guest {
         self.guard(r)
     }
 
+    /// The stock kernel's files, parsed: loaded once, again only when either file changes. No
+    /// lock is held here.
+    fn stock_kernel(&mut self) -> Result<Option<&StockKernel>, GuestError> {
+        let (Some(map), Some(vmlinux)) = (&self.cfg.system_map, &self.cfg.vmlinux) else {
+            return Ok(None);
+        };
+        let keys = [FileKey::of(map), FileKey::of(vmlinux)];
+        let fresh = self
+            .files
+            .as_ref()
+            .is_some_and(|f| keys.iter().all(Option::is_some) && f.keys == keys);
+        if !fresh {
+            self.files = None;
+            let kernel = StockKernel::load(map, vmlinux).map_err(GuestError::Files)?;
+            self.files = Some(LoadedFiles { keys, kernel });
+        }
+        Ok(self.files.as_ref().map(|f| &f.kernel))
+    }
+
     /// Locates the kernel if not yet done for this boot.
     fn ensure_kernel(&mut self, sb: Option<&SensorBox>) -> Result<(), GuestError> {
         // Virtual sensors (stock guests) carry no boot id (0): that says nothing about a reboot.
@@ -194,22 +425,38 @@ impl Guest {
                 return Ok(());
             }
         }
-        let (map, vmlinux) = (self.cfg.system_map.clone(), self.cfg.vmlinux.clone());
-        let files = match (&map, &vmlinux) {
-            (Some(s), Some(v)) => Some(KernelFiles::Files {
-                system_map: s,
-                vmlinux: v,
-            }),
-            _ => None,
+        // Files first, with the guest running.
+        self.stock_kernel()?;
+        self.session()?;
+        let (Some(mem), budget) = (&self.mem, &mut self.budget) else {
+            return Err(GuestError::NotLocked);
         };
-        let mem = self.session()?;
-        let target = mem.locate(files)?;
+        let stock = self.files.as_ref().map(|f| &f.kernel);
+        let (gpa, size) = mem.bridge().backdoor();
+        let files = match stock {
+            Some(k) => KernelFiles::Stock(k),
+            None => KernelFiles::SensorBox { gpa, size },
+        };
+        let mut pauser = Budgeted {
+            mem,
+            budget,
+            lease: LOCATE_LEASE,
+            repair: false,
+            since: None,
+            last_lock: Duration::ZERO,
+        };
+        let target = Target::locate_paused(
+            mem,
+            &mut pauser,
+            |p| {
+                let r = p.mem.bridge().regs(0)?;
+                Ok::<_, GuestError>((r.cr3, r.cr4))
+            },
+            files,
+        )?;
         let direct = DirectLayout::from_btf(&target.btf)?;
-        let virt = match &map {
-            Some(m) => {
-                let syms = Symbols::from_file(m)?;
-                Some(VirtualSensors::new(&syms, &target.btf, &target.loc)?)
-            }
+        let virt = match stock {
+            Some(k) => Some(VirtualSensors::new(k.symbols(), &target.btf, &target.loc)?),
             None => None,
         };
         self.kernel = Some(Kernel {
@@ -232,30 +479,43 @@ impl Guest {
     fn lock_inner(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, GuestError> {
         self.ensure_kernel(sb)?;
         let lease = Duration::from_millis(self.cfg.lease_ms);
-        let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
+        let (Some(k), Some(mem), budget) = (&self.kernel, &self.mem, &mut self.budget) else {
             return Err(GuestError::NotLocked);
         };
-        let mut pauser = mem.pauser(lease);
+        // A healer's lock may become a repair, which the lease alone bounds; if it does not (no
+        // culprit, a failure), its time is charged when it ends.
+        let mut pauser = Budgeted {
+            mem,
+            budget,
+            lease,
+            repair: true,
+            since: None,
+            last_lock: Duration::ZERO,
+        };
         let l = consistency::pause_quiescent(&mut pauser, QUIESCE, || {
             Ok::<_, GuestError>(k.target.tasklist_busy(mem)?)
         })?;
+        let since = pauser.since.unwrap_or_else(Instant::now);
         let info = LockInfo {
-            lock_ns: crate::events::nanos(pauser.last_lock()),
+            lock_ns: crate::events::nanos(pauser.last_lock),
             attempts: l.attempts,
             forced: l.forced,
             at: Some(Instant::now()),
         };
-        self.locked = true;
+        self.locked = Some(HeldLock {
+            since,
+            repair: false,
+        });
         Ok(info)
     }
 
     /// Releases the lock.
     pub(crate) fn unlock(&mut self) -> Result<(), GuestError> {
-        if !self.locked {
+        if self.locked.is_none() {
             return Ok(());
         }
-        self.locked = false;
         let r = self.session().and_then(|m| Ok(m.unlock()?));
+        self.settle_lock();
         self.guard(r)
     }
 
@@ -268,7 +528,7 @@ impl Guest {
     /// The process table, within `limits`; the caller holds the lock.
     pub fn processes_within(&mut self, limits: Limits) -> Result<Vec<Process>, GuestError> {
         let r = match (&self.kernel, &self.mem) {
-            (Some(k), Some(mem)) if self.locked => {
+            (Some(k), Some(mem)) if self.locked.is_some() => {
                 k.target.walk_within(mem, limits).map_err(GuestError::from)
             }
             _ => Err(GuestError::NotLocked),
@@ -312,8 +572,10 @@ impl Guest {
         sb: Option<&SensorBox>,
         until: Option<Instant>,
     ) -> Result<Killed, GuestError> {
-        let r = match (&self.kernel, &self.mem) {
-            (Some(k), Some(mem)) if self.locked => {
+        let r = match (&self.kernel, &self.mem, &mut self.locked) {
+            (Some(k), Some(mem), Some(held)) => {
+                // A diagnosed culprit: this lock is a repair, outside the pause budget.
+                held.repair = true;
                 let km = KernelMem::new(mem, k.target.loc.clone());
                 let site = KillSite {
                     mem,

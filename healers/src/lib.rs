@@ -9,8 +9,11 @@
 //!
 //! * [`hm`] — the HM API: `new_hm`, `register_sensor`, and how to write one.
 //! * [`proc_repair`], [`mem_reclaim`], [`hang`] — the paper's healers and hang detection.
+//! * [`budget`] — first, do no harm: the pause budget bdmon holds itself to, and the backoff of
+//!   failing steps.
 //! * [`config`] — the TOML file; [`metrics`] — Prometheus text.
 
+pub mod budget;
 pub mod config;
 pub mod contract;
 pub mod dispatcher;

@@ -74,6 +74,31 @@ const HELP: &[(&str, &str, &str)] = &[
     ),
     ("bdmon_killed_total", "counter", "processes an HM killed"),
     ("bdmon_hangs_total", "counter", "hung-guest reports"),
+    (
+        "bdmon_backoffs_total",
+        "counter",
+        "failed steps (by step) that made bdmon wait before trying again",
+    ),
+    (
+        "bdmon_backoff_seconds",
+        "gauge",
+        "wait before the next try of a failed sample (0: not backing off)",
+    ),
+    (
+        "bdmon_pause_skipped_total",
+        "counter",
+        "locks not taken because they would break the guest's pause budget",
+    ),
+    (
+        "bdmon_budget_pause_seconds_total",
+        "counter",
+        "guest time bdmon held paused outside repairs (charged to the pause budget)",
+    ),
+    (
+        "bdmon_pause_budget_used_ratio",
+        "gauge",
+        "share of the pause budget used in the current window",
+    ),
 ];
 
 impl Metrics {

@@ -4,7 +4,13 @@
 //! A patched guest describes itself in the Sensor Box's externalized-state descriptor, so nothing
 //! but guest memory and CR3 is needed; a stock guest needs its `System.map` and its `vmlinux` (for
 //! BTF). The kernel's location and layouts do not change while it runs, so callers find the
-//! [`Target`] once, with the guest paused, and reuse it for every walk.
+//! [`Target`] once and reuse it for every walk.
+//!
+//! **First, do no harm.** Only the guest-memory reads that need a consistent guest happen under
+//! the pause. A stock kernel's files are read, parsed and checked before it ([`StockKernel::load`],
+//! which a monitor does once and keeps, [`KernelFiles::Stock`]), so a wrong path or a file that is
+//! not the guest's vmlinux fails without ever stopping the guest; a patched guest's BTF blob
+//! (read-only data) is copied and parsed after it.
 
 use std::path::Path;
 
@@ -12,7 +18,7 @@ use crate::btf::{Btf, BtfError};
 use crate::consistency::{self, Locked, Pausable};
 use crate::kernel::{self, KernelError, KernelLocation, Symbols};
 use crate::mem::{MemError, PhysMem};
-use crate::sensorbox::{self, SbError};
+use crate::sensorbox::{self, ExternalState, SbError};
 use crate::tasks::{self, KernelMem, Limits, Process, TaskError, TaskLayout, TasklistLock};
 
 /// Pauses [`Target::locate_paused`] tries when each one catches a Sensor Box update half done.
@@ -22,6 +28,19 @@ pub const LOCATE_BACKOFF: std::time::Duration = std::time::Duration::from_millis
 
 /// Largest BTF blob copied out of a guest.
 pub const MAX_GUEST_BTF: u64 = 64 << 20;
+
+/// Largest `vmlinux` read (a distribution kernel's is about 60 MB; one with full DWARF a few
+/// hundred): a path to some huge file is refused rather than read into memory.
+pub const MAX_VMLINUX: u64 = 1 << 30;
+
+/// Symbols [`kernel::locate`] and the walk need from a stock kernel's System.map.
+const STOCK_SYMBOLS: [&str; 5] = [
+    "linux_banner",
+    "_text",
+    "phys_base",
+    "init_task",
+    "tasklist_lock",
+];
 
 /// Where the kernel's symbols and types come from.
 #[derive(Clone, Copy, Debug)]
@@ -33,13 +52,17 @@ pub enum KernelFiles<'a> {
         /// Its size.
         size: u64,
     },
-    /// A stock guest: its System.map and vmlinux (for BTF).
+    /// A stock guest: its System.map and vmlinux (for BTF), read and parsed (before any pause) at
+    /// each locate. A caller that locates more than once should load a [`StockKernel`] once and
+    /// pass [`KernelFiles::Stock`].
     Files {
         /// `System.map` of the guest's kernel.
         system_map: &'a Path,
         /// The guest's `vmlinux` (only its `.BTF` section is used).
         vmlinux: &'a Path,
     },
+    /// A stock guest whose files are already loaded.
+    Stock(&'a StockKernel),
 }
 
 /// Why the guest kernel could not be located.
@@ -49,12 +72,21 @@ pub enum TargetError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
     /// The vmlinux file.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read vmlinux {path}: {source}")]
     Vmlinux {
         /// Its path.
         path: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// The vmlinux file has no usable BTF (not a vmlinux, a compressed vmlinuz, a kernel built
+    /// without `CONFIG_DEBUG_INFO_BTF`).
+    #[error("vmlinux {path}: {source}")]
+    VmlinuxBtf {
+        /// Its path.
+        path: String,
+        /// Why.
+        source: BtfError,
     },
     /// A symbol the walk needs is not in System.map.
     #[error("System.map has no {0}")]
@@ -93,46 +125,149 @@ pub struct Target {
     pub tasklist_lock: TasklistLock,
 }
 
-impl Target {
-    /// Locates the kernel from `cr3`/`cr4` (read with the guest paused) and `files`.
-    pub fn locate(
-        mem: &dyn PhysMem,
-        cr3: u64,
-        cr4: u64,
-        files: KernelFiles<'_>,
-    ) -> Result<Target, TargetError> {
-        let (loc, btf, init_task, tasklist_lock) = match files {
-            KernelFiles::Files {
-                system_map,
-                vmlinux,
-            } => {
-                let syms = Symbols::from_file(system_map)?;
-                let loc = kernel::locate(mem, cr3, cr4, &syms)?;
-                let bytes = std::fs::read(vmlinux).map_err(|source| TargetError::Vmlinux {
-                    path: vmlinux.display().to_string(),
-                    source,
-                })?;
-                let btf = Btf::from_elf(&bytes)?;
-                let sym = |n: &'static str| {
-                    syms.get(n)
-                        .map(|a| a.wrapping_add(loc.slide))
-                        .ok_or(TargetError::NoSymbol(n))
-                };
-                let (init_task, lock) = (sym("init_task")?, sym("tasklist_lock")?);
-                (loc, btf, init_task, lock)
+/// A stock kernel's `System.map` and `vmlinux`, read, parsed and checked: everything locating it
+/// needs that does not come from guest memory. Loading takes the time (a distribution vmlinux is
+/// about 60 MB); it needs no guest, so it is done before any pause, and a monitor keeps it for as
+/// long as the files do not change.
+#[derive(Clone, Debug)]
+pub struct StockKernel {
+    syms: Symbols,
+    btf: Btf,
+    /// `init_task` at link time (before the KASLR slide).
+    init_task: u64,
+    /// `tasklist_lock` at link time.
+    tasklist_lock: u64,
+}
+
+impl StockKernel {
+    /// Reads and checks both files: the symbols the walk needs, the vmlinux's `.BTF` section and
+    /// the task layouts it must describe.
+    pub fn load(system_map: &Path, vmlinux: &Path) -> Result<StockKernel, TargetError> {
+        let syms = Symbols::from_file(system_map)?;
+        let sym = |n: &'static str| syms.get(n).ok_or(TargetError::NoSymbol(n));
+        for n in STOCK_SYMBOLS {
+            sym(n)?;
+        }
+        let (init_task, tasklist_lock) = (sym("init_task")?, sym("tasklist_lock")?);
+        let path = || vmlinux.display().to_string();
+        let io = |source| TargetError::Vmlinux {
+            path: path(),
+            source,
+        };
+        let len = std::fs::metadata(vmlinux).map_err(io)?.len();
+        if len > MAX_VMLINUX {
+            return Err(io(std::io::Error::other(format!(
+                "{len} bytes is too large for a vmlinux (limit {MAX_VMLINUX})"
+            ))));
+        }
+        let bytes = std::fs::read(vmlinux).map_err(io)?;
+        let btf = Btf::from_elf(&bytes).map_err(|source| TargetError::VmlinuxBtf {
+            path: path(),
+            source,
+        })?;
+        // The kernel's structs must make sense now, not after a pause.
+        TaskLayout::from_btf(&btf)?;
+        TasklistLock::new(&btf, tasklist_lock)?;
+        Ok(StockKernel {
+            syms,
+            btf,
+            init_task,
+            tasklist_lock,
+        })
+    }
+
+    /// Its symbols.
+    pub fn symbols(&self) -> &Symbols {
+        &self.syms
+    }
+
+    /// Its types.
+    pub fn btf(&self) -> &Btf {
+        &self.btf
+    }
+}
+
+/// Where a locate gets what does not come from guest memory.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    SensorBox { gpa: u64, size: u64 },
+    Stock(&'a StockKernel),
+}
+
+/// What the reads under the pause found; [`Found::finish`] makes it a [`Target`] afterwards.
+enum Found<'a> {
+    Stock {
+        loc: KernelLocation,
+        kernel: &'a StockKernel,
+    },
+    Patched {
+        loc: KernelLocation,
+        st: ExternalState,
+        len: usize,
+    },
+}
+
+/// Bytes of a guest's BTF blob read at a time (it is copied with the guest running: a bridge
+/// session reads through without its page cache then, one READ per chunk).
+const BTF_CHUNK: usize = 1 << 20;
+
+/// Loads `files` (when they are paths) before calling `f`: nothing is read from disk inside it.
+fn with_source<T, E: From<TargetError>>(
+    files: KernelFiles<'_>,
+    f: impl FnOnce(Source<'_>) -> Result<T, E>,
+) -> Result<T, E> {
+    match files {
+        KernelFiles::Files {
+            system_map,
+            vmlinux,
+        } => f(Source::Stock(&StockKernel::load(system_map, vmlinux)?)),
+        KernelFiles::Stock(k) => f(Source::Stock(k)),
+        KernelFiles::SensorBox { gpa, size } => f(Source::SensorBox { gpa, size }),
+    }
+}
+
+/// The guest-memory reads of a locate: the ones that need the guest paused.
+fn read<'a>(
+    mem: &dyn PhysMem,
+    cr3: u64,
+    cr4: u64,
+    src: Source<'a>,
+) -> Result<Found<'a>, TargetError> {
+    match src {
+        Source::Stock(kernel) => Ok(Found::Stock {
+            loc: kernel::locate(mem, cr3, cr4, &kernel.syms)?,
+            kernel,
+        }),
+        Source::SensorBox { gpa, size } => {
+            let sb = sensorbox::read(mem, gpa, size, 1000)?;
+            let st = sb.state.ok_or(TargetError::NoDescriptor)?;
+            let loc = kernel::from_descriptor(mem, &st, cr3)?;
+            let len = usize::try_from(st.btf_size)
+                .ok()
+                .filter(|&n| n != 0 && st.btf_size <= MAX_GUEST_BTF)
+                .ok_or(TargetError::ImplausibleBtf(st.btf_size))?;
+            Ok(Found::Patched { loc, st, len })
+        }
+    }
+}
+
+impl Found<'_> {
+    /// Copies and parses the kernel's types, with the guest running again: its `.BTF` section is
+    /// read-only data that does not change while the kernel runs, so it needs no pause.
+    fn finish(self, mem: &dyn PhysMem) -> Result<Target, TargetError> {
+        let (loc, btf, init_task, tasklist_lock) = match self {
+            Found::Stock { loc, kernel } => {
+                let slid = |a: u64| a.wrapping_add(loc.slide);
+                let (init, lock) = (slid(kernel.init_task), slid(kernel.tasklist_lock));
+                (loc, kernel.btf.clone(), init, lock)
             }
-            KernelFiles::SensorBox { gpa, size } => {
-                let sb = sensorbox::read(mem, gpa, size, 1000)?;
-                let st = sb.state.ok_or(TargetError::NoDescriptor)?;
-                let loc = kernel::from_descriptor(mem, &st, cr3)?;
-                let len = usize::try_from(st.btf_size)
-                    .ok()
-                    .filter(|&n| n != 0 && st.btf_size <= MAX_GUEST_BTF)
-                    .ok_or(TargetError::ImplausibleBtf(st.btf_size))?;
+            Found::Patched { loc, st, len } => {
                 let mut blob = vec![0u8; len];
-                mem.read(loc.image_phys(st.btf_start), &mut blob)?;
-                let btf = Btf::parse(&blob)?;
-                (loc, btf, st.init_task, st.tasklist_lock)
+                let start = loc.image_phys(st.btf_start);
+                for (at, chunk) in (0u64..).step_by(BTF_CHUNK).zip(blob.chunks_mut(BTF_CHUNK)) {
+                    mem.read(start.wrapping_add(at), chunk)?;
+                }
+                (loc, Btf::parse(&blob)?, st.init_task, st.tasklist_lock)
             }
         };
         let layout = TaskLayout::from_btf(&btf)?;
@@ -145,11 +280,27 @@ impl Target {
             tasklist_lock,
         })
     }
+}
 
-    /// Pauses the guest with `pauser`, reads CR3 and CR4 with `regs`, locates the kernel and
-    /// resumes. A pause can catch the guest kernel in the middle of publishing its Sensor Box (the
-    /// sequence counter odd), and then no read succeeds until it runs again: the guest runs
-    /// [`LOCATE_BACKOFF`] and is paused again, at most [`LOCATE_ATTEMPTS`] times.
+impl Target {
+    /// Locates the kernel from `cr3`/`cr4` (read with the guest paused) and `files`. The caller
+    /// holds the guest paused for the whole call; [`Target::locate_paused`] pauses for the memory
+    /// reads only.
+    pub fn locate(
+        mem: &dyn PhysMem,
+        cr3: u64,
+        cr4: u64,
+        files: KernelFiles<'_>,
+    ) -> Result<Target, TargetError> {
+        with_source(files, |src| read(mem, cr3, cr4, src)?.finish(mem))
+    }
+
+    /// Loads the kernel files (if `files` are paths) with the guest running, then pauses it with
+    /// `pauser`, reads CR3 and CR4 with `regs`, makes the memory reads that locate the kernel,
+    /// resumes, and only then parses what it read. A pause can catch the guest kernel in the
+    /// middle of publishing its Sensor Box (the sequence counter odd), and then no read succeeds
+    /// until it runs again: the guest runs [`LOCATE_BACKOFF`] and is paused again, at most
+    /// [`LOCATE_ATTEMPTS`] times. Files that cannot be read or parsed fail before any pause.
     pub fn locate_paused<P, E>(
         mem: &dyn PhysMem,
         pauser: &mut P,
@@ -160,23 +311,25 @@ impl Target {
         P: Pausable,
         E: From<P::Error> + From<TargetError>,
     {
-        let mut attempt = 1;
-        loop {
-            let mut paused = pauser.paused()?;
-            let (cr3, cr4) = regs(&mut paused)?;
-            match Target::locate(mem, cr3, cr4, files) {
-                Ok(found) => {
-                    paused.resume()?;
-                    return Ok(found);
+        with_source(files, |src| {
+            let mut attempt = 1;
+            loop {
+                let mut paused = pauser.paused()?;
+                let (cr3, cr4) = regs(&mut paused)?;
+                match read(mem, cr3, cr4, src) {
+                    Ok(found) => {
+                        paused.resume()?;
+                        return Ok(found.finish(mem)?);
+                    }
+                    Err(TargetError::SensorBox(SbError::Torn(_))) if attempt < LOCATE_ATTEMPTS => {
+                        paused.resume()?;
+                        attempt += 1;
+                        std::thread::sleep(LOCATE_BACKOFF);
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(TargetError::SensorBox(SbError::Torn(_))) if attempt < LOCATE_ATTEMPTS => {
-                    paused.resume()?;
-                    attempt += 1;
-                    std::thread::sleep(LOCATE_BACKOFF);
-                }
-                Err(e) => return Err(e.into()),
             }
-        }
+        })
     }
 
     /// Walks the task list now, within the default [`Limits`]. The caller holds the guest paused.
@@ -282,5 +435,46 @@ mod tests {
         );
         assert_eq!(g.pauses, LOCATE_ATTEMPTS);
         assert!(!g.paused, "the guest runs again after the last attempt");
+    }
+
+    /// A stock guest misconfigured as a new user would: a typo in the vmlinux path, a vmlinuz
+    /// or some other file given as vmlinux, a missing System.map. Each is found before the guest
+    /// is paused even once (it used to be paused first, and the files parsed while it waited).
+    #[test]
+    fn files_that_cannot_be_read_or_parsed_fail_before_any_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = dir.path().join("System.map");
+        let text: String = STOCK_SYMBOLS
+            .iter()
+            .zip(1u64..)
+            .map(|(n, i)| format!("ffffffff8{i:07x} D {n}\n"))
+            .collect();
+        std::fs::write(&map, text).unwrap();
+        let not_elf = dir.path().join("vmlinuz");
+        std::fs::write(&not_elf, b"MZ\x00this is a bzImage, not a vmlinux").unwrap();
+        let missing = dir.path().join("vmlinux-typo");
+        let mem = VecMem::new(0, vec![0u8; 4096]);
+        for (system_map, vmlinux, want) in [
+            (&map, &missing, "cannot read vmlinux"),
+            (&map, &not_elf, "not an ELF file"),
+            (&missing, &not_elf, "cannot read System.map"),
+        ] {
+            let mut g = Guest::default();
+            let r: Result<Target, TestError> = Target::locate_paused(
+                &mem,
+                &mut g,
+                |_| Ok((0, 0)),
+                KernelFiles::Files {
+                    system_map,
+                    vmlinux,
+                },
+            );
+            let e = r.err().expect("locating with bad files fails").to_string();
+            assert!(e.contains(want), "{e}");
+            assert_eq!(g.pauses, 0, "paused for {e}");
+        }
+        // The paths are named, so the user knows which setting to fix.
+        let e = StockKernel::load(&map, &missing).unwrap_err().to_string();
+        assert!(e.contains("vmlinux-typo"), "{e}");
     }
 }

@@ -148,6 +148,12 @@ fn lease_survives_neither_a_dead_holder_nor_its_own_end(engine: Engine) {
     let st = c.status().unwrap();
     assert_eq!(st.state, "running");
     assert_eq!(st.lease_expiries, 2);
+    // Every leased pause is counted in the guest's paused time, the one that ran out included.
+    assert!(
+        st.paused_ns_total >= 1_000_000_000,
+        "paused_ns_total {} after a 1000 ms lease ran out",
+        st.paused_ns_total
+    );
 }
 
 #[test]

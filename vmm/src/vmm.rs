@@ -69,6 +69,10 @@ pub struct Vmm {
     started: Instant,
     pauses: u64,
     lease_expiries: u64,
+    /// Time paused under leases, the current pause excluded (see [`Vmm::paused_ns_total`]).
+    paused_total: Duration,
+    /// When the current leased pause began.
+    paused_since: Option<Instant>,
     exit: Option<VmExit>,
 }
 
@@ -111,6 +115,8 @@ impl Vmm {
             started: Instant::now(),
             pauses: 0,
             lease_expiries: 0,
+            paused_total: Duration::ZERO,
+            paused_since: None,
             exit: None,
         })
     }
@@ -175,6 +181,14 @@ impl Vmm {
         }
     }
 
+    /// Time the guest has spent paused under leases, the pause going on now included. Counted
+    /// here, where every leased pause of either engine starts and ends (from the pause request
+    /// until the resume returned), so a monitor's cost to the guest can be measured from outside.
+    fn paused_ns_total(&self) -> u64 {
+        let now = self.paused_since.map(|t| t.elapsed()).unwrap_or_default();
+        nanos(self.paused_total.saturating_add(now))
+    }
+
     /// Resumes the guest and forgets the lease. `expired`: count it as a lease expiry.
     fn release(&mut self, expired: bool) {
         if self.lease.take().is_none() {
@@ -184,7 +198,11 @@ impl Vmm {
         if expired {
             self.lease_expiries += 1;
         }
-        if let Err(e) = self.engine.resume() {
+        let resumed = self.engine.resume();
+        if let Some(t) = self.paused_since.take() {
+            self.paused_total = self.paused_total.saturating_add(t.elapsed());
+        }
+        if let Err(e) = resumed {
             self.exit = Some(VmExit::Failed(format!("cannot resume the guest: {e}")));
         }
     }
@@ -267,6 +285,7 @@ impl Vmm {
                         }
                         let pause_ns = nanos(t0.elapsed());
                         self.pauses += 1;
+                        self.paused_since = Some(t0);
                         self.lease = Some(Lease {
                             holder: conn,
                             expires: Instant::now() + lease,
@@ -365,6 +384,7 @@ impl Vmm {
                         lease_remaining_ms: self.remaining_lease().map(millis),
                         pauses: self.pauses,
                         lease_expiries: self.lease_expiries,
+                        paused_ns_total: self.paused_ns_total(),
                     }),
                     None,
                 )

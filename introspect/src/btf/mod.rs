@@ -276,7 +276,9 @@ enum Slot {
     Type(u32),
 }
 
-/// Parsed BTF: types, strings and a name index. Owns its data.
+/// Parsed BTF: types, strings and a name index. Owns its data (a clone copies it: a monitor keeps
+/// one parsed copy per kernel file and gives each located boot its own).
+#[derive(Clone)]
 pub struct Btf {
     /// Decoded type headers; index = type id, `[0]` is void.
     types: Vec<RawType>,
