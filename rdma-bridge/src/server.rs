@@ -57,7 +57,6 @@ pub enum ServerError {
     #[error("grants: {0}")]
     Grants(#[from] GrantError),
     /// The verbs data path.
-    #[cfg(feature = "verbs")]
     #[error(transparent)]
     Rdma(#[from] crate::rdma::RdmaError),
 }
@@ -73,14 +72,13 @@ struct Shared {
     tls: Arc<ServerConfig>,
     grants: Grants,
     agreement: Agreement,
-    audit: Audit,
+    audit: Arc<Audit>,
     lock: Mutex<Option<Holder>>,
     lock_freed: Condvar,
     conns: AtomicUsize,
     next_conn: AtomicU64,
     max_conns: usize,
     idle: Duration,
-    #[cfg(feature = "verbs")]
     rdma: Option<crate::rdma::RdmaGlue>,
 }
 
@@ -100,24 +98,13 @@ impl Server {
             let c = tls::load_certs(p)?;
             Ok(tls::fingerprint(&c[0]))
         })?;
-        #[cfg(not(feature = "verbs"))]
-        if cfg.rdma.is_some() {
-            return Err(GrantError::NoVerbs.into());
-        }
-        #[cfg(feature = "verbs")]
-        let rdma = match &cfg.rdma {
-            Some(r) => Some(crate::rdma::RdmaGlue::new(
-                r.device.as_deref(),
-                backend.as_ref(),
-                &grants,
-                cfg.agreement.k,
-            )?),
-            None => None,
-        };
-        let audit = Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
-            what: format!("cannot open audit log {}", cfg.audit_log.display()),
-            source,
-        })?;
+        let audit = Arc::new(
+            Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
+                what: format!("cannot open audit log {}", cfg.audit_log.display()),
+                source,
+            })?,
+        );
+        let rdma = rdma_glue(cfg, &backend, &audit)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Io {
             what: format!("cannot listen on {}", cfg.listen),
             source,
@@ -148,10 +135,34 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
                 idle: Duration::from_millis(cfg.idle_timeout_ms),
-                #[cfg(feature = "verbs")]
                 rdma,
             }),
         })
+    }
+
+    /// Serves the RDMA data path through `nic` instead of the `[rdma]` section's device, with
+    /// write agreement `k`: the seam for testing the server's RDMA policy (regions, caps, write
+    /// window, release) on hosts without an RDMA device. Call before [`Server::run`].
+    #[doc(hidden)]
+    pub fn use_rdma_nic(
+        &mut self,
+        nic: Box<dyn crate::rdma::Nic>,
+        k: usize,
+    ) -> Result<(), ServerError> {
+        let sh = Arc::get_mut(&mut self.shared).ok_or_else(|| ServerError::Io {
+            what: "use_rdma_nic".into(),
+            source: std::io::Error::other("the server is already running"),
+        })?;
+        let audit = sh.audit.clone();
+        sh.rdma = Some(
+            crate::rdma::RdmaGlue::new(nic, k, audit_sink(audit)).map_err(|source| {
+                ServerError::Io {
+                    what: "cannot start the RDMA lease timer".into(),
+                    source,
+                }
+            })?,
+        );
+        Ok(())
     }
 
     /// The address monitors connect to.
@@ -198,6 +209,38 @@ impl Server {
                 tracing::warn!("cannot spawn a connection thread: {e}");
             }
         }
+    }
+}
+
+/// The audit log as the RDMA glue's sink.
+fn audit_sink(audit: Arc<Audit>) -> crate::rdma::AuditSink {
+    Arc::new(move |event: &str, fields: serde_json::Value| audit.log(event, fields))
+}
+
+/// The RDMA data path of the `[rdma]` section, if any (feature `verbs`).
+fn rdma_glue(
+    cfg: &BridgeConfig,
+    backend: &Arc<dyn Backend>,
+    audit: &Arc<Audit>,
+) -> Result<Option<crate::rdma::RdmaGlue>, ServerError> {
+    let Some(r) = &cfg.rdma else {
+        return Ok(None);
+    };
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = (r, backend, audit);
+        Err(GrantError::NoVerbs.into())
+    }
+    #[cfg(feature = "verbs")]
+    {
+        let nic = crate::rdma::DeviceNic::open(r.device.as_deref(), backend.clone())?;
+        let glue =
+            crate::rdma::RdmaGlue::new(Box::new(nic), cfg.agreement.k, audit_sink(audit.clone()))
+                .map_err(|source| ServerError::Io {
+                what: "cannot start the RDMA lease timer".into(),
+                source,
+            })?;
+        Ok(Some(glue))
     }
 }
 
@@ -262,6 +305,7 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
     };
     let reason = sess.run(&mut s);
     sess.release_lock();
+    sess.end_rdma();
     if sess.hello {
         sh.audit.log(
             "disconnected",
@@ -645,6 +689,7 @@ impl Session<'_> {
                     monitor: self.monitor.clone(),
                     deadline: now + lease,
                 });
+                self.rdma_lock_held(now + lease);
                 self.sh.audit.log(
                     "lock",
                     json!({"monitor": self.monitor, "lease_ms": lease_ms, "lock_ns": lock_ns}),
@@ -668,6 +713,7 @@ impl Session<'_> {
                 let expired = Instant::now() >= cur.deadline;
                 *h = None;
                 self.sh.lock_freed.notify_all();
+                self.rdma_lock_ended("unlock");
                 if expired {
                     // bdvmm already resumed the guest when the lease ran out.
                     let _ = self.sh.backend.resume();
@@ -704,6 +750,7 @@ impl Session<'_> {
         if h.as_ref().is_some_and(|cur| cur.conn == self.conn) {
             *h = None;
             self.sh.lock_freed.notify_all();
+            self.rdma_lock_ended("session ended");
             let _ = self.sh.backend.resume();
             self.sh
                 .audit
@@ -711,34 +758,58 @@ impl Session<'_> {
         }
     }
 
-    #[cfg(feature = "verbs")]
+    /// RDMA_CONNECT: this session's queue pair, with exactly this monitor's grant (see
+    /// [`crate::rdma`]); a queue pair the session had is replaced.
     fn rdma_connect(&self, blob: &[u8]) -> Reply {
         let Some(rdma) = &self.sh.rdma else {
             return Reply::Error {
                 code: code::UNSUPPORTED,
-                message: "this bridge has no [rdma] section in its config".into(),
+                message: if cfg!(feature = "verbs") {
+                    "this bridge has no [rdma] section in its config".into()
+                } else {
+                    "this bridge was built without the `verbs` feature; use the TCP operations"
+                        .into()
+                },
             };
         };
-        match rdma.connect(&self.monitor, blob) {
-            Ok(b) => {
-                self.sh
-                    .audit
-                    .log("rdma_connected", json!({"monitor": self.monitor}));
-                Reply::RdmaConnect(b)
-            }
+        // Held across the connect, so that an UNLOCK cannot slip between reading the lease and
+        // opening the write window (lock order: holder, then the RDMA glue).
+        let h = self.holder();
+        let now = Instant::now();
+        let lease = h
+            .as_ref()
+            .filter(|cur| cur.conn == self.conn && now < cur.deadline)
+            .map(|cur| cur.deadline);
+        match rdma.connect(self.conn, &self.monitor, &self.grant, blob, lease) {
+            Ok(b) => Reply::RdmaConnect(b),
             Err(e) => Reply::Error {
-                code: code::BAD_REQUEST,
+                code: match e {
+                    crate::rdma::RdmaError::Quota { .. } => code::BUSY,
+                    _ => code::BAD_REQUEST,
+                },
                 message: e.to_string(),
             },
         }
     }
 
-    #[cfg(not(feature = "verbs"))]
-    fn rdma_connect(&self, _blob: &[u8]) -> Reply {
-        Reply::Error {
-            code: code::UNSUPPORTED,
-            message: "this bridge was built without the `verbs` feature; use the TCP operations"
-                .into(),
+    /// This session holds the pause lock until `deadline`: its RDMA queue pair may write.
+    fn rdma_lock_held(&self, deadline: Instant) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_held(self.conn, deadline);
+        }
+    }
+
+    /// This session no longer holds the pause lock: its RDMA queue pair may no longer write.
+    fn rdma_lock_ended(&self, reason: &str) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_ended(self.conn, reason);
+        }
+    }
+
+    /// The session ended: its RDMA queue pair, regions and protection domain are released.
+    fn end_rdma(&self) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.end_session(self.conn);
         }
     }
 
@@ -748,7 +819,9 @@ impl Session<'_> {
         }
         // A restart ends any pause lock: the guest boots afresh.
         let mut h = self.holder();
-        *h = None;
+        if let (Some(cur), Some(rdma)) = (h.take(), &self.sh.rdma) {
+            rdma.lock_ended(cur.conn, "restart");
+        }
         self.sh.lock_freed.notify_all();
         match self.sh.backend.restart() {
             Ok(()) => {
