@@ -436,7 +436,18 @@ impl Nic for DeviceNic {
         regions: &[PlannedRegion],
     ) -> Result<(Endpoint, Vec<RegionInfo>), RdmaError> {
         let mut specs = Vec::with_capacity(regions.len());
+        let writable = self.backend.mem().writable();
         for r in regions {
+            if r.access == Access::RemoteWrite && !writable {
+                // A read-only mapping (a dump served without --dump-writable) cannot be registered
+                // for writing; the TCP WRITE is refused there too.
+                tracing::warn!(
+                    region = %r.name,
+                    "guest memory is mapped read-only: no RDMA write region (serve a dump with \
+                     --dump-writable to allow writes)"
+                );
+                continue;
+            }
             let region = |source| RdmaError::Region {
                 region: r.name.clone(),
                 source,
