@@ -1,6 +1,6 @@
 //! The server's side of the verbs data path: which memory regions each monitor's queue pair gets,
 //! when it may write, and when it goes away. The verbs themselves are in [`crate::verbs`]; the
-//! device is reached through the [`Nic`] seam ([`DeviceNic`] with feature `verbs`), so this policy
+//! device is reached through the [`Nic`] seam (`DeviceNic` with feature `verbs`), so this policy
 //! is built and unit tested on any host.
 //!
 //! Following ReDMArk's mitigations (Rothenberger et al., USENIX Security 2021):
@@ -406,7 +406,7 @@ impl Drop for RdmaGlue {
     }
 }
 
-/// The real device: a [`VerbsTarget`](crate::verbs::VerbsTarget) registering the backend's guest
+/// The real device: a `VerbsTarget` registering the backend's guest
 /// memory (feature `verbs`).
 #[cfg(feature = "verbs")]
 pub struct DeviceNic {
