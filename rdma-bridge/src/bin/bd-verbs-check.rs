@@ -19,6 +19,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use introspect::mem::PhysMem;
+use introspect::target::{KernelFiles, Target};
+use introspect::tasks::Process;
 use rdma_bridge::client::{Bridge, BridgeMem, InspectError, TransportMem};
 use rdma_bridge::config::{HOOKS_OFFSET, HOOKS_SIZE, SB_OFFSET};
 use rdma_bridge::rdma::MAX_QPS_PER_MONITOR;
@@ -206,27 +209,41 @@ fn check_read_sb(rw: &mut Rdma) -> Outcome {
     }
 }
 
-fn check_read_tasks(c: &Checker, rw: Rdma) -> (Outcome, Option<Rdma>) {
+/// Locates the kernel and walks the process table reading guest memory through `mem`, pausing
+/// with `tcp`'s lock. On a patched guest a REGS refusal (a dump has no vCPUs; the monitor may lack
+/// the permission) is no obstacle: the Sensor Box descriptor gives the kernel's own page tables.
+fn walk(
+    mem: &dyn PhysMem,
+    tcp: &BridgeMem,
+    files: Option<KernelFiles<'_>>,
+) -> Result<Vec<Process>, InspectError> {
+    let patched = files.is_none();
+    let (gpa, size) = tcp.bridge().backdoor();
+    let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
+    let mut pauser = tcp.pauser(Duration::from_secs(10));
+    let target = Target::locate_paused(
+        mem,
+        &mut pauser,
+        |_| match tcp.bridge().regs(0) {
+            Ok(r) => Ok((r.cr3, r.cr4)),
+            Err(_) if patched => Ok((0, 0)),
+            Err(e) => Err(InspectError::from(e)),
+        },
+        files,
+    )?;
+    let t =
+        target.process_table::<_, InspectError>(mem, &mut pauser, Duration::from_millis(500))?;
+    Ok(t.value)
+}
+
+fn check_read_tasks(c: &Checker, rw: Rdma) -> (Outcome, Rdma) {
     let Rdma {
         bridge,
         mon,
         regions,
     } = rw;
-    let tcp = match c.session(&c.cli.rw) {
-        Ok(b) => BridgeMem::new(b),
-        Err(e) => {
-            return (
-                Err(e),
-                Some(Rdma {
-                    bridge,
-                    mon,
-                    regions,
-                }),
-            )
-        }
-    };
     let files = match (&c.cli.stock_system_map, &c.cli.stock_vmlinux) {
-        (Some(s), Some(v)) => Some(introspect::target::KernelFiles::Files {
+        (Some(s), Some(v)) => Some(KernelFiles::Files {
             system_map: s,
             vmlinux: v,
         }),
@@ -234,28 +251,21 @@ fn check_read_tasks(c: &Checker, rw: Rdma) -> (Outcome, Option<Rdma>) {
     };
     let rdma_mem = TransportMem::new(mon);
     let outcome = (|| {
-        let over_tcp = tcp
-            .process_table(files)
-            .map_err(|e| format!("process table over TCP: {e}"))?;
-        let target = tcp
-            .locate(files)
-            .map_err(|e| format!("locate the kernel over TCP: {e}"))?;
-        let mut pauser = tcp.pauser(Duration::from_secs(10));
-        let over_rdma = target
-            .process_table::<_, InspectError>(&rdma_mem, &mut pauser, Duration::from_millis(500))
-            .map_err(|e| format!("process table over RDMA: {e}"))?;
-        if over_rdma.value == over_tcp.value {
+        let tcp = BridgeMem::new(c.session(&c.cli.rw)?);
+        let over_tcp = walk(&tcp, &tcp, files).map_err(|e| format!("walk over TCP: {e}"))?;
+        let tcp_reads = tcp.round_trips();
+        let over_rdma = walk(&rdma_mem, &tcp, files).map_err(|e| format!("walk over RDMA: {e}"))?;
+        if over_rdma == over_tcp {
             Ok(format!(
-                "{} tasks, equal over RDMA ({} READs) and TCP ({} READs)",
-                over_tcp.value.len(),
+                "{} tasks, equal over RDMA ({} READs) and TCP ({tcp_reads} READs)",
+                over_tcp.len(),
                 rdma_mem.round_trips(),
-                tcp.round_trips()
             ))
         } else {
             Err(format!(
                 "the walks differ: {} tasks over RDMA, {} over TCP",
-                over_rdma.value.len(),
-                over_tcp.value.len()
+                over_rdma.len(),
+                over_tcp.len()
             ))
         }
     })();
@@ -264,7 +274,7 @@ fn check_read_tasks(c: &Checker, rw: Rdma) -> (Outcome, Option<Rdma>) {
         mon: rdma_mem.into_inner(),
         regions,
     };
-    (outcome, Some(rw))
+    (outcome, rw)
 }
 
 fn check_write_hooks(rw: &mut Rdma) -> Outcome {
@@ -494,7 +504,10 @@ fn main() -> ExitCode {
     c.report("read_sb_rdma", o);
 
     let (o, back) = match rw.take() {
-        Some(r) => check_read_tasks(&c, r),
+        Some(r) => {
+            let (o, r) = check_read_tasks(&c, r);
+            (o, Some(r))
+        }
         None => (skipped(), None),
     };
     rw = back;
