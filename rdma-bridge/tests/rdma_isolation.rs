@@ -220,7 +220,7 @@ fn rdma_write_is_open_only_while_the_lock_is_held() {
     let fx = start();
     let mut rw = fx.connect("rw");
     let (qp, _) = rdma_connect(&mut rw).unwrap();
-    rw.lock(Duration::from_secs(30)).unwrap();
+    rw.lock(Duration::from_secs(5)).unwrap();
     fx.wait_call(Call::Write(qp, true));
     rw.unlock().unwrap();
     fx.wait_call(Call::Write(qp, false));
@@ -235,7 +235,7 @@ fn rdma_write_is_open_only_while_the_lock_is_held() {
     }
     fx.wait_audit("rdma_write_closed", "lease expired");
     // Connecting (again) while holding the lock opens the window on the new queue pair.
-    rw.lock(Duration::from_secs(30)).unwrap();
+    rw.lock(Duration::from_secs(5)).unwrap();
     let (qp2, _) = rdma_connect(&mut rw).unwrap();
     assert!(
         fx.calls().contains(&Call::Release(qp)),
@@ -249,7 +249,7 @@ fn closing_the_session_releases_its_queue_pair() {
     let fx = start();
     let mut rw = fx.connect("rw");
     let (qp, _) = rdma_connect(&mut rw).unwrap();
-    rw.lock(Duration::from_secs(30)).unwrap();
+    rw.lock(Duration::from_secs(5)).unwrap();
     drop(rw);
     fx.wait_call(Call::Release(qp));
     fx.wait_audit("rdma_released", "session ended");

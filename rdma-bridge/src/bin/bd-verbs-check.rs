@@ -220,7 +220,7 @@ fn walk(
     let patched = files.is_none();
     let (gpa, size) = tcp.bridge().backdoor();
     let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
-    let mut pauser = tcp.pauser(Duration::from_secs(10));
+    let mut pauser = tcp.pauser(Duration::from_secs(5));
     let target = Target::locate_paused(
         mem,
         &mut pauser,
@@ -281,7 +281,7 @@ fn check_write_hooks(rw: &mut Rdma) -> Outcome {
     let (bd, _) = rw.bridge.backdoor();
     let slot = hook_slot(bd);
     rw.bridge
-        .lock(Duration::from_secs(10))
+        .lock(Duration::from_secs(5))
         .map_err(|e| format!("LOCK: {e}"))?;
     let result = (|| {
         let before = rw
