@@ -59,6 +59,12 @@ pub enum RdmaError {
         /// Why.
         source: introspect::mem::MemError,
     },
+    /// The audit log could not record the connection; it was undone.
+    #[error("RDMA: the audit log cannot record this connection ({reason}); nothing was connected")]
+    Unrecorded {
+        /// Why the record failed.
+        reason: String,
+    },
     /// The monitor already holds its quota of queue pairs.
     #[error(
         "RDMA: monitor {monitor} already has {MAX_QPS_PER_MONITOR} RDMA queue pairs (its limit); \
@@ -126,8 +132,10 @@ pub trait Nic: Send {
     fn release(&mut self, qp_num: u32) -> bool;
 }
 
-/// Where the glue reports audit events (the server's audit log).
-pub type AuditSink = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+/// Where the glue records audit events (the server's audit log): `Err` says why one could not be
+/// appended. What must not happen unrecorded — a connection's registration, opening a write
+/// window — is recorded first and not done when the record fails.
+pub type AuditSink = Arc<dyn Fn(&str, serde_json::Value) -> Result<(), String> + Send + Sync>;
 
 /// One session's RDMA connection.
 struct Conn {
@@ -170,14 +178,16 @@ impl Inner {
         }
         let (monitor, qp_num) = (c.monitor.clone(), c.qp_num);
         match st.nic.set_remote_write(qp_num, false) {
-            Ok(_) => (self.audit)(
-                "rdma_write_closed",
-                json!({"monitor": monitor, "qp_num": qp_num, "reason": reason}),
-            ),
+            Ok(_) => {
+                let _ = (self.audit)(
+                    "rdma_write_closed",
+                    json!({"monitor": monitor, "qp_num": qp_num, "reason": reason}),
+                );
+            }
             Err(e) => {
                 st.conns.remove(&session);
                 st.nic.release(qp_num);
-                (self.audit)(
+                let _ = (self.audit)(
                     "rdma_released",
                     json!({"monitor": monitor, "qp_num": qp_num,
                            "reason": format!("the write window could not be closed ({reason}): {e}")}),
@@ -264,14 +274,14 @@ impl RdmaGlue {
                 .close_window(&mut st, session, "replaced by a new RDMA_CONNECT");
             if st.conns.remove(&session).is_some() {
                 st.nic.release(old);
-                audit(
+                let _ = audit(
                     "rdma_released",
                     json!({"monitor": monitor, "qp_num": old, "reason": "replaced by a new RDMA_CONNECT"}),
                 );
             }
         }
         let refuse = |e: RdmaError| {
-            audit(
+            let _ = audit(
                 "rdma_refused",
                 json!({"monitor": monitor, "reason": e.to_string()}),
             );
@@ -303,10 +313,14 @@ impl RdmaGlue {
                        "access": match r.access { Access::RemoteRead => "read", Access::RemoteWrite => "write" }})
             })
             .collect();
-        audit(
+        // Recorded before the monitor learns the rkeys; unrecorded, the connection is undone.
+        if let Err(e) = audit(
             "rdma_connected",
             json!({"monitor": monitor, "qp_num": local.qp_num, "regions": shown}),
-        );
+        ) {
+            st.nic.release(local.qp_num);
+            return Err(RdmaError::Unrecorded { reason: e });
+        }
         st.conns.insert(
             session,
             Conn {
@@ -339,25 +353,30 @@ impl RdmaGlue {
             return;
         }
         let (monitor, qp_num) = (c.monitor.clone(), c.qp_num);
+        // Recorded first: a write window the audit log cannot hold is not opened.
+        let ms = introspect::conv::millis(deadline.saturating_duration_since(Instant::now()));
+        if let Err(e) = (self.inner.audit)(
+            "rdma_write_open",
+            json!({"monitor": monitor, "qp_num": qp_num, "lease_ms": ms}),
+        ) {
+            tracing::error!(%monitor, "RDMA write window not opened: the audit log failed: {e}");
+            return;
+        }
         match st.nic.set_remote_write(qp_num, true) {
             Ok(true) => {
                 if let Some(c) = st.conns.get_mut(&session) {
                     c.window = Some(deadline);
                 }
-                let ms =
-                    introspect::conv::millis(deadline.saturating_duration_since(Instant::now()));
-                (self.inner.audit)(
-                    "rdma_write_open",
-                    json!({"monitor": monitor, "qp_num": qp_num, "lease_ms": ms}),
-                );
                 self.inner.changed.notify_all();
             }
             Ok(false) => {}
-            Err(e) => (self.inner.audit)(
-                "rdma_write_error",
-                json!({"monitor": monitor, "qp_num": qp_num,
-                       "reason": format!("the write window could not be opened: {e}")}),
-            ),
+            Err(e) => {
+                let _ = (self.inner.audit)(
+                    "rdma_write_error",
+                    json!({"monitor": monitor, "qp_num": qp_num,
+                           "reason": format!("the write window could not be opened: {e}")}),
+                );
+            }
         }
     }
 
@@ -382,7 +401,7 @@ impl RdmaGlue {
         self.inner.close_window(&mut st, session, "session ended");
         if let Some(c) = st.conns.remove(&session) {
             st.nic.release(c.qp_num);
-            (self.inner.audit)(
+            let _ = (self.inner.audit)(
                 "rdma_released",
                 json!({"monitor": c.monitor, "qp_num": c.qp_num, "reason": "session ended"}),
             );

@@ -56,10 +56,16 @@ pub enum ServerError {
     /// Grants could not be resolved.
     #[error("grants: {0}")]
     Grants(#[from] GrantError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The verbs data path.
     #[error(transparent)]
     Rdma(#[from] crate::rdma::RdmaError),
 }
+
+/// How a WRITE refused because its audit record could not be appended is answered.
+const UNRECORDED_WRITE: &str = "write refused, nothing was written";
 
 struct Holder {
     conn: u64,
@@ -98,12 +104,7 @@ impl Server {
             let c = tls::load_certs(p)?;
             Ok(tls::fingerprint(&c[0]))
         })?;
-        let audit = Arc::new(
-            Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
-                what: format!("cannot open audit log {}", cfg.audit_log.display()),
-                source,
-            })?,
-        );
+        let audit = Arc::new(Audit::open_with(&cfg.audit_log, cfg.audit_options())?);
         let rdma = rdma_glue(cfg, &backend, &audit)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Io {
             what: format!("cannot listen on {}", cfg.listen),
@@ -214,7 +215,9 @@ impl Server {
 
 /// The audit log as the RDMA glue's sink.
 fn audit_sink(audit: Arc<Audit>) -> crate::rdma::AuditSink {
-    Arc::new(move |event: &str, fields: serde_json::Value| audit.log(event, fields))
+    Arc::new(move |event: &str, fields: serde_json::Value| {
+        audit.append(event, fields).map_err(|e| e.to_string())
+    })
 }
 
 /// The RDMA data path of the `[rdma]` section, if any (feature `verbs`).
@@ -307,6 +310,7 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
     sess.release_lock();
     sess.end_rdma();
     if sess.hello {
+        sh.audit.session_end(&sess.monitor);
         sh.audit.log(
             "disconnected",
             json!({"monitor": sess.monitor, "peer": peer.to_string(), "reason": reason}),
@@ -398,10 +402,7 @@ impl Session<'_> {
     }
 
     fn denied(&self, op: &str, gpa: u64, len: u64) -> Reply {
-        self.sh.audit.log(
-            "denied",
-            json!({"monitor": self.monitor, "op": op, "gpa": gpa, "len": len}),
-        );
+        self.sh.audit.denied(&self.monitor, op, gpa, len);
         Reply::Error {
             code: code::DENIED,
             message: format!(
@@ -580,17 +581,27 @@ impl Session<'_> {
             return self.denied("WRITE", gpa, len);
         }
         let sha = tls::fingerprint(bytes);
-        let applied_here = std::cell::Cell::new(false);
         let outcome = self.sh.agreement.vote(
             &self.monitor,
             gpa,
             bytes,
-            || {
-                applied_here.set(true);
-                self.sh
-                    .backend
-                    .mem()
-                    .write(gpa, bytes)
+            |voters| {
+                // The record first: a write the audit log cannot hold is not made.
+                let rec = json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters});
+                if let Err(e) = self.sh.audit.append("write_applied", rec) {
+                    // Every voter of this write gets this message (and INTERNAL, below).
+                    return Err(introspect::mem::MemError::Remote(format!(
+                        "{UNRECORDED_WRITE}: {e}"
+                    )));
+                }
+                let written = self.sh.backend.mem().write(gpa, bytes);
+                if let Err(e) = &written {
+                    self.sh.audit.log(
+                        "write_failed",
+                        json!({"gpa": gpa, "len": len, "reason": e.to_string()}),
+                    );
+                }
+                written
             },
             |votes| {
                 self.sh.audit.log(
@@ -600,15 +611,7 @@ impl Session<'_> {
             },
         );
         match outcome {
-            Outcome::Applied(voters) => {
-                if applied_here.get() {
-                    self.sh.audit.log(
-                        "write_applied",
-                        json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters}),
-                    );
-                }
-                Reply::Write
-            }
+            Outcome::Applied(_) => Reply::Write,
             Outcome::Expired(voters) => {
                 self.sh.audit.log(
                     "write_expired",
@@ -622,6 +625,10 @@ impl Session<'_> {
                     ),
                 }
             }
+            Outcome::Failed(e) if e.starts_with(UNRECORDED_WRITE) => Reply::Error {
+                code: code::INTERNAL,
+                message: e,
+            },
             Outcome::Failed(e) => Reply::Error {
                 code: code::OUT_OF_RANGE,
                 message: e,
@@ -680,6 +687,14 @@ impl Session<'_> {
                     .audit
                     .log("lock_expired", json!({"monitor": cur.monitor}));
             }
+        }
+        // The record first: a pause the audit log cannot hold is not taken.
+        let rec = json!({"monitor": self.monitor, "lease_ms": lease_ms});
+        if let Err(e) = self.sh.audit.append("lock_request", rec) {
+            return Reply::Error {
+                code: code::INTERNAL,
+                message: format!("lock refused, the guest was not paused: {e}"),
+            };
         }
         let lease = Duration::from_millis(u64::from(lease_ms));
         match self.sh.backend.pause(lease) {
@@ -785,6 +800,7 @@ impl Session<'_> {
             Err(e) => Reply::Error {
                 code: match e {
                     crate::rdma::RdmaError::Quota { .. } => code::BUSY,
+                    crate::rdma::RdmaError::Unrecorded { .. } => code::INTERNAL,
                     _ => code::BAD_REQUEST,
                 },
                 message: e.to_string(),

@@ -101,6 +101,7 @@ fn glue(k: usize) -> (RdmaGlue, Arc<Mutex<Log>>) {
     let l2 = log.clone();
     let audit: AuditSink = Arc::new(move |event: &str, fields: serde_json::Value| {
         l2.lock().unwrap().audit.push((event.to_owned(), fields));
+        Ok(())
     });
     let g = RdmaGlue::new(Box::new(FakeNic(log.clone())), k, audit).unwrap();
     (g, log)
@@ -285,4 +286,33 @@ fn a_bad_blob_is_refused_without_touching_the_device() {
     let (g, log) = glue(1);
     assert!(g.connect(1, "rw", &rw(), &[0; 40], None).is_err());
     assert!(calls(&log).is_empty());
+}
+
+#[test]
+fn nothing_is_granted_that_the_audit_log_cannot_record() {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let fail = Arc::new(Mutex::new(false));
+    let f2 = fail.clone();
+    let audit: AuditSink = Arc::new(move |event: &str, _fields: serde_json::Value| {
+        if *f2.lock().unwrap() {
+            Err(format!("disk full ({event})"))
+        } else {
+            Ok(())
+        }
+    });
+    let g = RdmaGlue::new(Box::new(FakeNic(log.clone())), 1, audit).unwrap();
+    // The registration cannot be recorded: it is undone and the monitor told why.
+    *fail.lock().unwrap() = true;
+    let e = g.connect(1, "rw", &rw(), &hello(), None).unwrap_err();
+    assert!(matches!(e, RdmaError::Unrecorded { .. }), "{e}");
+    assert!(log.lock().unwrap().live.is_empty());
+    assert_eq!(g.connections(), 0);
+    // A connection recorded while the log worked gets no write window the log cannot hold.
+    *fail.lock().unwrap() = false;
+    g.connect(1, "rw", &rw(), &hello(), None).unwrap();
+    *fail.lock().unwrap() = true;
+    g.lock_held(1, Instant::now() + Duration::from_secs(60));
+    assert!(!calls(&log)
+        .iter()
+        .any(|c| matches!(c, Call::Write(_, true))));
 }
