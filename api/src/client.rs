@@ -86,7 +86,14 @@ impl ApiClient {
     fn call(&mut self, req: &Request) -> Result<(Value, Option<File>), ApiError> {
         let mut line = serde_json::to_vec(req).map_err(|e| ApiError::BadReply(e.to_string()))?;
         line.push(b'\n');
-        self.stream.write_all(&line)?;
+        if let Err(e) = self.stream.write_all(&line) {
+            // bdvmm may have refused this client at connect (its credentials are not allowed)
+            // and closed: its one error line is still there to read, and says why.
+            return match self.read_line() {
+                Ok((parting, _)) => Err(refusal(&parting).unwrap_or(ApiError::Io(e))),
+                Err(_) => Err(ApiError::Io(e)),
+            };
+        }
         let (line, fd) = self.read_line()?;
         let v: Value = serde_json::from_slice(&line)
             .map_err(|e| ApiError::BadReply(format!("{e}: {}", String::from_utf8_lossy(&line))))?;
@@ -145,8 +152,22 @@ impl ApiClient {
     }
 }
 
-/// Maps a guest's memfd (as the `memory` call hands it out) read-write, for introspection and
-/// repairs.
+/// The error a reply line carries, if it is one.
+fn refusal(line: &[u8]) -> Option<ApiError> {
+    let v: Value = serde_json::from_slice(line).ok()?;
+    (v["ok"] == Value::Bool(false)).then(|| {
+        ApiError::Refused(
+            v["error"]
+                .as_str()
+                .unwrap_or("unspecified error")
+                .to_string(),
+        )
+    })
+}
+
+/// Maps a guest's memfd (as the `memory` call hands it out), for introspection and repairs:
+/// read-write, or read-only when bdvmm handed out a read-only descriptor (a client it admits
+/// read-only only).
 pub fn map_memory(file: File, map: &MemoryReply) -> Result<MappedMem, MemError> {
     let ranges = map
         .ranges
@@ -157,5 +178,8 @@ pub fn map_memory(file: File, map: &MemoryReply) -> Result<MappedMem, MemError> 
             offset: r.offset,
         })
         .collect();
-    MappedMem::new(file, map.size, ranges, true)
+    // SAFETY: F_GETFL on a valid, owned descriptor; no memory is touched.
+    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+    let writable = flags >= 0 && flags & libc::O_ACCMODE == libc::O_RDWR;
+    MappedMem::new(file, map.size, ranges, writable)
 }

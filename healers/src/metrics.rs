@@ -1,10 +1,19 @@
 //! Prometheus metrics, served as text on `GET /metrics` from a local port.
+//!
+//! The endpoint is a small HTTP/1.0 server that no client can monopolise ([`ServeLimits`]):
+//! each client is served on a thread of its own from a bounded pool (4 by default; one more is
+//! answered `503` and closed at once), under one overall deadline per connection (5 s from accept
+//! to the last byte written, however slowly the client sends or reads), with the request line and
+//! headers bounded (8 KiB; a longer request is answered `414` and closed without buffering the
+//! rest). A slow or hostile client therefore delays no other scrape, and costs at most one pool
+//! place for at most the deadline.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Gauges and counters, keyed by name and labels.
 #[derive(Default)]
@@ -108,43 +117,210 @@ impl Metrics {
         out
     }
 
-    /// Serves `GET /metrics` on `addr` from a thread of its own; returns the bound address.
+    /// Serves `GET /metrics` on `addr` with the default [`ServeLimits`]; returns the bound address.
     pub fn serve(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        self.serve_with(addr, ServeLimits::default())
+    }
+
+    /// Serves `GET /metrics` on `addr` from a thread of its own, each client on a thread of its
+    /// own, at most `limits.max_clients` at once; returns the bound address.
+    pub fn serve_with(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        limits: ServeLimits,
+    ) -> std::io::Result<SocketAddr> {
         let l = TcpListener::bind(addr)?;
         let bound = l.local_addr()?;
         let me = self.clone();
+        let active = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for s in l.incoming().map_while(Result::ok) {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                    let mut line = String::new();
-                    let mut r = BufReader::new(&s);
-                    if r.read_line(&mut line).is_err() {
+            .spawn(move || loop {
+                let s = match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of fds and the like: back off a little rather than spin.
+                        tracing::warn!("metrics endpoint: accept failed: {e}");
+                        std::thread::sleep(ACCEPT_BACKOFF);
                         continue;
                     }
-                    let (status, body) = if line.starts_with("GET /metrics") {
-                        ("200 OK", me.render())
-                    } else {
-                        ("404 Not Found", "only GET /metrics\n".to_string())
-                    };
-                    let mut w = &s;
-                    let _ = write!(
-                        w,
-                        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
+                };
+                let Some(slot) = Slot::take(&active, limits.max_clients) else {
+                    refuse(&s);
+                    continue;
+                };
+                let me = me.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-client".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        me.answer(&s, limits);
+                    });
+                if let Err(e) = spawned {
+                    // The closure (and with it the slot and the socket) is dropped.
+                    tracing::warn!("metrics endpoint: cannot start a client thread: {e}");
                 }
             })?;
         Ok(bound)
+    }
+
+    /// Reads one request within the deadline and the size bound, and answers it.
+    fn answer(&self, s: &TcpStream, limits: ServeLimits) {
+        let deadline = Instant::now() + limits.deadline;
+        let (status, body) = match read_head(s, deadline, limits.max_request) {
+            Ok(line) if line.starts_with("GET /metrics") => ("200 OK", self.render()),
+            Ok(_) => ("404 Not Found", "only GET /metrics\n".to_string()),
+            Err(HeadError::TooLong) => (
+                "414 URI Too Long",
+                format!("request longer than {} bytes\n", limits.max_request),
+            ),
+            // Silent, gone, or out of time: nobody to answer.
+            Err(HeadError::Closed | HeadError::Timeout) => return,
+        };
+        let Some(left) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        else {
+            return;
+        };
+        if s.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        let mut w = s;
+        let _ = write!(
+            w,
+            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.shutdown(Shutdown::Write);
+    }
+}
+
+/// Bounds of the metrics endpoint: a scraper gets its answer even while other clients are slow,
+/// hostile or numerous.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Clients served at once; one more is answered `503` and closed at once.
+    pub max_clients: usize,
+    /// From accept to the last byte of the answer; a client still sending (however slowly) or
+    /// not reading when it passes is dropped.
+    pub deadline: Duration,
+    /// The request line and headers together; a longer request is answered `414` and closed,
+    /// having buffered no more than this.
+    pub max_request: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_clients: 4,
+            deadline: Duration::from_secs(5),
+            max_request: 8 << 10,
+        }
+    }
+}
+
+/// After a failed accept (out of file descriptors, ...), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One of the pool's places, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(active.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a client beyond the pool without reading or waiting: one non-blocking write.
+fn refuse(s: &TcpStream) {
+    let body = "too many metrics clients at once; retry\n";
+    if s.set_nonblocking(true).is_ok() {
+        // Whatever the client already sent is read (bounded) so closing does not reset the
+        // connection before it reads the answer.
+        let mut sink = [0u8; 4096];
+        let _ = (&*s).read(&mut sink);
+        let mut w = s;
+        let _ = write!(
+            w,
+            "HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.shutdown(Shutdown::Write);
+    }
+}
+
+/// Why no request was read.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    /// The request (line and headers) is longer than the bound.
+    TooLong,
+    /// The client closed (or the socket failed) before the end of its headers.
+    Closed,
+    /// The deadline passed first.
+    Timeout,
+}
+
+/// Reads the request head (up to the blank line) and returns its first line. Never buffers more
+/// than `max` bytes, never waits past `deadline` (each read waits only for what is left of it).
+fn read_head(s: &TcpStream, deadline: Instant, max: usize) -> Result<String, HeadError> {
+    let mut head: Vec<u8> = Vec::with_capacity(max.min(1024));
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(HeadError::Timeout)?;
+        s.set_read_timeout(Some(left))
+            .map_err(|_| HeadError::Closed)?;
+        let room = max.saturating_sub(head.len()).min(chunk.len());
+        if room == 0 {
+            return Err(HeadError::TooLong);
+        }
+        let n = match (&*s).read(&mut chunk[..room]) {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(HeadError::Timeout)
+            }
+            Err(_) => return Err(HeadError::Closed),
+        };
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head_end(&head) {
+            let first = head[..end]
+                .split(|b| *b == b'\n')
+                .next()
+                .unwrap_or_default();
+            return Ok(String::from_utf8_lossy(first).trim_end().to_string());
+        }
+    }
+}
+
+/// Where the head ends (the blank line: `\r\n\r\n` or a bare `\n\n`), if it does.
+fn head_end(b: &[u8]) -> Option<usize> {
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = b.windows(2).position(|w| w == b"\n\n");
+    match (crlf, lf) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     #[test]
     fn renders_and_serves_prometheus_text() {

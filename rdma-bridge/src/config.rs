@@ -2,7 +2,13 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:7070"          # where monitors connect (TCP)
-//! audit_log = "audit.jsonl"        # JSON lines: locks, writes, rejections, authentication failures
+//! audit_log = "audit.jsonl"        # JSON lines: locks, writes, rejections, authentication failures;
+//!                                  # created 0600 (an existing looser file is tightened to 0600)
+//! audit_max_bytes = 67108864       # rotate before the log passes this size (0: never rotate)
+//! audit_keep = 5                   # old logs kept by rotation: audit.jsonl.1 .. audit.jsonl.5
+//! audit_denied_interval_ms = 10000 # repeated denials (per monitor and op) are counted: one
+//!                                  # `denied` line, then a `denied_summary` per interval and at
+//!                                  # the end of the session
 //! max_connections = 32             # further connections are closed at once
 //! idle_timeout_ms = 30000          # a peer silent (or stuck mid-frame) this long is disconnected
 //!
@@ -80,6 +86,15 @@ pub struct BridgeConfig {
     pub listen: SocketAddr,
     /// Audit log path (appended to).
     pub audit_log: PathBuf,
+    /// Rotate the audit log before it passes this many bytes; 0: never.
+    #[serde(default = "default_audit_max_bytes")]
+    pub audit_max_bytes: u64,
+    /// Old audit logs kept by rotation (at least 1).
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: usize,
+    /// Repeated denials of one monitor and op are summarised once per this many milliseconds.
+    #[serde(default = "default_audit_denied_interval_ms")]
+    pub audit_denied_interval_ms: u64,
     /// Most concurrent monitor connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -167,8 +182,26 @@ fn default_max_connections() -> usize {
 fn default_idle_ms() -> u64 {
     30_000
 }
+fn default_audit_max_bytes() -> u64 {
+    64 << 20
+}
+fn default_audit_keep() -> usize {
+    5
+}
+fn default_audit_denied_interval_ms() -> u64 {
+    10_000
+}
 
 impl BridgeConfig {
+    /// How the audit log is kept.
+    pub fn audit_options(&self) -> crate::audit::AuditOptions {
+        crate::audit::AuditOptions {
+            max_bytes: self.audit_max_bytes,
+            keep: self.audit_keep,
+            denied_interval: std::time::Duration::from_millis(self.audit_denied_interval_ms),
+        }
+    }
+
     /// Reads and checks a config file. Relative paths inside it are taken relative to the file.
     pub fn load(path: &Path) -> Result<BridgeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -205,6 +238,11 @@ impl BridgeConfig {
         let writers = self.monitors.iter().filter(|m| !m.write.is_empty()).count();
         if self.agreement.k == 0 {
             return bad("agreement.k must be at least 1".into());
+        }
+        if self.audit_keep == 0 {
+            return bad(
+                "audit_keep must be at least 1 (old audit logs kept by rotation); to never rotate, set audit_max_bytes = 0".into(),
+            );
         }
         if writers > 0 && self.agreement.k > writers {
             return bad(format!(
@@ -375,12 +413,20 @@ key = "b.key"
                 "listed twice",
             ),
             ("bogus = 1\n", "unknown field"),
+
         ];
         for (extra, want) in cases {
             std::fs::write(&p, format!("{base}{extra}")).unwrap();
             let e = BridgeConfig::load(&p).unwrap_err().to_string();
             assert!(e.contains(want), "{extra:?}: {e}");
         }
+        std::fs::write(
+            &p,
+            format!("audit_keep = 0\n{base}[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n"),
+        )
+        .unwrap();
+        let e = BridgeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("audit_keep must be at least 1"), "{e}");
         std::fs::write(
             &p,
             format!("{base}[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\nread = [\"sb\"]\n"),

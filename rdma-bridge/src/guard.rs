@@ -174,14 +174,15 @@ impl Agreement {
     }
 
     /// Votes for writing `bytes` at `gpa` and waits until the write is applied or expires.
-    /// `apply` does the write (called once, by the vote that completes the quorum); `on_vote` is
+    /// `apply` does the write (called once, by the vote that completes the quorum, with the
+    /// voters, so that it can record them before writing); `on_vote` is
     /// told of each vote that has to wait, with the number of votes so far.
     pub fn vote(
         &self,
         monitor: &str,
         gpa: u64,
         bytes: &[u8],
-        apply: impl FnOnce() -> Result<(), MemError>,
+        apply: impl FnOnce(&[String]) -> Result<(), MemError>,
         on_vote: impl FnOnce(usize),
     ) -> Outcome {
         let mut st = match self.state.lock() {
@@ -223,7 +224,7 @@ impl Agreement {
             p.voters.push(monitor.to_owned());
         }
         if p.voters.len() >= self.k {
-            let outcome = match apply() {
+            let outcome = match apply(&p.voters) {
                 Ok(()) => Outcome::Applied(p.voters.clone()),
                 Err(e) => Outcome::Failed(e.to_string()),
             };
@@ -284,7 +285,7 @@ mod tests {
     #[test]
     fn one_vote_applies_when_k_is_one() {
         let a = Agreement::new(1, Duration::from_millis(50));
-        let out = a.vote("m1", 8, b"x", || Ok(()), |_| panic!("waited"));
+        let out = a.vote("m1", 8, b"x", |_| Ok(()), |_| panic!("waited"));
         assert_eq!(out, Outcome::Applied(vec!["m1".into()]));
     }
 
@@ -299,7 +300,7 @@ mod tests {
                     "m1",
                     8,
                     b"kill",
-                    || {
+                    |_| {
                         applied.fetch_add(1, Ordering::SeqCst);
                         Ok(())
                     },
@@ -311,13 +312,13 @@ mod tests {
         // A different write does not count towards m1's.
         let a3 = a.clone();
         let lone =
-            std::thread::spawn(move || a3.vote("m3", 8, b"kilo", || panic!("applied"), |_| {}));
+            std::thread::spawn(move || a3.vote("m3", 8, b"kilo", |_| panic!("applied"), |_| {}));
         std::thread::sleep(Duration::from_millis(30));
         let out = a.vote(
             "m2",
             8,
             b"kill",
-            || {
+            |_| {
                 applied.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             },
@@ -333,9 +334,9 @@ mod tests {
     fn a_monitor_voting_twice_counts_once() {
         let a = Arc::new(Agreement::new(2, Duration::from_millis(100)));
         let b = a.clone();
-        let t = std::thread::spawn(move || b.vote("m1", 0, b"z", || panic!("applied"), |_| {}));
+        let t = std::thread::spawn(move || b.vote("m1", 0, b"z", |_| panic!("applied"), |_| {}));
         std::thread::sleep(Duration::from_millis(10));
-        let out = a.vote("m1", 0, b"z", || panic!("applied"), |_| {});
+        let out = a.vote("m1", 0, b"z", |_| panic!("applied"), |_| {});
         assert_eq!(out, Outcome::Expired(vec!["m1".into()]));
         assert_eq!(t.join().unwrap(), out);
         assert!(a.state.lock().unwrap().1.is_empty(), "state leaked");

@@ -56,11 +56,16 @@ pub enum ServerError {
     /// Grants could not be resolved.
     #[error("grants: {0}")]
     Grants(#[from] GrantError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The verbs data path.
-    #[cfg(feature = "verbs")]
     #[error(transparent)]
     Rdma(#[from] crate::rdma::RdmaError),
 }
+
+/// How a WRITE refused because its audit record could not be appended is answered.
+const UNRECORDED_WRITE: &str = "write refused, nothing was written";
 
 struct Holder {
     conn: u64,
@@ -73,14 +78,13 @@ struct Shared {
     tls: Arc<ServerConfig>,
     grants: Grants,
     agreement: Agreement,
-    audit: Audit,
+    audit: Arc<Audit>,
     lock: Mutex<Option<Holder>>,
     lock_freed: Condvar,
     conns: AtomicUsize,
     next_conn: AtomicU64,
     max_conns: usize,
     idle: Duration,
-    #[cfg(feature = "verbs")]
     rdma: Option<crate::rdma::RdmaGlue>,
 }
 
@@ -100,24 +104,8 @@ impl Server {
             let c = tls::load_certs(p)?;
             Ok(tls::fingerprint(&c[0]))
         })?;
-        #[cfg(not(feature = "verbs"))]
-        if cfg.rdma.is_some() {
-            return Err(GrantError::NoVerbs.into());
-        }
-        #[cfg(feature = "verbs")]
-        let rdma = match &cfg.rdma {
-            Some(r) => Some(crate::rdma::RdmaGlue::new(
-                r.device.as_deref(),
-                backend.as_ref(),
-                &grants,
-                cfg.agreement.k,
-            )?),
-            None => None,
-        };
-        let audit = Audit::open(&cfg.audit_log).map_err(|source| ServerError::Io {
-            what: format!("cannot open audit log {}", cfg.audit_log.display()),
-            source,
-        })?;
+        let audit = Arc::new(Audit::open_with(&cfg.audit_log, cfg.audit_options())?);
+        let rdma = rdma_glue(cfg, &backend, &audit)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Io {
             what: format!("cannot listen on {}", cfg.listen),
             source,
@@ -148,10 +136,34 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
                 idle: Duration::from_millis(cfg.idle_timeout_ms),
-                #[cfg(feature = "verbs")]
                 rdma,
             }),
         })
+    }
+
+    /// Serves the RDMA data path through `nic` instead of the `[rdma]` section's device, with
+    /// write agreement `k`: the seam for testing the server's RDMA policy (regions, caps, write
+    /// window, release) on hosts without an RDMA device. Call before [`Server::run`].
+    #[doc(hidden)]
+    pub fn use_rdma_nic(
+        &mut self,
+        nic: Box<dyn crate::rdma::Nic>,
+        k: usize,
+    ) -> Result<(), ServerError> {
+        let sh = Arc::get_mut(&mut self.shared).ok_or_else(|| ServerError::Io {
+            what: "use_rdma_nic".into(),
+            source: std::io::Error::other("the server is already running"),
+        })?;
+        let audit = sh.audit.clone();
+        sh.rdma = Some(
+            crate::rdma::RdmaGlue::new(nic, k, audit_sink(audit)).map_err(|source| {
+                ServerError::Io {
+                    what: "cannot start the RDMA lease timer".into(),
+                    source,
+                }
+            })?,
+        );
+        Ok(())
     }
 
     /// The address monitors connect to.
@@ -198,6 +210,40 @@ impl Server {
                 tracing::warn!("cannot spawn a connection thread: {e}");
             }
         }
+    }
+}
+
+/// The audit log as the RDMA glue's sink.
+fn audit_sink(audit: Arc<Audit>) -> crate::rdma::AuditSink {
+    Arc::new(move |event: &str, fields: serde_json::Value| {
+        audit.append(event, fields).map_err(|e| e.to_string())
+    })
+}
+
+/// The RDMA data path of the `[rdma]` section, if any (feature `verbs`).
+fn rdma_glue(
+    cfg: &BridgeConfig,
+    backend: &Arc<dyn Backend>,
+    audit: &Arc<Audit>,
+) -> Result<Option<crate::rdma::RdmaGlue>, ServerError> {
+    let Some(r) = &cfg.rdma else {
+        return Ok(None);
+    };
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = (r, backend, audit);
+        Err(GrantError::NoVerbs.into())
+    }
+    #[cfg(feature = "verbs")]
+    {
+        let nic = crate::rdma::DeviceNic::open(r.device.as_deref(), backend.clone())?;
+        let glue =
+            crate::rdma::RdmaGlue::new(Box::new(nic), cfg.agreement.k, audit_sink(audit.clone()))
+                .map_err(|source| ServerError::Io {
+                what: "cannot start the RDMA lease timer".into(),
+                source,
+            })?;
+        Ok(Some(glue))
     }
 }
 
@@ -262,7 +308,9 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr) {
     };
     let reason = sess.run(&mut s);
     sess.release_lock();
+    sess.end_rdma();
     if sess.hello {
+        sh.audit.session_end(&sess.monitor);
         sh.audit.log(
             "disconnected",
             json!({"monitor": sess.monitor, "peer": peer.to_string(), "reason": reason}),
@@ -354,10 +402,7 @@ impl Session<'_> {
     }
 
     fn denied(&self, op: &str, gpa: u64, len: u64) -> Reply {
-        self.sh.audit.log(
-            "denied",
-            json!({"monitor": self.monitor, "op": op, "gpa": gpa, "len": len}),
-        );
+        self.sh.audit.denied(&self.monitor, op, gpa, len);
         Reply::Error {
             code: code::DENIED,
             message: format!(
@@ -536,17 +581,27 @@ impl Session<'_> {
             return self.denied("WRITE", gpa, len);
         }
         let sha = tls::fingerprint(bytes);
-        let applied_here = std::cell::Cell::new(false);
         let outcome = self.sh.agreement.vote(
             &self.monitor,
             gpa,
             bytes,
-            || {
-                applied_here.set(true);
-                self.sh
-                    .backend
-                    .mem()
-                    .write(gpa, bytes)
+            |voters| {
+                // The record first: a write the audit log cannot hold is not made.
+                let rec = json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters});
+                if let Err(e) = self.sh.audit.append("write_applied", rec) {
+                    // Every voter of this write gets this message (and INTERNAL, below).
+                    return Err(introspect::mem::MemError::Remote(format!(
+                        "{UNRECORDED_WRITE}: {e}"
+                    )));
+                }
+                let written = self.sh.backend.mem().write(gpa, bytes);
+                if let Err(e) = &written {
+                    self.sh.audit.log(
+                        "write_failed",
+                        json!({"gpa": gpa, "len": len, "reason": e.to_string()}),
+                    );
+                }
+                written
             },
             |votes| {
                 self.sh.audit.log(
@@ -556,15 +611,7 @@ impl Session<'_> {
             },
         );
         match outcome {
-            Outcome::Applied(voters) => {
-                if applied_here.get() {
-                    self.sh.audit.log(
-                        "write_applied",
-                        json!({"gpa": gpa, "len": len, "sha256": sha, "voters": voters}),
-                    );
-                }
-                Reply::Write
-            }
+            Outcome::Applied(_) => Reply::Write,
             Outcome::Expired(voters) => {
                 self.sh.audit.log(
                     "write_expired",
@@ -578,6 +625,10 @@ impl Session<'_> {
                     ),
                 }
             }
+            Outcome::Failed(e) if e.starts_with(UNRECORDED_WRITE) => Reply::Error {
+                code: code::INTERNAL,
+                message: e,
+            },
             Outcome::Failed(e) => Reply::Error {
                 code: code::OUT_OF_RANGE,
                 message: e,
@@ -637,6 +688,14 @@ impl Session<'_> {
                     .log("lock_expired", json!({"monitor": cur.monitor}));
             }
         }
+        // The record first: a pause the audit log cannot hold is not taken.
+        let rec = json!({"monitor": self.monitor, "lease_ms": lease_ms});
+        if let Err(e) = self.sh.audit.append("lock_request", rec) {
+            return Reply::Error {
+                code: code::INTERNAL,
+                message: format!("lock refused, the guest was not paused: {e}"),
+            };
+        }
         let lease = Duration::from_millis(u64::from(lease_ms));
         match self.sh.backend.pause(lease) {
             Ok(lock_ns) => {
@@ -645,6 +704,7 @@ impl Session<'_> {
                     monitor: self.monitor.clone(),
                     deadline: now + lease,
                 });
+                self.rdma_lock_held(now + lease);
                 self.sh.audit.log(
                     "lock",
                     json!({"monitor": self.monitor, "lease_ms": lease_ms, "lock_ns": lock_ns}),
@@ -668,6 +728,7 @@ impl Session<'_> {
                 let expired = Instant::now() >= cur.deadline;
                 *h = None;
                 self.sh.lock_freed.notify_all();
+                self.rdma_lock_ended("unlock");
                 if expired {
                     // bdvmm already resumed the guest when the lease ran out.
                     let _ = self.sh.backend.resume();
@@ -704,6 +765,7 @@ impl Session<'_> {
         if h.as_ref().is_some_and(|cur| cur.conn == self.conn) {
             *h = None;
             self.sh.lock_freed.notify_all();
+            self.rdma_lock_ended("session ended");
             let _ = self.sh.backend.resume();
             self.sh
                 .audit
@@ -711,34 +773,59 @@ impl Session<'_> {
         }
     }
 
-    #[cfg(feature = "verbs")]
+    /// RDMA_CONNECT: this session's queue pair, with exactly this monitor's grant (see
+    /// [`crate::rdma`]); a queue pair the session had is replaced.
     fn rdma_connect(&self, blob: &[u8]) -> Reply {
         let Some(rdma) = &self.sh.rdma else {
             return Reply::Error {
                 code: code::UNSUPPORTED,
-                message: "this bridge has no [rdma] section in its config".into(),
+                message: if cfg!(feature = "verbs") {
+                    "this bridge has no [rdma] section in its config".into()
+                } else {
+                    "this bridge was built without the `verbs` feature; use the TCP operations"
+                        .into()
+                },
             };
         };
-        match rdma.connect(&self.monitor, blob) {
-            Ok(b) => {
-                self.sh
-                    .audit
-                    .log("rdma_connected", json!({"monitor": self.monitor}));
-                Reply::RdmaConnect(b)
-            }
+        // Held across the connect, so that an UNLOCK cannot slip between reading the lease and
+        // opening the write window (lock order: holder, then the RDMA glue).
+        let h = self.holder();
+        let now = Instant::now();
+        let lease = h
+            .as_ref()
+            .filter(|cur| cur.conn == self.conn && now < cur.deadline)
+            .map(|cur| cur.deadline);
+        match rdma.connect(self.conn, &self.monitor, &self.grant, blob, lease) {
+            Ok(b) => Reply::RdmaConnect(b),
             Err(e) => Reply::Error {
-                code: code::BAD_REQUEST,
+                code: match e {
+                    crate::rdma::RdmaError::Quota { .. } => code::BUSY,
+                    crate::rdma::RdmaError::Unrecorded { .. } => code::INTERNAL,
+                    _ => code::BAD_REQUEST,
+                },
                 message: e.to_string(),
             },
         }
     }
 
-    #[cfg(not(feature = "verbs"))]
-    fn rdma_connect(&self, _blob: &[u8]) -> Reply {
-        Reply::Error {
-            code: code::UNSUPPORTED,
-            message: "this bridge was built without the `verbs` feature; use the TCP operations"
-                .into(),
+    /// This session holds the pause lock until `deadline`: its RDMA queue pair may write.
+    fn rdma_lock_held(&self, deadline: Instant) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_held(self.conn, deadline);
+        }
+    }
+
+    /// This session no longer holds the pause lock: its RDMA queue pair may no longer write.
+    fn rdma_lock_ended(&self, reason: &str) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_ended(self.conn, reason);
+        }
+    }
+
+    /// The session ended: its RDMA queue pair, regions and protection domain are released.
+    fn end_rdma(&self) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.end_session(self.conn);
         }
     }
 
@@ -748,7 +835,9 @@ impl Session<'_> {
         }
         // A restart ends any pause lock: the guest boots afresh.
         let mut h = self.holder();
-        *h = None;
+        if let (Some(cur), Some(rdma)) = (h.take(), &self.sh.rdma) {
+            rdma.lock_ended(cur.conn, "restart");
+        }
         self.sh.lock_freed.notify_all();
         match self.sh.backend.restart() {
             Ok(()) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use bdvmm::api::server::ApiServer;
+use bdvmm::api::server::{AccessPolicy, ApiServer};
 use bdvmm::api::ApiClient;
 use bdvmm::bootfiles;
 use bdvmm::console::Console;
@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and run it until it powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Talk to a running bdvmm's control API and print its JSON reply.
     Ctl(CtlArgs),
 }
@@ -71,9 +71,29 @@ struct RunArgs {
     /// Engine: kvm needs hardware virtualization; auto picks kvm only where /proc/cpuinfo shows vmx/svm.
     #[arg(long, value_enum, default_value = "auto")]
     engine: EngineKind,
-    /// Control API Unix socket (pause/resume/regs/memory/status).
+    /// Control API Unix socket (pause/resume/regs/memory/status). Created mode 0600 (0660 with
+    /// --api-group) whatever the umask; every client's uid/gid is checked (SO_PEERCRED) against
+    /// bdvmm's own uid, root and the --api-allow-*/--api-readonly-* lists, others are refused.
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Also give these uids full API access (pause, resume, reset, the read-write memfd).
+    /// Repeat the flag or separate by commas. bdvmm's own uid and root always have it.
+    #[arg(long, value_delimiter = ',')]
+    api_allow_uid: Vec<u32>,
+    /// Also give full API access to clients whose primary gid is one of these.
+    #[arg(long, value_delimiter = ',')]
+    api_allow_gid: Vec<u32>,
+    /// Give these uids read-only API access: status, regs and a read-only memfd (a writable
+    /// shared mapping of it fails); pause, resume and reset are refused.
+    #[arg(long, value_delimiter = ',')]
+    api_readonly_uid: Vec<u32>,
+    /// Give read-only API access to clients whose primary gid is one of these.
+    #[arg(long, value_delimiter = ',')]
+    api_readonly_gid: Vec<u32>,
+    /// Make the API socket group-owned by this gid and mode 0660 (else 0600), so that clients
+    /// of another uid admitted above can reach it.
+    #[arg(long)]
+    api_group: Option<u32>,
     /// Default pause lease in milliseconds: a pause not renewed or released by then is undone.
     #[arg(long, default_value_t = 2000)]
     lease_ms: u64,
@@ -160,7 +180,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
     }
 }
@@ -221,7 +241,7 @@ fn run(args: RunArgs) -> ExitCode {
         );
     }
     let api = match &args.api {
-        Some(p) => match ApiServer::bind(p) {
+        Some(p) => match ApiServer::bind_with(p, access_policy(&args)) {
             Ok(s) => Some(s),
             Err(e) => return fail(EXIT_SETUP, e),
         },
@@ -309,6 +329,17 @@ fn run(args: RunArgs) -> ExitCode {
         }
         VmExit::Failed(reason) => fail(EXIT_GUEST_FAILED, reason),
     }
+}
+
+/// Who may use the API socket, from the command line.
+fn access_policy(args: &RunArgs) -> AccessPolicy {
+    let mut policy = AccessPolicy::owner_and_root();
+    policy.uids.extend(&args.api_allow_uid);
+    policy.gids.extend(&args.api_allow_gid);
+    policy.readonly_uids.extend(&args.api_readonly_uid);
+    policy.readonly_gids.extend(&args.api_readonly_gid);
+    policy.socket_group = args.api_group;
+    policy
 }
 
 /// A control-API reply as JSON to print.

@@ -18,6 +18,9 @@ pub enum MemoryError {
     /// Sizing or sealing the memfd failed.
     #[error("cannot size or seal the guest RAM memfd ({0} bytes): {1}")]
     Size(u64, std::io::Error),
+    /// Restricting the memfd's mode failed.
+    #[error("cannot make the guest RAM memfd mode 0600: {0}")]
+    Mode(std::io::Error),
     /// Mapping the memfd failed.
     #[error("cannot map guest RAM: {0}; is there enough address space and memory for --mem?")]
     Map(vm_memory::mmap::FromRangesError),
@@ -64,6 +67,14 @@ impl GuestRam {
                 layout.total,
                 std::io::Error::last_os_error(),
             ));
+        }
+        // A memfd's inode is created mode 0777: anyone holding a descriptor (a read-only API
+        // client's, say) could reopen it read-write through /proc/self/fd. Only bdvmm's own uid
+        // may.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(MemoryError::Mode)?;
         }
         let file = Arc::new(file);
         let mem = GuestMemoryMmap::from_ranges_with_files(layout.ranges.iter().map(|r| {

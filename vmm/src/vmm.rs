@@ -21,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::api::protocol::{
     MemoryReply, PauseReply, RegsReply, Request, ResumeReply, StatusReply, LEASE_MS_RANGE,
 };
-use crate::api::server::{ApiServer, Incoming};
+use crate::api::server::{Access, ApiServer, Incoming, PeerCred};
 use crate::console::Console;
 use crate::engine::{Engine, Ready, VmExit};
 use crate::memory::GuestRam;
@@ -56,6 +56,8 @@ pub struct Vmm {
     // Drop order: the engine (vCPUs, QEMU) goes before the RAM it runs on.
     engine: Box<dyn Engine>,
     ram: GuestRam,
+    /// The memfd reopened read-only, for read-only API clients.
+    ram_readonly: std::fs::File,
     console: Console,
     api: Option<ApiServer>,
     lease: Option<Lease>,
@@ -91,9 +93,13 @@ impl Vmm {
         cmdline: String,
         forward_stdin: bool,
     ) -> std::io::Result<Self> {
+        // The same memfd (same inode, same seals) through a read-only open file description: a
+        // shared writable mapping of it fails with EACCES, and so does mprotect to add PROT_WRITE.
+        let ram_readonly = std::fs::File::open(format!("/proc/self/fd/{}", ram.file.as_raw_fd()))?;
         Ok(Self {
             engine,
             ram,
+            ram_readonly,
             console,
             api,
             lease: None,
@@ -183,7 +189,33 @@ impl Vmm {
         }
     }
 
-    fn handle(&mut self, conn: u32, req: Request) -> (Value, Option<RawFd>) {
+    fn handle(
+        &mut self,
+        conn: u32,
+        who: (Access, PeerCred),
+        req: Request,
+    ) -> (Value, Option<RawFd>) {
+        let (access, peer) = who;
+        if access == Access::ReadOnly
+            && matches!(
+                req,
+                Request::Pause { .. } | Request::Resume | Request::Reset
+            )
+        {
+            tracing::warn!(
+                "read-only API client uid {} (pid {}) asked to pause, resume or reset; refused",
+                peer.uid,
+                peer.pid
+            );
+            return (
+                err(format!(
+                    "uid {} has read-only access to this bdvmm: pause, resume and reset are refused; \
+                     its operator can grant full access with --api-allow-uid/--api-allow-gid",
+                    peer.uid
+                )),
+                None,
+            );
+        }
         match req {
             Request::Pause { lease_ms } => {
                 let ms = lease_ms.unwrap_or(millis(self.default_lease));
@@ -307,7 +339,10 @@ impl Vmm {
                     ranges: self.ram.layout.ranges.clone(),
                     backdoor: self.ram.layout.backdoor,
                 }),
-                Some(self.ram.file.as_raw_fd()),
+                Some(match access {
+                    Access::Full => self.ram.file.as_raw_fd(),
+                    Access::ReadOnly => self.ram_readonly.as_raw_fd(),
+                }),
             ),
             Request::Status => {
                 let holder = self.lease.as_ref().map(|l| {
@@ -340,11 +375,12 @@ impl Vmm {
     fn on_conn(&mut self, id: u32, ops: &mut EventOps) {
         let Some(api) = self.api.as_mut() else { return };
         let fd = api.conn_fd(id);
+        let Some(who) = api.access(id) else { return };
         match api.read(id) {
             Incoming::Requests(reqs) => {
                 for req in reqs {
                     let (reply, fd_out) = match req {
-                        Ok(r) => self.handle(id, r),
+                        Ok(r) => self.handle(id, who, r),
                         Err(e) => (err(e), None),
                     };
                     let api = self.api.as_mut().expect("api exists");
