@@ -2,10 +2,11 @@
 //!
 //! One QEMU-TCG VM boots the kernel variant `rxe` (`images/kernel/build.sh --variant rxe`:
 //! networking, InfiniBand, user verbs, Soft-RoCE) with the base initramfs of `images/rxe/build.sh`
-//! and a per-run archive (`images/rxe/pack.sh`). Inside, `/init` (`images/rxe/init`) joins two
-//! network namespaces with a veth pair, puts an rxe device on each end, runs `rdma-bridge serve
-//! --dump` (feature `verbs`) in namespace A and the monitor side, `bd-verbs-check`, in namespace
-//! B, prints the checker's JSON lines on the console and powers off.
+//! and a per-run archive (`images/rxe/pack.sh`). Inside, `/init` (`images/rxe/init`) puts an rxe
+//! device on each end of a veth pair (rxe0, rxe1), runs `rdma-bridge serve --dump` (feature
+//! `verbs`, device rxe0) in network namespace A and the monitor side, `bd-verbs-check` (device
+//! rxe1), in namespace B — their TLS channel over a second veth pair between A and B — prints the
+//! checker's JSON lines on the console and powers off.
 //!
 //! The memory the bridge serves is a real patched guest's: [`memory_image`] boots it under
 //! `bdvmm --engine tcg`, waits for its Sensor Box, pauses it and copies its RAM into a raw dump.
@@ -47,8 +48,8 @@ pub const CHECKS: &[&str] = &[
 pub const MONITOR_RW: &str = "monitor-rw";
 /// The monitor with read `sb` only.
 pub const MONITOR_RO: &str = "monitor-ro";
-/// Where the bridge listens inside the VM (namespace A).
-pub const BRIDGE_ADDR: &str = "10.77.0.1:7070";
+/// Where the bridge listens inside the VM (namespace A, on the control veth).
+pub const BRIDGE_ADDR: &str = "10.78.0.1:7070";
 /// RAM of the guest whose memory becomes the image (MiB): small, the image rides in the initrd.
 pub const IMAGE_GUEST_MIB: u64 = 192;
 /// RAM of the SoftRoCE VM (MiB): the initrd with the image, its unpacked copy, two programs.
@@ -257,6 +258,8 @@ pub struct RxeRun {
     pub checker_exit: Option<i32>,
     /// Did the VM end by itself within its bound?
     pub powered_off: bool,
+    /// Packets each end of the RDMA wire sent and received (`RXE: wire`): (tx, rx) by device.
+    pub wire: BTreeMap<String, (u64, u64)>,
 }
 
 impl RxeRun {
@@ -303,9 +306,24 @@ pub fn parse(console: String, powered_off: bool) -> RxeRun {
     let mut checks = BTreeMap::new();
     let mut bench = Vec::new();
     let mut checker_exit = None;
+    let mut wire = BTreeMap::new();
     for line in console.lines() {
         if let Some(rest) = line.strip_prefix("RXE: checker exit ") {
             checker_exit = rest.trim().parse().ok();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("RXE: wire ") {
+            let mut words = rest.split_whitespace();
+            let dev = words.next().unwrap_or_default().to_owned();
+            let mut count = |key: &str| {
+                words
+                    .next()
+                    .and_then(|w| w.strip_prefix(key))
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            if let (Some(tx), Some(rx)) = (count("tx_packets="), count("rx_packets=")) {
+                wire.insert(dev, (tx, rx));
+            }
             continue;
         }
         // A kernel message may share the line: take the JSON object from its brace.
@@ -329,5 +347,6 @@ pub fn parse(console: String, powered_off: bool) -> RxeRun {
         bench,
         checker_exit,
         powered_off,
+        wire,
     }
 }
