@@ -54,10 +54,12 @@ pub const BRIDGE_ADDR: &str = "10.78.0.1:7070";
 pub const IMAGE_GUEST_MIB: u64 = 192;
 /// RAM of the SoftRoCE VM (MiB): the initrd with the image, its unpacked copy, two programs.
 pub const VM_MIB: u64 = 1024;
+/// From the image guest's start to its `halt wait` line, worst case on a loaded machine.
+pub const IMAGE_BOOT_TIMEOUT: Duration = Duration::from_secs(4 * 60);
 /// From QEMU's start to its power-off, worst case on a loaded machine.
-pub const VM_TIMEOUT: Duration = Duration::from_secs(12 * 60);
+pub const VM_TIMEOUT: Duration = Duration::from_secs(9 * 60);
 /// How long the checker may run inside the VM (seconds; its own bound, under `VM_TIMEOUT`).
-pub const CHECK_TIMEOUT_S: u64 = 540;
+pub const CHECK_TIMEOUT_S: u64 = 420;
 /// READs per transport for the latency figures.
 pub const READS: u32 = 2000;
 
@@ -132,7 +134,7 @@ pub fn memory_image(img: &Images, out: &Path) -> (u64, u64) {
     );
     spec.mem = IMAGE_GUEST_MIB;
     let mut vm = Vm::start(&spec);
-    vm.expect("BACKDOORS: halt wait", Duration::from_secs(300));
+    vm.expect("BACKDOORS: halt wait", IMAGE_BOOT_TIMEOUT);
     let mem = vm.guest_mem();
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Err(e) = mem.sensor_box() {
@@ -146,7 +148,7 @@ pub fn memory_image(img: &Images, out: &Path) -> (u64, u64) {
     drop(mem);
     let mut client = vm.client();
     client
-        .pause(Some(Duration::from_secs(60)))
+        .pause(Some(Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("pause the image guest: {e}\n{}", vm.diagnostics()));
     let (memfd, map) = vm.client().memory().expect("memory over the API");
     let dump = File::create(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));

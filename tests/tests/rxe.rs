@@ -9,8 +9,8 @@
 //! session, a per-monitor queue-pair cap). The READ latency over rxe and over TCP is printed.
 //!
 //! Skipped, with the reason printed, only when images.env has no SoftRoCE images (the kernel
-//! variant could not be built). Bounded: the image guest's boot (≤ 5 min) plus the VM
-//! (`VM_TIMEOUT`, 12 min).
+//! variant could not be built). Bounded, 14 minutes at worst: the image guest's boot (4 min) and
+//! Sensor Box (1 min), the VM (9 min, of which the checker at most 7).
 
 use backdoors_tests::rxe::{self, RxeImages, CHECKS};
 use backdoors_tests::Images;
