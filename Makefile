@@ -6,7 +6,7 @@ CARGO ?= cargo
 # make demo ENGINE=kvm|tcg|auto (kvm on a CPU without vmx/svm runs inside a kvm host)
 ENGINE ?= $(or $(DEMO_ENGINE),auto)
 
-.PHONY: all deps images build release test lint bench demo fuzz clean-cache
+.PHONY: all deps images build release rxe-bins test lint bench demo fuzz clean-cache
 
 all: build
 
@@ -25,14 +25,24 @@ release:
 	$(CARGO) build --release -p bdvmm -p rdma-bridge -p bdmon
 	$(CARGO) build --release -p backdoors-tests --bin bd-kvmhost
 
+# The SoftRoCE VM's programs (tests/tests/rxe.rs): rdma-bridge and bd-verbs-check with the
+# verbs feature, copied to <target>/rxe/ so that `make release` (the kvm hosts' rdma-bridge,
+# without verbs) does not replace them. Built before `release`, which then rebuilds only the
+# rdma-bridge binary without the feature.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+rxe-bins:
+	$(CARGO) build --release -p rdma-bridge --features verbs --bins
+	mkdir -p $(TARGET_DIR)/rxe
+	cp $(TARGET_DIR)/release/rdma-bridge $(TARGET_DIR)/release/bd-verbs-check $(TARGET_DIR)/rxe/
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p rdma-bridge --features verbs --all-targets -- -D warnings
 
 # The whole suite: unit tests, then end-to-end tests on real guests, both engines (the kvm engine
-# inside kvm hosts, which carry the release binaries).
-test: images build release
+# inside kvm hosts, which carry the release binaries; the SoftRoCE VM, which carries rxe-bins).
+test: images build rxe-bins release
 	guest-kernel-patches/check.sh
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) nextest run --workspace --test-threads 2
 	$(CARGO) test --workspace --doc

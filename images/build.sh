@@ -4,9 +4,13 @@
 #   2. images/stock/fetch.sh      the stock Debian cloud kernel, unmodified
 #   3. images/initramfs/build.sh  the initramfs with busybox, programs, scenarios
 #   4. images/kvmhost/build.sh    the kvm host: stock kernel + initramfs with kvm-amd
-# then writes $CACHE/images.env (KEY=absolute-path lines, for tests and tools)
-# and prints its path as the LAST stdout line. Progress goes to stderr.
-# CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
+#   5. images/kernel/build.sh --variant rxe and images/rxe/build.sh
+#                                 the SoftRoCE VM: kernel with Soft-RoCE + base initramfs
+#                                 (optional: if either fails, a warning, no BD_RXE_* keys,
+#                                 and tests/tests/rxe.rs skips saying so)
+# then writes $CACHE/images.env (KEY=absolute-path lines, for tests and tools;
+# $BD_IMAGES_ENV instead when set) and prints its path as the LAST stdout line.
+# Progress goes to stderr. CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,12 +26,14 @@ usage() {
 	cat <<EOF
 Usage: images/build.sh [--help]
 
-Builds (or reuses) the guest kernel, the stock kernel, the initramfs and the
-kvm host's base image and writes $cache/images.env with the lines
+Builds (or reuses) the guest kernel, the stock kernel, the initramfs, the
+kvm host's base image and the SoftRoCE VM's kernel and base image, and writes
+\${BD_IMAGES_ENV:-$cache/images.env} with the lines
   BD_KERNEL_DIR BD_KERNEL_BZIMAGE BD_KERNEL_VMLINUX BD_KERNEL_SYSTEM_MAP
   BD_KERNEL_CONFIG BD_STOCK_DIR BD_STOCK_VMLINUZ BD_STOCK_VMLINUX
   BD_STOCK_SYSTEM_MAP BD_STOCK_CONFIG BD_INITRAMFS
   BD_KVMHOST_KERNEL BD_KVMHOST_INITRD
+  BD_RXE_KERNEL BD_RXE_INITRD (only if the SoftRoCE images could be built)
 Cache root: \${BACKDOORS_CACHE:-\$HOME/.cache/backdoors}
 EOF
 }
@@ -49,9 +55,10 @@ esac
 step_out=""
 run_step() {
 	local name=$1 script=$2 out
+	shift 2
 	[ -f "$script" ] || die "$name: $script does not exist"
-	log "$name: $script"
-	out=$(bash "$script") || die "$name failed ($script)"
+	log "$name: $script $*"
+	out=$(bash "$script" "$@") || die "$name failed ($script $*)"
 	step_out=${out##*$'\n'}
 	if [ "$out" != "$step_out" ]; then
 		printf '%s\n' "${out%$'\n'*}" >&2
@@ -70,9 +77,24 @@ initramfs=$step_out
 run_step kvmhost "$here/kvmhost/build.sh"
 kvmhost_dir=$step_out
 
+# The SoftRoCE VM (tests/tests/rxe.rs). Optional: a machine that cannot build it still runs
+# everything else, and the test says why it skipped.
+rxe_lines=""
+# Each step in a subshell, so that its failure (die) ends only the subshell; it prints its
+# output path, the one thing on stdout.
+if rxe_kernel_dir=$(run_step rxe-kernel "$here/kernel/build.sh" --variant rxe && echo "$step_out") &&
+	rxe_image_dir=$(run_step rxe-image "$here/rxe/build.sh" && echo "$step_out"); then
+	rxe_lines="
+BD_RXE_KERNEL=$rxe_kernel_dir/bzImage
+BD_RXE_INITRD=$rxe_image_dir/initramfs.cpio.gz"
+else
+	log "warning: the SoftRoCE VM's images could not be built (see above): images.env gets no"
+	log "warning: BD_RXE_* keys, and tests/tests/rxe.rs (rxe_verbs_on_softroce) will be skipped"
+fi
+
 for f in "$kernel_dir"/{bzImage,vmlinux,System.map,config} \
 	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$initramfs" \
-	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz}; do
+	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz} ${rxe_lines:+"$rxe_kernel_dir/bzImage" "$rxe_image_dir/initramfs.cpio.gz"}; do
 	[ -s "$f" ] || die "missing or empty: $f"
 done
 env_lines="BD_KERNEL_DIR=$kernel_dir
@@ -87,14 +109,14 @@ BD_STOCK_SYSTEM_MAP=$stock_dir/System.map
 BD_STOCK_CONFIG=$stock_dir/config
 BD_INITRAMFS=$initramfs
 BD_KVMHOST_KERNEL=$kvmhost_dir/vmlinuz
-BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz"
+BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz$rxe_lines"
 case "$env_lines" in
 *[[:blank:]\"\'\\]*) die "an output path contains blanks or quotes; set BACKDOORS_CACHE to a plain path" ;;
 esac
 
-mkdir -p "$cache"
-env_file=$cache/images.env
-tmp_env=$(mktemp "$cache/.images.env.XXXXXX")
+env_file=${BD_IMAGES_ENV:-$cache/images.env}
+mkdir -p "$(dirname "$env_file")"
+tmp_env=$(mktemp "$(dirname "$env_file")/.images.env.XXXXXX")
 printf '%s\n' "$env_lines" >"$tmp_env"
 chmod 0644 "$tmp_env"
 mv -f "$tmp_env" "$env_file"

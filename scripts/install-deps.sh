@@ -8,9 +8,10 @@ pkgs=(
 	busybox-static       # the initramfs userland
 	linux-source-6.1     # the guest kernel source
 	bc bison flex libelf-dev libssl-dev dwarves cpio xz-utils zstd kmod rsync
-	gcc make git python3 iproute2
+	gcc make git python3 iproute2 # iproute2 also gives the SoftRoCE VM `ip` and `rdma`
 	python3-ply python3-git # checkpatch's SPDX check (guest-kernel-patches/check.sh)
 	cmake pkg-config libibverbs-dev libnl-3-dev libnl-route-3-dev libclang-dev # rdma-bridge's verbs feature
+	libibverbs1 ibverbs-providers # the SoftRoCE VM: libibverbs and its rxe provider (images/rxe/)
 )
 # cargo-nextest runs the test suite (one process per test, per-test retries: .config/nextest.toml).
 if ! cargo nextest --version >/dev/null 2>&1; then

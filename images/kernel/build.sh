@@ -2,17 +2,21 @@
 # Build the Backdoors guest kernel: Debian's Linux 6.1 source + guest-kernel-patches/series,
 # configured with microvm.config on top of allnoconfig.
 #
-# Usage: images/kernel/build.sh [--jobs N] [--variant patched|nosb]
+# Usage: images/kernel/build.sh [--jobs N] [--variant patched|nosb|rxe]
 #
 # --variant nosb builds the same sources with `# CONFIG_BACKDOOR_SENSOR_BOX is not set`, for
 # measuring what the Sensor Box costs; the default variant `patched` is the guest kernel.
+# --variant rxe builds the same sources with microvm.config + rxe.config (IPv4/IPv6, network
+# namespaces, veth, InfiniBand core + uverbs, Soft-RoCE), the kernel of the SoftRoCE test VM.
 #
 # Everything lives under the cache, never in the checkout:
 #   $CACHE/kernel/src-<pkgver>/             pristine source as a git repo (tag `pristine`), patched per build
 #   $CACHE/kernel/build-<pkgver>/           out-of-tree build dir (make O=...), kept between runs
 #   $CACHE/kernel/build-<pkgver>-nosb/      the same for --variant nosb
+#   $CACHE/kernel/build-<pkgver>-rxe/       the same for --variant rxe (seeded from the patched one)
 #   $CACHE/kernel/out/patched-<key16>/      results: bzImage vmlinux System.map config manifest.txt
 #   $CACHE/kernel/out/nosb-<key16>/         the same for --variant nosb
+#   $CACHE/kernel/out/rxe-<key16>/          the same for --variant rxe
 #   $CACHE/kernel/build.log                 log of the last real build
 # CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
 #
@@ -32,6 +36,7 @@ SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
 KERNEL_DIR=$(dirname "$SCRIPT_PATH")
 REPO_ROOT=$(cd "$KERNEL_DIR/../.." && pwd)
 FRAGMENT=$KERNEL_DIR/microvm.config
+RXE_FRAGMENT=$KERNEL_DIR/rxe.config
 PATCH_DIR=$REPO_ROOT/guest-kernel-patches
 SERIES=$PATCH_DIR/series
 
@@ -53,11 +58,12 @@ die() { printf '[kernel] error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
-Usage: $0 [--jobs N] [--variant patched|nosb]
+Usage: $0 [--jobs N] [--variant patched|nosb|rxe]
 Builds the Backdoors guest kernel (or reuses a cached build) and prints the output directory.
   --jobs N          parallel make jobs (default: nproc = $(nproc))
   --variant patched the guest kernel (default)
   --variant nosb    the same sources with CONFIG_BACKDOOR_SENSOR_BOX off (cost benchmark only)
+  --variant rxe     the same sources plus rxe.config: networking + Soft-RoCE (SoftRoCE test VM)
 Cache root: \${BACKDOORS_CACHE:-\$HOME/.cache/backdoors} (now: $CACHE)
 EOF
 }
@@ -119,6 +125,7 @@ key_inputs() {
     [[ $VARIANT == patched ]] || printf 'variant %s\n' "$VARIANT"
     printf 'source-package %s %s\n' "$SOURCE_PKG" "$PKG_VERSION"
     printf 'microvm.config %s\n' "$(sha256_of "$FRAGMENT")"
+    [[ $VARIANT != rxe ]] || printf 'rxe.config %s\n' "$(sha256_of "$RXE_FRAGMENT")"
     printf 'build.sh %s\n' "$(sha256_of "$SCRIPT_PATH")"
     printf 'series %s\n' "$(sha256_of "$SERIES")"
     for p in "${PATCHES[@]}"; do
@@ -223,6 +230,25 @@ make_nosb_fragment() {
     grep -qxF -- "$on" "$FRAGMENT" || die "$FRAGMENT has no line '$on' to switch off for --variant nosb"
     sed "s/^$on\$/$off/" "$FRAGMENT" >"$WORK/microvm-nosb.config"
     FRAGMENT=$WORK/microvm-nosb.config
+}
+
+# --variant rxe: microvm.config followed by rxe.config, written to $WORK/microvm-rxe.config
+# and verified line by line like the plain fragment.
+make_rxe_fragment() {
+    [[ -f $RXE_FRAGMENT ]] || die "$RXE_FRAGMENT not found (needed by --variant rxe)"
+    cat "$FRAGMENT" "$RXE_FRAGMENT" >"$WORK/microvm-rxe.config"
+    FRAGMENT=$WORK/microvm-rxe.config
+}
+
+# A variant's first build starts from a copy of the patched build directory (mtimes kept):
+# kbuild then recompiles only what the changed options touch instead of the whole kernel.
+seed_variant_build() {
+    local base=$WORK/build-$PKG_VERSION
+    [[ $VARIANT != patched && ! -e $BUILD/.config && -f $base/.config ]] || return 0
+    log "seeding $BUILD from $base (first build of this variant)"
+    rm -rf "$BUILD" "$BUILD.tmp"
+    run_logged cp -a --reflink=auto "$base" "$BUILD.tmp"
+    mv -T "$BUILD.tmp" "$BUILD"
 }
 
 kmake() {
@@ -346,7 +372,8 @@ while (($# > 0)); do
     esac
 done
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "--jobs wants a positive integer, got '$JOBS'"
-[[ $VARIANT == patched || $VARIANT == nosb ]] || die "--variant wants patched or nosb, got '$VARIANT'"
+[[ $VARIANT == patched || $VARIANT == nosb || $VARIANT == rxe ]] ||
+    die "--variant wants patched, nosb or rxe, got '$VARIANT'"
 
 mkdir -p "$WORK"
 case "$(readlink -f "$CACHE")/" in
@@ -388,14 +415,17 @@ BUILD=$WORK/build-$PKG_VERSION
 MTIME_SNAPSHOT=$WORK/.patched-mtimes
 TMP_OUT=
 trap '[[ -z ${TMP_OUT:-} ]] || rm -rf "$TMP_OUT"' EXIT
-mkdir -p "$BUILD" "$OUT_ROOT"
+mkdir -p "$OUT_ROOT"
 : >"$LOG"
+seed_variant_build
+mkdir -p "$BUILD"
 log "building kernel $VARIANT-$KEY16 (${#PATCHES[@]} patch(es)); cache $WORK"
 TOTAL_START=$SECONDS
 
 prepare_source
 apply_patches
 [[ $VARIANT != nosb ]] || make_nosb_fragment
+[[ $VARIANT != rxe ]] || make_rxe_fragment
 configure
 build_kernel
 install_outputs

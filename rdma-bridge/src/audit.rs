@@ -21,7 +21,12 @@
 //! | `write_expired` | the window ran out before k agreed | `gpa`, `len`, `sha256`, `voters` |
 //! | `bad_request` | a malformed frame, an unknown op, a replayed request id | `monitor`, `peer`, `reason` |
 //! | `restart` | a monitor restarted the guest | `monitor` |
-//! | `rdma_connected` | a monitor connected its RDMA queue pair | `monitor` |
+//! | `rdma_connected` | a monitor connected an RDMA queue pair (own protection domain) | `monitor`, `qp_num`, `regions` (`name`, `gpa`, `len`, `access`: what was registered) |
+//! | `rdma_refused` | an RDMA_CONNECT was refused (quota, bad blob, device) | `monitor`, `reason` |
+//! | `rdma_write_open` | the holder of the lock may write its hooks over RDMA | `monitor`, `qp_num`, `lease_ms` |
+//! | `rdma_write_closed` | that right is withdrawn | `monitor`, `qp_num`, `reason` (`unlock`, `lease expired`, `session ended`, `restart`, ...) |
+//! | `rdma_write_error` | the write right could not be given (the QP is in the error state) | `monitor`, `qp_num`, `reason` |
+//! | `rdma_released` | a queue pair, its regions and protection domain were destroyed | `monitor`, `qp_num`, `reason` |
 //! | `vm_exited` | bdvmm went away; the bridge stops | |
 //!
 //! ## What the log holds against

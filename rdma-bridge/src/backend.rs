@@ -192,6 +192,38 @@ impl DumpBackend {
             layout: Layout { ram, backdoor },
         })
     }
+
+    /// Opens `path` read-write and shared: granted WRITEs (and one-sided RDMA writes) change the
+    /// file. For tests on a scratch copy of a dump (`serve --dump-writable`), e.g. the SoftRoCE
+    /// test's write to the hooks.
+    pub fn open_writable(path: &Path, backdoor: (u64, u64)) -> Result<DumpBackend, BackendError> {
+        let dump = |source| BackendError::Dump {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| dump(MemError::Io(format!("{}: {e}", path.display()))))?;
+        let len = file
+            .metadata()
+            .map_err(|e| dump(MemError::Io(e.to_string())))?
+            .len();
+        let ranges = vec![introspect::mem::Range {
+            gpa: 0,
+            size: len,
+            offset: 0,
+        }];
+        let mem = MappedMem::new(file, len, ranges, true).map_err(dump)?;
+        Ok(DumpBackend {
+            mem,
+            layout: Layout {
+                ram: vec![(0, len)],
+                backdoor,
+            },
+        })
+    }
 }
 
 impl Backend for DumpBackend {

@@ -11,13 +11,13 @@
 //! * [`server`] — the TCP server.
 //! * [`verbs`] — the one-sided RDMA data path (feature `verbs`); its connect-blob codec
 //!   ([`verbs::connect`]) and error type are built without the feature too.
-//! * `rdma` (feature `verbs`) — the data path's server glue.
+//! * [`rdma`] — the data path's server glue: per-monitor regions, queue-pair caps, the write window
+//!   (built without the feature too; the device behind it needs `verbs`).
 
 pub mod audit;
 pub mod backend;
 pub mod config;
 pub mod guard;
-#[cfg(feature = "verbs")]
 pub mod rdma;
 pub mod server;
 pub mod verbs;

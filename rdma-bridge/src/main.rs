@@ -47,12 +47,16 @@ enum Cmd {
         /// bdvmm's control socket (`bdvmm run --api`).
         #[arg(long, conflicts_with = "dump", required_unless_present = "dump")]
         api: Option<PathBuf>,
-        /// Serve a raw memory dump read-only instead of a live VM.
+        /// Serve a raw memory dump (read-only unless --dump-writable) instead of a live VM.
         #[arg(long, requires = "backdoor")]
         dump: Option<PathBuf>,
         /// With --dump: the backdoor range of the dumped guest, `0xSTART+0xLEN`.
         #[arg(long)]
         backdoor: Option<String>,
+        /// With --dump: serve it read-write, so that granted writes (TCP WRITE and one-sided RDMA
+        /// writes to the hooks) change the file; for tests on a scratch copy.
+        #[arg(long, requires = "dump")]
+        dump_writable: bool,
     },
     /// Make keys and certificates.
     Pki {
@@ -155,7 +159,8 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             api,
             dump,
             backdoor,
-        } => serve(&config, api, dump, backdoor),
+            dump_writable,
+        } => serve(&config, api, dump, backdoor, dump_writable),
         Cmd::Pki { cmd } => match cmd {
             PkiCmd::Init { dir, server_name } => {
                 tls::pki_init(&dir, &server_name).map_err(|e| (FAILED, e.to_string()))?;
@@ -223,6 +228,7 @@ fn serve(
     api: Option<PathBuf>,
     dump: Option<PathBuf>,
     backdoor: Option<String>,
+    dump_writable: bool,
 ) -> Result<(), (u8, String)> {
     let cfg = BridgeConfig::load(config).map_err(|e| (BAD_INPUT, e.to_string()))?;
     let (backend, vm): (Arc<dyn Backend>, Option<Arc<VmBackend>>) = match (api, dump) {
@@ -241,7 +247,12 @@ fn serve(
                     ))
                 }
             };
-            let d = DumpBackend::open(&path, bd).map_err(|e| (BAD_INPUT, e.to_string()))?;
+            let d = if dump_writable {
+                DumpBackend::open_writable(&path, bd)
+            } else {
+                DumpBackend::open(&path, bd)
+            }
+            .map_err(|e| (BAD_INPUT, e.to_string()))?;
             (Arc::new(d), None)
         }
         (None, None) => return Err((BAD_INPUT, "give --api or --dump".into())),

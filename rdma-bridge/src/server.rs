@@ -83,7 +83,6 @@ pub enum ServerError {
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     /// The verbs data path.
-    #[cfg(feature = "verbs")]
     #[error(transparent)]
     Rdma(#[from] crate::rdma::RdmaError),
 }
@@ -143,7 +142,7 @@ struct Shared {
     tls: Arc<ServerConfig>,
     grants: Grants,
     agreement: Agreement,
-    audit: Audit,
+    audit: Arc<Audit>,
     lock: Mutex<LockState>,
     lock_freed: Condvar,
     limits: LockLimits,
@@ -157,7 +156,6 @@ struct Shared {
     next_conn: AtomicU64,
     max_conns: usize,
     idle: Duration,
-    #[cfg(feature = "verbs")]
     rdma: Option<crate::rdma::RdmaGlue>,
 }
 
@@ -177,21 +175,8 @@ impl Server {
             let c = tls::load_certs(p)?;
             Ok(tls::fingerprint(&c[0]))
         })?;
-        #[cfg(not(feature = "verbs"))]
-        if cfg.rdma.is_some() {
-            return Err(GrantError::NoVerbs.into());
-        }
-        #[cfg(feature = "verbs")]
-        let rdma = match &cfg.rdma {
-            Some(r) => Some(crate::rdma::RdmaGlue::new(
-                r.device.as_deref(),
-                backend.as_ref(),
-                &grants,
-                cfg.agreement.k,
-            )?),
-            None => None,
-        };
-        let audit = Audit::open_with(&cfg.audit_log, cfg.audit_options())?;
+        let audit = Arc::new(Audit::open_with(&cfg.audit_log, cfg.audit_options())?);
+        let rdma = rdma_glue(cfg, &backend, &audit)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Io {
             what: format!("cannot listen on {}", cfg.listen),
             source,
@@ -229,10 +214,34 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 max_conns: cfg.max_connections,
                 idle: Duration::from_millis(cfg.idle_timeout_ms),
-                #[cfg(feature = "verbs")]
                 rdma,
             }),
         })
+    }
+
+    /// Serves the RDMA data path through `nic` instead of the `[rdma]` section's device, with
+    /// write agreement `k`: the seam for testing the server's RDMA policy (regions, caps, write
+    /// window, release) on hosts without an RDMA device. Call before [`Server::run`].
+    #[doc(hidden)]
+    pub fn use_rdma_nic(
+        &mut self,
+        nic: Box<dyn crate::rdma::Nic>,
+        k: usize,
+    ) -> Result<(), ServerError> {
+        let sh = Arc::get_mut(&mut self.shared).ok_or_else(|| ServerError::Io {
+            what: "use_rdma_nic".into(),
+            source: std::io::Error::other("the server is already running"),
+        })?;
+        let audit = sh.audit.clone();
+        sh.rdma = Some(
+            crate::rdma::RdmaGlue::new(nic, k, audit_sink(audit)).map_err(|source| {
+                ServerError::Io {
+                    what: "cannot start the RDMA lease timer".into(),
+                    source,
+                }
+            })?,
+        );
+        Ok(())
     }
 
     /// The address monitors connect to.
@@ -426,6 +435,40 @@ fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), Stri
     }
 }
 
+/// The audit log as the RDMA glue's sink.
+fn audit_sink(audit: Arc<Audit>) -> crate::rdma::AuditSink {
+    Arc::new(move |event: &str, fields: serde_json::Value| {
+        audit.append(event, fields).map_err(|e| e.to_string())
+    })
+}
+
+/// The RDMA data path of the `[rdma]` section, if any (feature `verbs`).
+fn rdma_glue(
+    cfg: &BridgeConfig,
+    backend: &Arc<dyn Backend>,
+    audit: &Arc<Audit>,
+) -> Result<Option<crate::rdma::RdmaGlue>, ServerError> {
+    let Some(r) = &cfg.rdma else {
+        return Ok(None);
+    };
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = (r, backend, audit);
+        Err(GrantError::NoVerbs.into())
+    }
+    #[cfg(feature = "verbs")]
+    {
+        let nic = crate::rdma::DeviceNic::open(r.device.as_deref(), backend.clone())?;
+        let glue =
+            crate::rdma::RdmaGlue::new(Box::new(nic), cfg.agreement.k, audit_sink(audit.clone()))
+                .map_err(|source| ServerError::Io {
+                what: "cannot start the RDMA lease timer".into(),
+                source,
+            })?;
+        Ok(Some(glue))
+    }
+}
+
 /// One authenticated monitor's session state.
 struct Session<'a> {
     sh: &'a Shared,
@@ -504,6 +547,7 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr, accepted: Instant, slot:
     };
     let reason = sess.run(&mut s);
     sess.release_lock();
+    sess.end_rdma();
     if sess.hello {
         sh.audit.session_end(&sess.monitor);
         sh.audit.log(
@@ -964,6 +1008,9 @@ impl Session<'_> {
             // Whoever is next waits for this monitor now; let them re-check.
             self.sh.lock_freed.notify_all();
             if let Some(old) = st.holder.take() {
+                if let Some(rdma) = &self.sh.rdma {
+                    rdma.lock_ended(old.conn, "lease expired");
+                }
                 self.sh
                     .audit
                     .log("lock_expired", json!({"monitor": old.monitor}));
@@ -1021,6 +1068,7 @@ impl Session<'_> {
                     .entry(self.monitor.clone())
                     .or_default()
                     .push_back((now, now + lease));
+                self.rdma_lock_held(now + lease);
                 self.sh.audit.log(
                     "lock",
                     json!({"monitor": self.monitor, "lease_ms": lease_ms, "lock_ns": lock_ns}),
@@ -1046,6 +1094,7 @@ impl Session<'_> {
                 let expired = now >= cur.deadline;
                 st.end_hold(now);
                 self.sh.lock_freed.notify_all();
+                self.rdma_lock_ended("unlock");
                 if expired {
                     // bdvmm already resumed the guest when the lease ran out.
                     let _ = self.sh.backend.resume();
@@ -1083,6 +1132,7 @@ impl Session<'_> {
         if st.holder.as_ref().is_some_and(|cur| cur.conn == self.conn) {
             st.end_hold(Instant::now());
             self.sh.lock_freed.notify_all();
+            self.rdma_lock_ended("session ended");
             let _ = self.sh.backend.resume();
             self.sh
                 .audit
@@ -1090,34 +1140,60 @@ impl Session<'_> {
         }
     }
 
-    #[cfg(feature = "verbs")]
+    /// RDMA_CONNECT: this session's queue pair, with exactly this monitor's grant (see
+    /// [`crate::rdma`]); a queue pair the session had is replaced.
     fn rdma_connect(&self, blob: &[u8]) -> Reply {
         let Some(rdma) = &self.sh.rdma else {
             return Reply::Error {
                 code: code::UNSUPPORTED,
-                message: "this bridge has no [rdma] section in its config".into(),
+                message: if cfg!(feature = "verbs") {
+                    "this bridge has no [rdma] section in its config".into()
+                } else {
+                    "this bridge was built without the `verbs` feature; use the TCP operations"
+                        .into()
+                },
             };
         };
-        match rdma.connect(&self.monitor, blob) {
-            Ok(b) => {
-                self.sh
-                    .audit
-                    .log("rdma_connected", json!({"monitor": self.monitor}));
-                Reply::RdmaConnect(b)
-            }
+        // Held across the connect, so that an UNLOCK cannot slip between reading the lease and
+        // opening the write window (lock order: holder, then the RDMA glue).
+        let st = self.state();
+        let now = Instant::now();
+        let lease = st
+            .holder
+            .as_ref()
+            .filter(|cur| cur.conn == self.conn && now < cur.deadline)
+            .map(|cur| cur.deadline);
+        match rdma.connect(self.conn, &self.monitor, &self.grant, blob, lease) {
+            Ok(b) => Reply::RdmaConnect(b),
             Err(e) => Reply::Error {
-                code: code::BAD_REQUEST,
+                code: match e {
+                    crate::rdma::RdmaError::Quota { .. } => code::BUSY,
+                    crate::rdma::RdmaError::Unrecorded { .. } => code::INTERNAL,
+                    _ => code::BAD_REQUEST,
+                },
                 message: e.to_string(),
             },
         }
     }
 
-    #[cfg(not(feature = "verbs"))]
-    fn rdma_connect(&self, _blob: &[u8]) -> Reply {
-        Reply::Error {
-            code: code::UNSUPPORTED,
-            message: "this bridge was built without the `verbs` feature; use the TCP operations"
-                .into(),
+    /// This session holds the pause lock until `deadline`: its RDMA queue pair may write.
+    fn rdma_lock_held(&self, deadline: Instant) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_held(self.conn, deadline);
+        }
+    }
+
+    /// This session no longer holds the pause lock: its RDMA queue pair may no longer write.
+    fn rdma_lock_ended(&self, reason: &str) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.lock_ended(self.conn, reason);
+        }
+    }
+
+    /// The session ended: its RDMA queue pair, regions and protection domain are released.
+    fn end_rdma(&self) {
+        if let Some(rdma) = &self.sh.rdma {
+            rdma.end_session(self.conn);
         }
     }
 
@@ -1127,6 +1203,9 @@ impl Session<'_> {
         }
         // A restart ends any pause lock: the guest boots afresh.
         let mut st = self.state();
+        if let (Some(cur), Some(rdma)) = (st.holder.as_ref(), &self.sh.rdma) {
+            rdma.lock_ended(cur.conn, "restart");
+        }
         st.end_hold(Instant::now());
         self.sh.lock_freed.notify_all();
         match self.sh.backend.restart() {

@@ -6,7 +6,7 @@
 use std::ptr::NonNull;
 
 use rdma_bridge::verbs::{
-    decode_connect, devices_available, encode_connect, Access, RegionSpec, VerbsError,
+    decode_connect, devices_available, encode_connect, Access, RegionInfo, RegionSpec, VerbsError,
     VerbsMonitor, VerbsTarget,
 };
 
@@ -88,6 +88,45 @@ impl Drop for SharedMapping {
     }
 }
 
+const RAM_GPA: u64 = 0x10_0000;
+const RAM_LEN: usize = 1 << 20;
+const HOOK_GPA: u64 = 0x40_0000;
+const HOOK_LEN: usize = 4096;
+
+fn specs(ram: &SharedMapping, hooks: &SharedMapping) -> Vec<RegionSpec> {
+    vec![
+        RegionSpec {
+            name: "ram".to_owned(),
+            gpa: RAM_GPA,
+            host: ram.ptr,
+            len: RAM_LEN,
+            access: Access::RemoteRead,
+        },
+        RegionSpec {
+            name: "hooks".to_owned(),
+            gpa: HOOK_GPA,
+            host: hooks.ptr,
+            len: HOOK_LEN,
+            access: Access::RemoteWrite,
+        },
+    ]
+}
+
+/// A monitor connected to `target` with `specs`; returns it and the target's QP number.
+fn connect(
+    target: &mut VerbsTarget,
+    device: Option<&str>,
+    specs: Vec<RegionSpec>,
+) -> (VerbsMonitor, u32, Vec<RegionInfo>) {
+    let mut monitor = VerbsMonitor::open(device).expect("open monitor");
+    // SAFETY: the callers' mappings outlive `target` and are only accessed by volatile copies.
+    let a = unsafe { target.accept(monitor.local_endpoint(), specs) }.expect("accept");
+    monitor
+        .connect(a.endpoint, a.regions.clone())
+        .expect("connect");
+    (monitor, a.endpoint.qp_num, a.regions)
+}
+
 fn pattern(i: usize) -> u8 {
     (i.wrapping_mul(31) ^ (i >> 8)).to_le_bytes()[0]
 }
@@ -123,45 +162,21 @@ fn loopback_read_and_refused_write() {
     };
     let device = devices.first().map(String::as_str);
 
-    const RAM_GPA: u64 = 0x10_0000;
-    const RAM_LEN: usize = 1 << 20;
-    const HOOK_GPA: u64 = 0x40_0000;
-    const HOOK_LEN: usize = 4096;
     let ram = SharedMapping::new(RAM_LEN);
     ram.fill(pattern);
     let hooks = SharedMapping::new(HOOK_LEN);
     hooks.fill(|_| 0);
 
     let mut target = VerbsTarget::open(device).expect("open target");
-    // SAFETY: both mappings outlive `target` (declared before it, so dropped after it) and no
-    // references into them are held; they are accessed only through volatile raw-pointer copies.
-    let regions = unsafe {
-        target.register(vec![
-            RegionSpec {
-                name: "ram".to_owned(),
-                gpa: RAM_GPA,
-                host: ram.ptr,
-                len: RAM_LEN,
-                access: Access::RemoteRead,
-            },
-            RegionSpec {
-                name: "hooks".to_owned(),
-                gpa: HOOK_GPA,
-                host: hooks.ptr,
-                len: HOOK_LEN,
-                access: Access::RemoteWrite,
-            },
-        ])
-    }
-    .expect("register");
-
     // The exchange goes through the connect blob, as it does inside RDMA_CONNECT frames.
     let mut monitor = VerbsMonitor::open(device).expect("open monitor");
     let hello = encode_connect(&monitor.local_endpoint(), &[]).expect("encode hello");
     let (monitor_ep, none) = decode_connect(&hello).expect("decode hello");
     assert!(none.is_empty());
-    let target_ep = target.accept(monitor_ep).expect("accept");
-    let reply = encode_connect(&target_ep, &regions).expect("encode reply");
+    // SAFETY: both mappings outlive `target` (declared before it, so dropped after it) and no
+    // references into them are held; they are accessed only through volatile raw-pointer copies.
+    let accepted = unsafe { target.accept(monitor_ep, specs(&ram, &hooks)) }.expect("accept");
+    let reply = encode_connect(&accepted.endpoint, &accepted.regions).expect("encode reply");
     let (target_ep, table) = decode_connect(&reply).expect("decode reply");
     monitor.connect(target_ep, table).expect("connect");
 
@@ -195,7 +210,11 @@ fn loopback_read_and_refused_write() {
     }
     assert_eq!(ram.get(0), pattern(0), "guest memory changed");
 
-    // A WRITE into the hook region lands in the target's mapping, zero copy.
+    // A WRITE into the hook region lands in the target's mapping, zero copy, once the bridge has
+    // opened the write window (it does while the monitor holds the lock).
+    assert!(target
+        .set_remote_write(target_ep.qp_num, true)
+        .expect("open the write window"));
     monitor
         .write(HOOK_GPA + 16, &[1, 2, 3, 4])
         .expect("write hook");
@@ -216,4 +235,93 @@ fn loopback_read_and_refused_write() {
     assert_eq!(target.monitors(), 0);
     drop(monitor);
     drop(target);
+}
+
+/// The isolation the bridge relies on, enforced by the target's NIC (ReDMArk's mitigations): each
+/// monitor's queue pair lives in its own protection domain, so another monitor's rkey is refused;
+/// REMOTE_WRITE exists only while the write window is open; a released queue pair is gone.
+#[test]
+fn loopback_isolation_between_monitors() {
+    let Some(devices) = devices_or_skip("loopback_isolation_between_monitors") else {
+        return;
+    };
+    let device = devices.first().map(String::as_str);
+    let ram = SharedMapping::new(RAM_LEN);
+    ram.fill(pattern);
+    let hooks = SharedMapping::new(HOOK_LEN);
+    hooks.fill(|_| 0);
+    let mut target = VerbsTarget::open(device).expect("open target");
+
+    // "rw" gets RAM (read) and the hooks (write); "ro" gets only the first page of RAM.
+    let (mut rw, rw_qp, rw_regions) = connect(&mut target, device, specs(&ram, &hooks));
+    let ro_spec = vec![RegionSpec {
+        name: "sb".to_owned(),
+        gpa: RAM_GPA,
+        host: ram.ptr,
+        len: 4096,
+        access: Access::RemoteRead,
+    }];
+    let (mut ro, _ro_qp, ro_regions) = connect(&mut target, device, ro_spec);
+    assert_eq!(target.monitors(), 2);
+    assert_eq!(
+        ro.read(RAM_GPA, 16).expect("ro read"),
+        (0..16).map(pattern).collect::<Vec<_>>()
+    );
+    assert!(!ro_regions.iter().any(|r| r.access == Access::RemoteWrite));
+
+    // No write right until the window opens: the NIC refuses the WRITE (the monitor's QP breaks).
+    let hook = rw_regions
+        .iter()
+        .find(|r| r.access == Access::RemoteWrite)
+        .unwrap()
+        .clone();
+    assert!(
+        rw.write(HOOK_GPA, &[9; 8]).is_err(),
+        "write without the window"
+    );
+    assert_eq!(hooks.get(0), 0);
+    assert!(target.release(rw_qp));
+    let (mut rw, rw_qp, _) = connect(&mut target, device, specs(&ram, &hooks));
+    assert!(target.set_remote_write(rw_qp, true).unwrap());
+    rw.write(HOOK_GPA, &[7; 8])
+        .expect("write inside the window");
+    assert_eq!(hooks.get(7), 7);
+    assert!(target.set_remote_write(rw_qp, false).unwrap());
+    assert!(
+        rw.write(HOOK_GPA, &[5; 8]).is_err(),
+        "write after the window closed"
+    );
+    assert_eq!(hooks.get(0), 7);
+
+    // ro cannot write with its own rkey, nor read RAM with rw's (another protection domain).
+    let ram_region = rw_regions.iter().find(|r| r.name == "ram").unwrap();
+    assert!(ro
+        .read_raw(ram_region.remote_addr + 8192, ram_region.rkey, 64)
+        .is_err());
+    let (mut ro, ro_qp, ro_regions) = connect(
+        &mut target,
+        device,
+        vec![RegionSpec {
+            name: "sb".to_owned(),
+            gpa: RAM_GPA,
+            host: ram.ptr,
+            len: 4096,
+            access: Access::RemoteRead,
+        }],
+    );
+    assert!(ro
+        .write_raw(ro_regions[0].remote_addr, ro_regions[0].rkey, &[1; 8])
+        .is_err());
+    assert!(ro.write_raw(hook.remote_addr, hook.rkey, &[1; 8]).is_err());
+    assert_eq!(ram.get(0), pattern(0));
+    assert_eq!(hooks.get(0), 7);
+
+    // A released queue pair answers nothing.
+    let (mut gone, gone_qp, _) = connect(&mut target, device, specs(&ram, &hooks));
+    gone.set_timeout(std::time::Duration::from_secs(3));
+    assert!(gone.read(RAM_GPA, 8).is_ok());
+    assert!(target.release(gone_qp));
+    assert!(gone.read(RAM_GPA, 8).is_err(), "read on a released QP");
+    assert!(target.release(ro_qp));
+    assert!(target.release(rw_qp));
 }

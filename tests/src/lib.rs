@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod child;
 pub mod kvmhost;
 pub mod netns;
+pub mod rxe;
 pub mod site;
 pub mod tiny_guest;
 pub mod vm;
@@ -45,6 +46,15 @@ impl Images {
         std::env::var_os("BD_IMAGES_ENV")
             .map(PathBuf::from)
             .unwrap_or_else(|| cache_dir().join("images.env"))
+    }
+
+    /// One image path by its variable name, if images.env has it and the file exists (for
+    /// optional images, such as the SoftRoCE VM's).
+    pub fn opt(&self, key: &str) -> Option<&Path> {
+        self.vars
+            .get(key)
+            .map(PathBuf::as_path)
+            .filter(|p| p.exists())
     }
 
     /// One image path by its variable name (e.g. `BD_KERNEL_BZIMAGE`); panics if missing.

@@ -206,19 +206,23 @@ pub enum VerbsError {
         #[source]
         source: io::Error,
     },
-    /// `register` was called after a monitor connected.
+    /// The write window was asked for on a connection without a write region.
     #[error(
-        "regions must all be registered before the first monitor is accepted (connected queue \
-         pairs keep the rights they were created with); register first, then accept"
+        "this monitor's RDMA connection has no write region (its grant has no write range, or \
+         agreement.k > 1 keeps writes on the control channel); use the control channel's WRITE"
     )]
-    RegisterAfterAccept,
+    NoWriteRegion,
     /// `accept` was called without any region.
     #[error(
-        "no region is registered: register the ranges monitors may access before accepting one"
+        "the monitor has no range to access over RDMA (its grant is empty); use the control \
+         channel, or grant it read ranges in the bridge config"
     )]
     NoRegions,
     /// Too many monitors connected.
-    #[error("{MAX_MONITORS} monitors are already connected; release one before accepting another")]
+    #[error(
+        "{MAX_MONITORS} RDMA queue pairs are already connected to this bridge; retry after some \
+         monitor sessions have ended"
+    )]
     TooManyMonitors,
 
     /// `read`/`write` before `connect`.

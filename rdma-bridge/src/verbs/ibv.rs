@@ -379,6 +379,32 @@ impl Qp {
         Ok(())
     }
 
+    /// Changes the remote rights of a connected (RTS) queue pair in place: RTS → RTS with
+    /// `IBV_QP_ACCESS_FLAGS`, which ibv_modify_qp(3) lists among the optional attributes of that
+    /// transition for RC. The responder checks the QP's rights on every incoming request (rxe:
+    /// `check_op_valid`), so a right taken away here refuses the next packet. Fails when the QP is
+    /// no longer in RTS (e.g. an earlier refused request moved it to the error state).
+    pub(super) fn set_access(&self, access: ffi::ibv_access_flags) -> Result<(), VerbsError> {
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_RTS,
+            qp_access_flags: access.0,
+            ..Default::default()
+        };
+        let mask = ffi::ibv_qp_attr_mask::IBV_QP_STATE | ffi::ibv_qp_attr_mask::IBV_QP_ACCESS_FLAGS;
+        // SAFETY: valid QP; `attr` is fully initialised and `mask` names only the fields set.
+        let rc = unsafe { ffi::ibv_modify_qp(self.0.as_ptr(), &mut attr, flags_i32(mask.0)) };
+        if rc != 0 {
+            return Err(VerbsError::Verb {
+                verb: "ibv_modify_qp(RTS->RTS, access flags)",
+                source: errno_error(rc),
+                hint:
+                    "the queue pair is no longer ready to send (a refused access moved it to the \
+                       error state); the monitor must reconnect with RDMA_CONNECT",
+            });
+        }
+        Ok(())
+    }
+
     /// Moves the QP to the error state so that outstanding work requests are flushed.
     pub(super) fn set_error(&self) {
         let mut attr = ffi::ibv_qp_attr {
@@ -427,24 +453,18 @@ impl Drop for Mr {
     }
 }
 
-/// Device, protection domain and completion queue shared by both sides. Fields drop in order: the
-/// CQ, then the PD, then the device context.
+/// Device and completion queue, shared by every queue pair of one side. Protection domains are
+/// not here: the target allocates one per monitor session ([`Base::alloc_pd`]), the monitor one for
+/// itself. Fields drop in order: the CQ, then the device context (every PD, QP and MR made from it
+/// is owned by a field that drops before).
 pub(super) struct Base {
     pub(super) cq: Cq,
-    pub(super) pd: Pd,
     pub(super) dev: DeviceCtx,
 }
 
 impl Base {
     pub(super) fn open(device: Option<&str>, cq_entries: i32) -> Result<Self, VerbsError> {
         let dev = DeviceCtx::open(device)?;
-        // SAFETY: valid context.
-        let pd = unsafe { ffi::ibv_alloc_pd(dev.ctx.as_ptr()) };
-        let pd = NonNull::new(pd).map(Pd).ok_or_else(|| VerbsError::Verb {
-            verb: "ibv_alloc_pd",
-            source: last_os_error(),
-            hint: "the device is out of protection domains or memory",
-        })?;
         // SAFETY: valid context; no completion channel (we poll), no CQ context pointer.
         let cq = unsafe {
             ffi::ibv_create_cq(
@@ -460,10 +480,24 @@ impl Base {
             source: last_os_error(),
             hint: "the device is out of completion queues or memory",
         })?;
-        Ok(Base { cq, pd, dev })
+        Ok(Base { cq, dev })
     }
 
-    pub(super) fn create_qp(&self, max_send_wr: u32) -> Result<Qp, VerbsError> {
+    /// A new protection domain on this device. Memory regions and queue pairs of different
+    /// protection domains cannot be combined: the responder NIC refuses a remote access whose rkey
+    /// names a region outside the queue pair's PD.
+    pub(super) fn alloc_pd(&self) -> Result<Pd, VerbsError> {
+        // SAFETY: valid context.
+        let pd = unsafe { ffi::ibv_alloc_pd(self.dev.ctx.as_ptr()) };
+        NonNull::new(pd).map(Pd).ok_or_else(|| VerbsError::Verb {
+            verb: "ibv_alloc_pd",
+            source: last_os_error(),
+            hint: "the device is out of protection domains or memory",
+        })
+    }
+
+    /// A new RC queue pair in `pd`, completing on this base's CQ.
+    pub(super) fn create_qp(&self, pd: &Pd, max_send_wr: u32) -> Result<Qp, VerbsError> {
         let mut init = ffi::ibv_qp_init_attr {
             qp_context: ptr::null_mut(),
             send_cq: self.cq.0.as_ptr(),
@@ -479,8 +513,9 @@ impl Base {
             qp_type: ffi::ibv_qp_type::IBV_QPT_RC,
             sq_sig_all: 0,
         };
-        // SAFETY: valid PD and CQ owned by `self`; `init` is fully initialised.
-        let qp = unsafe { ffi::ibv_create_qp(self.pd.0.as_ptr(), &mut init) };
+        // SAFETY: valid PD (owned by the caller, who drops the QP before it) and CQ owned by
+        // `self`; `init` is fully initialised.
+        let qp = unsafe { ffi::ibv_create_qp(pd.0.as_ptr(), &mut init) };
         NonNull::new(qp).map(Qp).ok_or_else(|| VerbsError::Verb {
             verb: "ibv_create_qp",
             source: last_os_error(),

@@ -10,7 +10,7 @@
 //! | `connect.rs` | the connect blob: its format, limits, [`Endpoint`], [`RegionInfo`], the codec | always |
 //! | `error.rs` | [`VerbsError`], the one error type of the transport | always |
 //! | `ibv.rs` | RAII wrappers around `ibverbs-sys`: device context, PD, CQ, QP, MR; QP connection | `verbs` |
-//! | `target.rs` | the target (bridge) side: [`VerbsTarget`] | `verbs` |
+//! | `target.rs` | the target (bridge) side: [`VerbsTarget`], a PD per monitor connection | `verbs` |
 //! | `monitor.rs` | the monitor side: [`VerbsMonitor`] | `verbs` |
 //!
 //! # Design
@@ -23,24 +23,49 @@
 //! ```text
 //!  monitor (VerbsMonitor)                         target (VerbsTarget, inside the bridge)
 //!  open(), local_endpoint() ──── RDMA_CONNECT(blob: monitor endpoint, 0 regions) ───►
-//!                                                 accept(monitor endpoint): new RC QP, INIT→RTR→RTS
+//!                                                 accept(endpoint, that monitor's grant): new PD,
+//!                                                 its MRs, RC QP (remote read only) INIT→RTR→RTS
 //!  connect(target endpoint, ◄─── RDMA_CONNECT ok(blob: target endpoint, region table) ──
 //!          region table): INIT→RTR→RTS
 //!  read(gpa, len) ═══════════ one-sided RDMA READ (rkey of a RemoteRead region) ══════► guest RAM
+//!                 ─── LOCK ──►                    set_remote_write(qp, true): RTS→RTS
 //!  write(gpa, bytes) ════════ one-sided RDMA WRITE (rkey of a RemoteWrite region) ════► repair hook
+//!                 ─── UNLOCK ─►                   set_remote_write(qp, false)  (also at lease end)
+//!  (TLS session ends)                             release(qp): QP, MRs, PD destroyed
 //! ```
 //!
 //! The blob is [`encode_connect`]'s byte format (see [`connect`]); it travels as the opaque payload
 //! of the control channel's `RDMA_CONNECT` frame.
 //!
-//! **Target side.** Guest memory is a host mapping of the memfd that bdvmm owns. Each guest-physical
-//! range a monitor may read is registered *directly on that mapping* (zero copy, no bounce buffer on
-//! the target) as a memory region whose only remote right is REMOTE_READ; each repair-hook range a
-//! monitor may write is registered with REMOTE_WRITE only (verbs require LOCAL_WRITE with it). Nothing
-//! is registered with REMOTE_ATOMIC. The queue pair created for a monitor gets only the remote rights
-//! that some region grants, so a target without write regions cannot be written at all. The NIC
-//! enforces the rest: an RDMA READ with the rkey of a write-only region, or outside a region, fails
-//! at the target's NIC with a remote access error and the monitor's QP goes to the error state.
+//! **Target side: one protection domain per monitor connection.** Guest memory is a host mapping
+//! of the memfd that bdvmm owns. [`VerbsTarget::accept`] allocates a protection domain (PD) for
+//! that one connection and registers in it exactly that monitor's grant, *directly on the mapping*
+//! (zero copy, no bounce buffer on the target): each range it may read as a memory region whose
+//! only remote right is REMOTE_READ, each repair-hook range it may write with REMOTE_WRITE only
+//! (verbs require LOCAL_WRITE with it). Nothing is registered with REMOTE_ATOMIC. The queue pair is
+//! created in the same PD, with REMOTE_READ if some region grants it and **never** REMOTE_WRITE at
+//! connect time. The NIC enforces the rest (ReDMArk's mitigations; rxe's responder checks both):
+//!
+//! * an rkey names a memory region of one PD; a request on a queue pair of another PD is refused
+//!   with a remote access error, so an rkey handed to (or guessed from) another monitor is useless;
+//! * the queue pair's access flags are checked on every request: a WRITE while the QP lacks
+//!   REMOTE_WRITE is refused with an invalid-request error. [`VerbsTarget::set_remote_write`]
+//!   adds or removes it in place (`ibv_modify_qp` RTS → RTS with `IBV_QP_ACCESS_FLAGS`, an optional
+//!   attribute of that transition for RC). The bridge (`crate::rdma`) opens this *write window*
+//!   only while the monitor holds an unexpired pause lock and closes it on UNLOCK, RESTART, session
+//!   end and lease expiry; with `agreement.k > 1` it registers no write region at all;
+//! * an access outside every region, or with the wrong right, fails likewise.
+//!
+//! A refused request moves both queue pairs to the error state: a hostile or buggy monitor breaks
+//! only its own connection, and reconnects with a new `RDMA_CONNECT` (which releases the old one).
+//! [`VerbsTarget::release`] destroys a connection's queue pair, deregisters its regions and frees
+//! its PD; the bridge calls it when the TLS session ends and on replacement, caps queue pairs per
+//! monitor (`rdma::MAX_QPS_PER_MONITOR`) and per bridge ([`MAX_MONITORS`]).
+//!
+//! What the bridge cannot see: individual one-sided READs and WRITEs never reach the bridge's CPU,
+//! so they are not in the audit log. They are bounded by what is: the ranges and rights registered
+//! for that monitor (`rdma_connected`), the write window (`rdma_write_open`/`rdma_write_closed`,
+//! inside an audited lock), and the connection's life (`rdma_released`, inside an audited session).
 //!
 //! **Monitor side.** The monitor checks every access against the region table *before* touching the
 //! wire: `[gpa, gpa + len)` must lie inside one region with the right access, else the call fails
@@ -67,7 +92,7 @@
 //! `static inline` in `verbs.h` (not exported symbols); like the crate, we call the provider's
 //! function pointers in `ibv_context.ops`.
 //!
-//! Registration of foreign memory is why [`VerbsTarget::register`] is an `unsafe fn`: the caller
+//! Registration of foreign memory is why [`VerbsTarget::accept`] is an `unsafe fn`: the caller
 //! promises that the ranges stay mapped while the target lives and that nothing in the process holds
 //! Rust references into them (the guest and the remote monitors change them behind the compiler's
 //! back, exactly like the guest already does; bdvmm treats guest memory as volatile).
@@ -115,7 +140,8 @@ pub use target::{RegionSpec, VerbsTarget};
 // The transport's limits. They are here, built with or without the feature, because
 // [`VerbsError`]'s messages name them.
 
-/// Most monitors (queue pairs) one [`VerbsTarget`] serves at a time.
+/// Most monitor connections (queue pairs, each with its own protection domain) one
+/// [`VerbsTarget`] serves at a time.
 pub const MAX_MONITORS: usize = 64;
 /// Size of the monitor's registered bounce buffer; larger transfers are split into chunks of this.
 pub const BOUNCE_LEN: usize = 1 << 20;

@@ -111,10 +111,11 @@ enum LinkState {
 
 /// The monitor side: connects to one target and reads/writes its regions with one-sided RDMA.
 ///
-/// Fields drop in declaration order: the QP, then the bounce buffer, then the CQ, PD and device.
+/// Fields drop in declaration order: the QP, then the bounce buffer, the PD, then the CQ and device.
 pub struct VerbsMonitor {
     qp: Qp,
     bounce: Bounce,
+    _pd: Pd,
     regions: Vec<RegionInfo>,
     state: LinkState,
     psn: u32,
@@ -143,11 +144,13 @@ impl VerbsMonitor {
     /// bounce buffer. Fails with [`VerbsError::NoDevice`] on a host without RDMA devices.
     pub fn open(device: Option<&str>) -> Result<Self, VerbsError> {
         let base = Base::open(device, 16)?;
-        let qp = base.create_qp(4)?;
-        let bounce = Bounce::new(&base.pd, BOUNCE_LEN)?;
+        let pd = base.alloc_pd()?;
+        let qp = base.create_qp(&pd, 4)?;
+        let bounce = Bounce::new(&pd, BOUNCE_LEN)?;
         Ok(VerbsMonitor {
             qp,
             bounce,
+            _pd: pd,
             regions: Vec::new(),
             state: LinkState::Created,
             psn: random_psn(),
@@ -263,17 +266,69 @@ impl VerbsMonitor {
         Ok(())
     }
 
+    /// Reads `len` bytes at the target's address `remote_addr` with `rkey`, **without** checking the
+    /// region table: what a hostile monitor could post with a guessed or stolen rkey. For
+    /// isolation checks (`bd-verbs-check`): the target's NIC must refuse what the bridge did not
+    /// grant this monitor's queue pair. A refusal breaks the connection like any failed completion.
+    pub fn read_raw(
+        &mut self,
+        remote_addr: u64,
+        rkey: u32,
+        len: usize,
+    ) -> Result<Vec<u8>, VerbsError> {
+        self.check_connected()?;
+        let len = len.min(self.bounce.len);
+        self.transfer(
+            ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,
+            "READ",
+            remote_addr,
+            rkey,
+            len,
+        )?;
+        // SAFETY: the READ completed successfully: the NIC wrote the first `len` (≤ bounce.len)
+        // bytes of the bounce buffer and nothing else is outstanding.
+        let data = unsafe { std::slice::from_raw_parts(self.bounce.buf.as_ptr(), len) };
+        Ok(data.to_vec())
+    }
+
+    /// Writes `bytes` (at most [`BOUNCE_LEN`]) at the target's address `remote_addr` with `rkey`,
+    /// **without** checking the region table; see [`VerbsMonitor::read_raw`].
+    pub fn write_raw(
+        &mut self,
+        remote_addr: u64,
+        rkey: u32,
+        bytes: &[u8],
+    ) -> Result<(), VerbsError> {
+        self.check_connected()?;
+        if bytes.len() > self.bounce.len {
+            return Err(VerbsError::TransferTooLarge { len: bytes.len() });
+        }
+        // SAFETY: no work request is outstanding, so the NIC does not touch the bounce buffer;
+        // `bytes.len()` ≤ bounce.len.
+        unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), self.bounce.buf.as_ptr(), bytes.len()) };
+        self.transfer(
+            ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+            "WRITE",
+            remote_addr,
+            rkey,
+            bytes.len(),
+        )
+    }
+
+    /// Fails unless connected and not broken.
+    fn check_connected(&self) -> Result<(), VerbsError> {
+        match &self.state {
+            LinkState::Connected => Ok(()),
+            LinkState::Created => Err(VerbsError::NotConnected),
+            LinkState::Broken(reason) => Err(VerbsError::Broken {
+                reason: reason.clone(),
+            }),
+        }
+    }
+
     /// Checks state and region table; returns the target address and rkey of the access.
     fn check(&self, access: Access, gpa: u64, len: usize) -> Result<(u64, u32), VerbsError> {
-        match &self.state {
-            LinkState::Connected => {}
-            LinkState::Created => return Err(VerbsError::NotConnected),
-            LinkState::Broken(reason) => {
-                return Err(VerbsError::Broken {
-                    reason: reason.clone(),
-                })
-            }
-        }
+        self.check_connected()?;
         if len > MAX_TRANSFER {
             return Err(VerbsError::TransferTooLarge { len });
         }
