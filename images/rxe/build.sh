@@ -149,13 +149,14 @@ main() {
 	install -m 0755 /bin/busybox "$root/bin/busybox"
 	install -m 0755 "$here/init" "$root/init"
 
-	# ip and rdma from iproute2, with their libraries.
+	# ip and rdma from iproute2, with their libraries, wherever the host keeps them.
 	local tool path
 	for tool in ip rdma; do
 		path=$(command -v "$tool") || die "$tool not found (Debian package iproute2)"
 		path=$(readlink -f "$path")
 		copy_with_libs "$root" "$path"
-		ln -s "$path" "$root/usr/sbin/$tool"
+		# /usr/sbin/<tool> always exists: the init calls the tools by that path.
+		[ -e "$root/usr/sbin/$tool" ] || ln -s "$path" "$root/usr/sbin/$tool"
 	done
 
 	# libibverbs and its rxe provider: the provider is dlopen()ed, so ldd of a binary never

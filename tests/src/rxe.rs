@@ -2,10 +2,11 @@
 //!
 //! One QEMU-TCG VM boots the kernel variant `rxe` (`images/kernel/build.sh --variant rxe`:
 //! networking, InfiniBand, user verbs, Soft-RoCE) with the base initramfs of `images/rxe/build.sh`
-//! and a per-run archive (`images/rxe/pack.sh`). Inside, `/init` (`images/rxe/init`) joins two
-//! network namespaces with a veth pair, puts an rxe device on each end, runs `rdma-bridge serve
-//! --dump` (feature `verbs`) in namespace A and the monitor side, `bd-verbs-check`, in namespace
-//! B, prints the checker's JSON lines on the console and powers off.
+//! and a per-run archive (`images/rxe/pack.sh`). Inside, `/init` (`images/rxe/init`) puts an rxe
+//! device on each end of a veth pair (rxe0, rxe1), runs `rdma-bridge serve --dump` (feature
+//! `verbs`, device rxe0) in network namespace A and the monitor side, `bd-verbs-check` (device
+//! rxe1), in namespace B — their TLS channel over a second veth pair between A and B — prints the
+//! checker's JSON lines on the console and powers off.
 //!
 //! The memory the bridge serves is a real patched guest's: [`memory_image`] boots it under
 //! `bdvmm --engine tcg`, waits for its Sensor Box, pauses it and copies its RAM into a raw dump.
@@ -47,16 +48,18 @@ pub const CHECKS: &[&str] = &[
 pub const MONITOR_RW: &str = "monitor-rw";
 /// The monitor with read `sb` only.
 pub const MONITOR_RO: &str = "monitor-ro";
-/// Where the bridge listens inside the VM (namespace A).
-pub const BRIDGE_ADDR: &str = "10.77.0.1:7070";
+/// Where the bridge listens inside the VM (namespace A, on the control veth).
+pub const BRIDGE_ADDR: &str = "10.78.0.1:7070";
 /// RAM of the guest whose memory becomes the image (MiB): small, the image rides in the initrd.
 pub const IMAGE_GUEST_MIB: u64 = 192;
 /// RAM of the SoftRoCE VM (MiB): the initrd with the image, its unpacked copy, two programs.
 pub const VM_MIB: u64 = 1024;
+/// From the image guest's start to its `halt wait` line, worst case on a loaded machine.
+pub const IMAGE_BOOT_TIMEOUT: Duration = Duration::from_secs(4 * 60);
 /// From QEMU's start to its power-off, worst case on a loaded machine.
-pub const VM_TIMEOUT: Duration = Duration::from_secs(12 * 60);
+pub const VM_TIMEOUT: Duration = Duration::from_secs(9 * 60);
 /// How long the checker may run inside the VM (seconds; its own bound, under `VM_TIMEOUT`).
-pub const CHECK_TIMEOUT_S: u64 = 540;
+pub const CHECK_TIMEOUT_S: u64 = 420;
 /// READs per transport for the latency figures.
 pub const READS: u32 = 2000;
 
@@ -131,7 +134,7 @@ pub fn memory_image(img: &Images, out: &Path) -> (u64, u64) {
     );
     spec.mem = IMAGE_GUEST_MIB;
     let mut vm = Vm::start(&spec);
-    vm.expect("BACKDOORS: halt wait", Duration::from_secs(300));
+    vm.expect("BACKDOORS: halt wait", IMAGE_BOOT_TIMEOUT);
     let mem = vm.guest_mem();
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Err(e) = mem.sensor_box() {
@@ -145,7 +148,7 @@ pub fn memory_image(img: &Images, out: &Path) -> (u64, u64) {
     drop(mem);
     let mut client = vm.client();
     client
-        .pause(Some(Duration::from_secs(60)))
+        .pause(Some(Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("pause the image guest: {e}\n{}", vm.diagnostics()));
     let (memfd, map) = vm.client().memory().expect("memory over the API");
     let dump = File::create(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
@@ -181,24 +184,34 @@ pub fn write_run_dir(dir: &Path, backdoor: (u64, u64)) {
     for m in [MONITOR_RW, MONITOR_RO] {
         tls::pki_issue(&pki, m).expect("pki issue");
     }
-    let lock = if config_knows_lock(dir) {
-        "lock = true\n"
-    } else {
-        eprintln!(
-            "rxe: this bridge's config has no per-monitor `lock` permission yet; not written"
-        );
-        ""
+    let cfg = |lock: &str| {
+        format!(
+            "listen = \"{BRIDGE_ADDR}\"\naudit_log = \"/tmp/audit.jsonl\"\n\
+             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n\
+             [agreement]\nk = 1\nwindow_ms = 2000\n\
+             [[monitor]]\nname = \"{MONITOR_RW}\"\ncert = \"pki/{MONITOR_RW}.pem\"\n\
+             read = [\"sb\", \"ram\"]\nwrite = [\"hooks\"]\n{lock}\
+             [[monitor]]\nname = \"{MONITOR_RO}\"\ncert = \"pki/{MONITOR_RO}.pem\"\nread = [\"sb\"]\n\
+             [rdma]\ndevice = \"rxe0\"\n"
+        )
     };
-    let cfg = format!(
-        "listen = \"{BRIDGE_ADDR}\"\naudit_log = \"/tmp/audit.jsonl\"\n\
-         [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n\
-         [agreement]\nk = 1\nwindow_ms = 2000\n\
-         [[monitor]]\nname = \"{MONITOR_RW}\"\ncert = \"pki/{MONITOR_RW}.pem\"\n\
-         read = [\"sb\", \"ram\"]\nwrite = [\"hooks\"]\n{lock}\
-         [[monitor]]\nname = \"{MONITOR_RO}\"\ncert = \"pki/{MONITOR_RO}.pem\"\nread = [\"sb\"]\n\
-         [rdma]\ndevice = \"rxe0\"\n"
-    );
-    std::fs::write(dir.join("bridge.toml"), cfg).expect("write bridge.toml");
+    // The per-monitor `lock` permission comes with the Guard's part of issue 12; until this
+    // checkout's config parser knows it, the key is refused as unknown and is left out.
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, cfg("lock = true\n")).expect("write bridge.toml");
+    if let Err(with_lock) = rdma_bridge::config::BridgeConfig::load(&path) {
+        std::fs::write(&path, cfg("")).expect("write bridge.toml");
+        if let Err(e) = rdma_bridge::config::BridgeConfig::load(&path) {
+            panic!(
+                "the SoftRoCE VM's bridge config does not load: {e} \
+                 (with `lock = true`: {with_lock})"
+            );
+        }
+        eprintln!(
+            "rxe: this bridge's config has no per-monitor `lock` permission ({with_lock}); \
+             not written"
+        );
+    }
     let env = format!(
         "BACKDOOR={:#x}+{:#x}\nRW={MONITOR_RW}\nRO={MONITOR_RO}\nSERVER_NAME={}\n\
          READS={READS}\nCHECK_TIMEOUT={CHECK_TIMEOUT_S}\nCHECK_DEVICE=rxe1\n",
@@ -207,21 +220,6 @@ pub fn write_run_dir(dir: &Path, backdoor: (u64, u64)) {
         tls::DEFAULT_SERVER_NAME
     );
     std::fs::write(dir.join("run.env"), env).expect("write run.env");
-}
-
-/// Does this checkout's bridge config accept `lock = true` on a monitor? (The permission comes
-/// with the Guard's part of issue 12; until it lands, the key is unknown and refused.)
-fn config_knows_lock(dir: &Path) -> bool {
-    let probe = dir.join(".lock-probe.toml");
-    let text = format!(
-        "[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n\
-         [[monitor]]\nname = \"{MONITOR_RW}\"\ncert = \"pki/{MONITOR_RW}.pem\"\n\
-         read = [\"sb\"]\nlock = true\n"
-    );
-    std::fs::write(&probe, text).expect("write the config probe");
-    let ok = rdma_bridge::config::BridgeConfig::load(&probe).is_ok();
-    let _ = std::fs::remove_file(&probe);
-    ok
 }
 
 /// Packs the per-run initrd: the base image, `bins`, and `run_dir` at `/opt/bd/run/`.
@@ -257,6 +255,8 @@ pub struct RxeRun {
     pub checker_exit: Option<i32>,
     /// Did the VM end by itself within its bound?
     pub powered_off: bool,
+    /// Packets each end of the RDMA wire sent and received (`RXE: wire`): (tx, rx) by device.
+    pub wire: BTreeMap<String, (u64, u64)>,
 }
 
 impl RxeRun {
@@ -303,9 +303,24 @@ pub fn parse(console: String, powered_off: bool) -> RxeRun {
     let mut checks = BTreeMap::new();
     let mut bench = Vec::new();
     let mut checker_exit = None;
+    let mut wire = BTreeMap::new();
     for line in console.lines() {
         if let Some(rest) = line.strip_prefix("RXE: checker exit ") {
             checker_exit = rest.trim().parse().ok();
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("RXE: wire ") {
+            let mut words = rest.split_whitespace();
+            let dev = words.next().unwrap_or_default().to_owned();
+            let mut count = |key: &str| {
+                words
+                    .next()
+                    .and_then(|w| w.strip_prefix(key))
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            if let (Some(tx), Some(rx)) = (count("tx_packets="), count("rx_packets=")) {
+                wire.insert(dev, (tx, rx));
+            }
             continue;
         }
         // A kernel message may share the line: take the JSON object from its brace.
@@ -329,5 +344,6 @@ pub fn parse(console: String, powered_off: bool) -> RxeRun {
         bench,
         checker_exit,
         powered_off,
+        wire,
     }
 }

@@ -1,15 +1,16 @@
 //! The bridge's RDMA verbs transport, run for real on Soft-RoCE (issue 12, part 3): a patched
 //! guest's memory served by `rdma-bridge serve --dump` (feature `verbs`, `[rdma] device =
 //! "rxe0"`) in one network namespace of a QEMU-TCG VM, and `bd-verbs-check` as the monitors in
-//! another, over an rxe device on each end of a veth pair. Every check of the checker must
+//! another (device rxe1), the two rxe devices on the two ends of a veth pair (the wire their
+//! RoCE v2 packets cross; images/README.md, "SoftRoCE VM"). Every check of the checker must
 //! pass: RDMA_CONNECT, one-sided READs of the Sensor Box and the process table, a WRITE to the
 //! repair hooks under the lock, and the isolation between monitors (no write without the lock,
 //! none for a read-only monitor, no READ with another monitor's rkey, no queue pair after its
 //! session, a per-monitor queue-pair cap). The READ latency over rxe and over TCP is printed.
 //!
 //! Skipped, with the reason printed, only when images.env has no SoftRoCE images (the kernel
-//! variant could not be built). Bounded: the image guest's boot (≤ 5 min) plus the VM
-//! (`VM_TIMEOUT`, 12 min).
+//! variant could not be built). Bounded, 14 minutes at worst: the image guest's boot (4 min) and
+//! Sensor Box (1 min), the VM (9 min, of which the checker at most 7).
 
 use backdoors_tests::rxe::{self, RxeImages, CHECKS};
 use backdoors_tests::Images;
@@ -41,6 +42,7 @@ fn rxe_verbs_on_softroce() {
     for b in &run.bench {
         println!("rxe bench: {b}");
     }
+    println!("rxe wire (tx, rx packets): {:?}", run.wire);
     assert!(
         run.powered_off,
         "the SoftRoCE VM did not power off within {:?}\n{}",
@@ -69,6 +71,18 @@ fn rxe_verbs_on_softroce() {
         "bd-verbs-check did not exit 0\n{}",
         run.diagnostics()
     );
+    // The RoCE traffic crossed the veth wire between the two rxe devices (not the loopback
+    // device): every READ of the bench alone is a request one way and a response the other.
+    let reads = u64::from(rxe::READS);
+    for dev in ["vethA", "vethB"] {
+        let (tx, rx) = run.wire.get(dev).copied().unwrap_or_default();
+        assert!(
+            tx >= reads && rx >= reads,
+            "{dev} sent {tx} and received {rx} packets, fewer than the {reads} READs of the bench: \
+             the RDMA traffic did not cross the wire\n{}",
+            run.diagnostics()
+        );
+    }
     for transport in ["rdma", "tcp"] {
         assert!(
             run.bench
