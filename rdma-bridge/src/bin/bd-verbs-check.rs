@@ -339,43 +339,69 @@ fn check_write_without_lock(rw: &mut Rdma) -> Outcome {
     Ok(format!("refused: {refused}; the slot is unchanged"))
 }
 
-fn check_ro_cannot_write(ro: &mut Rdma) -> Outcome {
+/// The read-only monitor gets no write region, and its queue pair cannot write, neither with the
+/// rw monitor's hooks rkey nor with its own read rkey (each attempt on a fresh queue pair of the
+/// same session: a refusal breaks the one it was posted on).
+fn check_ro_cannot_write(c: &Checker, ro: Rdma, rw_regions: &[RegionInfo]) -> Outcome {
     if let Some(w) = ro.regions.iter().find(|r| r.access == Access::RemoteWrite) {
         return Err(format!(
             "the read-only monitor got a write region: {}",
             w.name
         ));
     }
+    let shown = show(&ro.regions);
     let (bd, _) = ro.bridge.backdoor();
+    let slot = hook_slot(bd);
+    let hooks = rw_regions
+        .iter()
+        .find(|r| r.access == Access::RemoteWrite)
+        .cloned()
+        .ok_or("the rw monitor has no write region to borrow")?;
     let sb = ro
         .regions
         .iter()
-        .find(|r| r.access == Access::RemoteRead && r.gpa <= bd && bd < r.gpa + r.len)
+        .find(|r| r.access == Access::RemoteRead && r.gpa <= slot && slot < r.gpa + r.len)
         .cloned()
-        .ok_or_else(|| format!("no Sensor Box region: {}", show(&ro.regions)))?;
-    let slot = hook_slot(bd);
-    let before = ro
-        .bridge
-        .read(slot, 32)
-        .map_err(|e| format!("TCP READ: {e}"))?;
-    let offset = slot - sb.gpa;
-    let refused = match ro
-        .mon
-        .write_raw(sb.remote_addr + offset, sb.rkey, &[0x66; 32])
-    {
-        Ok(()) => return Err("an RDMA WRITE with its own read rkey completed".into()),
-        Err(e) => e.to_string(),
-    };
-    let after = ro
-        .bridge
-        .read(slot, 32)
-        .map_err(|e| format!("TCP READ back: {e}"))?;
-    if after != before {
-        return Err("the WRITE failed but the bytes changed".into());
+        .ok_or_else(|| format!("no Sensor Box region: {shown}"))?;
+    let mut ro = Some(ro);
+    let mut refusals = Vec::new();
+    for (what, addr, rkey) in [
+        (
+            "rw's hooks rkey",
+            hooks.remote_addr + (slot - hooks.gpa),
+            hooks.rkey,
+        ),
+        (
+            "its own read rkey",
+            sb.remote_addr + (slot - sb.gpa),
+            sb.rkey,
+        ),
+    ] {
+        let mut r = ro
+            .take()
+            .ok_or("could not reconnect the read-only monitor")?;
+        let before = r
+            .bridge
+            .read(slot, 32)
+            .map_err(|e| format!("TCP READ: {e}"))?;
+        match r.mon.write_raw(addr, rkey, &[0x66; 32]) {
+            Ok(()) => return Err(format!("an RDMA WRITE with {what} completed")),
+            Err(e) => refusals.push(format!("with {what}: {e}")),
+        }
+        let after = r
+            .bridge
+            .read(slot, 32)
+            .map_err(|e| format!("TCP READ back: {e}"))?;
+        if after != before {
+            return Err(format!(
+                "the WRITE with {what} failed but the bytes changed"
+            ));
+        }
+        ro = c.reconnect(r);
     }
     Ok(format!(
-        "no write region ({}); a raw WRITE with its read rkey was refused: {refused}",
-        show(&ro.regions)
+        "no write region ({shown}); raw WRITEs refused {}",
+        refusals.join("; ")
     ))
 }
 
@@ -521,9 +547,11 @@ fn main() -> ExitCode {
     // That refusal broke rw's queue pair: replace it on the same session.
     rw = rw.and_then(|r| c.reconnect(r));
 
-    let o = c
-        .connect(&c.cli.ro)
-        .and_then(|mut ro| check_ro_cannot_write(&mut ro));
+    let o = match (rw.as_ref(), c.connect(&c.cli.ro)) {
+        (Some(rw), Ok(ro)) => check_ro_cannot_write(&c, ro, &rw.regions),
+        (None, _) => skipped(),
+        (_, Err(e)) => Err(e),
+    };
     c.report("ro_cannot_write", o);
 
     let o = match (rw.as_mut(), c.connect(&c.cli.ro)) {
