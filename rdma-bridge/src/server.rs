@@ -1078,6 +1078,7 @@ impl Session<'_> {
             Err(e) => {
                 st.end_hold(now);
                 self.sh.lock_freed.notify_all();
+                self.rdma_lock_ended("pause failed");
                 Reply::Error {
                     code: code::INTERNAL,
                     message: format!("pause failed: {e}"),
