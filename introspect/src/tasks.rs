@@ -739,29 +739,32 @@ mod tests {
 
     const BASE: u64 = 0xffff_8880_0000_0000;
 
+    /// The offsets of the synthetic task_structs, signal_structs, creds and mm_structs below.
+    const LAYOUT: TaskLayout = TaskLayout {
+        tasks: 0,
+        pid: 0x10,
+        tgid: 0x14,
+        comm: 0x20,
+        comm_len: 16,
+        real_parent: 0x30,
+        real_cred: 0x38,
+        state: 0x40,
+        exit_state: 0x44,
+        flags: 0x48,
+        start_time: 0x50,
+        mm: 0x58,
+        signal: 0x60,
+        thread_node: 0x68,
+        signal_thread_head: 0x70,
+        cred_uid: 4,
+        cred_euid: 8,
+        mm_rss: 0x10,
+        rss_index: [0, 1, 3],
+    };
+
     #[test]
     fn negative_rss_counters_read_as_zero() {
-        let l = TaskLayout {
-            tasks: 0,
-            pid: 0x10,
-            tgid: 0x14,
-            comm: 0x20,
-            comm_len: 16,
-            real_parent: 0x30,
-            real_cred: 0x38,
-            state: 0x40,
-            exit_state: 0x44,
-            flags: 0x48,
-            start_time: 0x50,
-            mm: 0x58,
-            signal: 0x60,
-            thread_node: 0x68,
-            signal_thread_head: 0x70,
-            cred_uid: 4,
-            cred_euid: 8,
-            mm_rss: 0x10,
-            rss_index: [0, 1, 3],
-        };
+        let l = LAYOUT;
         let mem = crate::mem::VecMem::new(0, vec![0u8; 0x1000]);
         let (task, cred, mm) = (0x100u64, 0x400u64, 0x800u64);
         let w = |at: u64, v: &[u8]| mem.write(at, v).unwrap();
@@ -793,27 +796,6 @@ mod tests {
         mem: crate::mem::VecMem,
     }
 
-    const LAYOUT: TaskLayout = TaskLayout {
-        tasks: 0,
-        pid: 0x10,
-        tgid: 0x14,
-        comm: 0x20,
-        comm_len: 16,
-        real_parent: 0x30,
-        real_cred: 0x38,
-        state: 0x40,
-        exit_state: 0x44,
-        flags: 0x48,
-        start_time: 0x50,
-        mm: 0x58,
-        signal: 0x60,
-        thread_node: 0x68,
-        signal_thread_head: 0x70,
-        cred_uid: 4,
-        cred_euid: 8,
-        mm_rss: 0x10,
-        rss_index: [0, 1, 3],
-    };
     const CRED: u64 = 0x800;
 
     fn t(i: u64) -> u64 {

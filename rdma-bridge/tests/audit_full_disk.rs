@@ -7,62 +7,32 @@
 //! through a session. `/dev/full` would not: it is a device, which the bridge refuses as an audit
 //! log at start (and must), so the failure would never reach the WRITE path.
 
-use std::fs::OpenOptions;
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use introspect::mem::{MappedMem, Range};
-use rdma_bridge::backend::{Backend, BackendError, Layout};
-use rdma_bridge::client::{Bridge, ClientError};
-use rdma_bridge::config::BridgeConfig;
-use rdma_bridge::server::Server;
-use rdma_bridge::tls::{self, Identity};
-use rdma_bridge::wire::{code, Regs, VmStatus};
+use common::{Config, Monitor, Scratch, HOOKS};
+use rdma_bridge::client::ClientError;
+use rdma_bridge::tls;
+use rdma_bridge::wire::code;
 
-const BACKDOOR: u64 = 0x10_0000;
-const HOOKS: u64 = BACKDOOR + 0x2000;
-
-/// Guest memory in a writable file, with no VM behind it.
-struct FileBackend {
-    mem: MappedMem,
-    layout: Layout,
+/// A small tmpfs in a directory of its own, unmounted on drop (before the directory goes).
+struct Tmpfs {
+    at: PathBuf,
+    _dir: tempfile::TempDir,
 }
-
-impl Backend for FileBackend {
-    fn layout(&self) -> &Layout {
-        &self.layout
-    }
-    fn mem(&self) -> &MappedMem {
-        &self.mem
-    }
-    fn pause(&self, _: Duration) -> Result<u64, BackendError> {
-        Ok(0)
-    }
-    fn resume(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn regs(&self, _: u8) -> Result<Regs, BackendError> {
-        Err(BackendError::NotLive("has no vCPUs"))
-    }
-    fn status(&self) -> Result<VmStatus, BackendError> {
-        Err(BackendError::NotLive("has no vCPUs"))
-    }
-    fn restart(&self) -> Result<(), BackendError> {
-        Err(BackendError::NotLive("cannot be restarted"))
-    }
-}
-
-/// A small tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &Path) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
+    fn mount() -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("disk");
+        std::fs::create_dir_all(&at).unwrap();
         let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
-            .arg(at)
+            .arg(&at)
             .status()
             .expect("mount(8) runs");
         assert!(
@@ -70,12 +40,12 @@ impl Tmpfs {
             "cannot mount a tmpfs at {} (this test needs root)",
             at.display()
         );
-        Tmpfs(at.to_path_buf())
+        Tmpfs { at, _dir: dir }
     }
 
     /// Writes a filler file until the filesystem is full.
     fn fill(&self) {
-        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let mut f = std::fs::File::create(self.at.join("filler")).unwrap();
         let block = [0xAAu8; 4096];
         loop {
             if let Err(e) = f.write_all(&block).and_then(|()| f.sync_all()) {
@@ -90,71 +60,28 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
             .arg("-l")
-            .arg(&self.0)
+            .arg(&self.at)
             .status();
     }
 }
 
 #[test]
 fn a_write_the_audit_log_cannot_record_is_refused_and_memory_is_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    tls::pki_issue(&pki, "mon1").unwrap();
-    let disk = Tmpfs::mount(&dir.path().join("disk"));
+    let scratch = Scratch::new(&["mon1"]);
+    let disk = Tmpfs::mount();
+    // 4 MiB of "guest RAM" in a file on the real disk, the audit log on the small one.
+    let backend = Arc::new(scratch.dump(&vec![0u8; common::RAM_SIZE], true));
+    let audit_log = disk.at.join("audit.jsonl");
+    let audit_log = audit_log.to_str().expect("a UTF-8 temporary path");
+    let config = Config {
+        audit_log,
+        top: "",
+        monitors: &[Monitor::healer("mon1", false)],
+        tables: "",
+    };
+    let fx = scratch.serve(&config, backend, |_, _| {});
 
-    // 4 MiB of "guest RAM" in a file on the real disk.
-    let ram_path = dir.path().join("ram");
-    std::fs::write(&ram_path, vec![0u8; 4 << 20]).unwrap();
-    let ram = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&ram_path)
-        .unwrap();
-    let mem = MappedMem::new(
-        ram,
-        4 << 20,
-        vec![Range {
-            gpa: 0,
-            size: 4 << 20,
-            offset: 0,
-        }],
-        true,
-    )
-    .unwrap();
-    let backend = Arc::new(FileBackend {
-        mem,
-        layout: Layout {
-            ram: vec![(0, 4 << 20)],
-            backdoor: (BACKDOOR, 1 << 20),
-        },
-    });
-
-    let cfg_path = dir.path().join("bridge.toml");
-    std::fs::write(
-        &cfg_path,
-        r#"
-listen = "127.0.0.1:0"
-audit_log = "disk/audit.jsonl"
-[tls]
-ca = "pki/ca.pem"
-cert = "pki/bridge.pem"
-key = "pki/bridge.key"
-[[monitor]]
-name = "mon1"
-cert = "pki/mon1.pem"
-read = ["sb", "ram"]
-write = ["hooks"]
-lock = true
-"#,
-    )
-    .unwrap();
-    let cfg = BridgeConfig::load(&cfg_path).unwrap();
-    let server = Server::bind(&cfg, backend).unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-
-    let mut mon = Bridge::connect(addr, &Identity::from_pki_dir(&pki, "mon1")).unwrap();
+    let mut mon = fx.connect("mon1").unwrap();
     // With room on the disk: locked, written, recorded.
     mon.lock(Duration::from_secs(10)).unwrap();
     mon.write(HOOKS, b"first").unwrap();
@@ -198,11 +125,11 @@ lock = true
     assert_eq!(lock.code(), Some(code::INTERNAL), "{lock}");
 
     // Room again: writes are recorded and applied again.
-    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    std::fs::remove_file(disk.at.join("filler")).unwrap();
     mon.lock(Duration::from_secs(10)).unwrap();
     mon.write(HOOKS, b"third").unwrap();
     assert_eq!(mon.read(HOOKS, 5).unwrap(), b"third");
-    let log = std::fs::read_to_string(disk.0.join("audit.jsonl")).unwrap();
+    let log = std::fs::read_to_string(&fx.audit).unwrap();
     for l in log.lines() {
         serde_json::from_str::<serde_json::Value>(l).expect("every audit line is whole JSON");
     }

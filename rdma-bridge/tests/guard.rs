@@ -2,132 +2,37 @@
 //! VM needed). The end-to-end tests with a live guest, network namespaces, the lock and k-of-n
 //! writes are in `tests/tests/bridge.rs` at the top of the project.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use introspect::sensorbox::{self, Sensor, SensorClass};
+use common::{Config, Fixture, Monitor, Scratch, BACKDOOR};
 use rdma_bridge::backend::DumpBackend;
 use rdma_bridge::client::{Bridge, ClientError};
-use rdma_bridge::config::BridgeConfig;
-use rdma_bridge::server::Server;
 use rdma_bridge::tls::{self, Identity};
 use rdma_bridge::wire::{self, code, Frame, Request};
 use rustls::{ClientConnection, StreamOwned};
 
-const BACKDOOR: u64 = 0x10_0000;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: PathBuf,
-    addr: SocketAddr,
-    audit: PathBuf,
+/// A bridge serving a dump (4 MiB of RAM with a Sensor Box of 11 sensors and a marker in "RAM"),
+/// dropping sessions idle for `idle_ms`. `mon1` may read, write the hooks, lock and read
+/// registers; `mon2` may only fetch the Sensor Box; `rogue` has a certificate but is not listed.
+fn start(idle_ms: u64) -> Fixture<DumpBackend> {
+    let scratch = Scratch::new(&["mon1", "mon2", "rogue"]);
+    let backend = Arc::new(scratch.dump(&common::ram_with_sensor_box(11), false));
+    let top = format!("idle_timeout_ms = {idle_ms}\nmax_connections = 8");
+    let config = Config {
+        audit_log: "audit.jsonl",
+        top: &top,
+        monitors: &[Monitor::healer("mon1", true), Monitor::sb_only("mon2")],
+        tables: "",
+    };
+    scratch.serve(&config, backend, |_, _| {})
 }
 
-fn sensors(n: u32) -> Vec<Sensor> {
-    (0..n)
-        .map(|i| Sensor {
-            id: 1 + i,
-            class: SensorClass::Level,
-            flags: 1,
-            threshold: 100,
-            value: u64::from(i),
-            updated: 0,
-            name: format!("SENSOR_{i}"),
-        })
-        .collect()
-}
-
-fn start(idle_ms: u64) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    for m in ["mon1", "mon2", "rogue"] {
-        tls::pki_issue(&pki, m).unwrap();
-    }
-    // A dump: 4 MiB of RAM with a Sensor Box at 1 MiB and a marker in "RAM".
-    let mut ram = vec![0u8; 4 << 20];
-    let sb = sensorbox::encode(&sensors(11), 250, 2);
-    let bd = usize::try_from(BACKDOOR).unwrap();
-    ram[bd..bd + sb.len()].copy_from_slice(&sb);
-    ram[0x30_0000..0x30_0008].copy_from_slice(b"RAMBYTES");
-    let dump = dir.path().join("guest.mem");
-    std::fs::write(&dump, &ram).unwrap();
-    let cfg_path = dir.path().join("bridge.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            r#"
-listen = "127.0.0.1:0"
-audit_log = "audit.jsonl"
-idle_timeout_ms = {idle_ms}
-max_connections = 8
-[tls]
-ca = "pki/ca.pem"
-cert = "pki/bridge.pem"
-key = "pki/bridge.key"
-[[monitor]]
-name = "mon1"
-cert = "pki/mon1.pem"
-read = ["sb", "ram"]
-write = ["hooks"]
-lock = true
-regs = true
-[[monitor]]
-name = "mon2"
-cert = "pki/mon2.pem"
-read = ["sb"]
-"#
-        ),
-    )
-    .unwrap();
-    let cfg = BridgeConfig::load(&cfg_path).unwrap();
-    let backend = Arc::new(DumpBackend::open(&dump, (BACKDOOR, 1 << 20)).unwrap());
-    let server = Server::bind(&cfg, backend).unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-    Fixture {
-        audit: dir.path().join("audit.jsonl"),
-        _dir: dir,
-        pki,
-        addr,
-    }
-}
-
-impl Fixture {
-    fn id(&self, name: &str) -> Identity {
-        Identity::from_pki_dir(&self.pki, name)
-    }
-    fn connect(&self, name: &str) -> Result<Bridge, ClientError> {
-        Bridge::connect(self.addr, &self.id(name))
-    }
-    fn audit_events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
-            .collect()
-    }
-    fn wait_audit(&self, event: &str, needle: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(e) = self
-                .audit_events()
-                .into_iter()
-                .find(|e| e["event"] == event && e.to_string().contains(needle))
-            {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {event} event with {needle:?} in {:?}",
-                self.audit_events()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+impl Fixture<DumpBackend> {
     /// A TLS session as mon1, before HELLO, for sending raw bytes.
     fn raw(&self, name: &str) -> StreamOwned<ClientConnection, TcpStream> {
         let (cfg, sn) = self.id(name).client_config().unwrap();

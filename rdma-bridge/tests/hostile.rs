@@ -6,40 +6,34 @@
 //! The backend is a writable memory file standing in for a VM (pause and resume only counted), so
 //! that WRITEs can be seen to land or not.
 
+mod common;
+
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{Config, Fixture, Monitor, Scratch, HOOKS};
 use introspect::hooks::{KillTarget, Mailbox};
-use introspect::mem::{MappedMem, PhysMem, Range};
-use introspect::sensorbox::{self, Sensor, SensorClass};
-use rdma_bridge::backend::{Backend, BackendError, Layout};
-use rdma_bridge::client::{Bridge, BridgeMem, ClientError};
-use rdma_bridge::config::BridgeConfig;
-use rdma_bridge::server::Server;
-use rdma_bridge::tls::{self, Identity};
+use introspect::mem::{MappedMem, PhysMem};
+use rdma_bridge::backend::{Backend, BackendError, DumpBackend, Layout};
+use rdma_bridge::client::BridgeMem;
 use rdma_bridge::wire::{code, Regs, VmStatus, VM_RUNNING};
-
-const BACKDOOR: u64 = 0x10_0000;
-const HOOKS: u64 = BACKDOOR + 0x2000;
 
 /// Guest memory in a writable file; pause and resume are counted, nothing else.
 struct FileVm {
-    mem: MappedMem,
-    layout: Layout,
+    dump: DumpBackend,
     pauses: AtomicUsize,
 }
 
 impl Backend for FileVm {
     fn layout(&self) -> &Layout {
-        &self.layout
+        self.dump.layout()
     }
     fn mem(&self) -> &MappedMem {
-        &self.mem
+        self.dump.mem()
     }
     fn pause(&self, _lease: Duration) -> Result<u64, BackendError> {
         self.pauses.fetch_add(1, Ordering::SeqCst);
@@ -67,108 +61,32 @@ impl Backend for FileVm {
     }
 }
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: PathBuf,
-    addr: SocketAddr,
-    audit: PathBuf,
-    backend: Arc<FileVm>,
-}
-
 /// A bridge on 127.0.0.1 with `top` added to the config's top level (before any table) and
 /// `tables` after the monitors. Monitors: `mon1` and `mon3` may read, write the hooks, lock and
 /// read registers; `mon2` may only fetch the Sensor Box.
-fn start(top: &str, tables: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    for m in ["mon1", "mon2", "mon3"] {
-        tls::pki_issue(&pki, m).unwrap();
-    }
-    let sensors: Vec<Sensor> = (0..4)
-        .map(|i| Sensor {
-            id: 1 + i,
-            class: SensorClass::Level,
-            flags: 1,
-            threshold: 100,
-            value: u64::from(i),
-            updated: 0,
-            name: format!("SENSOR_{i}"),
-        })
-        .collect();
-    let mut ram = vec![0u8; 4 << 20];
-    let sb = sensorbox::encode(&sensors, 250, 2);
-    let bd = usize::try_from(BACKDOOR).unwrap();
-    ram[bd..bd + sb.len()].copy_from_slice(&sb);
-    ram[0x30_0000..0x30_0008].copy_from_slice(b"RAMBYTES");
-    let path = dir.path().join("guest.mem");
-    std::fs::write(&path, &ram).unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let len = u64::try_from(ram.len()).unwrap();
-    let mem = MappedMem::new(
-        file,
-        len,
-        vec![Range {
-            gpa: 0,
-            size: len,
-            offset: 0,
-        }],
-        true,
-    )
-    .unwrap();
+fn start(top: &str, tables: &str) -> Fixture<FileVm> {
+    let scratch = Scratch::new(&["mon1", "mon2", "mon3"]);
     let backend = Arc::new(FileVm {
-        mem,
-        layout: Layout {
-            ram: vec![(0, len)],
-            backdoor: (BACKDOOR, 1 << 20),
-        },
+        dump: scratch.dump(&common::ram_with_sensor_box(4), true),
         pauses: AtomicUsize::new(0),
     });
-    let cfg_path = dir.path().join("bridge.toml");
-    let full = "read = [\"sb\", \"ram\"]\nwrite = [\"hooks\"]\nlock = true\nregs = true\n";
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "listen = \"127.0.0.1:0\"\naudit_log = \"audit.jsonl\"\n{top}\n\
-             [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/bridge.pem\"\nkey = \"pki/bridge.key\"\n\
-             [[monitor]]\nname = \"mon1\"\ncert = \"pki/mon1.pem\"\n{full}\
-             [[monitor]]\nname = \"mon2\"\ncert = \"pki/mon2.pem\"\nread = [\"sb\"]\n\
-             [[monitor]]\nname = \"mon3\"\ncert = \"pki/mon3.pem\"\n{full}\n{tables}\n"
-        ),
-    )
-    .unwrap();
-    let cfg = BridgeConfig::load(&cfg_path).unwrap();
-    let server = Server::bind(&cfg, backend.clone()).unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-    Fixture {
-        audit: dir.path().join("audit.jsonl"),
-        _dir: dir,
-        pki,
-        addr,
-        backend,
-    }
+    let config = Config {
+        audit_log: "audit.jsonl",
+        top,
+        monitors: &[
+            Monitor::healer("mon1", true),
+            Monitor::sb_only("mon2"),
+            Monitor::healer("mon3", true),
+        ],
+        tables,
+    };
+    scratch.serve(&config, backend, |_, _| {})
 }
 
-impl Fixture {
-    fn connect(&self, name: &str) -> Result<Bridge, ClientError> {
-        Bridge::connect(self.addr, &Identity::from_pki_dir(&self.pki, name))
-    }
-    fn audit_events(&self, event: &str) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["event"] == event)
-            .collect()
-    }
+impl Fixture<FileVm> {
     fn guest(&self, gpa: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
-        self.backend.mem.read(gpa, &mut b).unwrap();
+        self.backend.mem().read(gpa, &mut b).unwrap();
         b
     }
 }

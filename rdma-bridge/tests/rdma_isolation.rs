@@ -4,22 +4,19 @@
 //! two queue pairs per monitor, the write right only while that monitor holds the lock (closed on
 //! UNLOCK and when the lease runs out), and the queue pair is released when the TLS session ends.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Config, Monitor, Scratch, BACKDOOR};
 use rdma_bridge::backend::DumpBackend;
 use rdma_bridge::client::Bridge;
-use rdma_bridge::config::BridgeConfig;
 use rdma_bridge::rdma::{Nic, PlannedRegion, RdmaError};
-use rdma_bridge::server::Server;
-use rdma_bridge::tls::{self, Identity};
 use rdma_bridge::verbs::{
     decode_connect, encode_connect, Access, Endpoint, RegionInfo, VerbsError,
 };
 use rdma_bridge::wire::code;
-
-const BACKDOOR: u64 = 0x10_0000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
@@ -83,66 +80,33 @@ fn endpoint(qp_num: u32) -> Endpoint {
 }
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: PathBuf,
-    addr: std::net::SocketAddr,
-    audit: PathBuf,
+    bridge: common::Fixture<DumpBackend>,
     nic: Arc<Mutex<Log>>,
 }
 
+/// A bridge serving a dump of zeros through the fake device: `rw` may read the Sensor Box and RAM,
+/// lock and write the hooks; `ro` may only fetch the Sensor Box.
 fn start() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    for m in ["rw", "ro"] {
-        tls::pki_issue(&pki, m).unwrap();
-    }
-    let dump = dir.path().join("guest.mem");
-    std::fs::write(&dump, vec![0u8; 4 << 20]).unwrap();
-    let cfg_path = dir.path().join("bridge.toml");
-    std::fs::write(
-        &cfg_path,
-        r#"
-listen = "127.0.0.1:0"
-audit_log = "audit.jsonl"
-[tls]
-ca = "pki/ca.pem"
-cert = "pki/bridge.pem"
-key = "pki/bridge.key"
-[[monitor]]
-name = "rw"
-cert = "pki/rw.pem"
-read = ["sb", "ram"]
-write = ["hooks"]
-lock = true
-[[monitor]]
-name = "ro"
-cert = "pki/ro.pem"
-read = ["sb"]
-"#,
-    )
-    .unwrap();
-    let cfg = BridgeConfig::load(&cfg_path).unwrap();
-    let backend = Arc::new(DumpBackend::open(&dump, (BACKDOOR, 1 << 20)).unwrap());
-    let mut server = Server::bind(&cfg, backend).unwrap();
+    let scratch = Scratch::new(&["rw", "ro"]);
+    let backend = Arc::new(scratch.dump(&vec![0u8; common::RAM_SIZE], false));
+    let config = Config {
+        audit_log: "audit.jsonl",
+        top: "",
+        monitors: &[Monitor::healer("rw", false), Monitor::sb_only("ro")],
+        tables: "",
+    };
     let nic = Arc::new(Mutex::new(Log::default()));
-    server
-        .use_rdma_nic(Box::new(FakeNic(nic.clone())), cfg.agreement.k)
-        .unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-    Fixture {
-        audit: dir.path().join("audit.jsonl"),
-        _dir: dir,
-        pki,
-        addr,
-        nic,
-    }
+    let bridge = scratch.serve(&config, backend, |server, cfg| {
+        server
+            .use_rdma_nic(Box::new(FakeNic(nic.clone())), cfg.agreement.k)
+            .unwrap();
+    });
+    Fixture { bridge, nic }
 }
 
 impl Fixture {
     fn connect(&self, name: &str) -> Bridge {
-        Bridge::connect(self.addr, &Identity::from_pki_dir(&self.pki, name)).unwrap()
+        self.bridge.connect(name).unwrap()
     }
     fn calls(&self) -> Vec<Call> {
         self.nic.lock().unwrap().calls.clone()
@@ -160,21 +124,7 @@ impl Fixture {
         }
     }
     fn wait_audit(&self, event: &str, needle: &str) {
-        let give_up = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = std::fs::read_to_string(&self.audit).unwrap_or_default();
-            if log
-                .lines()
-                .any(|l| l.contains(&format!("\"event\":\"{event}\"")) && l.contains(needle))
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < give_up,
-                "no {event} with {needle:?} in\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.bridge.wait_audit(event, needle);
     }
 }
 

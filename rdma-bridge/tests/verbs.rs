@@ -112,6 +112,37 @@ fn specs(ram: &SharedMapping, hooks: &SharedMapping) -> Vec<RegionSpec> {
     ]
 }
 
+/// What a read-only monitor gets: the first page of RAM, as its "Sensor Box".
+fn sb_spec(ram: &SharedMapping) -> Vec<RegionSpec> {
+    vec![RegionSpec {
+        name: "sb".to_owned(),
+        gpa: RAM_GPA,
+        host: ram.ptr,
+        len: 4096,
+        access: Access::RemoteRead,
+    }]
+}
+
+/// A loopback test's device and guest memory: RAM filled with [`pattern`], the hooks zeroed.
+/// Declare it before the test's [`VerbsTarget`], so that the mappings outlive the target.
+struct Loopback {
+    device: String,
+    ram: SharedMapping,
+    hooks: SharedMapping,
+}
+
+impl Loopback {
+    /// The first RDMA device and fresh guest memory, or `None` after printing why `test` skips.
+    fn or_skip(test: &str) -> Option<Loopback> {
+        let device = devices_or_skip(test)?.into_iter().next()?;
+        let ram = SharedMapping::new(RAM_LEN);
+        ram.fill(pattern);
+        let hooks = SharedMapping::new(HOOK_LEN);
+        hooks.fill(|_| 0);
+        Some(Loopback { device, ram, hooks })
+    }
+}
+
 /// A monitor connected to `target` with `specs`; returns it and the target's QP number.
 fn connect(
     target: &mut VerbsTarget,
@@ -157,15 +188,12 @@ fn open_without_a_device_says_so() {
 
 #[test]
 fn loopback_read_and_refused_write() {
-    let Some(devices) = devices_or_skip("loopback_read_and_refused_write") else {
+    let Some(Loopback { device, ram, hooks }) =
+        Loopback::or_skip("loopback_read_and_refused_write")
+    else {
         return;
     };
-    let device = devices.first().map(String::as_str);
-
-    let ram = SharedMapping::new(RAM_LEN);
-    ram.fill(pattern);
-    let hooks = SharedMapping::new(HOOK_LEN);
-    hooks.fill(|_| 0);
+    let device = Some(device.as_str());
 
     let mut target = VerbsTarget::open(device).expect("open target");
     // The exchange goes through the connect blob, as it does inside RDMA_CONNECT frames.
@@ -242,26 +270,17 @@ fn loopback_read_and_refused_write() {
 /// REMOTE_WRITE exists only while the write window is open; a released queue pair is gone.
 #[test]
 fn loopback_isolation_between_monitors() {
-    let Some(devices) = devices_or_skip("loopback_isolation_between_monitors") else {
+    let Some(Loopback { device, ram, hooks }) =
+        Loopback::or_skip("loopback_isolation_between_monitors")
+    else {
         return;
     };
-    let device = devices.first().map(String::as_str);
-    let ram = SharedMapping::new(RAM_LEN);
-    ram.fill(pattern);
-    let hooks = SharedMapping::new(HOOK_LEN);
-    hooks.fill(|_| 0);
+    let device = Some(device.as_str());
     let mut target = VerbsTarget::open(device).expect("open target");
 
     // "rw" gets RAM (read) and the hooks (write); "ro" gets only the first page of RAM.
     let (mut rw, rw_qp, rw_regions) = connect(&mut target, device, specs(&ram, &hooks));
-    let ro_spec = vec![RegionSpec {
-        name: "sb".to_owned(),
-        gpa: RAM_GPA,
-        host: ram.ptr,
-        len: 4096,
-        access: Access::RemoteRead,
-    }];
-    let (mut ro, _ro_qp, ro_regions) = connect(&mut target, device, ro_spec);
+    let (mut ro, _ro_qp, ro_regions) = connect(&mut target, device, sb_spec(&ram));
     assert_eq!(target.monitors(), 2);
     assert_eq!(
         ro.read(RAM_GPA, 16).expect("ro read"),
@@ -298,17 +317,7 @@ fn loopback_isolation_between_monitors() {
     assert!(ro
         .read_raw(ram_region.remote_addr + 8192, ram_region.rkey, 64)
         .is_err());
-    let (mut ro, ro_qp, ro_regions) = connect(
-        &mut target,
-        device,
-        vec![RegionSpec {
-            name: "sb".to_owned(),
-            gpa: RAM_GPA,
-            host: ram.ptr,
-            len: 4096,
-            access: Access::RemoteRead,
-        }],
-    );
+    let (mut ro, ro_qp, ro_regions) = connect(&mut target, device, sb_spec(&ram));
     assert!(ro
         .write_raw(ro_regions[0].remote_addr, ro_regions[0].rkey, &[1; 8])
         .is_err());

@@ -201,6 +201,15 @@ fn assert_skips_reported(c: &Cost) {
     }
 }
 
+/// bdmon's stderr holds every one of `needles`: what is wrong and the setting to fix.
+fn assert_stderr_says_what_to_fix(c: &Cost, needles: &[&str]) {
+    assert!(
+        needles.iter().all(|n| c.stderr.contains(n)),
+        "stderr does not say what to fix:\n{}",
+        c.stderr
+    );
+}
+
 fn stock_files() -> (PathBuf, PathBuf) {
     let img = Images::load();
     (
@@ -209,42 +218,47 @@ fn stock_files() -> (PathBuf, PathBuf) {
     )
 }
 
-#[test]
-fn tcg_bdmon_with_a_typo_in_the_vmlinux_path_never_pauses_the_guest() {
-    let (map, vmlinux) = stock_files();
-    let typo = vmlinux.with_file_name("vmlinux-6.1.typo");
-    let c = misconfigured("", &map, &typo);
-    assert_harmless(&c, "cannot read vmlinux", 4);
-    // A file it cannot read is found before any lock: no pause at all.
+/// bdmon given the stock System.map and a `vmlinux` it cannot use (it cannot `read_or_parse` it):
+/// the file is checked before any lock, so the guest is never paused; bdmon backs off with
+/// `reason`, and its stderr names the file as `named` and the setting to fix.
+fn an_unusable_vmlinux_never_pauses_the_guest(
+    vmlinux: &Path,
+    read_or_parse: &str,
+    reason: &str,
+    named: &str,
+) {
+    let (map, _) = stock_files();
+    let c = misconfigured("", &map, vmlinux);
+    assert_harmless(&c, reason, 4);
+    // A file it cannot use is found before any lock: no pause at all.
     assert_eq!(
         c.pauses, 0,
-        "bdmon paused the guest for a file it cannot read"
+        "bdmon paused the guest for a file it cannot {read_or_parse}"
     );
     // stderr names the file and the setting to fix.
-    assert!(
-        c.stderr
-            .contains(&format!("cannot read vmlinux {}", typo.display()))
-            && c.stderr.contains("fix `vmlinux` in [[guest]] vm1"),
-        "stderr does not say what to fix:\n{}",
-        c.stderr
+    assert_stderr_says_what_to_fix(&c, &[named, "fix `vmlinux` in [[guest]] vm1"]);
+}
+
+#[test]
+fn tcg_bdmon_with_a_typo_in_the_vmlinux_path_never_pauses_the_guest() {
+    let (_, vmlinux) = stock_files();
+    let typo = vmlinux.with_file_name("vmlinux-6.1.typo");
+    an_unusable_vmlinux_never_pauses_the_guest(
+        &typo,
+        "read",
+        "cannot read vmlinux",
+        &format!("cannot read vmlinux {}", typo.display()),
     );
 }
 
 #[test]
 fn tcg_bdmon_given_a_vmlinuz_for_the_vmlinux_never_pauses_the_guest() {
-    let (map, _) = stock_files();
     let vmlinuz = Images::load().get("BD_STOCK_VMLINUZ").to_path_buf();
-    let c = misconfigured("", &map, &vmlinuz);
-    assert_harmless(&c, "not an ELF file", 4);
-    assert_eq!(
-        c.pauses, 0,
-        "bdmon paused the guest for a file it cannot parse"
-    );
-    assert!(
-        c.stderr.contains(&vmlinuz.display().to_string())
-            && c.stderr.contains("fix `vmlinux` in [[guest]] vm1"),
-        "stderr does not say what to fix:\n{}",
-        c.stderr
+    an_unusable_vmlinux_never_pauses_the_guest(
+        &vmlinuz,
+        "parse",
+        "not an ELF file",
+        &vmlinuz.display().to_string(),
     );
 }
 
@@ -256,11 +270,9 @@ fn tcg_bdmon_with_another_kernels_system_map_stays_within_its_pause_budget() {
     let wrong_map = Images::load().get("BD_KERNEL_SYSTEM_MAP").to_path_buf();
     let c = misconfigured("", &wrong_map, &vmlinux);
     assert_harmless(&c, "System.map", 2);
-    assert!(
-        c.stderr
-            .contains("check that `system_map` and `vmlinux` in [[guest]] vm1 belong to"),
-        "stderr does not say what to fix:\n{}",
-        c.stderr
+    assert_stderr_says_what_to_fix(
+        &c,
+        &["check that `system_map` and `vmlinux` in [[guest]] vm1 belong to"],
     );
 }
 
