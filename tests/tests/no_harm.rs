@@ -177,9 +177,14 @@ fn assert_harmless(c: &Cost, want: &str, min_backoffs: usize) {
 }
 
 /// The guest's paused time over the window is within `budget`, and it runs.
+/// bdmon caps the lease of its last pause to what is left of the budget; bdvmm ends a lease from a
+/// timer, so on a loaded 2-core host the pause can outlast it by that timer's wake-up latency (seen:
+/// 7 ms). Only a budget as small as a few pauses notices; it is allowed this much beyond.
+const LEASE_TIMER_SLACK: Duration = Duration::from_millis(20);
+
 fn assert_within(c: &Cost, budget: Duration) {
     assert!(
-        c.paused <= budget,
+        c.paused <= budget + LEASE_TIMER_SLACK,
         "bdmon held the guest paused {:?} of {:?} ({} pauses): more than its budget of {budget:?} a minute",
         c.paused,
         c.wall,
