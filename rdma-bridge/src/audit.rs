@@ -5,9 +5,10 @@
 //! | event | when | fields |
 //! |---|---|---|
 //! | `start` | the bridge starts | `listen`, `monitors`, `k`, `window_ms` |
-//! | `auth_failed` | a TLS handshake fails, a certificate is not listed, or HELLO names someone else | `peer`, `reason` |
+//! | `auth_failed` | a TLS handshake fails, a certificate is not listed, or HELLO names someone else; before authentication only the *first* per source address and interval | `peer`, `reason` |
 //! | `connected` / `disconnected` | a monitor's session begins / ends | `monitor`, `peer` (`reason` on disconnect) |
-//! | `refused` | too many connections | `peer` |
+//! | `refused` | too many connections (before authentication: the *first* per source address and interval) | `peer`, `reason` (`monitor` past a monitor's cap) |
+//! | `auth_failed_summary` / `refused_summary` | further pre-authentication failures / refusals of one kind from one source address, counted: once per `audit_denied_interval_ms` | `peer`, `count`, `last_reason`, `since_ms` |
 //! | `lock_request` | a LOCK is about to pause the guest (written *before* it does; no record, no pause) | `monitor`, `lease_ms` |
 //! | `lock` / `unlock` | the pause lock is taken (or renewed) / released | `monitor`, `lease_ms`, `lock_ns` |
 //! | `lock_busy` | another monitor holds the lock | `monitor`, `holder` |
@@ -46,7 +47,11 @@
 //!   files; the oldest is dropped).
 //! - **Floods.** A monitor that keeps asking for what it was not granted gets one `denied` line
 //!   per op, then a `denied_summary` with the count once per interval and when its session ends,
-//!   so 10,000 denials in a session cost a handful of lines, not 10,000.
+//!   so 10,000 denials in a session cost a handful of lines, not 10,000. The same holds before
+//!   authentication, where nobody is known yet: refused connections and failed handshakes are
+//!   counted per source address and kind (`Audit::unauthenticated`), at most [`MAX_PREAUTH_SOURCES`] of them at
+//!   once and the rest under `peer = "*"`, so a flood of connections costs lines per source and
+//!   interval, not per connection, and a bounded amount of memory.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -141,10 +146,23 @@ struct Denials {
     last_len: u64,
 }
 
+/// Most source addresses whose pre-authentication events are counted separately; beyond, they
+/// share one count under `peer = "*"` (a spray of addresses cannot grow the bridge's memory).
+pub const MAX_PREAUTH_SOURCES: usize = 1024;
+
+/// Pre-authentication events of one kind from one source since the last line about them.
+struct PreAuth {
+    count: u64,
+    since: Instant,
+    last_reason: String,
+}
+
 struct Inner {
     file: File,
     size: u64,
     denials: HashMap<(String, String), Denials>,
+    /// (event, source address or "*", kind of failure).
+    preauth: HashMap<(String, String, String), PreAuth>,
 }
 
 /// An append-only JSON-lines log shared by every connection.
@@ -248,6 +266,7 @@ impl Audit {
                 file,
                 size,
                 denials: HashMap::new(),
+                preauth: HashMap::new(),
             }),
         })
     }
@@ -309,6 +328,49 @@ impl Audit {
         }
     }
 
+    /// An event before authentication (`refused`, `auth_failed`) from `source`: the first per
+    /// event, source and kind (the reason up to its first `:`) in an interval is logged in full, the rest counted into
+    /// `<event>_summary` lines; more than [`MAX_PREAUTH_SOURCES`] sources share one count.
+    pub fn unauthenticated(&self, event: &str, source: std::net::IpAddr, peer: &str, reason: &str) {
+        let mut inner = self.inner();
+        // Counted per kind of failure too ("TLS handshake", "no client certificate", ...), so
+        // that each kind from a source is seen once per interval.
+        let kind: String = reason
+            .split(':')
+            .next()
+            .unwrap_or(reason)
+            .chars()
+            .take(64)
+            .collect();
+        let mut key = (event.to_owned(), source.to_string(), kind);
+        if !inner.preauth.contains_key(&key) && inner.preauth.len() >= MAX_PREAUTH_SOURCES {
+            key.1 = "*".into();
+        }
+        let result = match inner.preauth.get_mut(&key) {
+            Some(p) => {
+                p.count += 1;
+                reason.clone_into(&mut p.last_reason);
+                self.summarise_due(&mut inner, None)
+            }
+            None => {
+                inner.preauth.insert(
+                    key,
+                    PreAuth {
+                        count: 0,
+                        since: Instant::now(),
+                        last_reason: reason.to_owned(),
+                    },
+                );
+                let l = line(event, json!({"peer": peer, "reason": reason}));
+                self.summarise_due(&mut inner, None)
+                    .and_then(|()| self.write_line(&mut inner, &l))
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!("{e}");
+        }
+    }
+
     /// `monitor`'s session ended: its pending denial counts are written out and forgotten (the
     /// next session's first denial is logged in full again).
     pub fn session_end(&self, monitor: &str) {
@@ -339,6 +401,25 @@ impl Audit {
             d.count = 0;
             d.since = now;
         }
+        // Pre-authentication counts: a quiet source is forgotten after its interval (its next event
+        // is logged in full again), which keeps the map to the sources of one interval.
+        let interval = self.opts.denied_interval;
+        inner.preauth.retain(|(event, source, _), p| {
+            if now.duration_since(p.since) < interval {
+                return true;
+            }
+            if p.count == 0 {
+                return false;
+            }
+            lines.push(line(
+                &format!("{event}_summary"),
+                json!({"peer": source, "count": p.count, "last_reason": p.last_reason,
+                       "since_ms": introspect::conv::millis(now.duration_since(p.since))}),
+            ));
+            p.count = 0;
+            p.since = now;
+            true
+        });
         for l in lines {
             self.write_line(inner, &l)?;
         }
@@ -512,6 +593,78 @@ mod tests {
         // A new session's first denial is logged in full again.
         a.denied("mon2", "READ", 0x42, 8);
         assert_eq!(lines(&path).last().unwrap()["event"], "denied");
+    }
+
+    #[test]
+    fn a_preauth_flood_is_counted_per_source_and_bounded_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let opts = AuditOptions {
+            denied_interval: Duration::from_secs(1),
+            ..AuditOptions::default()
+        };
+        let a = Audit::open_with(&path, opts).unwrap();
+        let one: std::net::IpAddr = [127, 0, 0, 2].into();
+        for _ in 0..10_000 {
+            a.unauthenticated(
+                "refused",
+                one,
+                "127.0.0.2:4000",
+                "more than 4 from 127.0.0.2",
+            );
+        }
+        a.unauthenticated("auth_failed", one, "127.0.0.2:4001", "TLS handshake: eof");
+        let l = lines(&path);
+        let full = |l: &[Value], event: &str| l.iter().filter(|v| v["event"] == event).count();
+        assert_eq!(
+            full(&l, "refused"),
+            1,
+            "one full line per event and source: {l:?}"
+        );
+        assert_eq!(full(&l, "auth_failed"), 1, "{l:?}");
+        assert_eq!(l[0]["peer"], "127.0.0.2:4000");
+        // Once the interval is over the count comes out (whenever it does, it adds up).
+        std::thread::sleep(Duration::from_millis(1100));
+        a.unauthenticated(
+            "refused",
+            one,
+            "127.0.0.2:4002",
+            "more than 4 from 127.0.0.2",
+        );
+        let l = lines(&path);
+        let counted: u64 = l
+            .iter()
+            .filter(|v| v["event"] == "refused_summary")
+            .map(|v| {
+                assert_eq!(v["peer"], "127.0.0.2");
+                v["count"].as_u64().unwrap()
+            })
+            .sum();
+        // 9,999 after the first line, and the one that found the interval over.
+        assert_eq!(counted, 10_000, "{l:?}");
+        // A spray of source addresses shares one count beyond MAX_PREAUTH_SOURCES (an interval
+        // longer than the test: within one interval, at most that many sources get a line).
+        let path = dir.path().join("spray.jsonl");
+        let a = Audit::open_with(
+            &path,
+            AuditOptions {
+                denied_interval: Duration::from_secs(3600),
+                ..AuditOptions::default()
+            },
+        )
+        .unwrap();
+        for i in 0..3 * MAX_PREAUTH_SOURCES {
+            let ip: std::net::IpAddr =
+                std::net::Ipv6Addr::from(u128::try_from(i).unwrap() + 1).into();
+            a.unauthenticated("auth_failed", ip, "[..]:1", "TLS handshake: eof");
+        }
+        assert!(a.inner().preauth.len() <= MAX_PREAUTH_SOURCES + 1);
+        let added = lines(&path).len();
+        assert!(
+            added <= MAX_PREAUTH_SOURCES + 2,
+            "{added} lines for {} sources",
+            3 * MAX_PREAUTH_SOURCES
+        );
     }
 
     #[test]

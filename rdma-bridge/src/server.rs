@@ -272,10 +272,8 @@ impl Server {
             let slot = match StartupSlot::take(&sh, peer.ip()) {
                 Ok(slot) => slot,
                 Err(reason) => {
-                    sh.audit.log(
-                        "refused",
-                        json!({"peer": peer.to_string(), "reason": reason}),
-                    );
+                    sh.audit
+                        .unauthenticated("refused", peer.ip(), &peer.to_string(), &reason);
                     continue;
                 }
             };
@@ -493,10 +491,8 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr, accepted: Instant, slot:
     let conn = sh.next_conn.fetch_add(1, Ordering::SeqCst);
     let _ = tcp.set_nodelay(true);
     let auth_failed = |reason: String| {
-        sh.audit.log(
-            "auth_failed",
-            json!({"peer": peer.to_string(), "reason": reason}),
-        );
+        sh.audit
+            .unauthenticated("auth_failed", peer.ip(), &peer.to_string(), &reason);
     };
     let tls_conn = match ServerConnection::new(sh.tls.clone()) {
         Ok(c) => c,
