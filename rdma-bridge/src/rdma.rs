@@ -60,10 +60,10 @@ pub enum RdmaError {
         source: introspect::mem::MemError,
     },
     /// The audit log could not record the connection; it was undone.
-    #[error("RDMA: the audit log cannot record this connection ({reason}); nothing was connected")]
+    #[error("RDMA: the audit log cannot record this connection ({source}); nothing was connected")]
     Unrecorded {
         /// Why the record failed.
-        reason: String,
+        source: crate::audit::AuditError,
     },
     /// The monitor already holds its quota of queue pairs.
     #[error(
@@ -135,7 +135,8 @@ pub trait Nic: Send {
 /// Where the glue records audit events (the server's audit log): `Err` says why one could not be
 /// appended. What must not happen unrecorded — a connection's registration, opening a write
 /// window — is recorded first and not done when the record fails.
-pub type AuditSink = Arc<dyn Fn(&str, serde_json::Value) -> Result<(), String> + Send + Sync>;
+pub type AuditSink =
+    Arc<dyn Fn(&str, serde_json::Value) -> Result<(), crate::audit::AuditError> + Send + Sync>;
 
 /// One session's RDMA connection.
 struct Conn {
@@ -319,7 +320,7 @@ impl RdmaGlue {
             json!({"monitor": monitor, "qp_num": local.qp_num, "regions": shown}),
         ) {
             st.nic.release(local.qp_num);
-            return Err(RdmaError::Unrecorded { reason: e });
+            return Err(RdmaError::Unrecorded { source: e });
         }
         st.conns.insert(
             session,

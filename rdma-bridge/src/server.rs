@@ -272,8 +272,12 @@ impl Server {
             let slot = match StartupSlot::take(&sh, peer.ip()) {
                 Ok(slot) => slot,
                 Err(reason) => {
-                    sh.audit
-                        .unauthenticated("refused", peer.ip(), &peer.to_string(), &reason);
+                    sh.audit.unauthenticated(
+                        "refused",
+                        peer.ip(),
+                        &peer.to_string(),
+                        &reason.to_string(),
+                    );
                     continue;
                 }
             };
@@ -294,6 +298,34 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// Why a connection was turned away before it was served (the audit line's `reason`).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0} connections are already in their handshake (max_startups)")]
+    Startups(usize),
+    #[error(
+        "{count} connections from {ip} are already in their handshake (max_startups_per_source)"
+    )]
+    PerSource { count: usize, ip: IpAddr },
+    #[error("monitor {monitor} already has {count} sessions (max_sessions_per_monitor)")]
+    PerMonitor { monitor: String, count: usize },
+    #[error("more than {0} authenticated sessions (max_connections)")]
+    Sessions(usize),
+}
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("not done within login_grace_ms ({0} ms) of accept")]
+    Late(u128),
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Tls(rustls::Error),
+}
+
 /// A slot of the startup pool, held from accept until the peer's certificate is found listed (or
 /// the connection ends); released on drop.
 struct StartupSlot {
@@ -302,19 +334,14 @@ struct StartupSlot {
 }
 
 impl StartupSlot {
-    fn take(sh: &Arc<Shared>, ip: IpAddr) -> Result<StartupSlot, String> {
+    fn take(sh: &Arc<Shared>, ip: IpAddr) -> Result<StartupSlot, Refusal> {
         let mut st = locked(&sh.startups);
         if st.total >= sh.max_startups {
-            return Err(format!(
-                "{} connections are already in their handshake (max_startups)",
-                st.total
-            ));
+            return Err(Refusal::Startups(st.total));
         }
         let n = st.by_ip.entry(ip).or_insert(0);
         if *n >= sh.max_startups_per_source {
-            return Err(format!(
-                "{n} connections from {ip} are already in their handshake (max_startups_per_source)"
-            ));
+            return Err(Refusal::PerSource { count: *n, ip });
         }
         *n += 1;
         st.total += 1;
@@ -342,20 +369,18 @@ struct SessionSlot<'a> {
 }
 
 impl<'a> SessionSlot<'a> {
-    fn take(sh: &'a Shared, monitor: &str) -> Result<SessionSlot<'a>, String> {
+    fn take(sh: &'a Shared, monitor: &str) -> Result<SessionSlot<'a>, Refusal> {
         let mut by = locked(&sh.sessions);
         let n = by.entry(monitor.to_owned()).or_insert(0);
         if *n >= sh.max_sessions_per_monitor {
-            return Err(format!(
-                "monitor {monitor} already has {n} sessions (max_sessions_per_monitor)"
-            ));
+            return Err(Refusal::PerMonitor {
+                monitor: monitor.to_owned(),
+                count: *n,
+            });
         }
         if sh.conns.fetch_add(1, Ordering::SeqCst) >= sh.max_conns {
             sh.conns.fetch_sub(1, Ordering::SeqCst);
-            return Err(format!(
-                "more than {} authenticated sessions (max_connections)",
-                sh.max_conns
-            ));
+            return Err(Refusal::Sessions(sh.max_conns));
         }
         *n += 1;
         Ok(SessionSlot {
@@ -380,13 +405,8 @@ impl Drop for SessionSlot<'_> {
 
 /// Runs the TLS handshake to its end or until `deadline` (one deadline for the whole handshake,
 /// however the peer spreads its bytes).
-fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), String> {
-    let late = || {
-        format!(
-            "not done within login_grace_ms ({} ms) of accept",
-            grace.as_millis()
-        )
-    };
+fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), HandshakeError> {
+    let late = || HandshakeError::Late(grace.as_millis());
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -405,14 +425,14 @@ fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), Stri
                 {
                     return Err(late())
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(HandshakeError::Io(e)),
             }
         }
         if !s.conn.is_handshaking() {
             return Ok(());
         }
         match s.conn.read_tls(&mut s.sock) {
-            Ok(0) => return Err("the peer closed the connection".into()),
+            Ok(0) => return Err(HandshakeError::Closed),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e)
@@ -423,21 +443,19 @@ fn handshake(s: &mut Tls, deadline: Instant, grace: Duration) -> Result<(), Stri
             {
                 continue
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(HandshakeError::Io(e)),
         }
         if let Err(e) = s.conn.process_new_packets() {
             // Tell the peer why (a TLS alert), best effort.
             let _ = s.conn.write_tls(&mut s.sock);
-            return Err(e.to_string());
+            return Err(HandshakeError::Tls(e));
         }
     }
 }
 
 /// The audit log as the RDMA glue's sink.
 fn audit_sink(audit: Arc<Audit>) -> crate::rdma::AuditSink {
-    Arc::new(move |event: &str, fields: serde_json::Value| {
-        audit.append(event, fields).map_err(|e| e.to_string())
-    })
+    Arc::new(move |event: &str, fields: serde_json::Value| audit.append(event, fields))
 }
 
 /// The RDMA data path of the `[rdma]` section, if any (feature `verbs`).
@@ -521,7 +539,7 @@ fn serve(sh: &Shared, tcp: TcpStream, peer: SocketAddr, accepted: Instant, slot:
         Err(reason) => {
             sh.audit.log(
                 "refused",
-                json!({"monitor": monitor, "peer": peer.to_string(), "reason": reason}),
+                json!({"monitor": monitor, "peer": peer.to_string(), "reason": reason.to_string()}),
             );
             s.conn.send_close_notify();
             let _ = s.conn.complete_io(&mut s.sock);

@@ -299,7 +299,10 @@ fn nothing_is_granted_that_the_audit_log_cannot_record() {
     let f2 = fail.clone();
     let audit: AuditSink = Arc::new(move |event: &str, _fields: serde_json::Value| {
         if *f2.lock().unwrap() {
-            Err(format!("disk full ({event})"))
+            Err(crate::audit::AuditError::Append {
+                path: "audit.jsonl".into(),
+                source: std::io::Error::other(format!("disk full ({event})")),
+            })
         } else {
             Ok(())
         }
