@@ -21,6 +21,8 @@ die() {
 	log "error: $*"
 	exit 1
 }
+# shellcheck source=images/lib/stage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/stage.sh"
 
 usage() {
 	cat <<EOF
@@ -100,75 +102,11 @@ images=(
 out_dir=$(dirname "$out")
 mkdir -p "$out_dir"
 stage=$(mktemp -d "$out_dir/.pack.XXXXXX")
-tmp_out=""
-trap 'rm -rf "$stage" ${tmp_out:+"$tmp_out"}' EXIT
-mkdir -p "$stage/opt/bd/bin" "$stage/opt/bd/images"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/opt/bd/images"
 
-# add_file ABS_PATH SOURCE: the archive gets SOURCE's content at ABS_PATH.
-# The stage holds a symlink; cpio --dereference stores the file itself.
-add_file() {
-	local dest=$stage$1 src
-	src=$(readlink -f "$2") || die "cannot resolve $2"
-	[ -f "$src" ] || die "$2 is not a file"
-	if [ -e "$dest" ] || [ -L "$dest" ]; then
-		[ "$(readlink "$dest")" = "$src" ] && return 0
-		die "two different files for $1: $(readlink "$dest") and $src"
-	fi
-	mkdir -p "$(dirname "$dest")"
-	ln -s "$src" "$dest"
-}
-
-is_elf() {
-	[ "$(head -c4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]
-}
-
-# add_libraries BINARY: every shared object ldd lists, at the path it names.
-add_libraries() {
-	local bin=$1 lddout line path
-	if ! lddout=$(ldd "$bin" 2>&1); then
-		case "$lddout" in
-		*"not a dynamic executable"* | *"statically linked"*) return 0 ;;
-		*) die "ldd $bin failed: $lddout" ;;
-		esac
-	fi
-	while IFS= read -r line; do
-		case "$line" in
-		*"=> not found"*) die "$bin needs ${line%% =>*}, which is not found: ${line#"${line%%[![:space:]]*}"}" ;;
-		*"=> /"*)
-			path=${line#*=> }
-			path=${path%% (*}
-			;;
-		*/*" (0x"*)
-			path=${line#"${line%%[![:space:]]*}"}
-			path=${path%% (*}
-			;;
-		*) continue ;; # linux-vdso.so.1, "statically linked"
-		esac
-		case "$path" in
-		/*) add_file "$path" "$path" ;;
-		*) die "ldd $bin: cannot parse '$line'" ;;
-		esac
-	done <<<"$lddout"
-}
-
-nbin=0
-for bin in "${bins[@]}"; do
-	[ -e "$bin" ] || die "binary $bin does not exist"
-	if [ ! -f "$bin" ] || [ ! -x "$bin" ]; then
-		die "binary $bin is not an executable file"
-	fi
-	name=$(basename "$bin")
-	dest=$stage/opt/bd/bin/$name
-	[ ! -e "$dest" ] || die "two binaries named $name"
-	if is_elf "$bin"; then
-		objcopy --strip-debug "$bin" "$dest" || die "objcopy --strip-debug $bin failed"
-		add_libraries "$bin"
-	else
-		cp "$bin" "$dest"
-	fi
-	chmod 0755 "$dest"
-	nbin=$((nbin + 1))
-done
+stage_binaries "$stage" "${bins[@]}"
+nbin=${#bins[@]}
 
 inside_env=""
 for entry in "${images[@]}"; do
@@ -176,25 +114,12 @@ for entry in "${images[@]}"; do
 	src=$(env_get "$key")
 	[ -n "$src" ] || die "$env_file has no $key; run images/build.sh"
 	[ -s "$src" ] || die "$key=$src does not exist; run images/build.sh"
-	add_file "/opt/bd/images/$iname" "$src"
+	stage_link "$stage" "/opt/bd/images/$iname" "$src"
 	inside_env+="$key=/opt/bd/images/$iname"$'\n'
 done
 printf '%s' "$inside_env" >"$stage/opt/bd/images.env"
 chmod 0644 "$stage/opt/bd/images.env"
 
-tmp_out=$(mktemp "$out_dir/.$(basename "$out").XXXXXX")
-cp "$base" "$tmp_out"
-# The kernel only looks for an uncompressed archive at a 4-byte aligned
-# offset; zero bytes between archives are skipped.
-size=$(stat -c %s "$tmp_out")
-head -c $(((4 - size % 4) % 4)) /dev/zero >>"$tmp_out"
-(
-	cd "$stage"
-	find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
-		cpio --create --format=newc --dereference --owner=0:0 --reproducible --quiet
-) >>"$tmp_out"
-chmod 0644 "$tmp_out"
-mv -f "$tmp_out" "$out"
-tmp_out=""
+append_archive "$base" "$stage" "$out"
 log "wrote $out ($(du -h "$out" | cut -f1); $nbin binaries, $(find "$stage" -type l | wc -l) libraries and images)"
 echo "$out"

@@ -24,6 +24,8 @@ die() {
 	log "error: $*"
 	exit 1
 }
+# shellcheck source=images/lib/stage.sh
+. "$here/../lib/stage.sh"
 
 usage() {
 	cat <<USAGE
@@ -65,7 +67,7 @@ input_manifest() {
 	local f
 	{
 		echo "format 1"
-		for f in build.sh init; do
+		for f in build.sh init ../lib/stage.sh; do
 			echo "file $f $(sha256sum <"$here/$f" | cut -d' ' -f1)"
 		done
 		dpkg-query -W -f='package ${Package} ${Version}\n' "${packages[@]}"
@@ -107,24 +109,12 @@ add_file() {
 
 # copy_with_libs ROOT FILE: FILE and every shared object ldd lists for it, at their paths.
 copy_with_libs() {
-	local root=$1 file=$2 lddout line path
+	local root=$1 file=$2 libs path
 	add_file "$root" "$file"
-	lddout=$(ldd "$file" 2>&1) || die "ldd $file failed: $lddout"
-	while IFS= read -r line; do
-		case "$line" in
-		*"=> not found"*) die "$file needs ${line%% =>*}, which is not found" ;;
-		*"=> /"*)
-			path=${line#*=> }
-			path=${path%% (*}
-			;;
-		*/*" (0x"*)
-			path=${line#"${line%%[![:space:]]*}"}
-			path=${path%% (*}
-			;;
-		*) continue ;; # linux-vdso.so.1
-		esac
-		add_file "$root" "$path"
-	done <<<"$lddout"
+	libs=$(ldd_paths "$file") || exit 1
+	while IFS= read -r path; do
+		[ -n "$path" ] && add_file "$root" "$path"
+	done <<<"$libs"
 }
 
 main() {

@@ -15,6 +15,8 @@ die() {
 	log "error: $*"
 	exit 1
 }
+# shellcheck source=images/lib/stage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/stage.sh"
 
 usage() {
 	cat <<USAGE
@@ -72,72 +74,12 @@ done
 out_dir=$(dirname "$out")
 mkdir -p "$out_dir"
 stage=$(mktemp -d "$out_dir/.pack.XXXXXX")
-tmp_out=""
-trap 'rm -rf "$stage" ${tmp_out:+"$tmp_out"}' EXIT
-mkdir -p "$stage/opt/bd/bin"
+trap 'rm -rf "$stage"' EXIT
 
-# add_link ABS_PATH SOURCE: the archive gets SOURCE's content at ABS_PATH (the stage holds a
-# symlink; cpio --dereference stores the file itself).
-add_link() {
-	local dest=$stage$1 src
-	src=$(readlink -f "$2") || die "cannot resolve $2"
-	[ -f "$src" ] || die "$2 is not a file"
-	if [ -e "$dest" ] || [ -L "$dest" ]; then
-		[ "$(readlink "$dest")" = "$src" ] && return 0
-		die "two different files for $1: $(readlink "$dest") and $src"
-	fi
-	mkdir -p "$(dirname "$dest")"
-	ln -s "$src" "$dest"
-}
-
-add_libraries() {
-	local bin=$1 lddout line path
-	lddout=$(ldd "$bin" 2>&1) || die "ldd $bin failed: $lddout"
-	while IFS= read -r line; do
-		case "$line" in
-		*"=> not found"*) die "$bin needs ${line%% =>*}, which is not found" ;;
-		*"=> /"*)
-			path=${line#*=> }
-			path=${path%% (*}
-			;;
-		*/*" (0x"*)
-			path=${line#"${line%%[![:space:]]*}"}
-			path=${path%% (*}
-			;;
-		*) continue ;;
-		esac
-		add_link "$path" "$path"
-	done <<<"$lddout"
-}
-
-for bin in "${bins[@]}"; do
-	[ -f "$bin" ] && [ -x "$bin" ] || die "binary $bin is not an executable file"
-	name=$(basename "$bin")
-	[ ! -e "$stage/opt/bd/bin/$name" ] || die "two binaries named $name"
-	if [ "$(head -c4 "$bin" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
-		objcopy --strip-debug "$bin" "$stage/opt/bd/bin/$name" || die "objcopy --strip-debug $bin failed"
-		add_libraries "$bin"
-	else
-		cp "$bin" "$stage/opt/bd/bin/$name" # a script
-	fi
-	chmod 0755 "$stage/opt/bd/bin/$name"
-done
+stage_binaries "$stage" "${bins[@]}"
 mkdir -p "$stage/opt/bd/run"
 cp -R "$run_dir/." "$stage/opt/bd/run/"
 
-tmp_out=$(mktemp "$out_dir/.$(basename "$out").XXXXXX")
-cp "$base" "$tmp_out"
-# The kernel looks for an uncompressed archive at a 4-byte aligned offset only; zero bytes
-# between archives are skipped.
-size=$(stat -c %s "$tmp_out")
-head -c $(((4 - size % 4) % 4)) /dev/zero >>"$tmp_out"
-(
-	cd "$stage"
-	find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort |
-		cpio --create --format=newc --dereference --owner=0:0 --reproducible --quiet
-) >>"$tmp_out"
-chmod 0644 "$tmp_out"
-mv -f "$tmp_out" "$out"
-tmp_out=""
+append_archive "$base" "$stage" "$out"
 log "wrote $out ($(du -h "$out" | cut -f1), ${#bins[@]} binaries)"
 echo "$out"
