@@ -91,18 +91,7 @@ impl RxeImages {
 /// `verbs`): `$BD_RXE_BIN_DIR`, else `<target>/rxe/`, where `make rxe-bins` copies them (they
 /// are kept apart from `<target>/release/rdma-bridge`, which the kvm hosts carry without verbs).
 pub fn verbs_bins() -> Result<Vec<PathBuf>, String> {
-    let dir = std::env::var_os("BD_RXE_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("current exe");
-            // target/<profile>/deps/<test> -> target/rxe
-            let mut d = exe.parent().expect("exe dir").to_path_buf();
-            if d.file_name().is_some_and(|n| n == "deps") {
-                d.pop();
-            }
-            d.pop();
-            d.join("rxe")
-        });
+    let dir = crate::kvmhost::host::target_subdir("BD_RXE_BIN_DIR", "rxe");
     ["rdma-bridge", "bd-verbs-check"]
         .iter()
         .map(|b| {

@@ -72,21 +72,24 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A directory of this workspace's build output: `$<env>` if set, else `<target>/<name>`, found
+/// from the running executable (`target/<profile>[/deps]/<test>`).
+pub fn target_subdir(env: &str, name: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut d = exe.parent().expect("exe dir").to_path_buf();
+        if d.file_name().is_some_and(|n| n == "deps") {
+            d.pop();
+        }
+        d.pop();
+        d.join(name)
+    })
+}
+
 /// A binary of this workspace's release build: `$BD_RELEASE_DIR/<name>`, else
 /// `<target>/release/<name>` next to the running executable's profile directory.
 pub fn release_bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("BD_RELEASE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("current exe");
-            let mut d = exe.parent().expect("exe dir").to_path_buf();
-            if d.file_name().is_some_and(|n| n == "deps") {
-                d.pop();
-            }
-            d.pop();
-            d.join("release")
-        });
-    dir.join(name)
+    target_subdir("BD_RELEASE_DIR", "release").join(name)
 }
 
 /// The kvm host's initrd for this process: the cached base image with this checkout's binaries
