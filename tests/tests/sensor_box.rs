@@ -211,9 +211,11 @@ fn a_fork_storm_raises_nprocs_and_the_per_user_fork_rate() {
     );
     let procs = field(&g.vm.stdout(), "SCENARIO forkstorm: spawned", "processes");
     let nprocs = g.value(ids::NPROCS);
+    // The scenario counts /proc from inside `$(bd_nprocs)`, a subshell that is itself one of the
+    // processes it counts and has exited by the time the sensor is read.
     assert!(
-        nprocs >= procs && nprocs >= 300,
-        "NPROCS {nprocs}, /proc shows {procs}"
+        nprocs + 1 >= procs && nprocs >= 300,
+        "NPROCS {nprocs}, /proc shows {procs} (the counting subshell included)"
     );
     let rate = g.value(ids::MAXPROC_RATE_PERUID);
     assert!(
