@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod bootfiles;
+pub mod config;
 pub mod console;
+pub mod devices;
 pub mod engine;
 pub mod inspect;
 pub mod layout;

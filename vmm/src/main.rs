@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use bdvmm::api::server::{AccessPolicy, ApiServer};
 use bdvmm::api::ApiClient;
 use bdvmm::bootfiles;
+use bdvmm::config::VmConfig;
 use bdvmm::console::Console;
+use bdvmm::devices::bus::DiskSpec;
+use bdvmm::devices::setup::{check_disks, check_taps, MmioDevices};
+use bdvmm::devices::tap::NetSpec;
 use bdvmm::engine::kvm::boot::{BootSpec, CMDLINE_MAX};
 use bdvmm::engine::kvm::KvmEngine;
 use bdvmm::engine::tcg::{TcgEngine, TcgSpec};
@@ -25,6 +29,8 @@ const EXIT_SETUP: u8 = 2;
 const EXIT_GUEST_FAILED: u8 = 1;
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+const DEFAULT_MEM_MIB: u64 = 512;
+const DEFAULT_LEASE_MS: u64 = 2000;
 
 #[derive(Parser)]
 #[command(
@@ -53,24 +59,34 @@ enum Command {
 
 #[derive(Parser)]
 struct RunArgs {
+    /// A VM config file (TOML) with any of: kernel, initrd, cmdline, mem_mib, vcpus, engine, api,
+    /// lease_ms, on_reset, console_log, [[disk]] tables (path, read_only) and [[net]] tables
+    /// (tap, mac). Flags given here win over the file; --disk and --net replace the file's
+    /// lists. Relative paths are relative to the file's directory. The README's bdvmm section
+    /// has an example.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Guest kernel: a bzImage or an uncompressed ELF vmlinux (PVH entry if it has the note).
+    /// Required, here or in --config.
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed).
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Kernel command line; bdvmm appends `memmap=` and `backdoor.sb=` for the backdoor range.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 512)]
-    mem: u64,
-    /// Number of vCPUs (1-32).
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Engine: kvm needs hardware virtualization; auto picks kvm only where /proc/cpuinfo shows vmx/svm.
-    #[arg(long, value_enum, default_value = "auto")]
-    engine: EngineKind,
+    /// [default: "console=ttyS0 reboot=k panic=-1"]
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest RAM in MiB [default: 512].
+    #[arg(long)]
+    mem: Option<u64>,
+    /// Number of vCPUs (1-32) [default: 1].
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Engine: kvm needs hardware virtualization; auto picks kvm only where /proc/cpuinfo shows
+    /// vmx/svm [default: auto].
+    #[arg(long, value_enum)]
+    engine: Option<EngineKind>,
     /// Control API Unix socket (pause/resume/regs/memory/status). Created mode 0600 (0660 with
     /// --api-group) whatever the umask; every client's uid/gid is checked (SO_PEERCRED) against
     /// bdvmm's own uid, root and the --api-allow-*/--api-readonly-* lists, others are refused.
@@ -94,9 +110,10 @@ struct RunArgs {
     /// of another uid admitted above can reach it.
     #[arg(long)]
     api_group: Option<u32>,
-    /// Default pause lease in milliseconds: a pause not renewed or released by then is undone.
-    #[arg(long, default_value_t = 2000)]
-    lease_ms: u64,
+    /// Default pause lease in milliseconds: a pause not renewed or released by then is undone
+    /// [default: 2000].
+    #[arg(long)]
+    lease_ms: Option<u64>,
     /// Also copy the serial console to this file.
     #[arg(long)]
     console_log: Option<PathBuf>,
@@ -108,9 +125,25 @@ struct RunArgs {
     kvm_device: PathBuf,
     /// What a guest reboot does: `exit` ends bdvmm with status 0 (as a poweroff does), `restart`
     /// boots the guest again in place (same kernel, initrd and command line, same memory, every
-    /// vCPU in its boot state). The API's `reset` restarts the guest either way.
-    #[arg(long, value_enum, default_value = "exit")]
-    on_reset: OnReset,
+    /// vCPU in its boot state). The API's `reset` restarts the guest either way [default: exit].
+    #[arg(long, value_enum)]
+    on_reset: Option<OnReset>,
+    /// A virtio-blk disk on a raw image: `PATH` (read-write, locked against any other writer)
+    /// or `PATH,ro` (read-only, shared with other readers). Repeat for more disks; the first is
+    /// the guest's `/dev/vda` (boot from it with `--cmdline "... root=/dev/vda rw"`). The kvm
+    /// engine serves it over virtio-mmio (described in the ACPI DSDT); the tcg engine gives it
+    /// to QEMU as virtio-blk-pci. The guest kernel needs virtio-blk (and virtio-mmio or
+    /// virtio-pci) built in or loaded by its initramfs.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<DiskSpec>,
+    /// A virtio-net device on an existing host tap: `tap=NAME[,mac=MAC]`. bdvmm never creates
+    /// taps: make one first (`ip tuntap add NAME mode tap user $USER`, `ip link set NAME up`,
+    /// then bridge or route it). The MAC defaults to a locally administered address derived
+    /// from the tap name. Repeat for more devices. The kvm engine serves it over virtio-mmio with
+    /// the kernel's vhost-net moving the packets (needs `/dev/vhost-net`: modprobe vhost_net);
+    /// the tcg engine gives the tap to QEMU as virtio-net-pci. The guest kernel needs virtio-net.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    nets: Vec<NetSpec>,
     /// QEMU binary for the tcg engine.
     #[arg(long, default_value = "qemu-system-x86_64", env = "BDVMM_QEMU")]
     qemu: String,
@@ -190,40 +223,100 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// What `run` boots: the flags over the config file over the defaults.
+struct Settings {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    mem: u64,
+    vcpus: u8,
+    engine: EngineKind,
+    api: Option<PathBuf>,
+    lease_ms: u64,
+    on_reset: OnReset,
+    console_log: Option<PathBuf>,
+    disks: Vec<DiskSpec>,
+    nets: Vec<NetSpec>,
+}
+
+impl Settings {
+    fn resolve(args: &RunArgs) -> Result<Self, String> {
+        let file = match &args.config {
+            Some(p) => VmConfig::load(p).map_err(|e| e.to_string())?,
+            None => VmConfig::default(),
+        };
+        let kernel =
+            args.kernel.clone().or(file.kernel.clone()).ok_or(
+                "no kernel: give --kernel PATH, or kernel = \"PATH\" in the --config file",
+            )?;
+        Ok(Self {
+            kernel,
+            initrd: args.initrd.clone().or(file.initrd.clone()),
+            cmdline: args
+                .cmdline
+                .clone()
+                .or(file.cmdline.clone())
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned()),
+            mem: args.mem.or(file.mem_mib).unwrap_or(DEFAULT_MEM_MIB),
+            vcpus: args.vcpus.or(file.vcpus).unwrap_or(1),
+            engine: args.engine.or(file.engine).unwrap_or(EngineKind::Auto),
+            api: args.api.clone().or(file.api.clone()),
+            lease_ms: args.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
+            on_reset: args.on_reset.or(file.on_reset).unwrap_or_default(),
+            console_log: args.console_log.clone().or(file.console_log.clone()),
+            disks: if args.disks.is_empty() {
+                file.disk_specs()
+            } else {
+                args.disks.clone()
+            },
+            nets: if args.nets.is_empty() {
+                file.net_specs()
+                    .map_err(|e| format!("the --config file's [[net]]: {e}"))?
+            } else {
+                args.nets.clone()
+            },
+        })
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    let set = match Settings::resolve(&args) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_SETUP, e),
+    };
     // Validate everything the user gave before touching KVM or QEMU.
-    let layout = match MemoryLayout::new(args.mem) {
+    let layout = match MemoryLayout::new(set.mem) {
         Ok(l) => l,
         Err(e) => return fail(EXIT_SETUP, e),
     };
-    if !(1..=MAX_VCPUS).contains(&args.vcpus) {
+    if !(1..=MAX_VCPUS).contains(&set.vcpus) {
         return fail(
             EXIT_SETUP,
             format!(
                 "--vcpus {} is out of range: give 1 to {MAX_VCPUS}",
-                args.vcpus
+                set.vcpus
             ),
         );
     }
-    if !bdvmm::api::protocol::LEASE_MS_RANGE.contains(&args.lease_ms) {
+    if !bdvmm::api::protocol::LEASE_MS_RANGE.contains(&set.lease_ms) {
         return fail(
             EXIT_SETUP,
             format!(
                 "--lease-ms {} is out of range: give 1 to 600000",
-                args.lease_ms
+                set.lease_ms
             ),
         );
     }
-    let format = match bootfiles::kernel_format(&args.kernel) {
+    let format = match bootfiles::kernel_format(&set.kernel) {
         Ok(f) => f,
         Err(e) => return fail(EXIT_SETUP, e),
     };
-    if let Some(initrd) = &args.initrd {
+    if let Some(initrd) = &set.initrd {
         if let Err(e) = bootfiles::check_initrd(initrd) {
             return fail(EXIT_SETUP, e);
         }
     }
-    let cmdline = format!("{} {}", args.cmdline.trim(), layout.cmdline_params());
+    let cmdline = format!("{} {}", set.cmdline.trim(), layout.cmdline_params());
     if cmdline.len() >= CMDLINE_MAX {
         return fail(
             EXIT_SETUP,
@@ -240,14 +333,14 @@ fn run(args: RunArgs) -> ExitCode {
             "kernel command line may not contain NUL or newline",
         );
     }
-    let api = match &args.api {
+    let api = match &set.api {
         Some(p) => match ApiServer::bind_with(p, access_policy(&args)) {
             Ok(s) => Some(s),
             Err(e) => return fail(EXIT_SETUP, e),
         },
         None => None,
     };
-    let log = match &args.console_log {
+    let log = match &set.console_log {
         Some(p) => match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -267,10 +360,10 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_SETUP, format!("cannot set up the console: {e}")),
     };
-    let (kind, why) = args.engine.resolve();
+    let (kind, why) = set.engine.resolve();
     eprintln!(
         "bdvmm: engine {} -> {} ({why})",
-        args.engine.name(),
+        set.engine.name(),
         kind.name()
     );
     eprintln!("bdvmm: cmdline: {cmdline}");
@@ -281,13 +374,25 @@ fn run(args: RunArgs) -> ExitCode {
     let engine: Box<dyn Engine> = match kind {
         EngineKind::Kvm => {
             let spec = BootSpec {
-                kernel: args.kernel.clone(),
+                kernel: set.kernel.clone(),
                 format,
-                initrd: args.initrd.clone(),
+                initrd: set.initrd.clone(),
                 cmdline: cmdline.clone(),
-                vcpus: args.vcpus,
+                vcpus: set.vcpus,
+                acpi_devices: Vec::new(),
             };
-            match KvmEngine::new(&ram, spec, console.clone(), &args.kvm_device, args.on_reset) {
+            let devices = match MmioDevices::build(&set.disks, &set.nets, &ram.mem) {
+                Ok(d) => d,
+                Err(e) => return fail(EXIT_SETUP, e),
+            };
+            match KvmEngine::new(
+                &ram,
+                spec,
+                console.clone(),
+                &args.kvm_device,
+                set.on_reset,
+                devices,
+            ) {
                 Ok(e) => Box::new(e),
                 Err(e) => return fail(EXIT_SETUP, e),
             }
@@ -295,12 +400,20 @@ fn run(args: RunArgs) -> ExitCode {
         EngineKind::Tcg | EngineKind::Auto => {
             let spec = TcgSpec {
                 qemu: &args.qemu,
-                kernel: &args.kernel,
-                initrd: args.initrd.as_deref(),
+                kernel: &set.kernel,
+                initrd: set.initrd.as_deref(),
                 cmdline: &cmdline,
-                vcpus: args.vcpus,
-                on_reset: args.on_reset,
+                vcpus: set.vcpus,
+                on_reset: set.on_reset,
+                disks: &set.disks,
+                nets: &set.nets,
             };
+            if let Err(e) = check_disks(&set.disks) {
+                return fail(EXIT_SETUP, e);
+            }
+            if let Err(e) = check_taps(&set.nets) {
+                return fail(EXIT_SETUP, e);
+            }
             match TcgEngine::new(&ram, &spec, console.clone()) {
                 Ok(e) => Box::new(e),
                 Err(e) => return fail(EXIT_SETUP, e),
@@ -315,7 +428,7 @@ fn run(args: RunArgs) -> ExitCode {
         ram,
         console,
         api,
-        Duration::from_millis(args.lease_ms),
+        Duration::from_millis(set.lease_ms),
         cmdline,
         forward_stdin,
     ) {

@@ -109,8 +109,9 @@ fn pkg_len_1(len: usize) -> u8 {
     }
 }
 
-/// The DSDT: `Name (_S5, Package (4) {5, 0, 0, 0})` and COM1.
-fn dsdt() -> Vec<u8> {
+/// The DSDT: `Name (_S5, Package (4) {5, 0, 0, 0})`, COM1 and `devices` (AML definition
+/// blocks for the virtio-mmio devices, from `devices::bus::MmioBus::acpi_aml`).
+fn dsdt(devices: &[u8]) -> Vec<u8> {
     let mut aml = vec![
         0x08, b'_', b'S', b'5', b'_', // NameOp "_S5_"
         0x12, 0x07, 0x04, // PackageOp, PkgLength 7, 4 elements
@@ -118,6 +119,7 @@ fn dsdt() -> Vec<u8> {
         0x00, 0x00, 0x00, // Zero, Zero, Zero
     ];
     aml.extend_from_slice(&com1_aml());
+    aml.extend_from_slice(devices);
     table(b"DSDT", 2, &aml)
 }
 
@@ -185,10 +187,10 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 }
 
 /// Every table and where it goes, RSDP first.
-fn layout(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
+fn layout(vcpus: u8, devices: &[u8]) -> Vec<(u64, Vec<u8>)> {
     let align = |a: u64| (a + 15) & !15;
     let dsdt_addr = align(RSDP_ADDR + 36);
-    let dsdt = dsdt();
+    let dsdt = dsdt(devices);
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -204,9 +206,10 @@ fn layout(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
     ]
 }
 
-/// Writes the tables for `vcpus` processors; returns the RSDP's address.
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, KvmError> {
-    for (addr, bytes) in layout(vcpus) {
+/// Writes the tables for `vcpus` processors and the virtio-mmio `devices` (AML); returns the
+/// RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8, devices: &[u8]) -> Result<u64, KvmError> {
+    for (addr, bytes) in layout(vcpus, devices) {
         if addr + bytes.len() as u64 > TABLES_END {
             return Err(KvmError::Boot(format!(
                 "ACPI tables for {vcpus} vCPUs do not fit below {TABLES_END:#x}"
@@ -232,10 +235,27 @@ mod tests {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
     }
 
+    struct Nothing;
+    impl crate::devices::bus::MmioDevice for Nothing {
+        fn read(&self, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: &[u8]) {}
+    }
+
+    /// The AML of a bus holding as many devices as it can.
+    fn full_bus_aml() -> Vec<u8> {
+        let mut bus = crate::devices::bus::MmioBus::new();
+        while bus
+            .add(std::sync::Arc::new(std::sync::Mutex::new(Nothing)))
+            .is_ok()
+        {}
+        bus.acpi_aml().unwrap()
+    }
+
     #[test]
     fn every_table_checksums_to_zero_and_points_at_the_next() {
-        for vcpus in [1u8, 2, 32] {
-            let tables = layout(vcpus);
+        let full = full_bus_aml();
+        for (vcpus, devices) in [(1u8, &[][..]), (2, &full[..]), (32, &full[..])] {
+            let tables = layout(vcpus, devices);
             let find = |sig: &[u8]| {
                 tables
                     .iter()

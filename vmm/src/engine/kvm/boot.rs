@@ -68,6 +68,8 @@ pub struct BootSpec {
     pub cmdline: String,
     /// vCPU count (for the MP table).
     pub vcpus: u8,
+    /// AML describing the virtio-mmio devices, appended to the DSDT (empty without devices).
+    pub acpi_devices: Vec<u8>,
 }
 
 fn open(path: &Path, what: &str) -> Result<File, KvmError> {
@@ -123,7 +125,7 @@ pub fn load(
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| KvmError::Boot(format!("cannot write the command line: {e}")))?;
     mptable::write(mem, spec.vcpus)?;
-    let rsdp = acpi::write(mem, spec.vcpus)?;
+    let rsdp = acpi::write(mem, spec.vcpus, &spec.acpi_devices)?;
 
     let initrd_max = loaded
         .setup_header

@@ -35,8 +35,10 @@ impl EventFdTrigger {
     }
 }
 
-/// The port-I/O bus, shared by all vCPU threads.
+/// The I/O buses, shared by all vCPU threads: port I/O (below) and the virtio-mmio devices.
 pub struct PioBus {
+    /// The virtio-mmio devices (disks); an MMIO access no device claims reads as all-ones.
+    pub mmio: crate::devices::bus::MmioBus,
     /// COM1.
     pub serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleWriter>>,
     /// The i8042; its trigger fires when the guest asks for a CPU reset.
@@ -107,6 +109,7 @@ mod tests {
     fn reset_and_s5_fire_their_triggers_and_unknown_ports_float_high() {
         let console = Console::new(false, None).unwrap();
         let bus = PioBus {
+            mmio: crate::devices::bus::MmioBus::new(),
             serial: Mutex::new(Serial::new(
                 EventFdTrigger::new().unwrap(),
                 ConsoleWriter(console),

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::EventFd;
@@ -32,6 +32,8 @@ use self::devices::{EventFdTrigger, PioBus, COM1_IRQ};
 use self::vcpu::{VcpuError, VcpuEvent, VcpuExitReport, VcpuHandle, VcpuReply, ACK_TIMEOUT};
 use super::{Engine, EngineError, OnReset, Pausable, Ready, VcpuRegs, VmExit};
 use crate::console::{Console, ConsoleWriter};
+use crate::devices::bus::Slot;
+use crate::devices::setup::{IoEvent, MmioDevices};
 use crate::layout::MemoryLayout;
 use crate::memory::GuestRam;
 
@@ -83,6 +85,10 @@ pub struct KvmEngine {
     reset_fd: RawFd,
     poweroff_fd: RawFd,
     serial_irq: EventFd,
+    /// The virtio-mmio devices' interrupt eventfds, registered as irqfds on every (re)build.
+    device_irqs: Vec<(Slot, EventFd)>,
+    /// Queue notifications the kernel serves (vhost-net kicks), registered as ioeventfds.
+    device_ioevents: Vec<IoEvent>,
     mem: GuestMemoryMmap,
     layout: MemoryLayout,
     spec: BootSpec,
@@ -97,10 +103,11 @@ impl KvmEngine {
     /// paused (call `resume`).
     pub fn new(
         ram: &GuestRam,
-        spec: BootSpec,
+        mut spec: BootSpec,
         console: Console,
         device: &Path,
         on_reset: OnReset,
+        devices: MmioDevices,
     ) -> Result<Self, KvmError> {
         let shown = device.display().to_string();
         let cpath = CString::new(device.as_os_str().as_bytes())
@@ -129,7 +136,12 @@ impl KvmEngine {
         let reset_fd = reset.0.as_raw_fd();
         let poweroff = EventFdTrigger::new().map_err(KvmError::Thread)?;
         let poweroff_fd = poweroff.0.as_raw_fd();
+        spec.acpi_devices = devices
+            .bus
+            .acpi_aml()
+            .ok_or_else(|| KvmError::Boot("the devices' ACPI description is too long".into()))?;
         let bus = Arc::new(PioBus {
+            mmio: devices.bus,
             serial: Mutex::new(Serial::new(serial_irq, ConsoleWriter(console))),
             i8042: Mutex::new(I8042Device::new(reset)),
             poweroff,
@@ -147,6 +159,8 @@ impl KvmEngine {
             reset_fd,
             poweroff_fd,
             serial_irq: serial_irq_fd,
+            device_irqs: devices.irqs,
+            device_ioevents: devices.ioevents,
             mem: ram.mem.clone(),
             layout: ram.layout.clone(),
             spec,
@@ -194,6 +208,20 @@ impl KvmEngine {
         }
         vm.register_irqfd(&self.serial_irq, COM1_IRQ)
             .map_err(|e| KvmError::Vm("serial irqfd", e))?;
+        for (slot, fd) in &self.device_irqs {
+            vm.register_irqfd(fd, slot.irq)
+                .map_err(|e| KvmError::Vm("virtio irqfd", e))?;
+        }
+        for io in &self.device_ioevents {
+            // Without it the guest's notifications still arrive, as MMIO exits.
+            if let Err(e) = vm.register_ioevent(&io.fd, &IoEventAddress::Mmio(io.addr), io.queue) {
+                tracing::warn!(
+                    addr = io.addr,
+                    queue = io.queue,
+                    "no ioeventfd for a virtio queue, notifications take MMIO exits: {e}"
+                );
+            }
+        }
 
         let entry = boot::load(&self.mem, &self.layout, &self.spec)?;
         tracing::info!(?entry, "kernel loaded");
@@ -247,6 +275,15 @@ impl KvmEngine {
         while self.exits.try_recv().is_ok() {}
         let _ = self.exit_evt.read();
         let _ = self.bus.i8042.lock().map(|d| d.reset_evt().0.read());
+        // The devices keep their images; what the old guest's drivers set up is forgotten.
+        self.bus.mmio.hard_reset();
+        for (_, fd) in &self.device_irqs {
+            let _ = fd.read();
+        }
+        // vhost let go of the kicks in hard_reset: drop the old guest's pending ones.
+        for io in &self.device_ioevents {
+            let _ = io.fd.read();
+        }
         self.restarts += 1;
         tracing::warn!(
             restarts = self.restarts,

@@ -360,8 +360,14 @@ fn handle_exit(bus: &PioBus, exit: VcpuExit) -> Option<VcpuExitReport> {
     match exit {
         VcpuExit::IoIn(port, data) => bus.read(port, data),
         VcpuExit::IoOut(port, data) => bus.write(port, data),
-        VcpuExit::MmioRead(_, data) => data.fill(0xff),
-        VcpuExit::MmioWrite(..) => {}
+        VcpuExit::MmioRead(addr, data) => {
+            if !bus.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            bus.mmio.write(addr, data);
+        }
         VcpuExit::Hlt => {
             // Only without an in-kernel LAPIC; ours has one, so this is a halted guest.
             return ended(VmExit::Shutdown("guest halted".into()));
