@@ -18,6 +18,7 @@
 //! [mem]                            # Mem_Reclaim_Healer (OOM_KILLER_RUNNING, FREE_PAGES)
 //! policy = "MAX_RSSUID_SAVEUID"    # MAX_RSS | MAX_RSSUID | MAX_RSSUID_SAVEUID
 //! save_users = [1002]              # spared by MAX_RSSUID_SAVEUID
+//! min_culprit_mb = 64              # a user holding less is never a memory culprit
 //!
 //! [hang]                           # progress sensors stalled while the vCPUs run
 //! action = "report"                # report | command | restart (through the bridge and bdvmm)
@@ -170,6 +171,22 @@ pub struct MemConfig {
     /// Most rounds per violation.
     #[serde(default = "default_rounds")]
     pub max_rounds: u32,
+    /// The least resident memory (MiB) a user must hold to be named a memory culprit: below it,
+    /// low free memory is not that user's doing (a guest whose RAM is page cache reports few free
+    /// pages while its small services run normally).
+    #[serde(default = "default_min_culprit_mb")]
+    pub min_culprit_mb: u64,
+}
+
+fn default_min_culprit_mb() -> u64 {
+    64
+}
+
+impl MemConfig {
+    /// [`MemConfig::min_culprit_mb`] in 4 KiB pages.
+    pub fn min_culprit_pages(&self) -> u64 {
+        self.min_culprit_mb.saturating_mul(256)
+    }
 }
 
 impl Default for MemConfig {
@@ -179,6 +196,7 @@ impl Default for MemConfig {
             policy: default_mem_policy(),
             save_users: Vec::new(),
             max_rounds: default_rounds(),
+            min_culprit_mb: default_min_culprit_mb(),
         }
     }
 }

@@ -70,15 +70,15 @@ impl Diagnosis for MemReclaim {
         self.calm_since = None;
         let spared = ctx.spared();
         Ok(match self.cfg.policy {
-            MemPolicy::MAX_RSS => {
-                policy::max_rss(table, &spared).map(|(c, p)| (c, Victims::Pids(p)))
-            }
+            MemPolicy::MAX_RSS => policy::max_rss(table, &spared, self.cfg.min_culprit_pages())
+                .map(|(c, p)| (c, Victims::Pids(p))),
             MemPolicy::MAX_RSSUID => {
-                policy::max_rss_uid(table, &spared).map(|c| (c.clone(), Victims::Uid(c.uid)))
+                policy::max_rss_uid(table, &spared, self.cfg.min_culprit_pages())
+                    .map(|c| (c.clone(), Victims::Uid(c.uid)))
             }
             MemPolicy::MAX_RSSUID_SAVEUID => {
                 let spared = spared.with(self.cfg.save_users.iter().copied());
-                policy::max_rss_uid(table, &spared).map(|mut c| {
+                policy::max_rss_uid(table, &spared, self.cfg.min_culprit_pages()).map(|mut c| {
                     c.policy = "MAX_RSSUID_SAVEUID";
                     (c.clone(), Victims::Uid(c.uid))
                 })

@@ -111,19 +111,28 @@ pub fn rss(p: &Process) -> u64 {
     p.task.rss_anon + p.task.rss_file + p.task.rss_shmem
 }
 
-/// MAX_RSSUID (and MAX_RSSUID_SAVEUID, with `save` added to `spared`): the user whose processes
-/// hold the most resident memory.
-pub fn max_rss_uid(table: &[Process], spared: &Spared) -> Option<Culprit> {
+/// Resident pages per killable user.
+fn rss_by_uid(table: &[Process], spared: &Spared) -> BTreeMap<u32, u64> {
     let mut r = BTreeMap::new();
     for p in table.iter().filter(|p| killable(p, spared)) {
         *r.entry(p.task.uid).or_insert(0u64) += rss(p);
     }
-    // A clear lead in memory: the top user holds at least 1.5x the runner-up (and > 1 MiB).
-    let mut v: Vec<(u32, u64)> = r.into_iter().collect();
+    r
+}
+
+/// MAX_RSSUID (and MAX_RSSUID_SAVEUID, with `save` added to `spared`): the user whose processes
+/// hold the most resident memory — if they hold at least `min_pages` (a user with less is no
+/// memory hog, whatever the sensors say: low free memory on a guest full of page cache is not
+/// the fault of its small services) and a clear lead.
+pub fn max_rss_uid(table: &[Process], spared: &Spared, min_pages: u64) -> Option<Culprit> {
+    // A clear lead in memory: the top user holds at least 1.5x the runner-up.
+    let mut v: Vec<(u32, u64)> = rss_by_uid(table, spared).into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let (uid, score) = *v.first()?;
     let runner_up = v.get(1).map(|x| x.1).unwrap_or(0);
-    (score > 256 && score.saturating_mul(2) >= runner_up.saturating_mul(3) && score > runner_up)
+    (score >= min_pages.max(257)
+        && score.saturating_mul(2) >= runner_up.saturating_mul(3)
+        && score > runner_up)
         .then_some(Culprit {
             uid,
             policy: "MAX_RSSUID",
@@ -133,13 +142,18 @@ pub fn max_rss_uid(table: &[Process], spared: &Spared) -> Option<Culprit> {
 }
 
 /// MAX_RSS: the process holding the most resident memory, with its ancestors of the same user up
-/// to (not including) init or another user's process — the controller that would respawn it.
-pub fn max_rss(table: &[Process], spared: &Spared) -> Option<(Culprit, Vec<u32>)> {
+/// to (not including) init or another user's process — the controller that would respawn it;
+/// only if its user holds at least `min_pages` in all (see [`max_rss_uid`]).
+pub fn max_rss(table: &[Process], spared: &Spared, min_pages: u64) -> Option<(Culprit, Vec<u32>)> {
     let victim = table
         .iter()
         .filter(|p| killable(p, spared))
         .max_by_key(|p| (rss(p), std::cmp::Reverse(p.task.pid)))?;
-    if rss(victim) <= 256 {
+    let user_pages = rss_by_uid(table, spared)
+        .get(&victim.task.uid)
+        .copied()
+        .unwrap_or(0);
+    if rss(victim) <= 256 || user_pages < min_pages {
         return None;
     }
     let by_pid: HashMap<u32, &Process> = table.iter().map(|p| (p.task.pid, p)).collect();
@@ -271,13 +285,33 @@ pub(crate) mod tests {
         for pid in 21..51 {
             t.push(proc(pid, 20, 1000, 3, 2048 + u64::from(pid)));
         }
-        let (c, pids) = max_rss(&t, &Spared::root()).unwrap();
+        let (c, pids) = max_rss(&t, &Spared::root(), 256).unwrap();
         assert_eq!(c.uid, 1000);
         assert_eq!(pids, vec![50, 20]);
-        let u = max_rss_uid(&t, &Spared::root()).unwrap();
+        let u = max_rss_uid(&t, &Spared::root(), 256).unwrap();
         assert_eq!(u.uid, 1000);
         // With the hog's user spared, the next user is named: sparing is the operator's choice.
-        assert_eq!(max_rss_uid(&t, &Spared::new([1000])).unwrap().uid, 1001);
-        assert_eq!(max_rss(&t, &Spared::new([1000, 1001])), None);
+        assert_eq!(
+            max_rss_uid(&t, &Spared::new([1000]), 256).unwrap().uid,
+            1001
+        );
+        assert_eq!(max_rss(&t, &Spared::new([1000, 1001]), 256), None);
+    }
+
+    #[test]
+    fn a_user_below_the_floor_is_no_memory_culprit() {
+        let mut t = base();
+        // A small service (8 MiB) alone, after the hog is gone: not a culprit at a 64 MiB floor.
+        t.push(proc(60, 1, 101, 2, 2048));
+        let spared = Spared::new([1001]);
+        assert_eq!(max_rss_uid(&t, &spared, 16_384), None);
+        assert_eq!(max_rss(&t, &spared, 16_384), None);
+        assert_eq!(max_rss_uid(&t, &spared, 256).unwrap().uid, 101);
+        // 30 hog processes of 9 MiB each (270 MiB) are one.
+        for pid in 61..91 {
+            t.push(proc(pid, 1, 1000, 2, 2304));
+        }
+        assert_eq!(max_rss_uid(&t, &spared, 16_384).unwrap().uid, 1000);
+        assert_eq!(max_rss(&t, &spared, 16_384).unwrap().0.uid, 1000);
     }
 }
