@@ -8,6 +8,9 @@
 #                                 the SoftRoCE VM: kernel with Soft-RoCE + base initramfs
 #                                 (optional: if either fails, a warning, no BD_RXE_* keys,
 #                                 and tests/tests/rxe.rs skips saying so)
+#   6. images/bootinitrd/build.sh the stock kernel's boot initramfs (virtio modules, root=)
+#   7. images/rootfs/build.sh     the Debian 12 root filesystem image with redis-server
+#                                 (required: needs root and the network)
 # then writes $CACHE/images.env (KEY=absolute-path lines, for tests and tools;
 # $BD_IMAGES_ENV instead when set) and prints its path as the LAST stdout line.
 # Progress goes to stderr. CACHE is ${BACKDOORS_CACHE:-$HOME/.cache/backdoors}.
@@ -27,12 +30,14 @@ usage() {
 Usage: images/build.sh [--help]
 
 Builds (or reuses) the guest kernel, the stock kernel, the initramfs, the
-kvm host's base image and the SoftRoCE VM's kernel and base image, and writes
+kvm host's base image, the SoftRoCE VM's kernel and base image, the stock
+kernel's boot initramfs and the Debian root filesystem image, and writes
 \${BD_IMAGES_ENV:-$cache/images.env} with the lines
   BD_KERNEL_DIR BD_KERNEL_BZIMAGE BD_KERNEL_VMLINUX BD_KERNEL_SYSTEM_MAP
   BD_KERNEL_CONFIG BD_STOCK_DIR BD_STOCK_VMLINUZ BD_STOCK_VMLINUX
   BD_STOCK_SYSTEM_MAP BD_STOCK_CONFIG BD_INITRAMFS
   BD_KVMHOST_KERNEL BD_KVMHOST_INITRD
+  BD_STOCK_BOOT_INITRD BD_ROOTFS_IMAGE
   BD_RXE_KERNEL BD_RXE_INITRD (only if the SoftRoCE images could be built)
 Cache root: \${BACKDOORS_CACHE:-\$HOME/.cache/backdoors}
 EOF
@@ -92,9 +97,20 @@ else
 	log "warning: BD_RXE_* keys, and tests/tests/rxe.rs (rxe_verbs_on_softroce) will be skipped"
 fi
 
+# The stock kernel's boot initramfs and the Debian root filesystem image (issue 13): the
+# service guests boot that image from a disk, with the patched kernel or the stock one.
+run_step bootinitrd "$here/bootinitrd/build.sh"
+bootinitrd_dir=$step_out
+if ! rootfs_dir=$(run_step rootfs "$here/rootfs/build.sh" && echo "$step_out"); then
+	die "the Debian root filesystem image (images/rootfs/build.sh) could not be built (see above);
+it needs root (mmdebstrap, mkfs.ext4 -d) and the network (Debian's archive): run
+'sudo scripts/install-deps.sh', then 'sudo images/build.sh'"
+fi
+
 for f in "$kernel_dir"/{bzImage,vmlinux,System.map,config} \
 	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$initramfs" \
-	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz} ${rxe_lines:+"$rxe_kernel_dir/bzImage" "$rxe_image_dir/initramfs.cpio.gz"}; do
+	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz} "$bootinitrd_dir/initramfs.cpio.gz" \
+	"$rootfs_dir/rootfs.ext4" ${rxe_lines:+"$rxe_kernel_dir/bzImage" "$rxe_image_dir/initramfs.cpio.gz"}; do
 	[ -s "$f" ] || die "missing or empty: $f"
 done
 env_lines="BD_KERNEL_DIR=$kernel_dir
@@ -109,7 +125,9 @@ BD_STOCK_SYSTEM_MAP=$stock_dir/System.map
 BD_STOCK_CONFIG=$stock_dir/config
 BD_INITRAMFS=$initramfs
 BD_KVMHOST_KERNEL=$kvmhost_dir/vmlinuz
-BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz$rxe_lines"
+BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz
+BD_STOCK_BOOT_INITRD=$bootinitrd_dir/initramfs.cpio.gz
+BD_ROOTFS_IMAGE=$rootfs_dir/rootfs.ext4$rxe_lines"
 case "$env_lines" in
 *[[:blank:]\"\'\\]*) die "an output path contains blanks or quotes; set BACKDOORS_CACHE to a plain path" ;;
 esac

@@ -12,6 +12,8 @@ pkgs=(
 	python3-ply python3-git # checkpatch's SPDX check (guest-kernel-patches/check.sh)
 	cmake pkg-config libibverbs-dev libnl-3-dev libnl-route-3-dev libclang-dev # rdma-bridge's verbs feature
 	libibverbs1 ibverbs-providers # the SoftRoCE VM: libibverbs and its rxe provider (images/rxe/)
+	mmdebstrap e2fsprogs libc6-dev # the Debian root filesystem image (images/rootfs/, as root)
+	redis-tools # redis-benchmark and redis-cli: the load generator runs outside the guest
 )
 # cargo-nextest runs the test suite (one process per test, per-test retries: .config/nextest.toml).
 if ! cargo nextest --version >/dev/null 2>&1; then

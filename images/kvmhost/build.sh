@@ -63,6 +63,11 @@ esac
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
+# shellcheck source=images/lib/kmod.sh
+. "$here/../lib/kmod.sh"
+# shellcheck source=images/lib/cpio.sh
+. "$here/../lib/cpio.sh"
+
 ensure_packages() {
 	local missing=() p
 	for p in "$@"; do
@@ -82,7 +87,7 @@ input_manifest() {
 	local f
 	{
 		echo "format 1"
-		for f in "$here/build.sh" "$here/init"; do
+		for f in "$here/build.sh" "$here/init" "$here/../lib/kmod.sh" "$here/../lib/cpio.sh"; do
 			echo "file ${f#"$here/"} $(sha256sum <"$f" | cut -d' ' -f1)"
 		done
 		while IFS= read -r -d '' f; do
@@ -95,104 +100,11 @@ input_manifest() {
 	} | LC_ALL=C sort
 }
 
-# Append one cpio "newc" entry with no data (a device node), as
-# images/initramfs/build.sh does:
-# newc_entry NAME MODE(octal incl. type) RDEVMAJOR RDEVMINOR INODE
-newc_entry() {
-	local name=$1 mode=$2 major=$3 minor=$4 ino=$5
-	local namesize=$((${#name} + 1))
-	printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
-		"$ino" "$((8#$mode))" 0 0 1 0 0 0 0 "$major" "$minor" "$namesize" 0
-	printf '%s\0' "$name"
-	local pad=$(((4 - (110 + namesize) % 4) % 4))
-	head -c "$pad" /dev/zero
-}
-
-# /dev/console must exist before anything is mounted: a tiny second archive
-# appended to the first provides the nodes without mknod (and so root).
-device_nodes_archive() {
-	newc_entry dev/console 020600 5 1 900001
-	newc_entry dev/null 020666 1 3 900002
-	newc_entry TRAILER!!! 0 0 0 0
-}
-
 complete() {
 	local d=$1 f
 	for f in "${outputs[@]}"; do
 		[ -s "$d/$f" ] || return 1
 	done
-}
-
-# Module name of a path in modules.dep: basename without .ko[.xz|.zst|.gz],
-# '-' as '_'.
-mod_name() {
-	local n=${1##*/}
-	n=${n%%.ko*}
-	echo "${n//-/_}"
-}
-
-# Resolved by resolve_modules: load order (deps first), relative paths.
-declare -A mod_deps=() mod_path=() mod_state=()
-load_order=()
-
-# visit PATH: depth-first, dependencies first. modules.dep lists the full
-# closure of each module's dependencies, so any order of the list works.
-visit() {
-	local p=$1 d
-	case "${mod_state[$p]:-}" in
-	visited) return 0 ;;
-	visiting) die "dependency cycle at $p" ;;
-	esac
-	mod_state[$p]=visiting
-	for d in ${mod_deps[$p]}; do
-		[ -n "${mod_deps[$d]+x}" ] || die "$p depends on $d, which modules.dep does not list"
-		visit "$d"
-	done
-	mod_state[$p]=visited
-	load_order+=("$p")
-}
-
-# resolve_modules MODDIR: fill load_order from MODDIR/modules.dep.
-resolve_modules() {
-	local moddir=$1 line p deps name
-	while IFS= read -r line; do
-		p=${line%%:*}
-		deps=${line#*:}
-		mod_deps[$p]=$deps
-		mod_path[$(mod_name "$p")]=$p
-	done <"$moddir/modules.dep"
-	[ ${#mod_deps[@]} -gt 0 ] || die "empty modules.dep in $moddir"
-
-	for name in "${required_modules[@]}" "${optional_modules[@]}"; do
-		local key=${name//-/_} optional=no
-		case " ${optional_modules[*]} " in *" $name "*) optional=yes ;; esac
-		if [ -n "${mod_path[$key]:-}" ]; then
-			visit "${mod_path[$key]}"
-		elif grep -Eq "(^|/)${name//[-_]/[-_]}\.ko" "$moddir/modules.builtin" 2>/dev/null; then
-			log "  $name is built into the kernel"
-		elif [ "$optional" = yes ]; then
-			log "  $name (optional) is not in this kernel; skipped"
-		else
-			die "module $name is neither a module nor built into this kernel"
-		fi
-	done
-}
-
-# install_module SRC DEST: copy a module, decompressing it if needed.
-install_module() {
-	local src=$1 dest=$2
-	mkdir -p "$(dirname "$dest")"
-	case "$src" in
-	*.ko) cp "$src" "$dest" ;;
-	*.ko.xz) xz -dc "$src" >"$dest" ;;
-	*.ko.gz) gzip -dc "$src" >"$dest" ;;
-	*.ko.zst)
-		command -v zstd >/dev/null || die "$src is zstd-compressed; install zstd"
-		zstd -qdc "$src" >"$dest"
-		;;
-	*) die "unknown module file type: $src" ;;
-	esac
-	chmod 0644 "$dest"
 }
 
 main() {
@@ -226,52 +138,18 @@ main() {
 
 	mkdir -p "$cache/kvmhost"
 	tmp=$(mktemp -d "$cache/kvmhost/.tmp.XXXXXX")
-	dl=""
-	trap 'rm -rf "$tmp" ${dl:+"$dl"}' EXIT
+	trap 'rm -rf "$tmp"' EXIT
 	local root=$tmp/root out=$tmp/out x=$tmp/x
 	mkdir -p "$out" "$x"
 
-	log "downloading $pkg=$version"
-	# apt-get download runs as the sandbox user _apt when it can write there;
-	# the cache under a private home is out of its reach, so use TMPDIR.
-	dl=$(mktemp -d)
-	chmod 0755 "$dl"
-	if is_root && id _apt >/dev/null 2>&1; then
-		chown _apt "$dl"
-	fi
-	(cd "$dl" && apt-get download "$pkg=$version" >&2)
-	local deb
-	deb=$(find "$dl" -maxdepth 1 -name "${pkg}_*.deb" -print -quit)
-	[ -n "$deb" ] || die "apt-get download did not produce ${pkg}_*.deb"
-	dpkg-deb -x "$deb" "$x"
-	rm -rf "$dl"
-	dl=""
-
-	# The package has no modules.dep (the postinst runs depmod); make one.
-	local base moddir
-	for base in "$x" "$x/usr"; do
-		[ -d "$base/lib/modules/$release" ] && break
-	done
-	moddir=$base/lib/modules/$release
-	[ -d "$moddir/kernel" ] || die "no lib/modules/$release/kernel in $deb"
-	log "depmod over the package's modules"
-	depmod -b "$base" "$release" || die "depmod -b $base $release failed"
-
-	resolve_modules "$moddir"
-	[ ${#load_order[@]} -gt 0 ] || die "no modules resolved"
+	kmod_extract_package "$pkg" "$version" "$release" "$x"
+	kmod_resolve "$kmod_moddir" "${required_modules[*]}" "${optional_modules[*]}"
 
 	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc/kvmhost,proc,sys,dev,tmp,run,root,opt}
 	chmod 1777 "$root/tmp"
 	chmod 0700 "$root/root"
-	local p rel order=()
-	for p in "${load_order[@]}"; do
-		rel=${p%.ko*}.ko
-		install_module "$moddir/$p" "$root/lib/modules/$release/$rel"
-		order+=("$rel")
-	done
-	printf '%s\n' "${order[@]}" >"$root/etc/kvmhost/modules.txt"
+	kmod_install_all "$kmod_moddir" "$root" "$release" "$root/etc/kvmhost/modules.txt"
 	echo "$release" >"$root/etc/kvmhost/release"
-	log "modules (load order): $(printf '%s ' "${order[@]##*/}")"
 
 	install -m 0755 /bin/busybox "$root/bin/busybox"
 	install -m 0755 "$here/init" "$root/init"

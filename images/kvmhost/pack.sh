@@ -8,7 +8,15 @@
 #   /opt/bd/images/bzImage         BD_KERNEL_BZIMAGE
 #   /opt/bd/images/stock-vmlinuz   BD_STOCK_VMLINUZ
 #   /opt/bd/images/initramfs.cpio.gz  BD_INITRAMFS
-#   /opt/bd/images.env             those three keys with the inside paths
+#   /opt/bd/images/stock-boot-initrd.cpio.gz  BD_STOCK_BOOT_INITRD
+#   /opt/bd/images.env             those four keys with the inside paths
+# and, with --qemu (the device benchmarks compare bdvmm with QEMU -accel kvm
+# inside the kvm host; normal runs stay small without it),
+#   /opt/bd/bin/qemu-system-x86_64 this machine's QEMU, with its libraries
+#   /opt/bd/share/qemu/<file>      the firmware it needs for -M microvm and
+#                                  -M pc (use -L /opt/bd/share/qemu)
+# The Debian root filesystem image (BD_ROOTFS_IMAGE, 1 GiB) is not packed: an
+# initrd lives in RAM. Give it to the kvm host as a disk instead.
 # Linux unpacks concatenated archives, each compressed or not, into one
 # rootfs. Not cached: it runs for every test run and takes about a second.
 # Progress goes to stderr; the LAST stdout line is the output file.
@@ -26,7 +34,7 @@ die() {
 
 usage() {
 	cat <<EOF
-Usage: images/kvmhost/pack.sh --out FILE [--images-env FILE] BINARY...
+Usage: images/kvmhost/pack.sh --out FILE [--images-env FILE] [--qemu] BINARY...
 
 Writes FILE: the kvm host's base initramfs with BINARY... (at
 /opt/bd/bin/<name>, debug info stripped), the shared libraries they need and
@@ -36,12 +44,15 @@ the guest images (bzImage, stock-vmlinuz, initramfs.cpio.gz under
 
   --out FILE         the initrd to write (replaced atomically)
   --images-env FILE  default: \$BACKDOORS_CACHE/images.env (now: $cache/images.env)
+  --qemu             also qemu-system-x86_64 (from PATH) with its libraries and
+                     firmware (-L /opt/bd/share/qemu inside): about 25 MB more
 EOF
 }
 
 out=""
 env_file=$cache/images.env
 bins=()
+with_qemu=no
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-h | --help)
@@ -56,6 +67,10 @@ while [ $# -gt 0 ]; do
 		fi
 		if [ "$1" = --out ]; then out=$2; else env_file=$2; fi
 		shift 2
+		;;
+	--qemu)
+		with_qemu=yes
+		shift
 		;;
 	--)
 		shift
@@ -97,6 +112,7 @@ images=(
 	"bzImage BD_KERNEL_BZIMAGE"
 	"stock-vmlinuz BD_STOCK_VMLINUZ"
 	"initramfs.cpio.gz BD_INITRAMFS"
+	"stock-boot-initrd.cpio.gz BD_STOCK_BOOT_INITRD"
 )
 
 out_dir=$(dirname "$out")
@@ -104,6 +120,35 @@ mkdir -p "$out_dir"
 stage=$(mktemp -d "$out_dir/.pack.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/opt/bd/images"
+
+# QEMU's firmware for -M microvm (bios-microvm.bin, linuxboot_dma.bin to load
+# -kernel through fw_cfg) and -M pc; the files it may look for are staged when
+# this machine has them, the first two are required.
+qemu_firmware=(bios-microvm.bin linuxboot_dma.bin qboot.rom linuxboot.bin pvh.bin
+	kvmvapic.bin multiboot_dma.bin bios-256k.bin)
+if [ "$with_qemu" = yes ]; then
+	qemu=$(command -v qemu-system-x86_64) ||
+		die "--qemu: no qemu-system-x86_64 on PATH (Debian package qemu-system-x86)"
+	bins+=("$qemu")
+	for fw in "${qemu_firmware[@]}"; do
+		src=""
+		for d in /usr/share/qemu /usr/share/seabios; do
+			if [ -e "$d/$fw" ]; then
+				src=$d/$fw
+				break
+			fi
+		done
+		if [ -n "$src" ]; then
+			stage_link "$stage" "/opt/bd/share/qemu/$fw" "$src"
+		else
+			case "$fw" in
+			bios-microvm.bin | linuxboot_dma.bin)
+				die "--qemu: no $fw in /usr/share/qemu or /usr/share/seabios (Debian packages qemu-system-data, seabios)"
+				;;
+			esac
+		fi
+	done
+fi
 
 stage_binaries "$stage" "${bins[@]}"
 nbin=${#bins[@]}
