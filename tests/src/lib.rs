@@ -5,9 +5,13 @@
 pub mod bench;
 pub mod bridge;
 pub mod child;
+pub mod guestnet;
 pub mod kvmhost;
+pub mod load;
 pub mod netns;
+pub mod rootfs;
 pub mod rxe;
+pub mod service;
 pub mod site;
 pub mod tiny_guest;
 pub mod vm;
@@ -146,4 +150,25 @@ impl KernelFiles {
     pub fn init_task(&self, loc: &introspect::kernel::KernelLocation) -> u64 {
         self.syms.get("init_task").expect("init_task in System.map") + loc.slide
     }
+}
+
+/// `bdmon run` with `config` (TOML) written to `dir/bdmon.toml`, once it says it watches.
+pub fn start_bdmon(dir: &Path, config: &str) -> child::Spawned {
+    let path = dir.join("bdmon.toml");
+    std::fs::write(&path, config).expect("write bdmon.toml");
+    let mut cmd = std::process::Command::new(workspace_bin("bdmon"));
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut p = child::Spawned::start(cmd, "bdmon");
+    p.wait_line("bdmon: watching", std::time::Duration::from_secs(30));
+    p
+}
+
+/// bdmon's events in `dir/events.jsonl` (none if the file is not there yet); every line must be
+/// JSON.
+pub fn bdmon_events(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("events are JSON lines"))
+        .collect()
 }

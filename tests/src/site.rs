@@ -62,6 +62,18 @@ impl Site {
         ))
     }
 
+    /// A freshly booted kvm host with `disks` as its `/dev/vda`, `/dev/vdb`, … (copy-on-write:
+    /// the images are never changed).
+    pub fn kvm_host_with_disks(disks: &[&Path]) -> Arc<Site> {
+        let opts = KvmHostOptions {
+            disks: disks.iter().map(|d| d.to_path_buf()).collect(),
+            ..KvmHostOptions::default()
+        };
+        Arc::new(Site::Kvm(
+            KvmHost::start(&opts).unwrap_or_else(|e| panic!("{e}")),
+        ))
+    }
+
     /// A host of its own for a guest on `engine`: a network namespace (tcg) or a kvm host (kvm).
     pub fn remote_host(engine: Engine) -> Arc<Site> {
         match engine {

@@ -71,6 +71,212 @@ fn missing_or_corrupt_initrd() {
 }
 
 #[test]
+fn bad_disks() {
+    let k = kernel();
+    let dir = tempfile::tempdir().unwrap();
+    for engine in ["kvm", "tcg"] {
+        refused(
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--engine",
+                engine,
+                "--disk",
+                "/nonexistent/root.img",
+            ],
+            "cannot open disk image /nonexistent/root.img",
+        );
+        refused(
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--engine",
+                engine,
+                "--disk",
+                "/dev/null,ro",
+            ],
+            "neither a regular file nor a block device",
+        );
+    }
+    // A second writer is refused while the first holds the image.
+    let img = dir.path().join("root.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let held = bdvmm::devices::block::Block::open(&img, false).unwrap();
+    refused(
+        &[
+            "run",
+            "--kernel",
+            &k,
+            "--engine",
+            "tcg",
+            "--disk",
+            img.to_str().unwrap(),
+        ],
+        "is in use by another VM",
+    );
+    drop(held);
+    let Err(e) = "x.img,cache=none".parse::<bdvmm::devices::bus::DiskSpec>() else {
+        panic!("an unknown disk option parsed");
+    };
+    assert!(e.to_string().contains("cache=none"), "{e}");
+    let (status, stderr) = run_to_end(
+        &["run", "--kernel", &k, "--disk", "x.img,cache=none"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not known"), "{stderr}");
+}
+
+#[test]
+fn bad_nets() {
+    let k = kernel();
+    // bdvmm never creates a tap; both engines check it before the guest starts.
+    for engine in ["kvm", "tcg"] {
+        refused(
+            &[
+                "run",
+                "--kernel",
+                &k,
+                "--engine",
+                engine,
+                "--net",
+                "tap=bdnone9",
+            ],
+            "no tap device \"bdnone9\": create it first (ip tuntap add bdnone9 mode tap",
+        );
+    }
+    for (value, needle) in [
+        ("tap0", "is not known"),
+        ("tap=a/b", "a tap name has 1 to 15 characters"),
+        ("tap=t0,mac=01:00:00:00:00:01", "unicast"),
+        ("mac=02:00:00:00:00:01", "needs a tap"),
+    ] {
+        let (status, stderr) = run_to_end(
+            &["run", "--kernel", &k, "--net", value],
+            Duration::from_secs(30),
+        );
+        assert_eq!(status.code(), Some(2), "{value}: {stderr}");
+        assert!(stderr.contains(needle), "{value}: {stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vm.toml");
+    std::fs::write(
+        &cfg,
+        format!("kernel = {k:?}\n[[net]]\ntap = \"t0\"\nmac = \"zz\"\n"),
+    )
+    .unwrap();
+    refused(
+        &["run", "--config", cfg.to_str().unwrap()],
+        "the --config file's [[net]]: --net mac=\"zz\"",
+    );
+}
+
+/// A tap made for a test, deleted on drop.
+struct TestTap(String);
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_tap_without_permission_or_without_vhost_net() {
+    let name = format!("bdbad{}", std::process::id() % 100_000);
+    let made = std::process::Command::new("ip")
+        .args(["tuntap", "add", &name, "mode", "tap"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        eprintln!("skipped: cannot create a tap here (not root?)");
+        return;
+    }
+    let _tap = TestTap(name.clone());
+    let k = kernel();
+    let net = format!("tap={name}");
+    // The kvm engine attaches the tap and opens /dev/vhost-net before touching KVM.
+    if std::path::Path::new("/dev/vhost-net").exists() {
+        eprintln!("this host has /dev/vhost-net: its absence is not tested here");
+    } else {
+        refused(
+            &["run", "--kernel", &k, "--engine", "kvm", "--net", &net],
+            "no /dev/vhost-net: modprobe vhost_net",
+        );
+    }
+    // An unprivileged user may not attach root's tap: one line, exit 2.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let kcopy = dir.path().join("bzImage");
+    std::fs::copy(&k, &kcopy).unwrap();
+    std::fs::set_permissions(&kcopy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    for engine in ["kvm", "tcg"] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(backdoors_tests::bdvmm_bin())
+            .args(["run", "--kernel"])
+            .arg(&kcopy)
+            .args(["--engine", engine, "--net", &net])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{engine}: {stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("bdvmm: error:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{engine}: {stderr}");
+        assert!(
+            errors[0].contains(&format!("permission denied attaching tap \"{name}\"")),
+            "{engine}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn bad_config_files() {
+    let dir = tempfile::tempdir().unwrap();
+    refused(
+        &["run", "--config", "/nonexistent/vm.toml"],
+        "cannot read the VM config /nonexistent/vm.toml",
+    );
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "kernal = \"bzImage\"\n").unwrap();
+    refused(&["run", "--config", typo.to_str().unwrap()], "kernal");
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    refused(&["run", "--config", empty.to_str().unwrap()], "no kernel");
+    refused(&["run"], "no kernel");
+    // The file's values are checked like flags, and a flag wins over the file.
+    let small = dir.path().join("small.toml");
+    std::fs::write(&small, format!("kernel = {:?}\nmem_mib = 0\n", kernel())).unwrap();
+    refused(
+        &["run", "--config", small.to_str().unwrap()],
+        "--mem 0 MiB is out of range",
+    );
+    refused(
+        &[
+            "run",
+            "--config",
+            small.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--vcpus",
+            "0",
+        ],
+        "--vcpus 0 is out of range",
+    );
+}
+
+#[test]
 fn absurd_sizes() {
     let k = kernel();
     refused(

@@ -7,14 +7,13 @@
 //! reported (and restarted in place, when asked).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::child::Spawned;
 use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::{workspace_bin, Images};
+use backdoors_tests::Images;
 use introspect::target::KernelFiles;
 use introspect::tasks::Process;
 use rdma_bridge::client::BridgeMem;
@@ -116,13 +115,7 @@ impl World {
             "sample_ms = 10\nevents = \"events.jsonl\"\nspare_users = [{USER2}]\n{extra}\n{guest}\
              [guest.thresholds]\nNPROCS = 300\n"
         );
-        let path = dir.join("bdmon.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let mut cmd = Command::new(workspace_bin("bdmon"));
-        cmd.arg("run").arg("--config").arg(&path);
-        let mut p = Spawned::start(cmd, "bdmon");
-        p.wait_line("bdmon: watching", Duration::from_secs(30));
-        p
+        backdoors_tests::start_bdmon(dir, &cfg)
     }
 
     /// The process table, read through the bridge.
@@ -154,11 +147,7 @@ impl World {
 }
 
 fn events(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("events are JSON lines"))
-        .collect()
+    backdoors_tests::bdmon_events(dir)
 }
 
 /// Waits for the first event named `event`.

@@ -10,14 +10,13 @@
 //! the time and said nothing.)
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use backdoors_tests::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
 use backdoors_tests::child::Spawned;
 use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{Vm, VmSpec};
-use backdoors_tests::{workspace_bin, Images};
+use backdoors_tests::Images;
 use bdvmm::api::StatusReply;
 use serde_json::Value;
 
@@ -73,13 +72,7 @@ impl World {
             system_map.display(),
             vmlinux.display()
         );
-        let path = dir.join("bdmon.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let mut cmd = Command::new(workspace_bin("bdmon"));
-        cmd.arg("run").arg("--config").arg(&path);
-        let mut p = Spawned::start(cmd, "bdmon");
-        p.wait_line("bdmon: watching", Duration::from_secs(30));
-        p
+        backdoors_tests::start_bdmon(dir, &cfg)
     }
 
     fn status(&self) -> StatusReply {
@@ -88,11 +81,7 @@ impl World {
 }
 
 fn events(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("events are JSON lines"))
-        .collect()
+    backdoors_tests::bdmon_events(dir)
 }
 
 /// What bdmon cost the guest over one window, with bdmon misconfigured as given.

@@ -93,7 +93,11 @@ fn main() -> ExitCode {
 
 fn up(mem: u64, smp: u8) -> ExitCode {
     install_stop_handlers();
-    let host = match KvmHost::start(&KvmHostOptions { mem_mib: mem, smp }) {
+    let host = match KvmHost::start(&KvmHostOptions {
+        mem_mib: mem,
+        smp,
+        ..KvmHostOptions::default()
+    }) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("bd-kvmhost: error: {e}");

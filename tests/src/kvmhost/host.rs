@@ -38,6 +38,16 @@ pub struct KvmHostOptions {
     pub mem_mib: u64,
     /// vCPUs (QEMU MTTCG threads).
     pub smp: u8,
+    /// Raw images given to the kvm host as virtio disks, `/dev/vda` first, each with QEMU's
+    /// `snapshot=on`: the kvm host (and bdvmm's guests inside, through `--disk /dev/vdX`) may
+    /// write to them, and the writes vanish with the kvm host, never reaching the image.
+    pub disks: Vec<PathBuf>,
+    /// More programs of this machine to carry at `/opt/bd/bin/<name>` (with their libraries),
+    /// e.g. load generators; a kvm host with any (or with `qemu`) gets an initrd of its own.
+    pub extra_bins: Vec<PathBuf>,
+    /// Also carry this machine's `qemu-system-x86_64` and its firmware (`images/kvmhost/pack.sh
+    /// --qemu`; run it there with `-L /opt/bd/share/qemu`).
+    pub qemu: bool,
 }
 
 impl Default for KvmHostOptions {
@@ -45,6 +55,9 @@ impl Default for KvmHostOptions {
         Self {
             mem_mib: 3072,
             smp: 2,
+            disks: Vec::new(),
+            extra_bins: Vec::new(),
+            qemu: false,
         }
     }
 }
@@ -96,41 +109,61 @@ pub fn release_bin(name: &str) -> PathBuf {
 /// and the guest images appended (packed once per process).
 pub fn packed_initrd() -> Result<PathBuf, String> {
     static PACKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PACKED
-        .get_or_init(|| {
-            let bins: Vec<PathBuf> = BINARIES.iter().map(|b| release_bin(b)).collect();
-            for b in &bins {
-                if !b.exists() {
-                    return Err(format!(
-                        "{} not built; run `make release` (`make test` does)",
-                        b.display()
-                    ));
-                }
-            }
-            let dir = crate::cache_dir().join("kvmhost-run");
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            prune_dead_runs(&dir);
-            let out = dir.join(format!("run-{}.initrd", std::process::id()));
-            let mut cmd = Command::new("bash");
-            cmd.arg(repo_root().join("images/kvmhost/pack.sh"))
-                .arg("--out")
-                .arg(&out)
-                .arg("--images-env")
-                .arg(Images::env_path())
-                .args(&bins);
-            let res = cmd
-                .output()
-                .map_err(|e| format!("cannot run images/kvmhost/pack.sh: {e}"))?;
-            if !res.status.success() {
-                return Err(format!(
-                    "images/kvmhost/pack.sh failed ({}):\n{}",
-                    res.status,
-                    String::from_utf8_lossy(&res.stderr)
-                ));
-            }
-            Ok(out)
-        })
-        .clone()
+    PACKED.get_or_init(|| pack(&[], false, "")).clone()
+}
+
+/// The initrd for a kvm host with `opts`: [`packed_initrd`] unless it asks for more programs,
+/// else one packed for it (`run-<pid>.<n>.initrd`).
+fn initrd_for(opts: &KvmHostOptions) -> Result<PathBuf, String> {
+    if opts.extra_bins.is_empty() && !opts.qemu {
+        return packed_initrd();
+    }
+    static N: AtomicU32 = AtomicU32::new(0);
+    pack(
+        &opts.extra_bins,
+        opts.qemu,
+        &format!(".{}", N.fetch_add(1, Ordering::SeqCst)),
+    )
+}
+
+/// Runs `images/kvmhost/pack.sh` for [`BINARIES`] and `extra`, into
+/// `kvmhost-run/run-<pid><suffix>.initrd` of the cache.
+fn pack(extra: &[PathBuf], qemu: bool, suffix: &str) -> Result<PathBuf, String> {
+    let mut bins: Vec<PathBuf> = BINARIES.iter().map(|b| release_bin(b)).collect();
+    for b in &bins {
+        if !b.exists() {
+            return Err(format!(
+                "{} not built; run `make release` (`make test` does)",
+                b.display()
+            ));
+        }
+    }
+    bins.extend(extra.iter().cloned());
+    let dir = crate::cache_dir().join("kvmhost-run");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    prune_dead_runs(&dir);
+    let out = dir.join(format!("run-{}{suffix}.initrd", std::process::id()));
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("images/kvmhost/pack.sh"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--images-env")
+        .arg(Images::env_path());
+    if qemu {
+        cmd.arg("--qemu");
+    }
+    cmd.arg("--").args(&bins);
+    let res = cmd
+        .output()
+        .map_err(|e| format!("cannot run images/kvmhost/pack.sh: {e}"))?;
+    if !res.status.success() {
+        return Err(format!(
+            "images/kvmhost/pack.sh failed ({}):\n{}",
+            res.status,
+            String::from_utf8_lossy(&res.stderr)
+        ));
+    }
+    Ok(out)
 }
 
 /// Removes packed initrds of processes that no longer exist.
@@ -172,7 +205,7 @@ impl KvmHost {
     /// Boots a kvm host and waits until its agent answers.
     pub fn start(opts: &KvmHostOptions) -> Result<KvmHost, String> {
         let img = Images::load();
-        let initrd = packed_initrd()?;
+        let initrd = initrd_for(opts)?;
         // Held until our side of the tap has its address (see NetLock).
         let net_lock = NetLock::take();
         let n = free_subnet(
@@ -204,6 +237,12 @@ impl KvmHost {
             .arg("-netdev")
             .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
             .args(["-device", "virtio-net-pci,netdev=n0"]);
+        for disk in &opts.disks {
+            let mut drive = std::ffi::OsString::from("file=");
+            drive.push(disk);
+            drive.push(",format=raw,if=virtio,snapshot=on");
+            cmd.arg("-drive").arg(drive);
+        }
         // SAFETY: prctl in the child before exec; PR_SET_PDEATHSIG only sets a process attribute.
         unsafe {
             cmd.pre_exec(|| {
