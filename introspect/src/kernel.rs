@@ -79,6 +79,28 @@ impl Symbols {
     fn need(&self, name: &'static str) -> Result<u64, KernelError> {
         self.get(name).ok_or(KernelError::NoSymbol(name))
     }
+
+    /// Every symbol (name, link-time address), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.0.iter().map(|(n, &a)| (n.as_str(), a))
+    }
+
+    /// How many symbols.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(String, u64)> for Symbols {
+    /// A later symbol of the same name wins, as in [`Symbols::parse`].
+    fn from_iter<I: IntoIterator<Item = (String, u64)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
 }
 
 /// A located, validated kernel.
@@ -147,6 +169,31 @@ pub fn locate(
         }
     }
     Err(KernelError::NotFound(cr3))
+}
+
+/// The location for a known `slide` (from the kernel's own symbol table): reads `phys_base` and
+/// `page_offset_base` and cross-checks the banner, as [`locate`] does for the slide it finds.
+pub fn locate_at(
+    mem: &dyn PhysMem,
+    root: u64,
+    levels: u8,
+    syms: &Symbols,
+    slide: u64,
+) -> Result<KernelLocation, KernelError> {
+    let pw = PageWalker::new(mem, root, levels)?;
+    finish(&pw, slide, syms, root & 0x000f_ffff_ffff_f000, levels)
+}
+
+/// The kernel release (`uname -r`) from `linux_banner` at kernel virtual `banner_va`:
+/// "Linux version 6.1.0-28-cloud-amd64 (…". `None` if it does not read as a banner.
+pub fn release(mem: &dyn PhysMem, loc: &KernelLocation, banner_va: u64) -> Option<String> {
+    let mut b = [0u8; 128];
+    mem.read(loc.image_phys(banner_va), &mut b).ok()?;
+    let rest = b.strip_prefix(BANNER)?;
+    let end = rest.iter().position(|&c| c == b' ' || c == 0)?;
+    let r = rest.get(..end)?;
+    (!r.is_empty() && r.iter().all(|c| c.is_ascii_graphic()))
+        .then(|| String::from_utf8_lossy(r).into_owned())
 }
 
 fn finish(

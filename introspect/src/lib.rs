@@ -9,6 +9,8 @@
 //! * [`consistency`] — [`consistency::Pausable`], the project's one pause, and reads at a moment
 //!   when the task list is not being changed.
 //! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
+//! * [`image`], [`kallsyms`] — the kernel image's mappings and the symbol table in its read-only
+//!   data: a stock kernel with no System.map.
 //! * [`show`] — text tables for command-line tools.
 //! * [`cache`] — a page cache over any memory source, for reads of a paused guest.
 //! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
@@ -17,9 +19,12 @@ pub mod btf;
 pub mod cache;
 pub mod consistency;
 pub mod conv;
+pub mod discover;
 pub mod elf;
 pub mod forkrate;
 pub mod hooks;
+pub mod image;
+pub mod kallsyms;
 pub mod kernel;
 pub mod le;
 pub mod mem;

@@ -61,8 +61,12 @@ pub enum KernelFiles<'a> {
         /// The guest's `vmlinux` (only its `.BTF` section is used).
         vmlinux: &'a Path,
     },
-    /// A stock guest whose files are already loaded.
+    /// A stock guest whose files are already loaded (or whose kernel was found in its memory
+    /// before, [`StockKernel::discover_paused`]).
     Stock(&'a StockKernel),
+    /// A stock guest with no files: its symbols and types are found in its own memory
+    /// ([`crate::discover`]).
+    Memory,
 }
 
 /// Why the guest kernel could not be located.
@@ -109,6 +113,9 @@ pub enum TargetError {
     /// Task layouts or `tasklist_lock`.
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// Finding the kernel's symbols and types in its memory.
+    #[error(transparent)]
+    Discover(#[from] crate::discover::DiscoverError),
 }
 
 /// A located guest kernel, ready for task-list walks.
@@ -123,6 +130,8 @@ pub struct Target {
     pub init_task: u64,
     /// `tasklist_lock`, to wait for a moment when no fork or exit holds it.
     pub tasklist_lock: TasklistLock,
+    /// The kernel release (`uname -r`, from `linux_banner`), for messages.
+    pub release: String,
 }
 
 /// A stock kernel's `System.map` and `vmlinux`, read, parsed and checked: everything locating it
@@ -137,18 +146,70 @@ pub struct StockKernel {
     init_task: u64,
     /// `tasklist_lock` at link time.
     tasklist_lock: u64,
+    /// Found in guest memory rather than loaded from files.
+    from_memory: bool,
 }
 
 impl StockKernel {
-    /// Reads and checks both files: the symbols the walk needs, the vmlinux's `.BTF` section and
-    /// the task layouts it must describe.
-    pub fn load(system_map: &Path, vmlinux: &Path) -> Result<StockKernel, TargetError> {
-        let syms = Symbols::from_file(system_map)?;
+    /// Checks symbols and types that came from files or from guest memory.
+    fn new(syms: Symbols, btf: Btf, from_memory: bool) -> Result<StockKernel, TargetError> {
         let sym = |n: &'static str| syms.get(n).ok_or(TargetError::NoSymbol(n));
         for n in STOCK_SYMBOLS {
             sym(n)?;
         }
         let (init_task, tasklist_lock) = (sym("init_task")?, sym("tasklist_lock")?);
+        // The kernel's structs must make sense now, not after a pause.
+        TaskLayout::from_btf(&btf)?;
+        TasklistLock::new(&btf, tasklist_lock)?;
+        Ok(StockKernel {
+            syms,
+            btf,
+            init_task,
+            tasklist_lock,
+            from_memory,
+        })
+    }
+
+    /// Finds the kernel's symbols and types in guest memory from `cr3`/`cr4` (no files), and
+    /// where it sits. Needs no pause: everything it reads is constant while the kernel runs.
+    pub fn discover(
+        mem: &dyn PhysMem,
+        cr3: u64,
+        cr4: u64,
+    ) -> Result<(StockKernel, KernelLocation), TargetError> {
+        let found = crate::discover::discover(mem, cr3, cr4)?;
+        Ok((StockKernel::new(found.symbols, found.btf, true)?, found.loc))
+    }
+
+    /// Pauses the guest with `pauser` only to read CR3 and CR4 with `regs`, resumes it, then
+    /// [`StockKernel::discover`]s with the guest running.
+    pub fn discover_paused<P, E>(
+        mem: &dyn PhysMem,
+        pauser: &mut P,
+        mut regs: impl FnMut(&mut P) -> Result<(u64, u64), E>,
+    ) -> Result<(StockKernel, KernelLocation), E>
+    where
+        P: Pausable,
+        E: From<P::Error> + From<TargetError>,
+    {
+        let mut paused = pauser.paused()?;
+        let (cr3, cr4) = regs(&mut paused)?;
+        paused.resume()?;
+        Ok(StockKernel::discover(mem, cr3, cr4)?)
+    }
+
+    /// True if this kernel was found in guest memory, not loaded from files.
+    pub fn from_memory(&self) -> bool {
+        self.from_memory
+    }
+
+    /// Reads and checks both files: the symbols the walk needs, the vmlinux's `.BTF` section and
+    /// the task layouts it must describe.
+    pub fn load(system_map: &Path, vmlinux: &Path) -> Result<StockKernel, TargetError> {
+        let syms = Symbols::from_file(system_map)?;
+        for n in STOCK_SYMBOLS {
+            syms.get(n).ok_or(TargetError::NoSymbol(n))?;
+        }
         let path = || vmlinux.display().to_string();
         let io = |source| TargetError::Vmlinux {
             path: path(),
@@ -165,15 +226,7 @@ impl StockKernel {
             path: path(),
             source,
         })?;
-        // The kernel's structs must make sense now, not after a pause.
-        TaskLayout::from_btf(&btf)?;
-        TasklistLock::new(&btf, tasklist_lock)?;
-        Ok(StockKernel {
-            syms,
-            btf,
-            init_task,
-            tasklist_lock,
-        })
+        StockKernel::new(syms, btf, false)
     }
 
     /// Its symbols.
@@ -223,6 +276,8 @@ fn with_source<T, E: From<TargetError>>(
         } => f(Source::Stock(&StockKernel::load(system_map, vmlinux)?)),
         KernelFiles::Stock(k) => f(Source::Stock(k)),
         KernelFiles::SensorBox { gpa, size } => f(Source::SensorBox { gpa, size }),
+        // Callers discover first ([`StockKernel::discover`]) and pass `Stock`.
+        KernelFiles::Memory => Err(TargetError::NoSymbol("(no kernel discovered)").into()),
     }
 }
 
@@ -255,11 +310,12 @@ impl Found<'_> {
     /// Copies and parses the kernel's types, with the guest running again: its `.BTF` section is
     /// read-only data that does not change while the kernel runs, so it needs no pause.
     fn finish(self, mem: &dyn PhysMem) -> Result<Target, TargetError> {
-        let (loc, btf, init_task, tasklist_lock) = match self {
+        let (loc, btf, init_task, tasklist_lock, banner) = match self {
             Found::Stock { loc, kernel } => {
                 let slid = |a: u64| a.wrapping_add(loc.slide);
                 let (init, lock) = (slid(kernel.init_task), slid(kernel.tasklist_lock));
-                (loc, kernel.btf.clone(), init, lock)
+                let banner = kernel.syms.get("linux_banner").map_or(0, slid);
+                (loc, kernel.btf.clone(), init, lock, banner)
             }
             Found::Patched { loc, st, len } => {
                 let mut blob = vec![0u8; len];
@@ -267,9 +323,17 @@ impl Found<'_> {
                 for (at, chunk) in (0u64..).step_by(BTF_CHUNK).zip(blob.chunks_mut(BTF_CHUNK)) {
                     mem.read(start.wrapping_add(at), chunk)?;
                 }
-                (loc, Btf::parse(&blob)?, st.init_task, st.tasklist_lock)
+                let banner = st.linux_banner;
+                (
+                    loc,
+                    Btf::parse(&blob)?,
+                    st.init_task,
+                    st.tasklist_lock,
+                    banner,
+                )
             }
         };
+        let release = kernel::release(mem, &loc, banner).unwrap_or_else(|| "(unknown)".into());
         let layout = TaskLayout::from_btf(&btf)?;
         let tasklist_lock = TasklistLock::new(&btf, tasklist_lock)?;
         Ok(Target {
@@ -278,11 +342,21 @@ impl Found<'_> {
             layout,
             init_task,
             tasklist_lock,
+            release,
         })
     }
 }
 
 impl Target {
+    /// The target of a stock kernel already found at `loc` (by [`StockKernel::discover`]).
+    pub fn with_stock(
+        mem: &dyn PhysMem,
+        kernel: &StockKernel,
+        loc: KernelLocation,
+    ) -> Result<Target, TargetError> {
+        Found::Stock { loc, kernel }.finish(mem)
+    }
+
     /// Locates the kernel from `cr3`/`cr4` (read with the guest paused) and `files`. The caller
     /// holds the guest paused for the whole call; [`Target::locate_paused`] pauses for the memory
     /// reads only.
@@ -292,6 +366,10 @@ impl Target {
         cr4: u64,
         files: KernelFiles<'_>,
     ) -> Result<Target, TargetError> {
+        if let KernelFiles::Memory = files {
+            let (kernel, loc) = StockKernel::discover(mem, cr3, cr4)?;
+            return Target::with_stock(mem, &kernel, loc);
+        }
         with_source(files, |src| read(mem, cr3, cr4, src)?.finish(mem))
     }
 
@@ -311,11 +389,21 @@ impl Target {
         P: Pausable,
         E: From<P::Error> + From<TargetError>,
     {
+        if let KernelFiles::Memory = files {
+            let (kernel, loc) = StockKernel::discover_paused(mem, pauser, regs)?;
+            return Ok(Target::with_stock(mem, &kernel, loc)?);
+        }
         with_source(files, |src| {
             let mut attempt = 1;
             loop {
                 let mut paused = pauser.paused()?;
                 let (cr3, cr4) = regs(&mut paused)?;
+                // A stock kernel's place is found from its page tables and image, which do not
+                // change while it runs: only the registers need the pause.
+                if let Source::Stock(_) = src {
+                    paused.resume()?;
+                    return Ok(read(mem, cr3, cr4, src)?.finish(mem)?);
+                }
                 match read(mem, cr3, cr4, src) {
                     Ok(found) => {
                         paused.resume()?;

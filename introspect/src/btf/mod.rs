@@ -719,6 +719,7 @@ impl Btf {
 }
 
 mod layout;
+pub mod locate;
 mod types;
 
 pub use types::{ArrayInfo, IntInfo, Kind, Member, MemberKind, StructLayout};
