@@ -8,7 +8,8 @@
 //! * [`repair`] — the one kill path: the never-kill rule, mailbox or direct SIGKILL.
 //! * [`consistency`] — [`consistency::Pausable`], the project's one pause, and reads at a moment
 //!   when the task list is not being changed.
-//! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks.
+//! * [`target`], [`tasks`], [`kernel`], [`paging`] — locating the kernel and walking its tasks;
+//!   [`layout`] — the fields the walk reads, in whichever shape the kernel has them.
 //! * [`show`] — text tables for command-line tools.
 //! * [`cache`] — a page cache over any memory source, for reads of a paused guest.
 //! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
@@ -21,6 +22,7 @@ pub mod elf;
 pub mod forkrate;
 pub mod hooks;
 pub mod kernel;
+pub mod layout;
 pub mod le;
 pub mod mem;
 pub mod paging;
