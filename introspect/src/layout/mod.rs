@@ -251,7 +251,7 @@ impl TaskLayout {
 
 /// The member at dotted `path` of `s` (through embedded structs and unions) and its byte offset
 /// from the start of `s`.
-fn member_at(btf: &Btf, s: &StructLayout, path: &str) -> Result<(u64, Member), String> {
+pub(crate) fn member_at(btf: &Btf, s: &StructLayout, path: &str) -> Result<(u64, Member), String> {
     let mut layout = s.clone();
     let mut total = 0u64;
     let mut parts = path.split('.').peekable();
