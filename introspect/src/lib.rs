@@ -13,7 +13,9 @@
 //! * [`show`] — text tables for command-line tools.
 //! * [`cache`] — a page cache over any memory source, for reads of a paused guest.
 //! * [`le`] — the checked little-endian reader every parser of untrusted bytes uses.
+//! * [`banner`] — the kernel's release, from its banner, for messages.
 
+pub mod banner;
 pub mod btf;
 pub mod cache;
 pub mod consistency;
