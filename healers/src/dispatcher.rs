@@ -254,7 +254,24 @@ impl<'a> GuestLoop<'a> {
             return;
         }
         self.step();
+        self.report_layout();
         self.budget_metrics();
+    }
+
+    /// Says once per located kernel what it lacks and what is off because of it (a warning on
+    /// stderr and a `degraded` event each): e.g. no readable RSS turns the memory policies off
+    /// for this guest while every other healer keeps working.
+    fn report_layout(&mut self) {
+        let name = self.guest.cfg.name.clone();
+        for u in self.guest.take_layout_notes() {
+            tracing::warn!("guest {name}: {u}");
+            self.events.emit(
+                &name,
+                "degraded",
+                json!({"release": u.release, "field": u.field, "looked_for": u.looked_for,
+                       "disables": u.disables, "reason": u.reason}),
+            );
+        }
     }
 
     fn step(&mut self) {

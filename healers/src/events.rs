@@ -14,6 +14,7 @@
 //! | `hang` | `stalled` (sensors), `for_ms`, `action`, `command_status` |
 //! | `backoff` | `step` (`sample`, or the healer's name), `reason`, `fix` (what to change in the config, or null), `failures` (in a row), `sensor` (healers), `retry_in_ms`, `retry_at_ms` (Unix ms) |
 //! | `pause_skipped` | a lock not taken because it would break the guest's pause budget: `step`, `reason` (used and allowed ms, window), `retry_in_ms`, `retry_at_ms` |
+//! | `degraded` | once per located kernel, for each field or symbol it lacks: `release`, `field`, `looked_for`, `disables` (what is off, e.g. the memory policies without `mm_struct.rss_stat`), `reason` |
 //! | `error` | `what` |
 
 use std::io::Write;

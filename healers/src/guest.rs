@@ -20,6 +20,7 @@ use bridge_client::wire::{self, VmStatus};
 use introspect::consistency::{self, Pausable};
 use introspect::forkrate::ForkRateError;
 use introspect::kernel::KernelError;
+use introspect::layout::Unresolved;
 use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, StockKernel, Target, TargetError};
@@ -175,6 +176,10 @@ struct Kernel {
     target: Target,
     direct: DirectLayout,
     virt: Option<VirtualSensors>,
+    /// Its release (`uname -r`), or "unknown release".
+    release: String,
+    /// Its [`Guest::take_layout_notes`] were taken.
+    noted: bool,
 }
 
 /// What taking the lock cost.
@@ -455,8 +460,26 @@ impl Guest {
             files,
         )?;
         let direct = DirectLayout::from_btf(&target.btf)?;
+        // The banner is read-only data: read with the guest running, for messages only.
+        let banner = match stock {
+            Some(k) => k
+                .symbols()
+                .get("linux_banner")
+                .map(|a| a.wrapping_add(target.loc.slide)),
+            None => sb.and_then(|s| s.state.as_ref()).map(|st| st.linux_banner),
+        };
+        let release = banner
+            .and_then(|va| {
+                introspect::banner::release(&KernelMem::new(mem, target.loc.clone()), va)
+            })
+            .unwrap_or_else(|| introspect::layout::UNKNOWN_RELEASE.to_owned());
         let virt = match stock {
-            Some(k) => Some(VirtualSensors::new(k.symbols(), &target.btf, &target.loc)?),
+            Some(k) => Some(VirtualSensors::new_for(
+                k.symbols(),
+                &target.btf,
+                &target.loc,
+                &release,
+            )?),
             None => None,
         };
         self.kernel = Some(Kernel {
@@ -464,8 +487,42 @@ impl Guest {
             target,
             direct,
             virt,
+            release,
+            noted: false,
         });
         Ok(())
+    }
+
+    /// What this guest's kernel lacks and what is off because of it (task layout fields,
+    /// virtual sensors), once per located kernel: the caller reports each once. Empty before
+    /// the kernel is located, and after.
+    pub fn take_layout_notes(&mut self) -> Vec<Unresolved> {
+        let Some(k) = self.kernel.as_mut().filter(|k| !k.noted) else {
+            return Vec::new();
+        };
+        k.noted = true;
+        let virt = k.virt.as_ref().map(VirtualSensors::unresolved);
+        k.target
+            .layout
+            .unresolved()
+            .iter()
+            .chain(virt.unwrap_or_default())
+            .map(|u| u.for_release(&k.release))
+            .collect()
+    }
+
+    /// Why the memory policies cannot run on this guest: its kernel's resident set sizes cannot
+    /// be read (`None` while the kernel is not located yet, or when they can).
+    pub fn rss_unresolved(&self) -> Option<Unresolved> {
+        let k = self.kernel.as_ref()?;
+        let l = &k.target.layout;
+        if l.has_rss() {
+            return None;
+        }
+        l.unresolved()
+            .iter()
+            .find(|u| u.field == introspect::layout::RSS_FIELD)
+            .map(|u| u.for_release(&k.release))
     }
 
     /// Takes the pause lock at a moment when no fork or exit holds `tasklist_lock` (retrying with

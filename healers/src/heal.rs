@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::contract::{Checker, Violation};
 use crate::events::{micros, millis};
-use crate::guest::GuestError;
+use crate::guest::{Guest, GuestError};
 use crate::hm::{HealContext, HealOutcome, HealingModule};
 use crate::policy::Culprit;
 
@@ -29,6 +29,12 @@ pub trait Diagnosis: Send {
 
     /// How long each round re-samples for [`Diagnosis::recovered`].
     fn settle(&self) -> Duration;
+
+    /// Why this healer cannot work on `guest` at all (e.g. its kernel's RSS cannot be read), so
+    /// that no lock is taken for it; the dispatcher has said so once already (`degraded`).
+    fn unavailable(&self, _guest: &Guest) -> Option<String> {
+        None
+    }
 
     /// A diagnosis that needs no process table (patched guests only), tried first under the lock:
     /// e.g. the kernel's own per-user fork counters name the culprit and KILL_UID kills all of
@@ -100,6 +106,9 @@ enum Round {
 /// `d.settle()` of re-sampling until `d.recovered` says so.
 pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -> HealOutcome {
     let hm = D::NAME;
+    if let Some(reason) = d.unavailable(ctx.guest) {
+        return HealOutcome::NoCulprit(reason);
+    }
     let (max_rounds, settle) = (d.max_rounds().max(1), d.settle());
     let called = Instant::now();
     let mut killed_total = 0usize;

@@ -6,6 +6,10 @@
 //! respawn it), `MAX_RSSUID` (every process of the user holding most memory), `MAX_RSSUID_SAVEUID`
 //! (the same, never touching the configured `save_users`). A controller that respawns its children
 //! dies with them: a user kill takes all of the user's processes, and MAX_RSS takes the ancestors.
+//!
+//! The policies need resident set sizes: on a kernel whose `mm_struct.rss_stat` introspect cannot
+//! read in any shape it knows, this healer does nothing (and takes no lock) for that guest; the
+//! dispatcher says so once with a `degraded` event, and every other healer keeps working.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +19,7 @@ use introspect::tasks::Process;
 
 use crate::config::{MemConfig, MemPolicy};
 use crate::contract::{Checker, Violation};
-use crate::guest::GuestError;
+use crate::guest::{Guest, GuestError};
 use crate::heal::{Diagnosis, Healer};
 use crate::hm::HealContext;
 use crate::policy::{self, Culprit};
@@ -56,6 +60,12 @@ impl Diagnosis for MemReclaim {
 
     fn settle(&self) -> Duration {
         Duration::from_millis(1000)
+    }
+
+    fn unavailable(&self, guest: &Guest) -> Option<String> {
+        guest
+            .rss_unresolved()
+            .map(|u| format!("memory policies disabled for this guest: {u}"))
     }
 
     fn diagnose(

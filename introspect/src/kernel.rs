@@ -184,18 +184,6 @@ pub fn locate_at(
     finish(&pw, slide, syms, root & 0x000f_ffff_ffff_f000, levels)
 }
 
-/// The kernel release (`uname -r`) from `linux_banner` at kernel virtual `banner_va`:
-/// "Linux version 6.1.0-28-cloud-amd64 (…". `None` if it does not read as a banner.
-pub fn release(mem: &dyn PhysMem, loc: &KernelLocation, banner_va: u64) -> Option<String> {
-    let mut b = [0u8; 128];
-    mem.read(loc.image_phys(banner_va), &mut b).ok()?;
-    let rest = b.strip_prefix(BANNER)?;
-    let end = rest.iter().position(|&c| c == b' ' || c == 0)?;
-    let r = rest.get(..end)?;
-    (!r.is_empty() && r.iter().all(|c| c.is_ascii_graphic()))
-        .then(|| String::from_utf8_lossy(r).into_owned())
-}
-
 fn finish(
     pw: &PageWalker,
     slide: u64,

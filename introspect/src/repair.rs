@@ -78,6 +78,17 @@ pub enum RepairError {
     /// Layouts.
     #[error(transparent)]
     Btf(#[from] crate::btf::BtfError),
+    /// A field the direct kill path writes or compares is missing or not the size it expects.
+    #[error(
+        "the direct kill path cannot use {field}: {reason}; this kernel's task_struct is not one \
+         introspect knows, report it with the kernel's release"
+    )]
+    Layout {
+        /// The field, e.g. `task_struct.thread_info.flags`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Refused by the never-kill rule.
     #[error("refusing to kill {0}")]
     Refused(String),
@@ -130,16 +141,38 @@ pub struct DirectLayout {
 }
 
 impl DirectLayout {
-    /// Resolves the offsets.
+    /// Resolves the offsets, and checks that each word written or compared has the size this
+    /// path reads and writes (the same in every kernel from 5.10 to 6.12 on x86-64: a `sigset_t`
+    /// is `unsigned long sig[1]`, `thread_info.flags` an `unsigned long`).
     pub fn from_btf(btf: &Btf) -> Result<Self, RepairError> {
+        let word = |structure: &'static str, path: &'static str, size: u64| {
+            let s = btf.struct_layout(structure)?;
+            let (off, m) =
+                crate::layout::member_at(btf, &s, path).map_err(|reason| RepairError::Layout {
+                    field: format!("{structure}.{path}"),
+                    reason,
+                })?;
+            // An array (a sigset's words) is checked by its first element.
+            let unit = match m.kind {
+                crate::btf::MemberKind::Array { elem_size, .. } => elem_size,
+                _ => m.size,
+            };
+            if unit != size {
+                return Err(RepairError::Layout {
+                    field: format!("{structure}.{path}"),
+                    reason: format!("{unit} bytes, expected {size}"),
+                });
+            }
+            Ok(off)
+        };
         Ok(Self {
-            signal: btf.field_offset("task_struct", "signal")?,
-            shared_pending: btf.field_offset("signal_struct", "shared_pending.signal.sig")?,
-            pending: btf.field_offset("task_struct", "pending.signal.sig")?,
-            ti_flags: btf.field_offset("task_struct", "thread_info.flags")?,
-            pid: btf.field_offset("task_struct", "pid")?,
-            tgid: btf.field_offset("task_struct", "tgid")?,
-            start_time: btf.field_offset("task_struct", "start_time")?,
+            signal: word("task_struct", "signal", 8)?,
+            shared_pending: word("signal_struct", "shared_pending.signal.sig", 8)?,
+            pending: word("task_struct", "pending.signal.sig", 8)?,
+            ti_flags: word("task_struct", "thread_info.flags", 8)?,
+            pid: word("task_struct", "pid", 4)?,
+            tgid: word("task_struct", "tgid", 4)?,
+            start_time: word("task_struct", "start_time", 8)?,
         })
     }
 }

@@ -152,14 +152,19 @@ pub struct StockKernel {
 
 impl StockKernel {
     /// Checks symbols and types that came from files or from guest memory.
-    fn new(syms: Symbols, btf: Btf, from_memory: bool) -> Result<StockKernel, TargetError> {
+    fn new(
+        syms: Symbols,
+        btf: Btf,
+        from_memory: bool,
+        release: &str,
+    ) -> Result<StockKernel, TargetError> {
         let sym = |n: &'static str| syms.get(n).ok_or(TargetError::NoSymbol(n));
         for n in STOCK_SYMBOLS {
             sym(n)?;
         }
         let (init_task, tasklist_lock) = (sym("init_task")?, sym("tasklist_lock")?);
         // The kernel's structs must make sense now, not after a pause.
-        TaskLayout::from_btf(&btf)?;
+        TaskLayout::from_btf_for(&btf, release)?;
         TasklistLock::new(&btf, tasklist_lock)?;
         Ok(StockKernel {
             syms,
@@ -178,7 +183,12 @@ impl StockKernel {
         cr4: u64,
     ) -> Result<(StockKernel, KernelLocation), TargetError> {
         let found = crate::discover::discover(mem, cr3, cr4)?;
-        Ok((StockKernel::new(found.symbols, found.btf, true)?, found.loc))
+        let banner = found.symbols.get("linux_banner").unwrap_or(0);
+        let km = KernelMem::new(mem, found.loc.clone());
+        let release = crate::banner::release(&km, banner.wrapping_add(found.loc.slide))
+            .unwrap_or_else(|| "(unknown release)".into());
+        let kernel = StockKernel::new(found.symbols, found.btf, true, &release)?;
+        Ok((kernel, found.loc))
     }
 
     /// Pauses the guest with `pauser` only to read CR3 and CR4 with `regs`, resumes it, then
@@ -226,7 +236,7 @@ impl StockKernel {
             path: path(),
             source,
         })?;
-        StockKernel::new(syms, btf, false)
+        StockKernel::new(syms, btf, false, "(the vmlinux given)")
     }
 
     /// Its symbols.
@@ -333,8 +343,9 @@ impl Found<'_> {
                 )
             }
         };
-        let release = kernel::release(mem, &loc, banner).unwrap_or_else(|| "(unknown)".into());
-        let layout = TaskLayout::from_btf(&btf)?;
+        let release = crate::banner::release(&KernelMem::new(mem, loc.clone()), banner)
+            .unwrap_or_else(|| "(unknown release)".into());
+        let layout = TaskLayout::from_btf_for(&btf, &release)?;
         let tasklist_lock = TasklistLock::new(&btf, tasklist_lock)?;
         Ok(Target {
             loc,

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use crate::btf::{Btf, BtfError};
 use crate::conv::usize_from;
 use crate::kernel::{KernelLocation, START_KERNEL_MAP};
+use crate::layout::{Rss, Threads};
+pub use crate::layout::{TaskLayout, Unresolved};
 use crate::mem::{MemError, PhysMem};
 
 /// `PF_KTHREAD` (include/linux/sched.h): the task is a kernel thread.
@@ -42,6 +44,23 @@ pub enum TaskError {
     /// A layout is missing from BTF.
     #[error(transparent)]
     Btf(#[from] BtfError),
+    /// A field the process table cannot be read without is missing from this kernel, in every
+    /// shape we know of.
+    #[error(
+        "kernel {release}: cannot read the process table: no {field} (looked for {looked_for}; \
+         {reason}); this kernel's task_struct is not one introspect knows, report it with the \
+         kernel's release"
+    )]
+    Unsupported {
+        /// The kernel's release, or "unknown release".
+        release: String,
+        /// The field, e.g. `task_struct.pid`.
+        field: &'static str,
+        /// The shapes that were tried.
+        looked_for: &'static str,
+        /// What the kernel's types said.
+        reason: String,
+    },
     /// Memory could not be read.
     #[error(transparent)]
     Mem(#[from] MemError),
@@ -104,7 +123,10 @@ impl TaskError {
     pub fn is_guest_fault(&self) -> bool {
         !matches!(
             self,
-            TaskError::Mem(_) | TaskError::Btf(_) | TaskError::OutOfTime { .. }
+            TaskError::Mem(_)
+                | TaskError::Btf(_)
+                | TaskError::Unsupported { .. }
+                | TaskError::OutOfTime { .. }
         )
     }
 
@@ -114,66 +136,6 @@ impl TaskError {
             self,
             TaskError::TooLong { .. } | TaskError::OutOfTime { .. }
         )
-    }
-}
-
-/// Field offsets the walk needs, resolved once from BTF.
-#[derive(Clone, Debug)]
-pub struct TaskLayout {
-    tasks: u64,
-    pid: u64,
-    tgid: u64,
-    comm: u64,
-    comm_len: u64,
-    real_parent: u64,
-    real_cred: u64,
-    state: u64,
-    exit_state: u64,
-    flags: u64,
-    start_time: u64,
-    mm: u64,
-    signal: u64,
-    thread_node: u64,
-    signal_thread_head: u64,
-    cred_uid: u64,
-    cred_euid: u64,
-    mm_rss: u64,
-    rss_index: [u64; 3],
-}
-
-impl TaskLayout {
-    /// Resolves every offset from the kernel's BTF.
-    pub fn from_btf(btf: &Btf) -> Result<Self, TaskError> {
-        let task = btf.struct_layout("task_struct")?;
-        let comm = task.member("comm")?;
-        let idx = |name: &str| -> Result<u64, TaskError> {
-            Ok(u64::try_from(btf.enum_constant(name)?).unwrap_or(0))
-        };
-        Ok(Self {
-            tasks: task.offset("tasks")?,
-            pid: task.offset("pid")?,
-            tgid: task.offset("tgid")?,
-            comm: task.offset("comm")?,
-            comm_len: comm.size.min(64),
-            real_parent: task.offset("real_parent")?,
-            real_cred: task.offset("real_cred")?,
-            state: task.offset("__state")?,
-            exit_state: task.offset("exit_state")?,
-            flags: task.offset("flags")?,
-            start_time: task.offset("start_time")?,
-            mm: task.offset("mm")?,
-            signal: task.offset("signal")?,
-            thread_node: task.offset("thread_node")?,
-            signal_thread_head: btf.field_offset("signal_struct", "thread_head")?,
-            cred_uid: btf.field_offset("cred", "uid.val")?,
-            cred_euid: btf.field_offset("cred", "euid.val")?,
-            mm_rss: btf.field_offset("mm_struct", "rss_stat.count")?,
-            rss_index: [
-                idx("MM_FILEPAGES")?,
-                idx("MM_ANONPAGES")?,
-                idx("MM_SHMEMPAGES")?,
-            ],
-        })
     }
 }
 
@@ -448,12 +410,20 @@ impl TasklistLock {
     }
 }
 
-fn state_letter(state: u32, exit_state: u32) -> char {
+/// 'X' or 'Z' for a task that is exiting.
+fn exit_letter(exit_state: u32) -> Option<char> {
     if exit_state & EXIT_DEAD != 0 {
-        return 'X';
+        Some('X')
+    } else if exit_state & EXIT_ZOMBIE != 0 {
+        Some('Z')
+    } else {
+        None
     }
-    if exit_state & EXIT_ZOMBIE != 0 {
-        return 'Z';
+}
+
+fn state_letter(state: u32, exit_state: u32) -> char {
+    if let Some(c) = exit_letter(exit_state) {
+        return c;
     }
     match state {
         0 => 'R',
@@ -492,36 +462,59 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
     };
     let cred = km.u64_at(addr.wrapping_add(l.real_cred), "real_cred")?;
     let mm = km.u64_at(addr.wrapping_add(l.mm), "mm")?;
-    let mut rss = [0u64; 3];
-    if mm != 0 {
-        for (slot, idx) in rss.iter_mut().zip(l.rss_index) {
-            let v = km.u64_at(
-                mm.wrapping_add(l.mm_rss).wrapping_add(idx.wrapping_mul(8)),
-                "mm rss_stat",
-            )?;
-            // The counter is signed and may dip below zero: a negative one (top bit set) is 0.
-            *slot = if v >> 63 == 0 { v } else { 0 };
-        }
-    }
+    let rss = match l.rss {
+        Some(r) if mm != 0 => read_rss(km, &r, mm)?,
+        _ => [0; 3],
+    };
     let flags = km.u32_at(addr.wrapping_add(l.flags), "flags")?;
+    let uid = km.u32_at(cred.wrapping_add(l.cred_uid), "cred uid")?;
+    let opt_u32 = |off: Option<u64>, what| -> Result<Option<u32>, TaskError> {
+        off.map(|o| km.u32_at(addr.wrapping_add(o), what))
+            .transpose()
+    };
+    // `__state` is a u32; the older `state` a long whose low 32 bits (little-endian: the first
+    // four bytes) hold every state bit.
+    let state = opt_u32(l.state, "state")?;
+    let exit_state = opt_u32(l.exit_state, "exit_state")?.unwrap_or(0);
     Ok(Task {
         addr,
         pid: km.u32_at(addr.wrapping_add(l.pid), "pid")?,
         tgid: km.u32_at(addr.wrapping_add(l.tgid), "tgid")?,
         ppid,
-        uid: km.u32_at(cred.wrapping_add(l.cred_uid), "cred uid")?,
-        euid: km.u32_at(cred.wrapping_add(l.cred_euid), "cred euid")?,
+        uid,
+        euid: match l.cred_euid {
+            Some(o) => km.u32_at(cred.wrapping_add(o), "cred euid")?,
+            None => uid,
+        },
         comm,
-        state: state_letter(
-            km.u32_at(addr.wrapping_add(l.state), "state")?,
-            km.u32_at(addr.wrapping_add(l.exit_state), "exit_state")?,
-        ),
+        state: match state {
+            Some(s) => state_letter(s, exit_state),
+            None => exit_letter(exit_state).unwrap_or('?'),
+        },
         kthread: flags & PF_KTHREAD != 0,
-        start_time: km.u64_at(addr.wrapping_add(l.start_time), "start_time")?,
+        start_time: match l.start_time {
+            Some(o) => km.u64_at(addr.wrapping_add(o), "start_time")?,
+            None => 0,
+        },
         rss_file: rss[0],
         rss_anon: rss[1],
         rss_shmem: rss[2],
     })
+}
+
+/// The file, anonymous and shared-memory page counts of the `mm_struct` at `mm`: each a signed
+/// 64-bit counter (an `atomic_long_t`, or a `percpu_counter`'s `count`) that may dip below zero,
+/// read as 0 then.
+fn read_rss(km: &KernelMem, r: &Rss, mm: u64) -> Result<[u64; 3], TaskError> {
+    let mut rss = [0u64; 3];
+    for (slot, idx) in rss.iter_mut().zip(r.index) {
+        let at = mm
+            .wrapping_add(r.base)
+            .wrapping_add(idx.wrapping_mul(r.stride));
+        let v = km.u64_at(at, "mm rss_stat")?;
+        *slot = if v >> 63 == 0 { v } else { 0 };
+    }
+    Ok(rss)
 }
 
 /// Marks `init_task` in the visited set: no list may reach the idle task but through its head.
@@ -566,21 +559,11 @@ pub fn walk_table(
         walk.in_time()?;
         let task = read_task(km, l, addr)?;
         parents.push(km.u64_at(addr.wrapping_add(l.real_parent), "real_parent")?);
-        let signal = km.u64_at(addr.wrapping_add(l.signal), "signal")?;
         let mut threads = Vec::new();
         let mut thread_addrs = vec![addr];
-        if signal != 0 {
-            for t in km.list(
-                &mut walk,
-                signal.wrapping_add(l.signal_thread_head),
-                l.thread_node,
-                "thread list",
-                Some(i),
-                Some(addr),
-            )? {
-                threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
-                thread_addrs.push(t);
-            }
+        for t in thread_list(km, l, &mut walk, i, addr)? {
+            threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
+            thread_addrs.push(t);
         }
         procs.push(Process {
             task,
@@ -610,6 +593,37 @@ pub fn walk_table(
         processes: procs,
         stats: walk.stats,
     })
+}
+
+/// The other threads of the leader at `addr` (process `i` of the walk), from whichever thread
+/// list the kernel has; none if it has neither.
+fn thread_list(
+    km: &KernelMem,
+    l: &TaskLayout,
+    walk: &mut Walk,
+    i: usize,
+    addr: u64,
+) -> Result<Vec<u64>, TaskError> {
+    match l.threads {
+        Threads::Signal { signal, head, node } => {
+            let signal = km.u64_at(addr.wrapping_add(signal), "signal")?;
+            if signal == 0 {
+                return Ok(Vec::new());
+            }
+            let head = signal.wrapping_add(head);
+            km.list(walk, head, node, "thread list", Some(i), Some(addr))
+        }
+        // The leader's own node heads the ring, so it is not among the entries.
+        Threads::Group { node } => km.list(
+            walk,
+            addr.wrapping_add(node),
+            node,
+            "thread list",
+            Some(i),
+            None,
+        ),
+        Threads::None => Ok(Vec::new()),
+    }
 }
 
 /// The depth of every process (1 for one whose parent is not in the table), each parent link
@@ -656,6 +670,9 @@ fn depths(parent: &[Option<usize>], stats: &mut WalkStats) -> Result<Vec<u32>, T
 #[doc(hidden)]
 pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
     let off = |i: usize| u64::from(data.get(i).copied().unwrap_or(0)) * 8;
+    // Byte 19 picks the shapes: the thread list, the RSS counters, which optional fields exist.
+    let shape = data.get(19).copied().unwrap_or(0);
+    let has = |bit: u8, v: u64| (shape & (1 << bit) != 0).then_some(v);
     let layout = TaskLayout {
         tasks: off(0),
         pid: off(1),
@@ -664,18 +681,28 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
         comm_len: 16,
         real_parent: off(4),
         real_cred: off(5),
-        state: off(6),
-        exit_state: off(7),
         flags: off(8),
-        start_time: off(9),
         mm: off(10),
-        signal: off(11),
-        thread_node: off(12),
-        signal_thread_head: off(13),
         cred_uid: off(14),
-        cred_euid: off(15),
-        mm_rss: off(16),
-        rss_index: [0, 1, 3],
+        state: has(0, off(6)),
+        exit_state: has(1, off(7)),
+        start_time: has(2, off(9)),
+        cred_euid: has(3, off(15)),
+        threads: match shape >> 6 {
+            0 => Threads::Signal {
+                signal: off(11),
+                head: off(13),
+                node: off(12),
+            },
+            1 => Threads::Group { node: off(12) },
+            _ => Threads::None,
+        },
+        rss: has(4, 0).map(|_| Rss {
+            base: off(16),
+            stride: if shape & (1 << 5) != 0 { 40 } else { 8 },
+            index: [0, 1, 3],
+        }),
+        unresolved: Vec::new(),
     };
     let loc = KernelLocation {
         slide: 0,
@@ -696,19 +723,7 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
     let head = 0xffff_8880_0000_0000 + off(18);
     if let Ok(leaders) = km.list(&mut walk, head, layout.tasks, "task list", None, None) {
         for (i, &t) in leaders.iter().enumerate() {
-            let Ok(signal) = km.u64_at(t.wrapping_add(layout.signal), "signal") else {
-                break;
-            };
-            let threads = signal.wrapping_add(layout.signal_thread_head);
-            let list = km.list(
-                &mut walk,
-                threads,
-                layout.thread_node,
-                "thread list",
-                Some(i),
-                Some(t),
-            );
-            if list.is_err() {
+            if thread_list(&km, &layout, &mut walk, i, t).is_err() {
                 break;
             }
         }
@@ -748,19 +763,30 @@ mod tests {
         comm_len: 16,
         real_parent: 0x30,
         real_cred: 0x38,
-        state: 0x40,
-        exit_state: 0x44,
+        state: Some(0x40),
+        exit_state: Some(0x44),
         flags: 0x48,
-        start_time: 0x50,
+        start_time: Some(START_TIME),
         mm: 0x58,
-        signal: 0x60,
-        thread_node: 0x68,
-        signal_thread_head: 0x70,
+        threads: Threads::Signal {
+            signal: SIGNAL,
+            head: THREAD_HEAD,
+            node: THREAD_NODE,
+        },
         cred_uid: 4,
-        cred_euid: 8,
-        mm_rss: 0x10,
-        rss_index: [0, 1, 3],
+        cred_euid: Some(8),
+        rss: Some(Rss {
+            base: MM_RSS,
+            stride: 8,
+            index: [0, 1, 3],
+        }),
+        unresolved: Vec::new(),
     };
+    const START_TIME: u64 = 0x50;
+    const SIGNAL: u64 = 0x60;
+    const THREAD_NODE: u64 = 0x68;
+    const THREAD_HEAD: u64 = 0x70;
+    const MM_RSS: u64 = 0x10;
 
     #[test]
     fn negative_rss_counters_read_as_zero() {
@@ -772,9 +798,9 @@ mod tests {
         w(task + l.real_parent, &(BASE + task).to_le_bytes());
         w(task + l.real_cred, &(BASE + cred).to_le_bytes());
         w(task + l.mm, &(BASE + mm).to_le_bytes());
-        w(mm + l.mm_rss, &i64::MAX.to_le_bytes()); // file
-        w(mm + l.mm_rss + 8, &(-3i64).to_le_bytes()); // anon: per-CPU drift below zero
-        w(mm + l.mm_rss + 3 * 8, &7i64.to_le_bytes()); // shmem
+        w(mm + MM_RSS, &i64::MAX.to_le_bytes()); // file
+        w(mm + MM_RSS + 8, &(-3i64).to_le_bytes()); // anon: per-CPU drift below zero
+        w(mm + MM_RSS + 3 * 8, &7i64.to_le_bytes()); // shmem
         let t = read_task(&km(&mem), &l, BASE + task).unwrap();
         assert_eq!(t.comm, "hog");
         assert_eq!((t.rss_file, t.rss_anon, t.rss_shmem), (u64::MAX >> 1, 0, 7));
@@ -832,10 +858,7 @@ mod tests {
             self.w(a + LAYOUT.pid, &pid.to_le_bytes());
             self.w(a + LAYOUT.tgid, &pid.to_le_bytes());
             self.w(a + LAYOUT.comm, comm);
-            self.w(
-                a + LAYOUT.start_time,
-                &(u64::from(pid) * 1000).to_le_bytes(),
-            );
+            self.w(a + START_TIME, &(u64::from(pid) * 1000).to_le_bytes());
             self.ptr(a + LAYOUT.real_parent, t(parent));
             self.ptr(a + LAYOUT.real_cred, CRED);
         }
@@ -858,9 +881,9 @@ mod tests {
 
         /// Gives leader `leader` the signal_struct `j`, whose thread list holds `threads`.
         fn threads(&self, leader: u64, j: u64, threads: &[u64]) {
-            self.ptr(t(leader) + LAYOUT.signal, sig(j));
-            let nodes: Vec<u64> = threads.iter().map(|&i| t(i) + LAYOUT.thread_node).collect();
-            self.list(sig(j) + LAYOUT.signal_thread_head, &nodes);
+            self.ptr(t(leader) + SIGNAL, sig(j));
+            let nodes: Vec<u64> = threads.iter().map(|&i| t(i) + THREAD_NODE).collect();
+            self.list(sig(j) + THREAD_HEAD, &nodes);
         }
 
         fn walk(&self, limits: Limits) -> (Result<Table, TaskError>, u64) {
@@ -933,7 +956,7 @@ mod tests {
         let threads: Vec<u64> = std::iter::once(1).chain(N + 1..=2 * N).collect();
         g.threads(1, 0, &threads);
         for i in 2..=N {
-            g.ptr(t(i) + LAYOUT.signal, sig(0));
+            g.ptr(t(i) + SIGNAL, sig(0));
         }
         let (r, reads) = g.walk(Limits::default());
         match r {
@@ -1021,7 +1044,7 @@ mod tests {
         // Thread list of 1: 1 -> 4 -> 1 (the leader twice).
         g.leaders(&[1, 2, 3]);
         g.threads(1, 0, &[1, 4]);
-        g.ptr(t(4) + LAYOUT.thread_node, t(1) + LAYOUT.thread_node);
+        g.ptr(t(4) + THREAD_NODE, t(1) + THREAD_NODE);
         let e = g.walk(Limits::default()).0.unwrap_err();
         assert!(matches!(e, TaskError::Cycle("thread list")), "{e}");
         // Thread list of 1 reaching init_task.

@@ -10,11 +10,15 @@
 //! | `OOM_KILLS` | Σ per-CPU `vm_event_states.event[OOM_KILL]` |
 //! | `TOTAL_FORKS` (virtual only, id 100) | `total_forks`; a monitor derives the fork rate from two samples |
 //!
+//! Each sensor needs its own symbols and fields: one the kernel lacks is left out of the view and
+//! listed in [`VirtualSensors::unresolved`]; only `TIMER_TICKS` is required.
+//!
 //! What a stock kernel cannot say: the per-user fork rate, failed forks, entries to the OOM
 //! handler, a full file table. Those sensors are absent from the view, not zero.
 
 use crate::btf::Btf;
 use crate::kernel::{KernelLocation, Symbols};
+use crate::layout::{Unresolved, UNKNOWN_RELEASE};
 use crate::sensorbox::{ids, Header, Sensor, SensorBox, SensorClass, FLAG_LOWER_BOUND, FLAG_VALID};
 use crate::tasks::{KernelMem, TaskError};
 
@@ -26,7 +30,7 @@ const MAX_CPUS: u32 = 8192;
 /// Why the view could not be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtualError {
-    /// A symbol is missing.
+    /// A symbol the view cannot do without is missing.
     #[error("symbol {0} not found in System.map")]
     NoSymbol(&'static str),
     /// Layouts.
@@ -40,51 +44,167 @@ pub enum VirtualError {
     Implausible(String),
 }
 
-/// Addresses and offsets, resolved once.
+/// `nr_cpu_ids` and `__per_cpu_offset` (slid): what a sum over every CPU's copy needs.
+#[derive(Clone, Copy, Debug)]
+struct PerCpu {
+    nr_cpu_ids: u64,
+    offsets: u64,
+}
+
+/// Addresses and offsets, resolved once. Each sensor needs its own symbols and fields; one that
+/// cannot be resolved is left out of the view ([`VirtualSensors::unresolved`] says why), only
+/// `TIMER_TICKS` is required.
 #[derive(Clone, Debug)]
 pub struct VirtualSensors {
     jiffies_64: u64,
-    nr_threads: u64,
-    total_forks: u64,
-    nr_cpu_ids: u64,
-    per_cpu_offset: u64,
-    runqueues: u64,
-    rq_nr_switches: u64,
-    vm_zone_stat_free: u64,
+    per_cpu: Option<PerCpu>,
+    nr_threads: Option<u64>,
+    total_forks: Option<u64>,
+    /// Per-CPU offset of `runqueues.nr_switches`.
+    nr_switches: Option<u64>,
+    vm_zone_stat_free: Option<u64>,
+    /// Per-CPU offset of `vm_event_states.event[OOM_KILL]`.
     vm_event_oom_kill: Option<u64>,
+    unresolved: Vec<Unresolved>,
 }
 
+/// What one resolution step says when it fails.
+type Found<T> = Result<T, String>;
+
 impl VirtualSensors {
-    /// Resolves addresses (slid by `loc`) and offsets (from BTF).
+    /// Resolves addresses (slid by `loc`) and offsets (from BTF); messages say "unknown release"
+    /// ([`VirtualSensors::new_for`] names it).
     pub fn new(syms: &Symbols, btf: &Btf, loc: &KernelLocation) -> Result<Self, VirtualError> {
-        let sym = |n: &'static str| syms.get(n).ok_or(VirtualError::NoSymbol(n));
-        let slid = |n: &'static str| sym(n).map(|a| a.wrapping_add(loc.slide));
-        let free_idx = u64::try_from(btf.enum_constant("NR_FREE_PAGES")?).unwrap_or(0);
-        let oom = match (syms.get("vm_event_states"), btf.enum_constant("OOM_KILL")) {
-            (Some(states), Ok(idx)) => {
-                let events = btf.field_offset("vm_event_state", "event")?;
-                Some(states + events + u64::try_from(idx).unwrap_or(0) * 8)
+        Self::new_for(syms, btf, loc, UNKNOWN_RELEASE)
+    }
+
+    /// Resolves addresses and offsets of kernel `release`. Fails only without `jiffies_64`
+    /// (`TIMER_TICKS`, which every check of a guest's progress needs); any other sensor that
+    /// cannot be resolved is left out and listed in [`VirtualSensors::unresolved`].
+    pub fn new_for(
+        syms: &Symbols,
+        btf: &Btf,
+        loc: &KernelLocation,
+        release: &str,
+    ) -> Result<Self, VirtualError> {
+        let sym = |n: &str| -> Found<u64> {
+            syms.get(n)
+                .ok_or_else(|| format!("the kernel's symbols have no {n}"))
+        };
+        let slid = |n: &str| sym(n).map(|a| a.wrapping_add(loc.slide));
+        let btf_err = |e: crate::btf::BtfError| e.to_string();
+        let constant = |n: &str| -> Found<u64> {
+            let v = btf.enum_constant(n).map_err(btf_err)?;
+            u64::try_from(v)
+                .ok()
+                .filter(|&i| i < 4096)
+                .ok_or_else(|| format!("{n} = {v} is not a plausible index"))
+        };
+        let jiffies_64 = slid("jiffies_64").map_err(|_| VirtualError::NoSymbol("jiffies_64"))?;
+        let per_cpu = (|| {
+            Ok(PerCpu {
+                nr_cpu_ids: slid("nr_cpu_ids")?,
+                offsets: slid("__per_cpu_offset")?,
+            })
+        })();
+        // Per-CPU symbols are offsets into each CPU's area and are not slid.
+        let nr_switches = (|| {
+            let rq = btf.struct_layout("rq").map_err(btf_err)?;
+            let m = rq.member("nr_switches").map_err(btf_err)?;
+            if m.size != 8 {
+                return Err(format!("rq.nr_switches is {} bytes, expected 8", m.size));
             }
-            _ => None,
+            let off = rq.offset("nr_switches").map_err(btf_err)?;
+            Ok(sym("runqueues")?.wrapping_add(off))
+        })();
+        let free = (|| Ok(slid("vm_zone_stat")? + constant("NR_FREE_PAGES")? * 8))();
+        let oom = (|| {
+            let events = btf.struct_layout("vm_event_state").map_err(btf_err)?;
+            match events.member("event").map_err(btf_err)?.kind {
+                crate::btf::MemberKind::Array { elem_size: 8, .. } => {}
+                _ => return Err("vm_event_state.event is not an array of unsigned long".into()),
+            }
+            let off = events.offset("event").map_err(btf_err)?;
+            Ok(sym("vm_event_states")? + off + constant("OOM_KILL")? * 8)
+        })();
+        let mut unresolved = Vec::new();
+        let mut keep = |r: Found<u64>, field, looked_for, disables| {
+            r.map_err(|reason| {
+                unresolved.push(Unresolved {
+                    release: release.to_owned(),
+                    field,
+                    looked_for,
+                    disables,
+                    reason,
+                })
+            })
+            .ok()
+        };
+        let per_cpu = match per_cpu {
+            Ok(pc) => Some(pc),
+            Err(reason) => {
+                keep(
+                    Err(reason),
+                    "nr_cpu_ids",
+                    "symbols nr_cpu_ids and __per_cpu_offset",
+                    "the per-CPU sensors CONTEXT_SWITCHES and OOM_KILLS",
+                );
+                None
+            }
         };
         Ok(Self {
-            jiffies_64: slid("jiffies_64")?,
-            nr_threads: slid("nr_threads")?,
-            total_forks: slid("total_forks")?,
-            nr_cpu_ids: slid("nr_cpu_ids")?,
-            per_cpu_offset: slid("__per_cpu_offset")?,
-            // Per-CPU symbols are offsets into each CPU's area and are not slid.
-            runqueues: sym("runqueues")?,
-            rq_nr_switches: btf.field_offset("rq", "nr_switches")?,
-            vm_zone_stat_free: slid("vm_zone_stat")? + free_idx * 8,
-            vm_event_oom_kill: oom,
+            jiffies_64,
+            nr_threads: keep(
+                slid("nr_threads"),
+                "nr_threads",
+                "symbol nr_threads",
+                "the NPROCS sensor",
+            ),
+            total_forks: keep(
+                slid("total_forks"),
+                "total_forks",
+                "symbol total_forks",
+                "the TOTAL_FORKS sensor (fork rates)",
+            ),
+            nr_switches: keep(
+                nr_switches,
+                "rq.nr_switches",
+                "per-CPU symbol runqueues and rq.nr_switches (u64)",
+                "the CONTEXT_SWITCHES sensor",
+            ),
+            vm_zone_stat_free: keep(
+                free,
+                "vm_zone_stat[NR_FREE_PAGES]",
+                "symbol vm_zone_stat and enum constant NR_FREE_PAGES",
+                "the FREE_PAGES sensor",
+            ),
+            vm_event_oom_kill: keep(
+                oom,
+                "vm_event_states.event[OOM_KILL]",
+                "per-CPU symbol vm_event_states, vm_event_state.event and enum constant \
+                 OOM_KILL (CONFIG_VM_EVENT_COUNTERS)",
+                "the OOM_KILLS sensor",
+            ),
+            per_cpu,
+            unresolved,
         })
     }
 
-    fn per_cpu_sum(&self, km: &KernelMem, var: u64, cpus: u32) -> Result<u64, VirtualError> {
+    /// The sensors left out of the view, each with the symbol or field it lacks.
+    pub fn unresolved(&self) -> &[Unresolved] {
+        &self.unresolved
+    }
+
+    fn per_cpu_sum(
+        &self,
+        km: &KernelMem,
+        pc: PerCpu,
+        var: u64,
+        cpus: u32,
+    ) -> Result<u64, VirtualError> {
         let mut sum = 0u64;
         for cpu in 0..u64::from(cpus) {
-            let off = km.read_u64(self.per_cpu_offset + cpu * 8, "__per_cpu_offset")?;
+            let off = km.read_u64(pc.offsets + cpu * 8, "__per_cpu_offset")?;
             sum = sum.wrapping_add(km.read_u64(off.wrapping_add(var), "per-CPU counter")?);
         }
         Ok(sum)
@@ -92,10 +212,16 @@ impl VirtualSensors {
 
     /// Samples the counters into a Sensor Box view (at `gpa` 0, no externalized state).
     pub fn sample(&self, km: &KernelMem) -> Result<SensorBox, VirtualError> {
-        let cpus = (km.read_u64(self.nr_cpu_ids, "nr_cpu_ids")? & 0xffff_ffff) as u32;
-        if cpus == 0 || cpus > MAX_CPUS {
-            return Err(VirtualError::Implausible(format!("nr_cpu_ids {cpus}")));
-        }
+        let cpus = match self.per_cpu {
+            Some(pc) if self.nr_switches.is_some() || self.vm_event_oom_kill.is_some() => {
+                let n = (km.read_u64(pc.nr_cpu_ids, "nr_cpu_ids")? & 0xffff_ffff) as u32;
+                if n == 0 || n > MAX_CPUS {
+                    return Err(VirtualError::Implausible(format!("nr_cpu_ids {n}")));
+                }
+                Some((pc, n))
+            }
+            _ => None,
+        };
         let jiffies = km.read_u64(self.jiffies_64, "jiffies_64")?;
         let sensor = |id, class, flags: u16, threshold, value, name: &str| Sensor {
             id,
@@ -106,55 +232,61 @@ impl VirtualSensors {
             updated: jiffies,
             name: name.to_string(),
         };
-        let mut sensors = vec![
-            sensor(
-                ids::TIMER_TICKS,
-                SensorClass::Progress,
-                0,
-                1000,
-                jiffies,
-                "TIMER_TICKS",
-            ),
-            sensor(
+        let mut sensors = vec![sensor(
+            ids::TIMER_TICKS,
+            SensorClass::Progress,
+            0,
+            1000,
+            jiffies,
+            "TIMER_TICKS",
+        )];
+        if let (Some(var), Some((pc, n))) = (self.nr_switches, cpus) {
+            sensors.push(sensor(
                 ids::CONTEXT_SWITCHES,
                 SensorClass::Progress,
                 0,
                 1000,
-                self.per_cpu_sum(km, self.runqueues + self.rq_nr_switches, cpus)?,
+                self.per_cpu_sum(km, pc, var, n)?,
                 "CONTEXT_SWITCHES",
-            ),
-            sensor(
+            ));
+        }
+        if let Some(at) = self.nr_threads {
+            sensors.push(sensor(
                 ids::NPROCS,
                 SensorClass::Level,
                 0,
                 4096,
-                km.read_u64(self.nr_threads, "nr_threads")? & 0xffff_ffff,
+                km.read_u64(at, "nr_threads")? & 0xffff_ffff,
                 "NPROCS",
-            ),
-            sensor(
+            ));
+        }
+        if let Some(at) = self.vm_zone_stat_free {
+            sensors.push(sensor(
                 ids::FREE_PAGES,
                 SensorClass::Level,
                 FLAG_LOWER_BOUND,
                 1024,
-                km.read_u64(self.vm_zone_stat_free, "vm_zone_stat")?,
+                km.read_u64(at, "vm_zone_stat")?,
                 "FREE_PAGES",
-            ),
-            sensor(
+            ));
+        }
+        if let Some(at) = self.total_forks {
+            sensors.push(sensor(
                 TOTAL_FORKS,
                 SensorClass::Progress,
                 0,
                 u64::MAX,
-                km.read_u64(self.total_forks, "total_forks")?,
+                km.read_u64(at, "total_forks")?,
                 "TOTAL_FORKS",
-            ),
-        ];
-        if let Some(var) = self.vm_event_oom_kill {
+            ));
+        }
+        if let (Some(var), Some((pc, n))) = (self.vm_event_oom_kill, cpus) {
             sensors.push(sensor(
                 ids::OOM_KILLS,
                 SensorClass::Pressure,
                 0,
                 0,
-                self.per_cpu_sum(km, var, cpus)?,
+                self.per_cpu_sum(km, pc, var, n)?,
                 "OOM_KILLS",
             ));
         }
@@ -175,5 +307,68 @@ impl VirtualSensors {
             sensors,
             state: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btf::encoder::B;
+
+    fn btf(with_rq: bool) -> Btf {
+        let mut b = B::new();
+        let int = b.int("int", 4, true);
+        let u64_t = b.int("long long unsigned int", 8, false);
+        let events = b.array(u64_t, int, 8);
+        b.struct_("vm_event_state", 64, &[("event", events, 0, 0)]);
+        if with_rq {
+            b.struct_(
+                "rq",
+                16,
+                &[("nr_running", int, 0, 0), ("nr_switches", u64_t, 64, 0)],
+            );
+        }
+        b.enum_("", false, &[("NR_FREE_PAGES", 0)]);
+        b.enum_("", false, &[("PGPGIN", 0), ("OOM_KILL", 5)]);
+        Btf::parse(&b.build()).unwrap()
+    }
+
+    const MAP: &str = "ffffffff82000000 D jiffies_64\nffffffff82000010 D nr_cpu_ids\n\
+        ffffffff82000020 D __per_cpu_offset\n0000000000001000 D runqueues\n\
+        0000000000002000 D vm_event_states\nffffffff82000100 D vm_zone_stat\n";
+
+    fn loc() -> KernelLocation {
+        KernelLocation {
+            slide: 0x20_0000,
+            phys_base: 0,
+            page_offset_base: 0xffff_8880_0000_0000,
+            cr3: 0,
+            levels: 4,
+        }
+    }
+
+    #[test]
+    fn a_missing_symbol_or_field_drops_only_its_sensor() {
+        let v =
+            VirtualSensors::new_for(&Symbols::parse(MAP), &btf(false), &loc(), "6.12.9").unwrap();
+        let fields: Vec<&str> = v.unresolved().iter().map(|u| u.field).collect();
+        assert_eq!(fields, ["nr_threads", "total_forks", "rq.nr_switches"]);
+        let line = v.unresolved()[2].to_string();
+        assert!(
+            line.starts_with("kernel 6.12.9: no rq.nr_switches"),
+            "{line}"
+        );
+        assert!(line.ends_with("the CONTEXT_SWITCHES sensor"), "{line}");
+        assert_eq!(v.vm_event_oom_kill, Some(0x2000 + 5 * 8));
+        assert_eq!(v.vm_zone_stat_free, Some(0xffff_ffff_8220_0100));
+        let all = VirtualSensors::new(&Symbols::parse(MAP), &btf(true), &loc()).unwrap();
+        assert_eq!(all.nr_switches, Some(0x1008));
+    }
+
+    #[test]
+    fn without_jiffies_there_is_no_view() {
+        let map = MAP.replace("jiffies_64", "jiffies");
+        let e = VirtualSensors::new(&Symbols::parse(&map), &btf(true), &loc()).unwrap_err();
+        assert!(matches!(e, VirtualError::NoSymbol("jiffies_64")), "{e}");
     }
 }

@@ -152,6 +152,20 @@ fn pointee_name(btf: &Btf, m: &Member) -> String {
 }
 
 #[test]
+fn real_task_layouts_resolve_every_field() {
+    for which in BOTH {
+        let btf = &kernel(which).btf;
+        let l = introspect::tasks::TaskLayout::from_btf(btf)
+            .unwrap_or_else(|e| panic!("{which:?}: {e}"));
+        let missing: Vec<String> = l.unresolved().iter().map(ToString::to_string).collect();
+        assert!(missing.is_empty(), "{which:?}: {missing:#?}");
+        assert!(l.has_rss() && l.has_threads(), "{which:?}");
+        introspect::repair::DirectLayout::from_btf(btf)
+            .unwrap_or_else(|e| panic!("{which:?}: {e}"));
+    }
+}
+
+#[test]
 fn real_task_struct_members() {
     for which in BOTH {
         let btf = &kernel(which).btf;
