@@ -144,7 +144,9 @@ setup_private_apt() {
 		-o "Dir::State::status=/var/lib/dpkg/status"
 	)
 	log "fetching the bookworm-backports package lists (private apt configuration)"
-	apt-get "${apt_opts[@]}" update >&2
+	# apt-get update only warns (status 0) when an index cannot be fetched.
+	apt-get "${apt_opts[@]}" update >&2 || return 1
+	find "$private_apt/lists" -maxdepth 1 -name '*_Packages*' -print -quit | grep -q .
 }
 
 # The versioned kernel package the metapackage depends on.
