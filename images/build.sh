@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build every guest image, reusing cached results whose inputs did not change:
 #   1. images/kernel/build.sh     the patched guest kernel (bzImage, vmlinux, ...)
-#   2. images/stock/fetch.sh      the stock Debian cloud kernel, unmodified
+#   2. images/stock/fetch.sh      the stock Debian cloud kernel (6.1), unmodified, and
+#      ... --series 6.12          the stock Debian cloud kernel 6.12 (bookworm-backports)
 #   3. images/initramfs/build.sh  the initramfs with busybox, programs, scenarios
 #   4. images/kvmhost/build.sh    the kvm host: stock kernel + initramfs with kvm-amd
 #   5. images/kernel/build.sh --variant rxe and images/rxe/build.sh
@@ -29,13 +30,14 @@ usage() {
 	cat <<EOF
 Usage: images/build.sh [--help]
 
-Builds (or reuses) the guest kernel, the stock kernel, the initramfs, the
-kvm host's base image, the SoftRoCE VM's kernel and base image, the stock
-kernel's boot initramfs and the Debian root filesystem image, and writes
+Builds (or reuses) the guest kernel, the stock kernels (6.1, 6.12), the
+initramfs, the kvm host's base image, the SoftRoCE VM's kernel and base image,
+the stock kernel's boot initramfs and the Debian root filesystem image, and writes
 \${BD_IMAGES_ENV:-$cache/images.env} with the lines
   BD_KERNEL_DIR BD_KERNEL_BZIMAGE BD_KERNEL_VMLINUX BD_KERNEL_SYSTEM_MAP
   BD_KERNEL_CONFIG BD_STOCK_DIR BD_STOCK_VMLINUZ BD_STOCK_VMLINUX
-  BD_STOCK_SYSTEM_MAP BD_STOCK_CONFIG BD_INITRAMFS
+  BD_STOCK_SYSTEM_MAP BD_STOCK_CONFIG BD_STOCK612_DIR BD_STOCK612_VMLINUZ
+  BD_STOCK612_VMLINUX BD_STOCK612_CONFIG BD_INITRAMFS
   BD_KVMHOST_KERNEL BD_KVMHOST_INITRD
   BD_STOCK_BOOT_INITRD BD_ROOTFS_IMAGE
   BD_RXE_KERNEL BD_RXE_INITRD (only if the SoftRoCE images could be built)
@@ -77,6 +79,9 @@ run_step kernel "$here/kernel/build.sh"
 kernel_dir=$step_out
 run_step stock "$here/stock/fetch.sh"
 stock_dir=$step_out
+# The 6.12 one has no System.map on purpose: introspection must find what it needs without files.
+run_step stock612 "$here/stock/fetch.sh" --series 6.12
+stock612_dir=$step_out
 run_step initramfs "$here/initramfs/build.sh"
 initramfs=$step_out
 run_step kvmhost "$here/kvmhost/build.sh"
@@ -108,7 +113,8 @@ it needs root (mmdebstrap, mkfs.ext4 -d) and the network (Debian's archive): run
 fi
 
 for f in "$kernel_dir"/{bzImage,vmlinux,System.map,config} \
-	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$initramfs" \
+	"$stock_dir"/{vmlinuz,vmlinux,System.map,config} "$stock612_dir"/{vmlinuz,vmlinux,config} \
+	"$initramfs" \
 	"$kvmhost_dir"/{vmlinuz,initramfs.cpio.gz} "$bootinitrd_dir/initramfs.cpio.gz" \
 	"$rootfs_dir/rootfs.ext4" ${rxe_lines:+"$rxe_kernel_dir/bzImage" "$rxe_image_dir/initramfs.cpio.gz"}; do
 	[ -s "$f" ] || die "missing or empty: $f"
@@ -123,6 +129,10 @@ BD_STOCK_VMLINUZ=$stock_dir/vmlinuz
 BD_STOCK_VMLINUX=$stock_dir/vmlinux
 BD_STOCK_SYSTEM_MAP=$stock_dir/System.map
 BD_STOCK_CONFIG=$stock_dir/config
+BD_STOCK612_DIR=$stock612_dir
+BD_STOCK612_VMLINUZ=$stock612_dir/vmlinuz
+BD_STOCK612_VMLINUX=$stock612_dir/vmlinux
+BD_STOCK612_CONFIG=$stock612_dir/config
 BD_INITRAMFS=$initramfs
 BD_KVMHOST_KERNEL=$kvmhost_dir/vmlinuz
 BD_KVMHOST_INITRD=$kvmhost_dir/initramfs.cpio.gz

@@ -7,9 +7,10 @@
 #                                  dynamic loader), so they run unmodified
 #   /opt/bd/images/bzImage         BD_KERNEL_BZIMAGE
 #   /opt/bd/images/stock-vmlinuz   BD_STOCK_VMLINUZ
+#   /opt/bd/images/stock612-vmlinuz  BD_STOCK612_VMLINUZ
 #   /opt/bd/images/initramfs.cpio.gz  BD_INITRAMFS
 #   /opt/bd/images/stock-boot-initrd.cpio.gz  BD_STOCK_BOOT_INITRD
-#   /opt/bd/images.env             those four keys with the inside paths
+#   /opt/bd/images.env             those five keys with the inside paths
 # and, with --qemu (the device benchmarks compare bdvmm with QEMU -accel kvm
 # inside the kvm host; normal runs stay small without it),
 #   /opt/bd/bin/qemu-system-x86_64 this machine's QEMU, with its libraries
@@ -38,8 +39,9 @@ Usage: images/kvmhost/pack.sh --out FILE [--images-env FILE] [--qemu] BINARY...
 
 Writes FILE: the kvm host's base initramfs with BINARY... (at
 /opt/bd/bin/<name>, debug info stripped), the shared libraries they need and
-the guest images (bzImage, stock-vmlinuz, initramfs.cpio.gz under
-/opt/bd/images/, listed in /opt/bd/images.env) appended. Boot it as the
+the guest images (bzImage, stock-vmlinuz, stock612-vmlinuz, initramfs.cpio.gz,
+stock-boot-initrd.cpio.gz under /opt/bd/images/, listed in /opt/bd/images.env)
+appended. Boot it as the
 -initrd of BD_KVMHOST_KERNEL. Prints FILE as the last stdout line.
 
   --out FILE         the initrd to write (replaced atomically)
@@ -111,6 +113,7 @@ base=$(env_get BD_KVMHOST_INITRD)
 images=(
 	"bzImage BD_KERNEL_BZIMAGE"
 	"stock-vmlinuz BD_STOCK_VMLINUZ"
+	"stock612-vmlinuz BD_STOCK612_VMLINUZ"
 	"initramfs.cpio.gz BD_INITRAMFS"
 	"stock-boot-initrd.cpio.gz BD_STOCK_BOOT_INITRD"
 )

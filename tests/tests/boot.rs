@@ -1,7 +1,7 @@
-//! Real guests boot under bdvmm on both engines: the patched and the stock kernel to /init with 1
-//! and 2 vCPUs, a scenario, and a clean exit when the guest ends; a guest panic ends bdvmm with
-//! its reason; on the kvm engine also the PVH entry of a vmlinux, `--engine auto`, and the exact
-//! command line and e820 map bdvmm passed.
+//! Real guests boot under bdvmm on both engines: the patched kernel and the stock Debian 6.1 and
+//! 6.12 kernels to /init with 1 and 2 vCPUs, a scenario, and a clean exit when the guest ends; a
+//! guest panic ends bdvmm with its reason; on the kvm engine also the PVH entry of a vmlinux,
+//! `--engine auto`, and the exact command line and e820 map bdvmm passed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,10 @@ use backdoors_tests::Images;
 
 const BOOT: Duration = Duration::from_secs(120);
 
-/// Boots `kernel_key` with `hello` on `site`, checks the scenario, the vCPU count the guest sees
-/// and bdvmm's clean exit.
-fn boot_hello_and_end(engine: Engine, site: &Arc<Site>, kernel_key: &str, vcpus: u8) {
+/// Boots `kernel_key` with `hello` on `site`, checks the scenario, the kernel release the guest
+/// reports (it starts with `series` and a dot), the vCPU count the guest sees and bdvmm's clean
+/// exit.
+fn boot_hello_and_end(engine: Engine, site: &Arc<Site>, kernel_key: &str, series: &str, vcpus: u8) {
     let img = Images::load();
     let mut spec = VmSpec::on(
         engine,
@@ -45,7 +46,7 @@ fn boot_hello_and_end(engine: Engine, site: &Arc<Site>, kernel_key: &str, vcpus:
         vm.diagnostics()
     );
     let out = vm.stdout();
-    assert!(out.contains("HELLO from 6.1."), "{out}");
+    assert!(out.contains(&format!("HELLO from {series}.")), "{out}");
     assert!(
         out.contains(&format!("HELLO cpus={vcpus} ")),
         "the guest does not see {vcpus} vCPU(s):\n{out}"
@@ -57,31 +58,42 @@ fn boot_hello_and_end(engine: Engine, site: &Arc<Site>, kernel_key: &str, vcpus:
     );
 }
 
-fn boots_with_1_and_2_vcpus(engine: Engine, kernel_key: &str) {
+fn boots_with_1_and_2_vcpus(engine: Engine, kernel_key: &str, series: &str) {
     let site = Site::for_engine(engine);
     for vcpus in [1, 2] {
-        boot_hello_and_end(engine, &site, kernel_key, vcpus);
+        boot_hello_and_end(engine, &site, kernel_key, series, vcpus);
     }
 }
 
 #[test]
 fn tcg_boots_the_patched_kernel_with_1_and_2_vcpus() {
-    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_KERNEL_BZIMAGE");
+    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_KERNEL_BZIMAGE", "6.1");
 }
 
 #[test]
 fn kvm_boots_the_patched_kernel_with_1_and_2_vcpus() {
-    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_KERNEL_BZIMAGE");
+    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_KERNEL_BZIMAGE", "6.1");
 }
 
 #[test]
 fn tcg_boots_the_stock_debian_kernel_with_1_and_2_vcpus() {
-    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_STOCK_VMLINUZ");
+    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_STOCK_VMLINUZ", "6.1");
 }
 
 #[test]
 fn kvm_boots_the_stock_debian_kernel_with_1_and_2_vcpus() {
-    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_STOCK_VMLINUZ");
+    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_STOCK_VMLINUZ", "6.1");
+}
+
+/// Debian's cloud 6.12 kernel (bookworm-backports, `images/stock/fetch.sh --series 6.12`).
+#[test]
+fn tcg_boots_the_stock_debian_6_12_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Tcg, "BD_STOCK612_VMLINUZ", "6.12");
+}
+
+#[test]
+fn kvm_boots_the_stock_debian_6_12_kernel_with_1_and_2_vcpus() {
+    boots_with_1_and_2_vcpus(Engine::Kvm, "BD_STOCK612_VMLINUZ", "6.12");
 }
 
 fn guest_panic_ends_bdvmm_with_a_reason(engine: Engine) {

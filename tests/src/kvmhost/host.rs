@@ -28,6 +28,7 @@ pub const BINARIES: &[&str] = &["bdvmm", "rdma-bridge", "bd-kvmhost"];
 const INSIDE_IMAGES: &[(&str, &str)] = &[
     ("BD_KERNEL_BZIMAGE", "/opt/bd/images/bzImage"),
     ("BD_STOCK_VMLINUZ", "/opt/bd/images/stock-vmlinuz"),
+    ("BD_STOCK612_VMLINUZ", "/opt/bd/images/stock612-vmlinuz"),
     ("BD_INITRAMFS", "/opt/bd/images/initramfs.cpio.gz"),
 ];
 
