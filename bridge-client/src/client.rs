@@ -82,6 +82,9 @@ pub enum InspectError {
     /// Walking the task list.
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// A stock guest's virtual sensors.
+    #[error(transparent)]
+    Virtual(#[from] introspect::virtual_sensors::VirtualError),
 }
 
 impl ClientError {
@@ -498,13 +501,30 @@ impl BridgeMem {
         )
     }
 
+    /// The guest's Sensor Box (`FETCH_SB`) or, on a stock guest, which has none, its virtual
+    /// sensors computed from its kernel's counters (the kernel found in its memory: the lock is
+    /// taken only to read CR3).
+    pub fn sensors(&self) -> Result<SensorBox, InspectError> {
+        let (gpa, size) = self.bridge().backdoor();
+        match (KernelFiles::Auto { gpa, size }).resolve(self) {
+            KernelFiles::Memory => {
+                let mut p = self.pauser(Duration::from_secs(10));
+                introspect::virtual_sensors::sample_discovered(self, &mut p, |_| {
+                    let r = self.bridge().regs(0)?;
+                    Ok::<_, InspectError>((r.cr3, r.cr4))
+                })
+            }
+            _ => Ok(self.bridge().sensor_box()?),
+        }
+    }
+
     /// Finds the guest kernel (its location does not change while it runs; see
     /// [`Target::locate_paused`]): a stock kernel's files are read and parsed first, with the
     /// guest running, and the pause covers the memory reads only. A caller that locates more than
     /// once loads a [`introspect::target::StockKernel`] once and passes [`KernelFiles::Stock`].
     pub fn locate(&self, files: Option<KernelFiles<'_>>) -> Result<Target, InspectError> {
         let (gpa, size) = self.bridge().backdoor();
-        let files = files.unwrap_or(KernelFiles::SensorBox { gpa, size });
+        let files = files.unwrap_or(KernelFiles::Auto { gpa, size });
         let mut p = self.pauser(Duration::from_secs(10));
         Target::locate_paused(
             self,

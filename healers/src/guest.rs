@@ -237,6 +237,11 @@ pub struct Guest {
     mem: Option<BridgeMem>,
     kernel: Option<Kernel>,
     files: Option<LoadedFiles>,
+    /// A stock kernel found in the guest's memory (no files configured), kept for this boot.
+    found: Option<StockKernel>,
+    /// Whether the guest runs a stock kernel, found out at the first sample when no files say
+    /// so: a guest whose backdoor range holds no Sensor Box is stock.
+    detected_stock: Option<bool>,
     budget: PauseBudget,
     locked: Option<HeldLock>,
 }
@@ -311,6 +316,8 @@ impl Guest {
             mem: None,
             kernel: None,
             files: None,
+            found: None,
+            detected_stock: None,
             locked: None,
         }
     }
@@ -320,9 +327,26 @@ impl Guest {
         &mut self.budget
     }
 
-    /// True for a stock kernel (virtual sensors).
+    /// True for a stock kernel (virtual sensors): files configured, or no Sensor Box found in the
+    /// guest's backdoor range at the first sample.
     pub fn stock(&self) -> bool {
-        self.cfg.system_map.is_some()
+        self.cfg.system_map.is_some() || self.detected_stock == Some(true)
+    }
+
+    /// Finds out, once per boot, whether a guest without configured files is stock: its backdoor
+    /// range holds no Sensor Box (read with the guest running).
+    fn detect(&mut self) -> Result<(), GuestError> {
+        if self.cfg.system_map.is_some() || self.detected_stock.is_some() {
+            return Ok(());
+        }
+        let mem = self.session()?;
+        let (gpa, size) = mem.bridge().backdoor();
+        let stock = matches!(
+            (KernelFiles::Auto { gpa, size }).resolve(mem),
+            KernelFiles::Memory
+        );
+        self.detected_stock = Some(stock);
+        Ok(())
     }
 
     fn session(&mut self) -> Result<&BridgeMem, GuestError> {
@@ -366,7 +390,10 @@ impl Guest {
 
     /// A Sensor Box sample: the guest's own (patched), or virtual sensors (stock).
     pub fn sample(&mut self) -> Result<SensorBox, GuestError> {
-        let r = if self.stock() {
+        let r = self.detect();
+        let r = if let Err(e) = r {
+            Err(e)
+        } else if self.stock() {
             self.virtual_sample()
         } else {
             self.session().and_then(|m| Ok(m.bridge().sensor_box()?))
@@ -393,6 +420,8 @@ impl Guest {
     pub fn restart(&mut self) -> Result<(), GuestError> {
         let r = self.session().and_then(|m| Ok(m.bridge().restart()?));
         self.kernel = None;
+        self.found = None;
+        self.detected_stock = None;
         self.guard(r)
     }
 
@@ -436,12 +465,6 @@ impl Guest {
         let (Some(mem), budget) = (&self.mem, &mut self.budget) else {
             return Err(GuestError::NotLocked);
         };
-        let stock = self.files.as_ref().map(|f| &f.kernel);
-        let (gpa, size) = mem.bridge().backdoor();
-        let files = match stock {
-            Some(k) => KernelFiles::Stock(k),
-            None => KernelFiles::SensorBox { gpa, size },
-        };
         let mut pauser = Budgeted {
             mem,
             budget,
@@ -450,15 +473,43 @@ impl Guest {
             since: None,
             last_lock: Duration::ZERO,
         };
-        let target = Target::locate_paused(
-            mem,
-            &mut pauser,
-            |p| {
-                let r = p.mem.bridge().regs(0)?;
-                Ok::<_, GuestError>((r.cr3, r.cr4))
-            },
-            files,
-        )?;
+        let regs = |p: &mut Budgeted| {
+            let r = p.mem.bridge().regs(0)?;
+            Ok::<_, GuestError>((r.cr3, r.cr4))
+        };
+        // A stock guest without files: its kernel is found in its memory, paused only to read
+        // CR3 (kept for this boot; found again after a restart).
+        let memory_stock = self.files.is_none() && self.detected_stock == Some(true);
+        let fresh = if memory_stock && self.found.is_none() {
+            let (k, loc) = StockKernel::discover_paused(mem, &mut pauser, regs)?;
+            Some((k, loc))
+        } else {
+            None
+        };
+        let (target, found) = match fresh {
+            Some((k, loc)) => (Target::with_stock(mem, &k, loc)?, Some(k)),
+            None => {
+                let stock = self
+                    .files
+                    .as_ref()
+                    .map(|f| &f.kernel)
+                    .or(self.found.as_ref());
+                let (gpa, size) = mem.bridge().backdoor();
+                let files = match stock {
+                    Some(k) => KernelFiles::Stock(k),
+                    None => KernelFiles::SensorBox { gpa, size },
+                };
+                (Target::locate_paused(mem, &mut pauser, regs, files)?, None)
+            }
+        };
+        if found.is_some() {
+            self.found = found;
+        }
+        let stock = self
+            .files
+            .as_ref()
+            .map(|f| &f.kernel)
+            .or(self.found.as_ref());
         let direct = DirectLayout::from_btf(&target.btf)?;
         // The banner is read-only data: read with the guest running, for messages only.
         let banner = match stock {

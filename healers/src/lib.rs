@@ -18,6 +18,7 @@ pub mod config;
 pub mod contract;
 pub mod dispatcher;
 pub mod events;
+pub mod files;
 pub mod guest;
 pub mod hang;
 pub mod heal;

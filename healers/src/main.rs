@@ -56,7 +56,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Check a config file and exit.
+    /// Check a config file and exit; a stock guest's `system_map`/`vmlinux` must parse and,
+    /// when its bridge answers, belong to the kernel it runs (checked against `linux_banner`;
+    /// this pauses the guest once, to read CR3).
     Check {
         /// Config file.
         #[arg(long)]
@@ -99,6 +101,17 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
     match cli.cmd {
         Cmd::Check { config } => {
             let c = load(&config)?;
+            let mut bad = Vec::new();
+            for g in &c.guests {
+                match bdmon::files::check(g) {
+                    Ok(Some(note)) => println!("{note}"),
+                    Ok(None) => {}
+                    Err(e) => bad.push(e),
+                }
+            }
+            if !bad.is_empty() {
+                return Err((2, bad.join("\n")));
+            }
             println!("{}: {} guest(s), OK", config.display(), c.guests.len());
             Ok(())
         }

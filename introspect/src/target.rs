@@ -67,6 +67,29 @@ pub enum KernelFiles<'a> {
     /// A stock guest with no files: its symbols and types are found in its own memory
     /// ([`crate::discover`]).
     Memory,
+    /// No files: the patched guest's Sensor Box if the backdoor range `[gpa, gpa + size)` holds
+    /// one, otherwise the kernel's own memory.
+    Auto {
+        /// Guest-physical start of the backdoor range.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+    },
+}
+
+impl KernelFiles<'_> {
+    /// What `Auto` comes to for this guest now: a Sensor Box there (or one being written: torn)
+    /// means a patched guest; none, the kernel's own memory.
+    pub fn resolve(self, mem: &dyn PhysMem) -> Self {
+        match self {
+            KernelFiles::Auto { gpa, size } => match sensorbox::read(mem, gpa, size, 1000) {
+                Err(SbError::BadMagic(_)) | Err(SbError::Mem(_)) => KernelFiles::Memory,
+                _ if size == 0 => KernelFiles::Memory,
+                _ => KernelFiles::SensorBox { gpa, size },
+            },
+            other => other,
+        }
+    }
 }
 
 /// Why the guest kernel could not be located.
@@ -148,6 +171,8 @@ pub struct StockKernel {
     tasklist_lock: u64,
     /// Found in guest memory rather than loaded from files.
     from_memory: bool,
+    /// The release, when known before locating (found in memory).
+    release: Option<String>,
 }
 
 impl StockKernel {
@@ -172,6 +197,7 @@ impl StockKernel {
             init_task,
             tasklist_lock,
             from_memory,
+            release: from_memory.then(|| release.to_string()),
         })
     }
 
@@ -206,6 +232,11 @@ impl StockKernel {
         let (cr3, cr4) = regs(&mut paused)?;
         paused.resume()?;
         Ok(StockKernel::discover(mem, cr3, cr4)?)
+    }
+
+    /// The kernel release read from guest memory (kernels found there; `None` for files).
+    pub fn release(&self) -> Option<&str> {
+        self.release.as_deref()
     }
 
     /// True if this kernel was found in guest memory, not loaded from files.
@@ -286,8 +317,10 @@ fn with_source<T, E: From<TargetError>>(
         } => f(Source::Stock(&StockKernel::load(system_map, vmlinux)?)),
         KernelFiles::Stock(k) => f(Source::Stock(k)),
         KernelFiles::SensorBox { gpa, size } => f(Source::SensorBox { gpa, size }),
-        // Callers discover first ([`StockKernel::discover`]) and pass `Stock`.
-        KernelFiles::Memory => Err(TargetError::NoSymbol("(no kernel discovered)").into()),
+        // Callers resolve these first ([`KernelFiles::resolve`], [`StockKernel::discover`]).
+        KernelFiles::Memory | KernelFiles::Auto { .. } => {
+            Err(TargetError::NoSymbol("(no kernel discovered)").into())
+        }
     }
 }
 
@@ -377,11 +410,13 @@ impl Target {
         cr4: u64,
         files: KernelFiles<'_>,
     ) -> Result<Target, TargetError> {
-        if let KernelFiles::Memory = files {
+        if let KernelFiles::Memory = files.resolve(mem) {
             let (kernel, loc) = StockKernel::discover(mem, cr3, cr4)?;
             return Target::with_stock(mem, &kernel, loc);
         }
-        with_source(files, |src| read(mem, cr3, cr4, src)?.finish(mem))
+        with_source(files.resolve(mem), |src| {
+            read(mem, cr3, cr4, src)?.finish(mem)
+        })
     }
 
     /// Loads the kernel files (if `files` are paths) with the guest running, then pauses it with
@@ -400,6 +435,7 @@ impl Target {
         P: Pausable,
         E: From<P::Error> + From<TargetError>,
     {
+        let files = files.resolve(mem);
         if let KernelFiles::Memory = files {
             let (kernel, loc) = StockKernel::discover_paused(mem, pauser, regs)?;
             return Ok(Target::with_stock(mem, &kernel, loc)?);

@@ -310,6 +310,24 @@ impl VirtualSensors {
     }
 }
 
+/// A stock guest's virtual Sensor Box with no files: pauses with `pauser` only to read CR3/CR4
+/// with `regs`, finds the kernel in its memory with the guest running
+/// ([`crate::target::StockKernel::discover`]) and samples its counters.
+pub fn sample_discovered<P, E>(
+    mem: &dyn crate::mem::PhysMem,
+    pauser: &mut P,
+    regs: impl FnMut(&mut P) -> Result<(u64, u64), E>,
+) -> Result<SensorBox, E>
+where
+    P: crate::consistency::Pausable,
+    E: From<P::Error> + From<crate::target::TargetError> + From<VirtualError>,
+{
+    let (k, loc) = crate::target::StockKernel::discover_paused(mem, pauser, regs)?;
+    let release = k.release().unwrap_or("(unknown release)");
+    let v = VirtualSensors::new_for(k.symbols(), k.btf(), &loc, release)?;
+    Ok(v.sample(&KernelMem::new(mem, loc))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,7 +63,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PkiCmd,
     },
-    /// (monitor) Fetch and print a guest's Sensor Box through a bridge.
+    /// (monitor) Fetch and print a guest's Sensor Box through a bridge; for a stock guest, its
+    /// virtual sensors (its kernel found in its memory; needs `read = ["sb", "ram"]`, `lock`
+    /// and `regs`).
     Sb {
         #[command(flatten)]
         who: Who,
@@ -76,7 +78,8 @@ enum Cmd {
     Ps {
         #[command(flatten)]
         who: Who,
-        /// The guest's System.map (stock kernels; with --vmlinux).
+        /// The guest's System.map: an optional override for a stock kernel, whose symbols are
+        /// otherwise found in its memory (with --vmlinux).
         #[arg(long, requires = "vmlinux")]
         system_map: Option<PathBuf>,
         /// The guest's vmlinux, for BTF (stock kernels; with --system-map).
@@ -174,9 +177,11 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             }
         },
         Cmd::Sb { who, json } => {
-            let mut b = Bridge::connect(&who.bridge, &identity(&who))
+            let b = Bridge::connect(&who.bridge, &identity(&who))
                 .map_err(|e| (FAILED, e.to_string()))?;
-            let sb = b.sensor_box().map_err(|e| (FAILED, e.to_string()))?;
+            let sb = BridgeMem::new(b)
+                .sensors()
+                .map_err(|e| (FAILED, e.to_string()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sb).unwrap_or_default());
             } else {

@@ -3,7 +3,8 @@
 //! a remote monitor. A fork bomb (CPU- and I/O-bound) or a 30-process memory hog
 //! starts as user1 while `useful` runs as user2; bdmon must kill every culprit, `useful` must finish
 //! with iteration times back near its baseline, and nothing else may die. Without bdmon the same
-//! guest is crippled. Then the same on the stock Debian kernel through virtual sensors. A hung guest is
+//! guest is crippled. Then the same on Debian's stock 6.1 and 6.12 kernels through virtual sensors,
+//! with no System.map or vmlinux (their symbols and types found in guest memory). A hung guest is
 //! reported (and restarted in place, when asked).
 
 use std::path::Path;
@@ -27,7 +28,27 @@ const USER2: u32 = 1001;
 #[derive(Clone, Copy, PartialEq)]
 enum Kernel {
     Patched,
+    /// Debian's stock 6.1, with no files: bdmon finds its symbols and types in its memory.
     Stock,
+    /// The same, with System.map and vmlinux given (the optional override).
+    StockFiles,
+    /// Debian's stock 6.12, with no files.
+    Stock612,
+}
+
+impl Kernel {
+    fn stock(self) -> bool {
+        self != Kernel::Patched
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Patched => "patched",
+            Kernel::Stock => "stock 6.1, no files",
+            Kernel::StockFiles => "stock 6.1 with System.map and vmlinux",
+            Kernel::Stock612 => "stock 6.12, no files",
+        }
+    }
 }
 
 struct World {
@@ -42,7 +63,8 @@ fn world(engine: Engine, kernel: Kernel, params: &str) -> World {
     let img = Images::load();
     let key = match kernel {
         Kernel::Patched => "BD_KERNEL_BZIMAGE",
-        Kernel::Stock => "BD_STOCK_VMLINUZ",
+        Kernel::Stock | Kernel::StockFiles => "BD_STOCK_VMLINUZ",
+        Kernel::Stock612 => "BD_STOCK612_VMLINUZ",
     };
     let mut spec = VmSpec::on(
         engine,
@@ -59,11 +81,7 @@ fn world(engine: Engine, kernel: Kernel, params: &str) -> World {
             name: "mon1",
             read: &["sb", "ram"],
             // Stock kernels have no mailbox: SIGKILL is written into the task structures.
-            write: if kernel == Kernel::Stock {
-                &["ram"]
-            } else {
-                &["hooks"]
-            },
+            write: if kernel.stock() { &["ram"] } else { &["hooks"] },
             restart: true,
             lock: true,
             regs: true,
@@ -83,7 +101,7 @@ fn world(engine: Engine, kernel: Kernel, params: &str) -> World {
 impl World {
     fn kernel_files(&self) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
         let img = Images::load();
-        (self.kernel == Kernel::Stock).then(|| {
+        (self.kernel == Kernel::StockFiles).then(|| {
             (
                 img.get("BD_STOCK_SYSTEM_MAP").to_path_buf(),
                 img.get("BD_STOCK_VMLINUX").to_path_buf(),
@@ -105,7 +123,7 @@ impl World {
                 vmlinux.display()
             ));
         }
-        if self.kernel_files().is_some() && self.vm.engine() == Engine::Kvm {
+        if self.kernel.stock() && self.vm.engine() == Engine::Kvm {
             // A stock guest is repaired by direct writes, about three bridge round trips per
             // victim after the walk; nested inside the kvm host a round trip is ~1 ms, not ~20 µs,
             // so 300 victims outlast the default 2 s lease. The lease still bounds the pause.
@@ -248,7 +266,7 @@ fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
     let tail = median(&it[it.len() - 5..]);
     eprintln!(
         "{scenario} on {} ({}): baseline {base} us, last iterations {tail} us, worst {} us; {} repair(s); healed {:?}",
-        if kernel == Kernel::Patched { "patched" } else { "stock" },
+        kernel.name(),
         engine.name(),
         it.iter().max().unwrap(),
         repairs.len(),
@@ -348,10 +366,10 @@ fn kvm_bdmon_heals_a_cpu_fork_bomb_on_the_stock_kernel() {
 }
 
 #[test]
-fn tcg_bdmon_heals_an_io_fork_bomb_on_the_stock_kernel() {
+fn tcg_bdmon_heals_an_io_fork_bomb_on_the_stock_kernel_given_its_files() {
     healed(
         Engine::Tcg,
-        Kernel::Stock,
+        Kernel::StockFiles,
         "bd.scenario=forkbomb bd.mode=io",
         "Proc_Repair_Healer",
     );
@@ -382,6 +400,26 @@ fn kvm_bdmon_heals_a_memory_hog_on_the_stock_kernel() {
     healed(
         Engine::Kvm,
         Kernel::Stock,
+        "bd.scenario=memhog bd.children=30 bd.mb=20",
+        "Mem_Reclaim_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_a_cpu_fork_bomb_on_the_stock_6_12_kernel() {
+    healed(
+        Engine::Tcg,
+        Kernel::Stock612,
+        "bd.scenario=forkbomb bd.mode=cpu",
+        "Proc_Repair_Healer",
+    );
+}
+
+#[test]
+fn tcg_bdmon_heals_a_memory_hog_on_the_stock_6_12_kernel() {
+    healed(
+        Engine::Tcg,
+        Kernel::Stock612,
         "bd.scenario=memhog bd.children=30 bd.mb=20",
         "Mem_Reclaim_Healer",
     );
@@ -424,6 +462,57 @@ fn without_bdmon_the_io_fork_bomb_cripples_the_guest() {
 #[test]
 fn without_bdmon_the_memory_hog_cripples_the_guest() {
     crippled("bd.scenario=memhog bd.children=30 bd.mb=20");
+}
+
+/// `bdmon check` on a stock guest: its own System.map and vmlinux are said to belong to it;
+/// another kernel's, or a missing file, fail the check naming what is wrong.
+#[test]
+fn bdmon_check_compares_a_stock_guests_files_with_the_kernel_it_runs() {
+    let w = world(Engine::Tcg, Kernel::Stock, "bd.scenario=counter");
+    let img = Images::load();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |map: &Path, vmlinux: &Path| {
+        let cfg = format!(
+            "[[guest]]\nname = \"vm1\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
+             system_map = \"{}\"\nvmlinux = \"{}\"\n",
+            w.bridge.addr,
+            w.setup.pki().display(),
+            map.display(),
+            vmlinux.display()
+        );
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = std::process::Command::new(backdoors_tests::workspace_bin("bdmon"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .expect("bdmon check");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(img.get("BD_STOCK_SYSTEM_MAP"), img.get("BD_STOCK_VMLINUX"));
+    assert!(
+        ok && text.contains("belong to the running kernel"),
+        "{text}"
+    );
+    let (ok, text) = check(
+        img.get("BD_KERNEL_SYSTEM_MAP"),
+        img.get("BD_KERNEL_VMLINUX"),
+    );
+    assert!(
+        !ok && text.contains("do not belong to the kernel it runs"),
+        "{text}"
+    );
+    let (ok, text) = check(
+        &dir.path().join("System.map-typo"),
+        img.get("BD_STOCK_VMLINUX"),
+    );
+    assert!(!ok && text.contains("System.map-typo"), "{text}");
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! `bdvmm ctl ps` and `bdvmm ctl sb`: a running guest's process table and Sensor Box, read by
 //! introspection through the control API (memfd + pause lock + registers).
 //!
-//! On a patched guest nothing else is needed: the Sensor Box names `init_task` and the kernel's
-//! BTF blob in guest memory. On a stock guest, give `--system-map` and `--vmlinux` (for BTF).
+//! Nothing else is needed: on a patched guest the Sensor Box names `init_task` and the kernel's
+//! BTF blob; on a stock guest the kernel's own symbol table (kallsyms) and BTF are found in its
+//! memory. `--system-map` and `--vmlinux` override that for a stock guest.
 //! The tables are printed by [`introspect::show`].
 
 use std::path::Path;
@@ -34,6 +35,9 @@ pub enum InspectError {
     /// Walking the task list.
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// A stock guest's virtual sensors.
+    #[error(transparent)]
+    Virtual(#[from] introspect::virtual_sensors::VirtualError),
 }
 
 /// Maps the guest's memfd read-write (repairs write through it) from the API.
@@ -58,9 +62,25 @@ pub struct SbRange {
     pub size: u64,
 }
 
-/// Reads the Sensor Box (no pause needed: the sequence counter makes the copy consistent).
-pub fn sensor_box(mem: &MappedMem, range: SbRange) -> Result<SensorBox, InspectError> {
-    Ok(sensorbox::read(mem, range.gpa, range.size, 1000)?)
+/// Reads the Sensor Box (no pause needed: the sequence counter makes the copy consistent); on a
+/// stock guest, which has none, its virtual sensors, from the kernel found in its memory.
+pub fn sensor_box(
+    client: &mut ApiClient,
+    mem: &MappedMem,
+    range: SbRange,
+) -> Result<SensorBox, InspectError> {
+    match sensorbox::read(mem, range.gpa, range.size, 1000) {
+        Err(SbError::BadMagic(_)) => virtual_sensor_box(client, mem),
+        r => Ok(r?),
+    }
+}
+
+fn virtual_sensor_box(client: &mut ApiClient, mem: &MappedMem) -> Result<SensorBox, InspectError> {
+    let mut pauser = ApiPauser(client);
+    introspect::virtual_sensors::sample_discovered(mem, &mut pauser, |p| {
+        let r = p.0.regs(0)?;
+        Ok::<_, InspectError>((r.cr3, r.cr4))
+    })
 }
 
 /// bdvmm's API as the project's [`Pausable`] (with a 5 s lease).
@@ -92,7 +112,7 @@ pub fn process_table(
             system_map,
             vmlinux,
         },
-        _ => KernelFiles::SensorBox {
+        _ => KernelFiles::Auto {
             gpa: range.gpa,
             size: range.size,
         },

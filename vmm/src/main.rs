@@ -185,17 +185,19 @@ enum CtlOp {
     Memory,
     /// The guest's process table, by introspection (pauses the guest briefly).
     Ps {
-        /// System.map of the guest kernel (stock guests; patched guests need none).
+        /// System.map of the guest kernel: an optional override for a stock guest (by default
+        /// its symbols are found in its memory; patched guests need none).
         #[arg(long, requires = "vmlinux")]
         system_map: Option<PathBuf>,
-        /// The guest kernel's vmlinux, for its BTF (stock guests).
+        /// The guest kernel's vmlinux, for its BTF: the override's other half.
         #[arg(long, requires = "system_map")]
         vmlinux: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// The guest's Sensor Box (patched guests).
+    /// The guest's Sensor Box (patched guests), or the virtual sensors of a stock guest computed
+    /// from its kernel's own counters.
     Sb {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -502,7 +504,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
             },
         ),
         CtlOp::Sb { json: as_json } => inspect::map_guest(&mut client)
-            .and_then(|(mem, range)| inspect::sensor_box(&mem, range))
+            .and_then(|(mem, range)| inspect::sensor_box(&mut client, &mem, range))
             .map(|sb| {
                 if as_json {
                     Some(serde_json::to_value(&sb).unwrap_or_default())

@@ -12,8 +12,8 @@
 //!   offsets of them;
 //! * `kallsyms_offsets` (s32 per symbol) and `kallsyms_relative_base` (u64, relocated with the
 //!   kernel, so a run-time address) — before `num_syms` up to Linux 6.3, after the token index
-//!   from 6.4 on. Between markers and token table, Linux 6.2 and 6.3 put
-//!   `kallsyms_seqs_of_names`; that layout is not recognised.
+//!   from 6.4 on. Between markers and token table, Linux 6.2 and 6.3 (and Debian's 6.1, which
+//!   has it backported) put `kallsyms_seqs_of_names`, 3 bytes per symbol; from 6.4 it is last.
 //!
 //! The search starts from what every kernel's token table holds — the single-character tokens
 //! "0" to "9" in a row, since digits occur in symbol names — and every table found is checked
@@ -198,12 +198,41 @@ fn markers_before(b: &[u8], end: usize) -> Option<(usize, Vec<u32>)> {
         if vals.last().is_some_and(|&next| v >= next) || vals.len() >= max {
             return None;
         }
+        // 256 names take at least 512 bytes (a length and a token each).
+        if vals.last().is_some_and(|&next| next - v < 512) {
+            return None;
+        }
         vals.push(v);
         if v == 0 {
             vals.reverse();
             return Some((at, vals));
         }
     }
+}
+
+/// Names and count when `kallsyms_seqs_of_names` (3 bytes per symbol, Linux 6.2 and 6.3, and
+/// backported to some 6.1 stable kernels) sits between the markers and the token table at `t`:
+/// every size it can have is tried, and the count the names give must be the one it implies.
+fn with_seqs(b: &[u8], t: usize, steps: &mut u64) -> Option<(usize, usize)> {
+    let most = usize::try_from(MAX_SYMBOLS).ok()?.checked_mul(3)?;
+    for size in (8..=most.min(t)).step_by(8) {
+        *steps += 1;
+        if *steps > MAX_STEPS {
+            return None;
+        }
+        let end = t - size;
+        for e in [end, end.saturating_sub(4)] {
+            let Some((mstart, markers)) = markers_before(b, e) else {
+                continue;
+            };
+            if let Some((names, n)) = find_names(b, &markers, mstart, steps) {
+                if align8(n.checked_mul(3)?) == Some(size) {
+                    return Some((names, n));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Length of the name entry at `pos`: (header bytes, token count).
@@ -334,6 +363,7 @@ pub fn find(region: &[u8], va: u64) -> Result<Kallsyms, KallsymsError> {
         .into_iter()
         .filter_map(|end| markers_before(b, end))
         .find_map(|(mstart, markers)| find_names(b, &markers, mstart, &mut steps))
+        .or_else(|| with_seqs(b, tokens.table, &mut steps))
         .ok_or(no_names)?;
     let size = align8(n * 4).ok_or(KallsymsError::NoOffsets(at(names)))?;
     // ≤ 6.3: offsets, relative base, num_syms, names. ≥ 6.4: token index, offsets, base.

@@ -26,6 +26,12 @@ fn pad8(out: &mut Vec<u8>) {
 /// Builds the kallsyms tables for `syms` (sorted by address) at offset `prefix` of a region
 /// filled before with `prefix` bytes of junk. Returns the region.
 pub(crate) fn encode(syms: &[Sym], layout: Layout, prefix: usize) -> Vec<u8> {
+    encode_with(syms, layout, prefix, false)
+}
+
+/// As [`encode`]; `seqs` puts `kallsyms_seqs_of_names` between markers and token table (Linux
+/// 6.2/6.3 and Debian's 6.1).
+pub(crate) fn encode_with(syms: &[Sym], layout: Layout, prefix: usize, seqs: bool) -> Vec<u8> {
     let rb: u64 = 0xffff_ffff_8100_0000;
     let absolute_percpu = syms.iter().any(|s| s.3);
     // Tokens: every byte used stands for itself; unused ones get compounds.
@@ -105,6 +111,12 @@ pub(crate) fn encode(syms: &[Sym], layout: Layout, prefix: usize) -> Vec<u8> {
             out.extend_from_slice(&m.to_le_bytes());
         }
         pad8(out);
+        if seqs {
+            for i in 0..syms.len() {
+                out.extend_from_slice(&(i as u32).to_le_bytes()[..3]);
+            }
+            pad8(out);
+        }
         let mut index = Vec::new();
         let start = out.len();
         for t in &tokens {
@@ -170,13 +182,18 @@ fn as_syms(v: &[(String, char, u64, bool)]) -> Vec<Sym<'_>> {
 
 #[test]
 fn both_layouts_decode_to_the_symbols_encoded() {
-    for layout in [Layout::OffsetsFirst, Layout::OffsetsLast] {
+    for (layout, seqs) in [
+        (Layout::OffsetsFirst, false),
+        (Layout::OffsetsFirst, true),
+        (Layout::OffsetsLast, false),
+    ] {
         for percpu in [false, true] {
             for n in [0, 255, 256, 700] {
                 let syms = sample(n, percpu);
-                let region = encode(&as_syms(&syms), layout, 4096 + 13);
-                let k = find(&region, 0xffff_ffff_8220_0000)
-                    .unwrap_or_else(|e| panic!("{layout:?} percpu {percpu} n {n}: {e}"));
+                let region = encode_with(&as_syms(&syms), layout, 4096 + 13, seqs);
+                let k = find(&region, 0xffff_ffff_8220_0000).unwrap_or_else(|e| {
+                    panic!("{layout:?} seqs {seqs} percpu {percpu} n {n}: {e}")
+                });
                 assert_eq!(k.layout, layout);
                 assert_eq!(k.absolute_percpu, percpu);
                 assert_eq!(k.relative_base, 0xffff_ffff_8100_0000);

@@ -222,7 +222,10 @@ impl KvmHost {
             cmd.arg("-L").arg(data);
         }
         let accel = std::env::var("BD_KVMHOST_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
-        cmd.args(["-M", "pc", "-accel", &accel, "-cpu", "max"])
+        // Without CX16: QEMU 7.2's multi-threaded TCG mishandles CMPXCHG16B with a segment
+        // prefix, which Linux 6.12 guests use in SLUB's fast path (see the tcg engine); a kvm
+        // host without it offers its guests none either.
+        cmd.args(["-M", "pc", "-accel", &accel, "-cpu", "max,-cx16"])
             .args(["-smp", &opts.smp.to_string()])
             .args(["-m", &format!("{}M", opts.mem_mib)])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])

@@ -205,6 +205,11 @@ impl TcgEngine {
         let mut cmd = Command::new(&qemu);
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-accel", "tcg,thread=multi"])
+            // QEMU's multi-threaded TCG (7.2, Debian 12) corrupts guest state on a CMPXCHG16B
+            // with a segment prefix: Linux 6.12's SLUB per-CPU fast path double-faults in most
+            // boots with 2 vCPUs. Without CX16 the kernel takes its fallback path; 4 of 4 boots
+            // then succeeded where 1 of 3 did before.
+            .args(["-cpu", "qemu64,-cx16"])
             .args(["-machine", "pc,memory-backend=ram,max-ram-below-4g=3G"])
             .args(["-m", &format!("{}M", total >> 20)])
             .args([
