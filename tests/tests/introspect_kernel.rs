@@ -1,6 +1,7 @@
 //! introspect finds a running kernel from CR3 alone: the KASLR slide, phys_base and the direct-map
 //! base, on the stock Debian kernel (System.map) and on the patched kernel (System.map, and the
-//! Sensor Box descriptor with no symbol file at all).
+//! Sensor Box descriptor with no symbol file at all); and, with no files at all, the virtual sensors
+//! of Debian's stock 6.1 and 6.12 kernels.
 
 use std::time::Duration;
 
@@ -92,18 +93,61 @@ fn bdvmm_ctl_ps_and_sb_read_a_patched_guest_with_no_symbol_files() {
     assert_eq!(vm.client().status().unwrap().state, "running");
 }
 
-#[test]
-fn virtual_sensors_of_the_stock_kernel_move_like_real_ones() {
-    use backdoors_tests::KernelFiles;
+/// A stock guest with no files: `bdvmm ctl sb` shows its virtual sensors, `ctl ps` its processes,
+/// the sensors move between two samples like real ones, and NPROCS counts what the walk finds.
+fn virtual_sensors_of_a_stock_kernel_move_with_no_files(kernel_key: &str) {
     use introspect::sensorbox::ids;
-    use introspect::tasks::{self, KernelMem, Limits};
+    use introspect::target::{KernelFiles, StockKernel, Target};
+    use introspect::tasks::KernelMem;
     use introspect::virtual_sensors::{VirtualSensors, TOTAL_FORKS};
 
-    let (vm, loc, syms) = locate_in("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
-    let k = KernelFiles::load(&Images::load(), "BD_STOCK_VMLINUX", "BD_STOCK_SYSTEM_MAP");
+    let img = Images::load();
+    let spec = VmSpec::tcg(
+        img.get(kernel_key),
+        img.get("BD_INITRAMFS"),
+        "quiet bd.scenario=hello bd.halt=wait",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(backdoors_tests::bdvmm_bin())
+            .args(["ctl", "--api"])
+            .arg(&vm.api)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sb = ctl(&["sb"]);
+    for name in [
+        "TIMER_TICKS",
+        "CONTEXT_SWITCHES",
+        "NPROCS",
+        "FREE_PAGES",
+        "TOTAL_FORKS",
+    ] {
+        assert!(sb.contains(name), "{sb}");
+    }
+    let ps = ctl(&["ps"]);
+    assert!(ps.lines().any(|l| l.ends_with(" [kthreadd]")), "{ps}");
+
     let (mem, _) = vm.memory();
+    let mut c = vm.client();
+    c.pause(Some(Duration::from_secs(30))).unwrap();
+    let regs = c.regs(0).unwrap();
+    c.resume().unwrap();
+    let (k, loc) = StockKernel::discover(&mem, regs.cr3, regs.cr4).expect("discover");
+    assert!(k.from_memory());
+    let release = k.release().unwrap_or_default().to_string();
+    assert!(
+        kernel_key != "BD_STOCK612_VMLINUZ" || release.starts_with("6.12."),
+        "{release}"
+    );
     let km = KernelMem::new(&mem, loc.clone());
-    let vs = VirtualSensors::new(&syms, &k.btf, &loc).unwrap();
+    let vs = VirtualSensors::new_for(k.symbols(), k.btf(), &loc, &release).unwrap();
+    assert!(vs.unresolved().is_empty(), "{:?}", vs.unresolved());
     let a = vs.sample(&km).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let b = vs.sample(&km).unwrap();
@@ -121,12 +165,22 @@ fn virtual_sensors_of_the_stock_kernel_move_like_real_ones() {
     );
 
     // NPROCS counts every task, as the walked table does (taken together, under the pause).
-    let mut c = vm.client();
     c.pause(Some(Duration::from_secs(30))).unwrap();
-    let table = tasks::process_table(&km, &k.layout, k.init_task(&loc), Limits::default()).unwrap();
+    let target = Target::locate(&mem, regs.cr3, regs.cr4, KernelFiles::Stock(&k)).unwrap();
+    let table = target.walk(&mem).unwrap();
     let s = vs.sample(&km).unwrap();
     c.resume().unwrap();
     let tasks: u64 = table.iter().map(|p| 1 + p.threads.len() as u64).sum();
     assert_eq!(s.value(ids::NPROCS), Some(tasks));
     assert!(s.value(TOTAL_FORKS).unwrap() >= tasks);
+}
+
+#[test]
+fn virtual_sensors_of_the_stock_6_1_kernel_move_with_no_files() {
+    virtual_sensors_of_a_stock_kernel_move_with_no_files("BD_STOCK_VMLINUZ");
+}
+
+#[test]
+fn virtual_sensors_of_the_stock_6_12_kernel_move_with_no_files() {
+    virtual_sensors_of_a_stock_kernel_move_with_no_files("BD_STOCK612_VMLINUZ");
 }

