@@ -34,6 +34,19 @@ fn locate_in(kernel_key: &str, map_key: &str) -> (Vm, kernel::KernelLocation, Sy
     (vm, loc, syms)
 }
 
+/// `bdvmm ctl --api <vm's socket> <args>`: its stdout; it must succeed.
+fn bdvmm_ctl(vm: &Vm, args: &[&str]) -> String {
+    let out = std::process::Command::new(backdoors_tests::bdvmm_bin())
+        .args(["ctl", "--api"])
+        .arg(&vm.api)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bdvmm ctl {args:?}: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn locates_the_stock_debian_kernel_from_cr3_and_system_map() {
     let (_vm, loc, _) = locate_in("BD_STOCK_VMLINUZ", "BD_STOCK_SYSTEM_MAP");
@@ -62,20 +75,7 @@ fn bdvmm_ctl_ps_and_sb_read_a_patched_guest_with_no_symbol_files() {
     );
     let mut vm = Vm::start(&spec);
     vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(backdoors_tests::bdvmm_bin())
-            .args(["ctl", "--api"])
-            .arg(&vm.api)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctl = |args: &[&str]| bdvmm_ctl(&vm, args);
     let ps = ctl(&["ps"]);
     assert!(ps.lines().next().unwrap().contains("PID"), "{ps}");
     assert!(ps.lines().any(|l| l.ends_with(" [kthreadd]")), "{ps}");
@@ -109,17 +109,7 @@ fn virtual_sensors_of_a_stock_kernel_move_with_no_files(kernel_key: &str) {
     );
     let mut vm = Vm::start(&spec);
     vm.expect("BACKDOORS: halt wait", Duration::from_secs(90));
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(backdoors_tests::bdvmm_bin())
-            .args(["ctl", "--api"])
-            .arg(&vm.api)
-            .args(args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctl = |args: &[&str]| bdvmm_ctl(&vm, args);
     let sb = ctl(&["sb"]);
     for name in [
         "TIMER_TICKS",
