@@ -120,8 +120,18 @@ fn mappings(mem: &dyn PhysMem, cr3: u64, levels: u8) -> Result<(u64, Vec<Mapping
 
 /// Finds the kernel, its symbols and its types from `cr3`/`cr4` and memory alone. Reads only
 /// what does not change while the kernel runs: the guest need not be paused.
+///
+/// The paging mode CR4 names is tried first and then the other one: a CR4 read at an odd
+/// moment (seen once on the kvm engine, nested) must not make a located kernel unreachable, and
+/// every table found is validated whichever mode found it.
 pub fn discover(mem: &dyn PhysMem, cr3: u64, cr4: u64) -> Result<Found, DiscoverError> {
     let levels = kernel::levels_from_cr4(cr4);
+    let other = if levels == 5 { 4 } else { 5 };
+    discover_with(mem, cr3, levels)
+        .or_else(|first| discover_with(mem, cr3, other).map_err(|_| first))
+}
+
+fn discover_with(mem: &dyn PhysMem, cr3: u64, levels: u8) -> Result<Found, DiscoverError> {
     let (root, maps) = mappings(mem, cr3, levels)?;
     let mut runs = image::rodata_runs(&maps);
     if runs.is_empty() {

@@ -155,10 +155,16 @@ pub fn locate(
     cr4: u64,
     syms: &Symbols,
 ) -> Result<KernelLocation, KernelError> {
-    let levels = levels_from_cr4(cr4);
     let banner = syms.need("linux_banner")?;
     let text = syms.need("_text")?;
-    for root in roots(cr3) {
+    // The paging mode CR4 names first, then the other: a CR4 that disagrees with the tables was
+    // seen on the nested kvm engine; whatever is found is validated by the banner anyway.
+    let first = levels_from_cr4(cr4);
+    let other = if first == 5 { 4 } else { 5 };
+    for (root, levels) in roots(cr3)
+        .into_iter()
+        .flat_map(|r| [(r, first), (r, other)])
+    {
         let pw = PageWalker::new(mem, root, levels)?;
         let mut slide = 0u64;
         while text.saturating_add(slide) < KERNEL_IMAGE_END {
