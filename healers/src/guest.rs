@@ -499,7 +499,18 @@ impl Guest {
                     Some(k) => KernelFiles::Stock(k),
                     None => KernelFiles::SensorBox { gpa, size },
                 };
-                (Target::locate_paused(mem, &mut pauser, regs, files)?, None)
+                match Target::locate_paused(mem, &mut pauser, regs, files) {
+                    Ok(t) => (t, None),
+                    Err(e) => {
+                        // The guest may have rebooted into another kernel: the next attempt
+                        // finds it in memory again rather than failing on the old one forever.
+                        if self.files.is_none() {
+                            self.found = None;
+                            self.detected_stock = None;
+                        }
+                        return Err(e);
+                    }
+                }
             }
         };
         if found.is_some() {
