@@ -69,6 +69,20 @@ pub enum DiscoverError {
     Mem(#[from] MemError),
 }
 
+impl DiscoverError {
+    /// True if a fresh CR3 may succeed where this one failed: the page tables read through it
+    /// went away or changed (its process exited) rather than the kernel lacking something.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            DiscoverError::NoImage(_)
+                | DiscoverError::NoRodata(_)
+                | DiscoverError::Kernel(_)
+                | DiscoverError::Kallsyms(_)
+        )
+    }
+}
+
 /// What was found, and how.
 pub struct Found {
     /// Symbols at link-time addresses, like System.map's.
@@ -121,9 +135,9 @@ fn mappings(mem: &dyn PhysMem, cr3: u64, levels: u8) -> Result<(u64, Vec<Mapping
 /// Finds the kernel, its symbols and its types from `cr3`/`cr4` and memory alone. Reads only
 /// what does not change while the kernel runs: the guest need not be paused.
 ///
-/// The paging mode CR4 names is tried first and then the other one: a CR4 read at an odd
-/// moment (seen once on the kvm engine, nested) must not make a located kernel unreachable, and
-/// every table found is validated whichever mode found it.
+/// The paging mode CR4 names is tried first and then the other one (CR4 is one register read;
+/// every table found is validated whichever mode found it). The page table is CR3's only until
+/// the symbols are found; then the kernel's own `init_top_pgt` (see `stable_root`).
 pub fn discover(mem: &dyn PhysMem, cr3: u64, cr4: u64) -> Result<Found, DiscoverError> {
     let levels = kernel::levels_from_cr4(cr4);
     let other = if levels == 5 { 4 } else { 5 };
@@ -161,6 +175,7 @@ fn discover_with(mem: &dyn PhysMem, cr3: u64, levels: u8) -> Result<Found, Disco
         copied.push(r);
     }
     let ks = found.ok_or(DiscoverError::Kallsyms(last_err))?;
+    let root = stable_root(mem, root, levels, &ks, &maps);
     let btf = find_btf(mem, root, levels, &ks, &copied)?;
     let text = ks.get("_text").map_or(ks.relative_base, |s| s.addr);
     let slide = text.wrapping_sub(LINK_TEXT);
@@ -184,6 +199,34 @@ fn discover_with(mem: &dyn PhysMem, cr3: u64, levels: u8) -> Result<Found, Disco
         kallsyms: ks,
         rodata_bytes: total,
     })
+}
+
+/// The kernel's own top-level page table (`init_top_pgt`, which lives as long as the kernel) in
+/// place of CR3's: CR3 belongs to whatever process ran when it was read, and with the guest
+/// running that process may exit and its page table be freed and reused while this module still
+/// reads through it (a fork bomb's processes do, all the time). The image is physically
+/// contiguous, so the table's physical address follows from any image mapping; it is taken only
+/// if it maps the image the same way. Otherwise CR3's root is kept.
+fn stable_root(mem: &dyn PhysMem, root: u64, levels: u8, ks: &Kallsyms, maps: &[Mapping]) -> u64 {
+    let (Some(pgt), Some(m)) = (ks.get("init_top_pgt"), maps.first()) else {
+        return root;
+    };
+    // physical = virtual - __START_KERNEL_map + phys_base, for the whole image.
+    let phys_base = m
+        .phys
+        .wrapping_sub(m.va.wrapping_sub(kernel::START_KERNEL_MAP));
+    let candidate = pgt
+        .addr
+        .wrapping_sub(kernel::START_KERNEL_MAP)
+        .wrapping_add(phys_base);
+    let same = PageWalker::new(mem, candidate, levels)
+        .and_then(|pw| pw.walk(m.va))
+        .is_ok_and(|t| t.phys == m.phys);
+    if same {
+        candidate & 0x000f_ffff_ffff_f000
+    } else {
+        root
+    }
 }
 
 fn find_btf(

@@ -157,8 +157,8 @@ pub fn locate(
 ) -> Result<KernelLocation, KernelError> {
     let banner = syms.need("linux_banner")?;
     let text = syms.need("_text")?;
-    // The paging mode CR4 names first, then the other: a CR4 that disagrees with the tables was
-    // seen on the nested kvm engine; whatever is found is validated by the banner anyway.
+    // The paging mode CR4 names first, then the other (CR4 is one register read); whatever is
+    // found is validated by the banner, three ways.
     let first = levels_from_cr4(cr4);
     let other = if first == 5 { 4 } else { 5 };
     for (root, levels) in roots(cr3)

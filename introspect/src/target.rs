@@ -26,6 +26,9 @@ pub const LOCATE_ATTEMPTS: u32 = 5;
 /// How long the guest runs between them.
 pub const LOCATE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// Pauses [`StockKernel::discover_paused`] takes at most, each for a fresh CR3.
+pub const DISCOVER_ATTEMPTS: u32 = 3;
+
 /// Largest BTF blob copied out of a guest.
 pub const MAX_GUEST_BTF: u64 = 64 << 20;
 
@@ -228,10 +231,22 @@ impl StockKernel {
         P: Pausable,
         E: From<P::Error> + From<TargetError>,
     {
-        let mut paused = pauser.paused()?;
-        let (cr3, cr4) = regs(&mut paused)?;
-        paused.resume()?;
-        Ok(StockKernel::discover(mem, cr3, cr4)?)
+        // CR3 is the page table of whatever process ran; if it exits while the tables are read
+        // (with the guest running), the walk fails: pause again for a fresh CR3, a few times.
+        let mut attempt = 1;
+        loop {
+            let mut paused = pauser.paused()?;
+            let (cr3, cr4) = regs(&mut paused)?;
+            paused.resume()?;
+            match StockKernel::discover(mem, cr3, cr4) {
+                Err(TargetError::Discover(e))
+                    if attempt < DISCOVER_ATTEMPTS && e.is_transient() =>
+                {
+                    attempt += 1;
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// The kernel release read from guest memory (kernels found there; `None` for files).
@@ -447,9 +462,18 @@ impl Target {
                 let (cr3, cr4) = regs(&mut paused)?;
                 // A stock kernel's place is found from its page tables and image, which do not
                 // change while it runs: only the registers need the pause.
+                // If the process whose page table CR3 is exits meanwhile, the search fails: try
+                // again with a fresh CR3, as many times as for a torn Sensor Box.
                 if let Source::Stock(_) = src {
                     paused.resume()?;
-                    return Ok(read(mem, cr3, cr4, src)?.finish(mem)?);
+                    match read(mem, cr3, cr4, src) {
+                        Ok(found) => return Ok(found.finish(mem)?),
+                        Err(TargetError::Kernel(_)) if attempt < LOCATE_ATTEMPTS => {
+                            attempt += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 match read(mem, cr3, cr4, src) {
                     Ok(found) => {
