@@ -87,7 +87,7 @@ pub enum RepairError {
         /// The field, e.g. `task_struct.thread_info.flags`.
         field: String,
         /// What is wrong with it.
-        reason: String,
+        reason: Box<crate::layout::FieldError>,
     },
     /// Refused by the never-kill rule.
     #[error("refusing to kill {0}")]
@@ -150,7 +150,7 @@ impl DirectLayout {
             let (off, m) =
                 crate::layout::member_at(btf, &s, path).map_err(|reason| RepairError::Layout {
                     field: format!("{structure}.{path}"),
-                    reason,
+                    reason: Box::new(reason),
                 })?;
             // An array (a sigset's words) is checked by its first element.
             let unit = match m.kind {
@@ -160,7 +160,10 @@ impl DirectLayout {
             if unit != size {
                 return Err(RepairError::Layout {
                     field: format!("{structure}.{path}"),
-                    reason: format!("{unit} bytes, expected {size}"),
+                    reason: Box::new(crate::layout::FieldError::Size {
+                        found: unit,
+                        expected: size,
+                    }),
                 });
             }
             Ok(off)

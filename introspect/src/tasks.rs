@@ -59,7 +59,7 @@ pub enum TaskError {
         /// The shapes that were tried.
         looked_for: &'static str,
         /// What the kernel's types said.
-        reason: String,
+        reason: Box<crate::layout::FieldError>,
     },
     /// Memory could not be read.
     #[error(transparent)]

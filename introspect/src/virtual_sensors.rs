@@ -18,7 +18,7 @@
 
 use crate::btf::Btf;
 use crate::kernel::{KernelLocation, Symbols};
-use crate::layout::{Unresolved, UNKNOWN_RELEASE};
+use crate::layout::{FieldError, Unresolved, UNKNOWN_RELEASE};
 use crate::sensorbox::{ids, Header, Sensor, SensorBox, SensorClass, FLAG_LOWER_BOUND, FLAG_VALID};
 use crate::tasks::{KernelMem, TaskError};
 
@@ -69,7 +69,7 @@ pub struct VirtualSensors {
 }
 
 /// What one resolution step says when it fails.
-type Found<T> = Result<T, String>;
+type Found<T> = Result<T, FieldError>;
 
 impl VirtualSensors {
     /// Resolves addresses (slid by `loc`) and offsets (from BTF); messages say "unknown release"
@@ -89,16 +89,18 @@ impl VirtualSensors {
     ) -> Result<Self, VirtualError> {
         let sym = |n: &str| -> Found<u64> {
             syms.get(n)
-                .ok_or_else(|| format!("the kernel's symbols have no {n}"))
+                .ok_or_else(|| FieldError::NoSymbol(n.to_owned()))
         };
         let slid = |n: &str| sym(n).map(|a| a.wrapping_add(loc.slide));
-        let btf_err = |e: crate::btf::BtfError| e.to_string();
         let constant = |n: &str| -> Found<u64> {
-            let v = btf.enum_constant(n).map_err(btf_err)?;
+            let v = btf.enum_constant(n)?;
             u64::try_from(v)
                 .ok()
                 .filter(|&i| i < 4096)
-                .ok_or_else(|| format!("{n} = {v} is not a plausible index"))
+                .ok_or_else(|| FieldError::Constant {
+                    name: n.to_owned(),
+                    value: v,
+                })
         };
         let jiffies_64 = slid("jiffies_64").map_err(|_| VirtualError::NoSymbol("jiffies_64"))?;
         let per_cpu = (|| {
@@ -109,22 +111,30 @@ impl VirtualSensors {
         })();
         // Per-CPU symbols are offsets into each CPU's area and are not slid.
         let nr_switches = (|| {
-            let rq = btf.struct_layout("rq").map_err(btf_err)?;
-            let m = rq.member("nr_switches").map_err(btf_err)?;
+            let rq = btf.struct_layout("rq")?;
+            let m = rq.member("nr_switches")?;
             if m.size != 8 {
-                return Err(format!("rq.nr_switches is {} bytes, expected 8", m.size));
+                return Err(FieldError::Shape {
+                    what: "rq.nr_switches".into(),
+                    found: format!("{} bytes", m.size),
+                    expected: "8".into(),
+                });
             }
-            let off = rq.offset("nr_switches").map_err(btf_err)?;
+            let off = rq.offset("nr_switches")?;
             Ok(sym("runqueues")?.wrapping_add(off))
         })();
         let free = (|| Ok(slid("vm_zone_stat")? + constant("NR_FREE_PAGES")? * 8))();
         let oom = (|| {
-            let events = btf.struct_layout("vm_event_state").map_err(btf_err)?;
-            match events.member("event").map_err(btf_err)?.kind {
+            let events = btf.struct_layout("vm_event_state")?;
+            match events.member("event")?.kind {
                 crate::btf::MemberKind::Array { elem_size: 8, .. } => {}
-                _ => return Err("vm_event_state.event is not an array of unsigned long".into()),
+                _ => {
+                    return Err(FieldError::NoneOf(
+                        "vm_event_state.event is not an array of unsigned long",
+                    ))
+                }
             }
-            let off = events.offset("event").map_err(btf_err)?;
+            let off = events.offset("event")?;
             Ok(sym("vm_event_states")? + off + constant("OOM_KILL")? * 8)
         })();
         let mut unresolved = Vec::new();
@@ -135,7 +145,7 @@ impl VirtualSensors {
                     field,
                     looked_for,
                     disables,
-                    reason,
+                    reason: reason.to_string(),
                 })
             })
             .ok()

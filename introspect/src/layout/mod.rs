@@ -22,8 +22,83 @@ mod unresolved;
 
 pub use unresolved::{Unresolved, UNKNOWN_RELEASE};
 
-use crate::btf::{Btf, Member, MemberKind, StructLayout};
+use crate::btf::{Btf, BtfError, Member, MemberKind, StructLayout};
 use crate::tasks::TaskError;
+
+/// Why a field could not be resolved in the shape looked for (what the kernel's types say).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// A type or member is missing from BTF.
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    /// The offsets along a dotted path overflow.
+    #[error("{structure}.{path}: offset overflows")]
+    Overflow {
+        /// The outer struct.
+        structure: String,
+        /// The dotted path.
+        path: String,
+    },
+    /// A path goes through a member that is not an embedded struct or union.
+    #[error("{structure}.{member} is not an embedded struct")]
+    NotEmbedded {
+        /// The struct that holds it.
+        structure: String,
+        /// The member.
+        member: String,
+    },
+    /// An empty path.
+    #[error("empty path in {0}")]
+    EmptyPath(String),
+    /// The member exists in another shape.
+    #[error("{what} is {found}, expected {expected}")]
+    Shape {
+        /// `struct.path`.
+        what: String,
+        /// What the kernel has.
+        found: String,
+        /// What was looked for.
+        expected: String,
+    },
+    /// None of the names a field has had exists.
+    #[error("{0}")]
+    NoneOf(&'static str),
+    /// A counter index the array cannot hold.
+    #[error("{name} = {value} is not an index of the {len} RSS counters")]
+    Index {
+        /// The enum constant.
+        name: &'static str,
+        /// Its value.
+        value: i128,
+        /// The array's length.
+        len: u32,
+    },
+    /// A symbol is missing from the kernel's symbol table.
+    #[error("the kernel's symbols have no {0}")]
+    NoSymbol(String),
+    /// An enum constant no index could be.
+    #[error("{name} = {value} is not a plausible index")]
+    Constant {
+        /// The constant.
+        name: String,
+        /// Its value.
+        value: i128,
+    },
+    /// A word of the wrong size.
+    #[error("{found} bytes, expected {expected}")]
+    Size {
+        /// Its size.
+        found: u64,
+        /// The size the reader uses.
+        expected: u64,
+    },
+    /// The element type of `mm_struct.rss_stat[]`.
+    #[error("mm_struct.rss_stat[]: {0}")]
+    RssElement(BtfError),
+    /// Both shapes of a field failed.
+    #[error("{0}; {1}")]
+    Neither(Box<FieldError>, Box<FieldError>),
+}
 
 /// Where a process's other threads are listed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,21 +174,19 @@ impl TaskLayout {
     /// [`Unresolved`] entries). Fails only if a core field is missing.
     pub fn from_btf_for(btf: &Btf, release: &str) -> Result<Self, TaskError> {
         let core = |field: &'static str, looked_for: &'static str| {
-            move |reason: String| TaskError::Unsupported {
+            move |reason: FieldError| TaskError::Unsupported {
                 release: release.to_owned(),
                 field,
                 looked_for,
-                reason,
+                reason: Box::new(reason),
             }
         };
         let task = btf
             .struct_layout("task_struct")
-            .map_err(|e| e.to_string())
-            .map_err(core("task_struct", "struct task_struct"))?;
+            .map_err(|e| core("task_struct", "struct task_struct")(e.into()))?;
         let cred = btf
             .struct_layout("cred")
-            .map_err(|e| e.to_string())
-            .map_err(core("cred", "struct cred"))?;
+            .map_err(|e| core("cred", "struct cred")(e.into()))?;
         let t = |path, sizes: &'static [u64]| int(btf, &task, path, sizes);
         let (comm, comm_len) = chars(btf, &task, "comm")
             .map_err(core("task_struct.comm", "task_struct.comm (char array)"))?;
@@ -148,13 +221,13 @@ impl TaskLayout {
             rss: None,
             unresolved: Vec::new(),
         };
-        let mut miss = |field, looked_for, disables, reason| {
+        let mut miss = |field, looked_for, disables, reason: FieldError| {
             l.unresolved.push(Unresolved {
                 release: release.to_owned(),
                 field,
                 looked_for,
                 disables,
-                reason,
+                reason: reason.to_string(),
             });
         };
         let state = state(btf, &task);
@@ -251,27 +324,33 @@ impl TaskLayout {
 
 /// The member at dotted `path` of `s` (through embedded structs and unions) and its byte offset
 /// from the start of `s`.
-pub(crate) fn member_at(btf: &Btf, s: &StructLayout, path: &str) -> Result<(u64, Member), String> {
+pub(crate) fn member_at(
+    btf: &Btf,
+    s: &StructLayout,
+    path: &str,
+) -> Result<(u64, Member), FieldError> {
     let mut layout = s.clone();
     let mut total = 0u64;
     let mut parts = path.split('.').peekable();
     while let Some(part) = parts.next() {
-        let off = layout.offset(part).map_err(|e| e.to_string())?;
-        total = total
-            .checked_add(off)
-            .ok_or_else(|| format!("{}.{path}: offset overflows", s.name))?;
-        let m = layout.member(part).map_err(|e| e.to_string())?.clone();
+        let off = layout.offset(part)?;
+        total = total.checked_add(off).ok_or_else(|| FieldError::Overflow {
+            structure: s.name.clone(),
+            path: path.to_owned(),
+        })?;
+        let m = layout.member(part)?.clone();
         if parts.peek().is_none() {
             return Ok((total, m));
         }
         if !matches!(m.kind, MemberKind::Struct(_) | MemberKind::Union(_)) {
-            return Err(format!("{}.{part} is not an embedded struct", layout.name));
+            return Err(FieldError::NotEmbedded {
+                structure: layout.name.clone(),
+                member: part.to_owned(),
+            });
         }
-        layout = btf
-            .struct_layout_by_id(m.type_id)
-            .map_err(|e| e.to_string())?;
+        layout = btf.struct_layout_by_id(m.type_id)?;
     }
-    Err(format!("empty path in {}", s.name))
+    Err(FieldError::EmptyPath(s.name.clone()))
 }
 
 fn kind_name(k: &MemberKind) -> String {
@@ -287,75 +366,72 @@ fn kind_name(k: &MemberKind) -> String {
 }
 
 /// Offset of an integer member of one of `sizes` bytes.
-fn int(btf: &Btf, s: &StructLayout, path: &str, sizes: &[u64]) -> Result<u64, String> {
+/// `struct.path` is `found`, not what was `expected`.
+fn shape(s: &StructLayout, path: &str, found: String, expected: &str) -> FieldError {
+    FieldError::Shape {
+        what: format!("{}.{path}", s.name),
+        found,
+        expected: expected.to_owned(),
+    }
+}
+
+fn int(btf: &Btf, s: &StructLayout, path: &str, sizes: &[u64]) -> Result<u64, FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     if matches!(m.kind, MemberKind::Int { .. } | MemberKind::Enum) && sizes.contains(&m.size) {
         return Ok(off);
     }
-    Err(format!(
-        "{}.{path} is {} of {} bytes, expected an integer of {sizes:?} bytes",
-        s.name,
-        kind_name(&m.kind),
-        m.size
+    Err(shape(
+        s,
+        path,
+        format!("{} of {} bytes", kind_name(&m.kind), m.size),
+        &format!("an integer of {sizes:?} bytes"),
     ))
 }
 
-fn pointer(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, String> {
+fn pointer(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     if m.kind == MemberKind::Pointer && m.size == 8 {
         return Ok(off);
     }
-    Err(format!(
-        "{}.{path} is {}, expected a pointer",
-        s.name,
-        kind_name(&m.kind)
-    ))
+    Err(shape(s, path, kind_name(&m.kind), "a pointer"))
 }
 
-fn list(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, String> {
+fn list(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     if matches!(&m.kind, MemberKind::Struct(n) if n == "list_head") && m.size == 16 {
         return Ok(off);
     }
-    Err(format!(
-        "{}.{path} is {}, expected struct list_head",
-        s.name,
-        kind_name(&m.kind)
-    ))
+    Err(shape(s, path, kind_name(&m.kind), "struct list_head"))
 }
 
 /// Offset and length of a char array.
-fn chars(btf: &Btf, s: &StructLayout, path: &str) -> Result<(u64, u64), String> {
+fn chars(btf: &Btf, s: &StructLayout, path: &str) -> Result<(u64, u64), FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     match m.kind {
         MemberKind::Array {
             elem_size: 1, len, ..
         } if len > 0 => Ok((off, u64::from(len))),
-        k => Err(format!(
-            "{}.{path} is {}, expected a char array",
-            s.name,
-            kind_name(&k)
-        )),
+        k => Err(shape(s, path, kind_name(&k), "a char array")),
     }
 }
 
 /// `__state` (5.14+) or `state` (up to 5.13): where the low 32 bits of the state are.
-fn state(btf: &Btf, task: &StructLayout) -> Result<u64, String> {
+fn state(btf: &Btf, task: &StructLayout) -> Result<u64, FieldError> {
     if task.has("__state") {
         int(btf, task, "__state", &[4])
     } else if task.has("state") {
         int(btf, task, "state", &[8, 4])
     } else {
-        Err("task_struct has neither __state nor state".into())
+        Err(FieldError::NoneOf(
+            "task_struct has neither __state nor state",
+        ))
     }
 }
 
 /// The thread list of whichever shape this kernel has.
-fn threads(btf: &Btf, task: &StructLayout) -> Result<Threads, String> {
-    let signal_list = || -> Result<Threads, String> {
-        let signal = btf
-            .struct_layout("signal_struct")
-            .map_err(|e| e.to_string())?;
+fn threads(btf: &Btf, task: &StructLayout) -> Result<Threads, FieldError> {
+    let signal_list = || -> Result<Threads, FieldError> {
+        let signal = btf.struct_layout("signal_struct")?;
         Ok(Threads::Signal {
             signal: pointer(btf, task, "signal")?,
             head: list(btf, &signal, "thread_head")?,
@@ -363,28 +439,29 @@ fn threads(btf: &Btf, task: &StructLayout) -> Result<Threads, String> {
         })
     };
     let group = || list(btf, task, "thread_group").map(|node| Threads::Group { node });
-    signal_list().or_else(|e1| group().map_err(|e2| format!("{e1}; {e2}")))
+    signal_list()
+        .or_else(|e1| group().map_err(|e2| FieldError::Neither(Box::new(e1), Box::new(e2))))
 }
 
 /// The RSS counters of whichever shape this kernel has.
-fn rss(btf: &Btf) -> Result<Rss, String> {
-    let mm = btf.struct_layout("mm_struct").map_err(|e| e.to_string())?;
+fn rss(btf: &Btf) -> Result<Rss, FieldError> {
+    let mm = btf.struct_layout("mm_struct")?;
     let (at, m) = member_at(btf, &mm, "rss_stat")?;
     let (base, stride, len) = match &m.kind {
         // Up to 6.1: struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }.
         MemberKind::Struct(_) => {
-            let s = btf
-                .struct_layout_by_id(m.type_id)
-                .map_err(|e| e.to_string())?;
+            let s = btf.struct_layout_by_id(m.type_id)?;
             let (off, c) = member_at(btf, &s, "count")?;
             match c.kind {
                 MemberKind::Array {
                     elem_size: 8, len, ..
                 } => (at.saturating_add(off), 8, len),
                 k => {
-                    return Err(format!(
-                        "mm_struct.rss_stat.count is {}, expected an array of atomic_long_t",
-                        kind_name(&k)
+                    return Err(shape(
+                        &mm,
+                        "rss_stat.count",
+                        kind_name(&k),
+                        "an array of atomic_long_t",
                     ))
                 }
             }
@@ -397,33 +474,42 @@ fn rss(btf: &Btf) -> Result<Rss, String> {
         } => {
             let pc = btf
                 .struct_layout_by_id(*elem_type)
-                .map_err(|e| format!("mm_struct.rss_stat[]: {e}"))?;
+                .map_err(FieldError::RssElement)?;
             if pc.name != "percpu_counter" {
-                return Err(format!(
-                    "mm_struct.rss_stat is an array of struct {:?}, expected struct percpu_counter",
-                    pc.name
+                return Err(shape(
+                    &mm,
+                    "rss_stat",
+                    format!("an array of struct {:?}", pc.name),
+                    "struct percpu_counter",
                 ));
             }
             let off = int(btf, &pc, "count", &[8])?;
             if off.saturating_add(8) > *elem_size {
-                return Err("percpu_counter.count lies outside its struct".into());
+                return Err(FieldError::NoneOf(
+                    "percpu_counter.count lies outside its struct",
+                ));
             }
             (at.saturating_add(off), *elem_size, *len)
         }
         k => {
-            return Err(format!(
-                "mm_struct.rss_stat is {}, expected struct mm_rss_stat or an array of struct \
-                 percpu_counter",
-                kind_name(k)
+            return Err(shape(
+                &mm,
+                "rss_stat",
+                kind_name(k),
+                "struct mm_rss_stat or an array of struct percpu_counter",
             ))
         }
     };
-    let idx = |name: &str| -> Result<u64, String> {
-        let v = btf.enum_constant(name).map_err(|e| e.to_string())?;
+    let idx = |name: &'static str| -> Result<u64, FieldError> {
+        let v = btf.enum_constant(name)?;
         u64::try_from(v)
             .ok()
             .filter(|&i| i < u64::from(len))
-            .ok_or_else(|| format!("{name} = {v} is not an index of the {len} RSS counters"))
+            .ok_or(FieldError::Index {
+                name,
+                value: v,
+                len,
+            })
     };
     Ok(Rss {
         base,

@@ -366,6 +366,8 @@ fn an_rss_index_past_the_array_is_refused() {
             ("MM_SHMEMPAGES", 3),
         ],
     );
-    let e = rss(&Btf::parse(&b.build()).unwrap()).unwrap_err();
+    let e = rss(&Btf::parse(&b.build()).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("MM_SHMEMPAGES = 3"), "{e}");
 }
