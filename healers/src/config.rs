@@ -20,10 +20,20 @@
 //! save_users = [1002]              # spared by MAX_RSSUID_SAVEUID
 //! min_culprit_mb = 64              # a user holding less is never a memory culprit
 //!
+//! [cpu]                            # CPU_Share_Healer (NR_RUNNING): one user starves the rest
+//! action = "renice"                # renice | stop | kill (stop and renice: patched kernels)
+//! max_share = 0.75                 # a user using more of the CPU time than this is the culprit
+//! window_ms = 500                  # CPU time is measured over this window (two walks)
+//! nice = 19                        # for action = "renice"
+//! resume_after_s = 300             # action = "stop": SIGCONT after this long (0: never)
+//!
 //! [hang]                           # progress sensors stalled while the vCPUs run
 //! action = "report"                # report | command | restart (through the bridge and bdvmm)
 //! command = ["/usr/local/bin/restart-vm", "{guest}"]   # for action = "command"
 //! min_stall_ms = 3000              # and stalled at least this long (besides the sensor's T)
+//! free_cpu = "stop"                # a task holding a CPU while ticks advance: stop | kill | off
+//! free_root = false                # may free_cpu act on a root process?
+//! min_hold_ms = 2000               # the task must have held its CPU this long
 //!
 //! [[guest]]
 //! name = "vm1"
@@ -106,6 +116,9 @@ pub struct Config {
     /// Mem_Reclaim_Healer.
     #[serde(default)]
     pub mem: MemConfig,
+    /// CPU_Share_Healer.
+    #[serde(default)]
+    pub cpu: CpuConfig,
     /// Hang detection.
     #[serde(default)]
     pub hang: HangConfig,
@@ -213,6 +226,92 @@ pub enum MemPolicy {
     MAX_RSSUID_SAVEUID,
 }
 
+/// `[cpu]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    /// Off: no CPU_Share_Healer.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// What to do to the culprit user's processes.
+    #[serde(default)]
+    pub action: CpuAction,
+    /// The share of all CPU time used over the window (0..1) above which the top user is the
+    /// culprit.
+    #[serde(default = "default_max_share")]
+    pub max_share: f64,
+    /// The window CPU time is measured over, in ms.
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    /// The nice value for `action = "renice"` (0..=19).
+    #[serde(default = "default_nice")]
+    pub nice: i8,
+    /// `action = "stop"`: the user's processes get SIGCONT after this many seconds (0: only
+    /// `bdmon resume-user` resumes them).
+    #[serde(default = "default_resume_after_s")]
+    pub resume_after_s: u64,
+    /// Most lock–diagnose–repair rounds per violation.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            enabled: true,
+            action: CpuAction::default(),
+            max_share: default_max_share(),
+            window_ms: default_window_ms(),
+            nice: default_nice(),
+            resume_after_s: default_resume_after_s(),
+            max_rounds: default_rounds(),
+        }
+    }
+}
+
+fn default_max_share() -> f64 {
+    0.75
+}
+
+fn default_window_ms() -> u64 {
+    500
+}
+
+fn default_nice() -> i8 {
+    19
+}
+
+fn default_resume_after_s() -> u64 {
+    300
+}
+
+/// What CPU_Share_Healer does to the culprit user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuAction {
+    /// Lower the priority of every process of the user (`RENICE_UID`); nothing stops.
+    #[default]
+    Renice,
+    /// SIGSTOP every process of the user (`STOP_UID`), SIGCONT after `resume_after_s` or on
+    /// `bdmon resume-user`.
+    Stop,
+    /// SIGKILL every process of the user.
+    Kill,
+}
+
+/// What the hang detector does to a task that holds a CPU while timer ticks advance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreeCpu {
+    /// SIGSTOP its process (`STOP_PID`; patched kernels).
+    #[default]
+    Stop,
+    /// SIGKILL its process.
+    Kill,
+    /// Leave it; go straight to `action`.
+    Off,
+}
+
 /// `[hang]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,6 +326,20 @@ pub struct HangConfig {
     /// starved of host CPU, or a quiet one between two context switches, is not hung.
     #[serde(default = "default_min_stall_ms")]
     pub min_stall_ms: u64,
+    /// A CPU held by one task while others wait and timer ticks advance: free it by stopping or
+    /// killing that task's process before `action` is taken.
+    #[serde(default)]
+    pub free_cpu: FreeCpu,
+    /// `free_cpu` may act on a root process (never on init or a kernel thread).
+    #[serde(default)]
+    pub free_root: bool,
+    /// The task must have held its CPU at least this long (ms).
+    #[serde(default = "default_min_hold_ms")]
+    pub min_hold_ms: u64,
+}
+
+fn default_min_hold_ms() -> u64 {
+    2000
 }
 
 impl Default for HangConfig {
@@ -235,6 +348,9 @@ impl Default for HangConfig {
             action: HangAction::default(),
             command: Vec::new(),
             min_stall_ms: default_min_stall_ms(),
+            free_cpu: FreeCpu::default(),
+            free_root: false,
+            min_hold_ms: default_min_hold_ms(),
         }
     }
 }
@@ -488,6 +604,15 @@ impl Config {
         }
         if self.proc.policies.is_empty() {
             return bad("[proc] policies is empty; set enabled = false instead".into());
+        }
+        if !(self.cpu.max_share > 0.0 && self.cpu.max_share <= 1.0) {
+            return bad("[cpu] max_share must be more than 0 and at most 1".into());
+        }
+        if !(10..=60_000).contains(&self.cpu.window_ms) {
+            return bad("[cpu] window_ms must be 10..=60000".into());
+        }
+        if !(0..=19).contains(&self.cpu.nice) {
+            return bad("[cpu] nice must be 0..=19 (a monitor only lowers priority)".into());
         }
         if self.hang.action == HangAction::Command && self.hang.command.is_empty() {
             return bad("[hang] action = \"command\" needs command = [...]".into());

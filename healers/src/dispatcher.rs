@@ -414,6 +414,19 @@ impl<'a> GuestLoop<'a> {
                 self.checker.reset_progress(Instant::now());
             }
         }
+        for h in 0..self.reg.len() {
+            if let Some(hm) = self.reg.get_mut(HmId(h)) {
+                let mut ctx = HealContext {
+                    guest: &mut self.guest,
+                    checker: &self.checker,
+                    cfg: self.cfg,
+                    sb: &sb,
+                    events: self.events,
+                    metrics: self.metrics,
+                };
+                hm.on_sample(&mut ctx);
+            }
+        }
     }
 }
 

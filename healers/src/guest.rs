@@ -18,10 +18,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bridge_client::client::{Bridge, BridgeMem, ClientError, InspectError};
 use bridge_client::wire::{self, VmStatus};
 use introspect::consistency::{self, Pausable};
+use introspect::cpus::Cpu;
 use introspect::forkrate::ForkRateError;
 use introspect::kernel::KernelError;
 use introspect::layout::Unresolved;
-use introspect::repair::{self, DirectLayout, KillSite, Killed, RepairError, Spared, Victims};
+use introspect::repair::{
+    self, DirectLayout, KillSite, Killed, Order, RepairError, Spared, Victims,
+};
 use introspect::sensorbox::SensorBox;
 use introspect::target::{KernelFiles, StockKernel, Target, TargetError};
 use introspect::tasks::{KernelMem, Limits, Process, TaskError};
@@ -99,6 +102,9 @@ pub enum GuestError {
     /// A call that needs the lock, made without it.
     #[error("lock the guest first")]
     NotLocked,
+    /// The CPUs' runqueues cannot be read.
+    #[error("the guest's runqueues: {0}")]
+    Cpus(String),
 }
 
 impl GuestError {
@@ -166,7 +172,10 @@ impl GuestError {
 
     /// True if no lock can be held after this error, so the session need not be dropped.
     fn lock_free(&self) -> bool {
-        matches!(self, GuestError::Files(_) | GuestError::Budget { .. })
+        matches!(
+            self,
+            GuestError::Files(_) | GuestError::Budget { .. } | GuestError::Cpus(_)
+        )
     }
 }
 
@@ -655,6 +664,40 @@ impl Guest {
         self.guard(r)
     }
 
+    /// SIGCONT to every process of `uid` (`CONT_UID`, patched guests): what undoes a stop of
+    /// CPU_Share_Healer. Samples, locks, posts, unlocks (on every path).
+    pub fn resume_user(&mut self, uid: u32, spared: &Spared) -> Result<Killed, GuestError> {
+        let sb = self.sample()?;
+        self.lock(Some(&sb))?;
+        let r = self.apply(
+            Order::Cont,
+            &Victims::Uid(uid),
+            None,
+            spared,
+            Some(&sb),
+            None,
+        );
+        let u = self.unlock();
+        let done = r?;
+        u?;
+        Ok(done)
+    }
+
+    /// Every CPU's runqueue: its current task, runnable tasks and how long the task has held it.
+    /// Single-word reads; the caller holds the lock when it acts on them.
+    pub fn cpus(&mut self) -> Result<Vec<Cpu>, GuestError> {
+        let r = match (&self.kernel, &self.mem) {
+            (Some(k), Some(mem)) => match &k.target.cpus {
+                Ok(rq) => rq
+                    .read(&KernelMem::new(mem, k.target.loc.clone()))
+                    .map_err(|e| GuestError::Cpus(e.to_string())),
+                Err(why) => Err(GuestError::Cpus(why.clone())),
+            },
+            _ => Err(GuestError::NotLocked),
+        };
+        self.guard(r)
+    }
+
     /// Per-user fork rates (forks in the current or previous 1 s window) from the kernel's own
     /// counters, on a patched guest; `None` on a stock kernel, which has no such counters.
     pub fn fork_rates(&mut self, sb: &SensorBox) -> Result<Option<Vec<(u32, u64)>>, GuestError> {
@@ -691,6 +734,20 @@ impl Guest {
         sb: Option<&SensorBox>,
         until: Option<Instant>,
     ) -> Result<Killed, GuestError> {
+        self.apply(Order::Kill, victims, table, spared, sb, until)
+    }
+
+    /// [`Guest::kill`] for any [`Order`] ([`repair::apply`]): stop, continue and renice go
+    /// through the mailbox of a patched guest only. The caller holds the lock.
+    pub fn apply(
+        &mut self,
+        order: Order,
+        victims: &Victims,
+        table: Option<&[Process]>,
+        spared: &Spared,
+        sb: Option<&SensorBox>,
+        until: Option<Instant>,
+    ) -> Result<Killed, GuestError> {
         let r = match (&self.kernel, &self.mem, &mut self.locked) {
             (Some(k), Some(mem), Some(held)) => {
                 // A diagnosed culprit: this lock is a repair, outside the pause budget.
@@ -703,7 +760,7 @@ impl Guest {
                     direct: &k.direct,
                     until,
                 };
-                repair::kill(&site, victims, table, spared).map_err(GuestError::from)
+                repair::apply(&site, order, victims, table, spared).map_err(GuestError::from)
             }
             _ => Err(GuestError::NotLocked),
         };

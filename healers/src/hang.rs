@@ -1,6 +1,14 @@
-//! Hang detection: progress sensors (TIMER_TICKS, CONTEXT_SWITCHES) that stop advancing while
-//! bdvmm says the vCPUs run. The dispatcher confirms "running" with the bridge's STATUS before a
-//! stall reaches this HM, so a guest paused by a monitor is never reported as hung.
+//! Hang detection: progress sensors (TIMER_TICKS, CONTEXT_SWITCHES, CPU_PROGRESS) that stop
+//! advancing while bdvmm says the vCPUs run. The dispatcher confirms "running" with the bridge's
+//! STATUS before a stall reaches this HM, so a guest paused by a monitor is never reported as hung.
+//!
+//! **A CPU freed in place.** When the timer ticks still advance, the kernel is alive and the
+//! stall is a CPU that one task keeps from the others (an RT spinner with RT throttling off): under
+//! the lock, each CPU's runqueue names its current task and how long it has held the CPU
+//! ([`introspect::cpus`]); the process of the task that has held a contended CPU longest (at least
+//! `min_hold_ms`) is stopped or killed (`free_cpu`) — never init, a kernel thread, a spared user's
+//! or (unless `free_root`) root's — and the sensor re-checked. Only if it does not recover is the
+//! configured `action` (report, command, restart) taken.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -8,12 +16,20 @@ use std::time::{Duration, Instant};
 use introspect::sensorbox::ids;
 use serde_json::json;
 
-use crate::config::{HangAction, HangConfig};
+use introspect::repair::{Order, Victims};
+use introspect::sensorbox::SensorBox;
+
+use crate::config::{FreeCpu, HangAction, HangConfig};
 use crate::contract::{Breach, Violation};
+use crate::guest::GuestError;
 use crate::hm::{HealContext, HealOutcome, HealingModule};
 
 /// Reports (and acts on) a hung guest at most once per this period.
 pub const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// How long to wait for a timer tick before deciding the kernel's ticks stopped.
+pub const TICK_CHECK: Duration = Duration::from_millis(100);
+/// How long a stalled sensor has to advance after its CPU was freed.
+pub const RECOVER_WITHIN: Duration = Duration::from_secs(3);
 /// Longest the hang command may run.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -30,7 +46,111 @@ impl HangDetector {
     }
 
     /// The sensors it watches.
-    pub const SENSORS: [u32; 2] = [ids::TIMER_TICKS, ids::CONTEXT_SWITCHES];
+    pub const SENSORS: [u32; 3] = [ids::TIMER_TICKS, ids::CONTEXT_SWITCHES, ids::CPU_PROGRESS];
+
+    /// Frees a CPU held by one task (see the module's documentation). `Ok(None)`: no CPU is
+    /// held, or its holder may not be touched (the reason); `Ok(Some(pid))`: its process was
+    /// stopped or killed.
+    fn free_cpu(
+        &self,
+        ctx: &mut HealContext<'_>,
+        sb: &SensorBox,
+    ) -> Result<Result<u32, String>, GuestError> {
+        let order = match self.cfg.free_cpu {
+            FreeCpu::Stop => Order::Stop,
+            FreeCpu::Kill => Order::Kill,
+            FreeCpu::Off => return Ok(Err("free_cpu = \"off\"".into())),
+        };
+        let spared = if self.cfg.free_root {
+            ctx.spared().allowing_root()
+        } else {
+            ctx.spared()
+        };
+        let min_hold = self.cfg.min_hold_ms.saturating_mul(1_000_000);
+        let mut held = ctx.lock(sb)?;
+        let lock_ns = held.info.lock_ns;
+        let cpus = held.guest.cpus()?;
+        let Some(cpu) = cpus
+            .iter()
+            .filter(|c| c.contended() && c.held_ns.is_some_and(|h| h >= min_hold))
+            .max_by_key(|c| c.held_ns)
+            .copied()
+        else {
+            return Ok(Err(format!(
+                "no CPU has run one task for {} ms while others wait",
+                self.cfg.min_hold_ms
+            )));
+        };
+        let table = held.processes()?;
+        let Some(p) = table.iter().find(|p| p.thread_addrs.contains(&cpu.curr)) else {
+            return Ok(Err(format!(
+                "CPU {}'s task ({:#x}) is not a process of the table (a kernel thread?)",
+                cpu.cpu, cpu.curr
+            )));
+        };
+        let what = json!({"cpu": cpu.cpu, "pid": p.task.pid, "comm": p.task.comm,
+                          "uid": p.task.uid, "held_ms": cpu.held_ns.unwrap_or(0) / 1_000_000,
+                          "waiting": cpu.nr_running.saturating_sub(1)});
+        if !introspect::repair::killable(p, &spared) {
+            let why = if p.task.uid == 0 && !self.cfg.free_root {
+                "a root process (set free_root = true to allow)"
+            } else {
+                "init, a kernel thread or a spared user's process"
+            };
+            return Ok(Err(format!("{what}: {why}")));
+        }
+        if held.cfg.dry_run {
+            drop(held);
+            ctx.emit(
+                "repair",
+                json!({"hm": self.name(), "dry_run": true, "order": order, "held": what}),
+            );
+            return Ok(Err("dry run".into()));
+        }
+        let pid = p.task.pid;
+        let done = held.apply(
+            order,
+            &Victims::Pids(vec![pid]),
+            Some(&table),
+            &spared,
+            Some(sb),
+        );
+        let released = held.release();
+        let done = done?;
+        let held_for = released?;
+        ctx.emit(
+            "repair",
+            json!({"hm": self.name(), "order": order, "held": what, "how": done.how,
+                   "requests": done.requests, "stale": done.stale, "late": done.late,
+                   "lock_ns": lock_ns, "lock_held_us": crate::events::micros(held_for),
+                   "dry_run": false}),
+        );
+        if done.requests == 0 {
+            return Ok(Err("nothing posted (stale or late)".into()));
+        }
+        Ok(Ok(pid))
+    }
+
+    /// Whether the timer ticks advance: a fresh sample's TIMER_TICKS differs from `sb`'s.
+    fn ticking(ctx: &mut HealContext<'_>, sb: &SensorBox) -> bool {
+        let Some(before) = sb.value(ids::TIMER_TICKS) else {
+            return false;
+        };
+        std::thread::sleep(TICK_CHECK);
+        matches!(ctx.guest.sample(), Ok(s) if s.value(ids::TIMER_TICKS).is_some_and(|t| t != before))
+    }
+
+    /// Samples until sensor `id` moves from `value`, for at most [`RECOVER_WITHIN`].
+    fn recovers(ctx: &mut HealContext<'_>, id: u32, value: u64) -> bool {
+        let until = Instant::now() + RECOVER_WITHIN;
+        while Instant::now() < until {
+            if matches!(ctx.guest.sample(), Ok(s) if s.value(id).is_some_and(|x| x != value)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 
     fn run_command(&self, guest: &str) -> String {
         let argv: Vec<String> = self
@@ -74,6 +194,53 @@ impl HealingModule for HangDetector {
         };
         if for_ms < self.cfg.min_stall_ms {
             return HealOutcome::NoCulprit(format!("stalled only {for_ms} ms so far"));
+        }
+        // Over already (another violation of the same sample was healed first)?
+        if matches!(ctx.guest.sample(), Ok(s) if s.value(v.id).is_some_and(|x| x != v.value)) {
+            return HealOutcome::Reported;
+        }
+        // The kernel still ticks: free the CPU one task holds, and act no further if that heals.
+        if v.id != ids::TIMER_TICKS
+            && self.cfg.free_cpu != FreeCpu::Off
+            && Self::ticking(ctx, ctx.sb)
+        {
+            let sb = ctx.sb.clone();
+            let called = Instant::now();
+            match self.free_cpu(ctx, &sb) {
+                Ok(Ok(pid)) if Self::recovers(ctx, v.id, v.value) => {
+                    let recovered = v.sampled_at.elapsed();
+                    ctx.emit(
+                        "healed",
+                        json!({"hm": self.name(), "sensor": v.name, "rounds": 1, "pid": pid,
+                               "freed_cpu": true,
+                               "hm_called_us": crate::events::micros(called.duration_since(v.sampled_at)),
+                               "recovered_us": crate::events::micros(recovered)}),
+                    );
+                    ctx.metrics.add(
+                        "bdmon_repairs_total",
+                        &[("guest", &ctx.guest.cfg.name), ("hm", self.name())],
+                        1.0,
+                    );
+                    return HealOutcome::Healed {
+                        rounds: 1,
+                        killed: 0,
+                    };
+                }
+                Ok(Ok(pid)) => ctx.emit(
+                    "no_culprit",
+                    json!({"hm": self.name(), "sensor": v.name,
+                           "reason": format!("pid {pid} stopped, but {} did not recover", v.name)}),
+                ),
+                Ok(Err(reason)) => ctx.emit(
+                    "no_culprit",
+                    json!({"hm": self.name(), "sensor": v.name, "reason": reason}),
+                ),
+                Err(e) => ctx.emit(
+                    "no_culprit",
+                    json!({"hm": self.name(), "sensor": v.name,
+                           "reason": format!("cannot free the CPU: {e}")}),
+                ),
+            }
         }
         if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
             return HealOutcome::Reported;

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use introspect::repair::Victims;
+use introspect::repair::{Order, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::tasks::Process;
 use serde_json::json;
@@ -36,6 +36,22 @@ pub trait Diagnosis: Send {
         None
     }
 
+    /// What the repair does to the culprit's processes.
+    fn order(&self) -> Order {
+        Order::Kill
+    }
+
+    /// Before the first round, without the lock held: `Ok(Some(reason))` skips the healing
+    /// (nobody to blame yet, e.g. another healer's violation explains this one). A diagnosis that
+    /// compares two tables takes its first one here.
+    fn before(
+        &mut self,
+        _ctx: &mut HealContext<'_>,
+        _sb: &SensorBox,
+    ) -> Result<Option<String>, GuestError> {
+        Ok(None)
+    }
+
     /// A diagnosis that needs no process table (patched guests only), tried first under the lock:
     /// e.g. the kernel's own per-user fork counters name the culprit and KILL_UID kills all of
     /// the user's processes, so the walk — most of the time the guest is held paused — is
@@ -59,6 +75,9 @@ pub trait Diagnosis: Send {
 
     /// True once a fresh sample shows the guest healed.
     fn recovered(&mut self, checker: &Checker, v: &Violation, sb: &SensorBox) -> bool;
+
+    /// [`HealingModule::on_sample`]: after every sample of the guest.
+    fn on_sample(&mut self, _ctx: &mut HealContext<'_>) {}
 }
 
 /// A [`Diagnosis`] as a healing module: the loop of [`heal`] around it.
@@ -71,6 +90,10 @@ impl<D: Diagnosis> HealingModule for Healer<D> {
 
     fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome {
         heal(ctx, v, &mut self.0)
+    }
+
+    fn on_sample(&mut self, ctx: &mut HealContext<'_>) {
+        self.0.on_sample(ctx)
     }
 }
 
@@ -108,6 +131,17 @@ pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -
     let hm = D::NAME;
     if let Some(reason) = d.unavailable(ctx.guest) {
         return HealOutcome::NoCulprit(reason);
+    }
+    match d.before(ctx, ctx.sb) {
+        Ok(None) => {}
+        Ok(Some(reason)) => {
+            ctx.emit(
+                "no_culprit",
+                json!({"hm": hm, "sensor": v.name, "reason": reason}),
+            );
+            return HealOutcome::NoCulprit(reason);
+        }
+        Err(e) => return not_healed(ctx, hm, v, 0, format!("before diagnosis: {e}"), false),
     }
     let (max_rounds, settle) = (d.max_rounds().max(1), d.settle());
     let called = Instant::now();
@@ -255,7 +289,8 @@ fn locked_round<D: Diagnosis>(
         drop(held);
         ctx.emit(
             "repair",
-            json!({"hm": hm, "round": round, "dry_run": true, "uid": c.uid, "would_kill": pids}),
+            json!({"hm": hm, "round": round, "dry_run": true, "uid": c.uid,
+                   "order": d.order(), "would_kill": pids}),
         );
         return Ok(Round::DryRun);
     }
@@ -272,7 +307,7 @@ fn locked_round<D: Diagnosis>(
         );
         return Ok(Round::LeaseShort);
     }
-    let killed = held.kill(&victims, table.as_deref(), &spared, Some(sb));
+    let killed = held.apply(d.order(), &victims, table.as_deref(), &spared, Some(sb));
     let released = held.release();
     let (killed, held_for) = killed
         .and_then(|k| released.map(|h| (k, h)))
@@ -284,7 +319,7 @@ fn locked_round<D: Diagnosis>(
     );
     ctx.emit(
         "repair",
-        json!({"hm": hm, "round": round, "uid": c.uid,
+        json!({"hm": hm, "round": round, "uid": c.uid, "order": killed.order,
                // Unknown until the re-check when no table was walked (see `healed`).
                "killed": killed.processes,
                "requests": killed.requests, "how": killed.how, "pids": killed.pids,

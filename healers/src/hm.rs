@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
-use introspect::repair::{Killed, Spared, Victims};
+use introspect::repair::{Killed, Order, Spared, Victims};
 use introspect::sensorbox::SensorBox;
 use introspect::tasks::Process;
 use serde_json::Value;
@@ -165,8 +165,22 @@ impl Held<'_, '_> {
         spared: &Spared,
         sb: Option<&SensorBox>,
     ) -> Result<Killed, GuestError> {
+        self.apply(Order::Kill, victims, table, spared, sb)
+    }
+
+    /// [`Held::kill`] for any [`Order`] (stop, continue, renice: patched guests only).
+    pub fn apply(
+        &mut self,
+        order: Order,
+        victims: &Victims,
+        table: Option<&[Process]>,
+        spared: &Spared,
+        sb: Option<&SensorBox>,
+    ) -> Result<Killed, GuestError> {
         let until = self.post_until();
-        self.ctx.guest.kill(victims, table, spared, sb, Some(until))
+        self.ctx
+            .guest
+            .apply(order, victims, table, spared, sb, Some(until))
     }
 
     /// Releases the lock now; returns how long it was held.
@@ -211,6 +225,9 @@ pub trait HealingModule: Send {
     fn name(&self) -> &str;
     /// Heals (or reports) one violation.
     fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome;
+    /// Called after every sample of the guest, violated or not (e.g. to undo a reversible
+    /// repair whose time is up). Must be cheap when it has nothing to do.
+    fn on_sample(&mut self, _ctx: &mut HealContext<'_>) {}
 }
 
 /// Identifies a registered HM.
@@ -255,6 +272,16 @@ impl Registry {
     /// The HM itself.
     pub fn get_mut(&mut self, id: HmId) -> Option<&mut (dyn HealingModule + 'static)> {
         self.hms.get_mut(id.0).map(|b| b.as_mut())
+    }
+
+    /// Number of HMs registered.
+    pub fn len(&self) -> usize {
+        self.hms.len()
+    }
+
+    /// No HM registered.
+    pub fn is_empty(&self) -> bool {
+        self.hms.is_empty()
     }
 
     /// Sensors with at least one HM.

@@ -8,7 +8,8 @@
 //! ([`heal`]) → events with timings ([`events`]).
 //!
 //! * [`hm`] — the HM API: `new_hm`, `register_sensor`, and how to write one.
-//! * [`proc_repair`], [`mem_reclaim`], [`hang`] — the paper's healers and hang detection.
+//! * [`proc_repair`], [`mem_reclaim`], [`hang`] — the paper's healers and hang detection;
+//!   [`cpu_share`] — CPU hogs (renice, stop or kill), and [`hang`] frees a CPU one task holds.
 //! * [`budget`] — first, do no harm: the pause budget bdmon holds itself to, and the backoff of
 //!   failing steps.
 //! * [`config`] — the TOML file; [`metrics`] — Prometheus text.
@@ -16,6 +17,7 @@
 pub mod budget;
 pub mod config;
 pub mod contract;
+pub mod cpu_share;
 pub mod dispatcher;
 pub mod events;
 pub mod files;
@@ -33,7 +35,7 @@ use hm::Registry;
 
 /// The HMs bdmon registers for every guest, as the config enables them: Proc_Repair_Healer on
 /// NPROCS and MAXPROC_RATE_PERUID, Mem_Reclaim_Healer on OOM_KILLER_RUNNING, FREE_PAGES and
-/// OOM_KILLS, and the hang detector on the progress sensors.
+/// OOM_KILLS, CPU_Share_Healer on NR_RUNNING, and the hang detector on the progress sensors.
 pub fn default_registry(cfg: &Config, _guest: &GuestConfig) -> Registry {
     let mut reg = Registry::new();
     if cfg.proc.enabled {
@@ -49,6 +51,12 @@ pub fn default_registry(cfg: &Config, _guest: &GuestConfig) -> Registry {
             cfg.mem.clone(),
         )));
         for s in mem_reclaim::MemReclaimHealer::SENSORS {
+            reg.register_sensor(hm, s);
+        }
+    }
+    if cfg.cpu.enabled {
+        let hm = reg.new_hm(Box::new(cpu_share::CpuShareHealer::new(cfg.cpu.clone())));
+        for s in cpu_share::CpuShareHealer::SENSORS {
             reg.register_sensor(hm, s);
         }
     }

@@ -26,7 +26,8 @@ use clap::{Parser, Subcommand};
         healing modules registered for it: Proc_Repair_Healer (fork bombs), Mem_Reclaim_Healer \
         (memory hogs) and the hang detector. Every detection, diagnosis and repair is a JSON line \
         in the event log.\n\n\
-        `bdmon status` shows each guest's sensors at a glance; `bdmon check` validates a config."
+        `bdmon status` shows each guest's sensors at a glance; `bdmon check` validates a config; \
+        `bdmon resume-user` continues a user that CPU_Share_Healer stopped."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -55,6 +56,21 @@ enum Cmd {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Send SIGCONT to every process of a user in one guest (CONT_UID through the repair hooks
+    /// of a patched guest kernel): undoes CPU_Share_Healer's `action = "stop"` before its
+    /// `resume_after_s`. bdmon stops the user again if they hog the CPU again; spare them
+    /// (`spare_users`) to prevent that.
+    ResumeUser {
+        /// Config file (the guest's bridge and this monitor's keys).
+        #[arg(long)]
+        config: PathBuf,
+        /// The guest's name in the config.
+        #[arg(long)]
+        guest: String,
+        /// The user whose processes continue.
+        #[arg(long)]
+        uid: u32,
     },
     /// Check a config file and exit; a stock guest's `system_map`/`vmlinux` must parse and,
     /// when its bridge answers, belong to the kernel it runs (checked against `linux_banner`;
@@ -116,6 +132,25 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             Ok(())
         }
         Cmd::Status { config, json } => status(&load(&config)?, json),
+        Cmd::ResumeUser { config, guest, uid } => {
+            let c = load(&config)?;
+            let g = c.guests.iter().find(|g| g.name == guest).ok_or_else(|| {
+                (
+                    2,
+                    format!("no [[guest]] named {guest:?} in {}", config.display()),
+                )
+            })?;
+            let spared = introspect::repair::Spared::new(c.spare_users.iter().copied());
+            let done = Guest::new(g.clone())
+                .resume_user(uid, &spared)
+                .map_err(|e| (1, format!("guest {guest}: {e}")))?;
+            println!(
+                "guest {guest}: SIGCONT to every process of uid {uid} posted ({} request, {})",
+                done.requests,
+                done.how.as_str()
+            );
+            Ok(())
+        }
         Cmd::Run {
             config,
             dry_run,

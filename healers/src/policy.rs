@@ -208,6 +208,7 @@ pub(crate) mod tests {
                 state: 'R',
                 kthread: false,
                 start_time: u64::from(pid) * 1_000_000,
+                cpu_ns: 0,
                 rss_file: 0,
                 rss_anon: rss,
                 rss_shmem: 0,
@@ -216,6 +217,7 @@ pub(crate) mod tests {
             thread_addrs: vec![],
             depth,
             children: 0,
+            cpu_ns: 0,
         }
     }
 

@@ -20,12 +20,14 @@
 
 static void usage(void)
 {
-	printf("Usage: spawn --count N [--sleep] [--log FILE]\n"
+	printf("Usage: spawn --count N [--sleep | --spin] [--log FILE]\n"
 	       "\n"
 	       "Creates N long-lived children, then waits forever.\n"
 	       "  --count N   number of children (1..1000000)\n"
 	       "  --sleep     children wake once a second (nanosleep loop) instead of\n"
 	       "              sleeping in pause() until a signal comes\n"
+	       "  --spin      children spin on the CPU forever (a fixed set of CPU\n"
+	       "              hogs: no forking, little memory)\n"
 	       "  --log FILE  also append the output lines to FILE\n"
 	       "  --help      show this help\n"
 	       "\n"
@@ -40,8 +42,12 @@ static void usage(void)
 
 static void child_main(int periodic)
 {
+	volatile uint64_t spins = 0;
+
 	for (;;) {
-		if (periodic)
+		if (periodic == 2)
+			spins++;
+		else if (periodic)
 			bd_sleep_ms(1000);
 		else
 			pause();
@@ -56,6 +62,7 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "count", required_argument, NULL, 'c' },
 		{ "sleep", no_argument, NULL, 's' },
+		{ "spin", no_argument, NULL, 'p' },
 		BD_COMMON_OPTIONS,
 	};
 	int c;
@@ -66,6 +73,9 @@ int main(int argc, char **argv)
 			break;
 		case 's':
 			periodic = 1;
+			break;
+		case 'p':
+			periodic = 2;
 			break;
 		}
 	}

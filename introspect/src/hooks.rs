@@ -1,5 +1,6 @@
 //! The repair-hook mailbox of a patched guest (layout in `guest-kernel-patches/README.md`): how a
-//! monitor asks the guest kernel to kill a process or every process of a user.
+//! monitor asks the guest kernel to kill, stop or continue a process or every process of a user,
+//! or to renice every process of a user.
 //!
 //! Write requests only while the guest's vCPUs are paused; the kernel acts on them at its next
 //! timer tick after the guest resumes.
@@ -32,6 +33,59 @@ pub enum KillTarget {
     Uid(u32),
 }
 
+/// What to do to a [`KillTarget`]: the request kinds of the mailbox (patch 0004 kills, patch
+/// 0006 the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// SIGKILL (`KILL_PID` 1, `KILL_UID` 2).
+    Kill,
+    /// SIGSTOP (`STOP_PID` 3, `STOP_UID` 4): reversible with [`Order::Cont`].
+    Stop,
+    /// SIGCONT (`CONT_PID` 5, `CONT_UID` 6).
+    Cont,
+    /// Set the nice value of every thread of every process of a user (`RENICE_UID` 7; -20..=19).
+    Renice(i8),
+}
+
+impl Order {
+    /// The request kind for `target`, and the 8-byte argument at slot offset 0x10.
+    fn kind(self, target: KillTarget) -> Result<(u32, u32, u64), HookError> {
+        Ok(match (self, target) {
+            (Order::Kill, KillTarget::Pid { pid, start_time }) => (1, pid, start_time),
+            (Order::Kill, KillTarget::Uid(uid)) => (2, uid, 0),
+            (Order::Stop, KillTarget::Pid { pid, start_time }) => (3, pid, start_time),
+            (Order::Stop, KillTarget::Uid(uid)) => (4, uid, 0),
+            (Order::Cont, KillTarget::Pid { pid, start_time }) => (5, pid, start_time),
+            (Order::Cont, KillTarget::Uid(uid)) => (6, uid, 0),
+            (Order::Renice(nice), KillTarget::Uid(uid)) if (-20..=19).contains(&nice) => {
+                // A signed 64-bit nice, two's complement.
+                (7, uid, u64::from_le_bytes(i64::from(nice).to_le_bytes()))
+            }
+            (Order::Renice(nice), KillTarget::Uid(_)) => {
+                return Err(HookError::Unsupported(format!(
+                    "nice {nice} (the kernel takes -20..=19)"
+                )))
+            }
+            (Order::Renice(_), KillTarget::Pid { .. }) => {
+                return Err(HookError::Unsupported(
+                    "renice of one process (the mailbox renices a whole user)".into(),
+                ))
+            }
+        })
+    }
+
+    /// "kill", "stop", "cont" or "renice".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::Kill => "kill",
+            Order::Stop => "stop",
+            Order::Cont => "cont",
+            Order::Renice(_) => "renice",
+        }
+    }
+}
+
 /// The state of one mailbox slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotState {
@@ -59,6 +113,9 @@ pub enum HookError {
     /// The mailbox header is malformed.
     #[error("malformed repair-hook mailbox: {0}")]
     Malformed(String),
+    /// A request the mailbox has no kind for.
+    #[error("the repair-hook mailbox cannot carry {0}")]
+    Unsupported(String),
     /// Every slot holds a pending request.
     #[error("all {0} repair-hook slots are busy; wait for the guest to process them")]
     Full(u32),
@@ -122,22 +179,32 @@ impl Mailbox {
     /// WRITEs only from the lock's holder, so two monitors cannot post at once; with k-of-n the
     /// monitors' identical writes are the request.
     pub fn post(&self, mem: &dyn PhysMem, target: KillTarget, tag: u64) -> Result<u32, HookError> {
+        self.request(mem, Order::Kill, target, tag)
+    }
+
+    /// Posts `order` for `target` and rings the doorbell, as [`Mailbox::post`] does a kill;
+    /// returns the slot used. The guest must be paused.
+    pub fn request(
+        &self,
+        mem: &dyn PhysMem,
+        order: Order,
+        target: KillTarget,
+        tag: u64,
+    ) -> Result<u32, HookError> {
+        let (kind, id, arg) = order.kind(target)?;
         let slot = (0..self.slots)
             .find(|&i| {
                 mem.read_u32(self.slot_gpa(i))
                     .is_ok_and(|s| s != STATE_REQUESTED)
             })
             .ok_or(HookError::Full(self.slots))?;
-        let (kind, id, start_time) = match target {
-            KillTarget::Pid { pid, start_time } => (1u32, pid, start_time),
-            KillTarget::Uid(uid) => (2u32, uid, 0),
-        };
         let mut bytes = [0u8; 32];
         bytes[0..4].copy_from_slice(&STATE_REQUESTED.to_le_bytes());
         bytes[4..8].copy_from_slice(&kind.to_le_bytes());
         bytes[8..12].copy_from_slice(&id.to_le_bytes());
         // 12..16: the result, zero until the kernel sets it.
-        bytes[16..24].copy_from_slice(&start_time.to_le_bytes());
+        // start_time for the *_PID kinds, the nice value for RENICE_UID.
+        bytes[16..24].copy_from_slice(&arg.to_le_bytes());
         bytes[24..32].copy_from_slice(&tag.to_le_bytes());
         mem.write(self.slot_gpa(slot), &bytes)?;
         let doorbell = mem.read_u64(self.gpa + 8)?;
@@ -264,6 +331,41 @@ mod tests {
         assert_eq!(slot, &want);
         assert_eq!(writes[1], (mb.gpa + 8, 1u64.to_le_bytes().to_vec()));
         assert_eq!(mb.slot(&mem, 0).unwrap(), SlotState::Requested);
+    }
+
+    #[test]
+    fn each_order_has_its_kind_and_argument() {
+        let img = image();
+        let sb = parse(&img, 0).unwrap();
+        let mem = VecMem::new(0, img);
+        let mb = Mailbox::open(&mem, &sb).unwrap();
+        let pid = KillTarget::Pid {
+            pid: 42,
+            start_time: 5,
+        };
+        let uid = KillTarget::Uid(1000);
+        let cases = [
+            (Order::Stop, pid, 3u32, 42u32, 5u64),
+            (Order::Stop, uid, 4, 1000, 0),
+            (Order::Cont, pid, 5, 42, 5),
+            (Order::Cont, uid, 6, 1000, 0),
+            (Order::Renice(19), uid, 7, 1000, 19),
+            (Order::Renice(-3), uid, 7, 1000, u64::MAX - 2),
+        ];
+        for (i, (order, target, kind, id, arg)) in cases.into_iter().enumerate() {
+            let slot = mb.request(&mem, order, target, 1).unwrap();
+            assert_eq!(slot, u32::try_from(i).unwrap());
+            let g = mb.slot_gpa(slot);
+            assert_eq!(mem.read_u32(g + 4).unwrap(), kind, "{order:?}");
+            assert_eq!(mem.read_u32(g + 8).unwrap(), id);
+            assert_eq!(mem.read_u64(g + 16).unwrap(), arg);
+        }
+        for bad in [(Order::Renice(20), uid), (Order::Renice(0), pid)] {
+            assert!(matches!(
+                mb.request(&mem, bad.0, bad.1, 1),
+                Err(HookError::Unsupported(_))
+            ));
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod btf;
 pub mod cache;
 pub mod consistency;
 pub mod conv;
+pub mod cpus;
 pub mod discover;
 pub mod elf;
 pub mod forkrate;

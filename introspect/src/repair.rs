@@ -41,6 +41,7 @@
 use std::time::Instant;
 
 use crate::btf::Btf;
+pub use crate::hooks::Order;
 use crate::hooks::{HookError, KillTarget, Mailbox};
 use crate::mem::PhysMem;
 use crate::sensorbox::SensorBox;
@@ -89,6 +90,13 @@ pub enum RepairError {
         /// What is wrong with it.
         reason: Box<crate::layout::FieldError>,
     },
+    /// Stop, continue and renice are requests the guest kernel carries out; a stock kernel has
+    /// no mailbox to take them (and a host cannot safely wake a stopped guest task).
+    #[error(
+        "{0} needs the repair-hook mailbox of a patched guest kernel (guest-kernel-patches/0006); \
+         on a stock kernel only kill is available"
+    )]
+    NeedsMailbox(&'static str),
     /// Refused by the never-kill rule.
     #[error("refusing to kill {0}")]
     Refused(String),
@@ -204,6 +212,13 @@ impl Spared {
         Spared::new(self.0.iter().copied().chain(more))
     }
 
+    /// The same users without root: only for an operator's explicit choice to let a healer act
+    /// on root's processes (bdmon's `[hang] free_root`). Init and kernel threads stay refused
+    /// ([`killable`]).
+    pub fn allowing_root(&self) -> Spared {
+        Spared(self.0.iter().copied().filter(|&u| u != 0).collect())
+    }
+
     /// Is `uid` spared?
     pub fn contains(&self, uid: u32) -> bool {
         self.0.binary_search(&uid).is_ok()
@@ -265,9 +280,11 @@ impl How {
     }
 }
 
-/// What [`kill`] did.
+/// What [`kill`] (or [`apply`]) did.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Killed {
+    /// What was asked: kill, stop, cont or renice.
+    pub order: Order,
     /// The killable processes the table showed (`None`: no table was read; a KILL_UID request
     /// then kills whatever the user has, and the guest's own process count tells how many).
     pub processes: Option<usize>,
@@ -328,6 +345,19 @@ pub fn kill(
     table: Option<&[Process]>,
     spared: &Spared,
 ) -> Result<Killed, RepairError> {
+    apply(site, Order::Kill, victims, table, spared)
+}
+
+/// [`kill`] for any [`Order`]: the same victims, never-kill rule, re-checks and lease. Only a kill
+/// can be carried out without the guest kernel's help (direct writes on a stock kernel); stop,
+/// continue and renice need the mailbox ([`RepairError::NeedsMailbox`]), and renice names a user.
+pub fn apply(
+    site: &KillSite<'_>,
+    order: Order,
+    victims: &Victims,
+    table: Option<&[Process]>,
+    spared: &Spared,
+) -> Result<Killed, RepairError> {
     if let Victims::Uid(uid) = victims {
         if spared.contains(*uid) {
             return Err(RepairError::Refused(format!("uid {uid} (spared)")));
@@ -337,6 +367,9 @@ pub fn kill(
     let pids: Vec<u32> = selected.iter().flatten().map(|p| p.task.pid).collect();
     let processes = selected.as_ref().map(Vec::len);
     let mailbox = site.mailbox()?;
+    if mailbox.is_none() && order != Order::Kill {
+        return Err(RepairError::NeedsMailbox(order.as_str()));
+    }
     let (mut requests, mut late) = (0, 0);
     let mut stale = Vec::new();
     let how = match (&mailbox, victims) {
@@ -344,7 +377,7 @@ pub fn kill(
             if site.late() {
                 late = 1;
             } else {
-                mb.post(site.mem, KillTarget::Uid(*uid), u64::from(*uid))?;
+                mb.request(site.mem, order, KillTarget::Uid(*uid), u64::from(*uid))?;
                 requests = 1;
             }
             How::Mailbox
@@ -357,7 +390,7 @@ pub fn kill(
                     break;
                 }
                 // The guest kernel checks pid and start time when it carries this out.
-                mb.post(site.mem, pid_target(p), u64::from(p.task.pid))?;
+                mb.request(site.mem, order, pid_target(p), u64::from(p.task.pid))?;
                 requests += 1;
             }
             How::Mailbox
@@ -393,6 +426,7 @@ pub fn kill(
         tracing::warn!(late, "the lock's lease is about to end: kills not posted");
     }
     Ok(Killed {
+        order,
         processes,
         pids,
         requests,
@@ -551,6 +585,7 @@ mod tests {
             thread_addrs: vec![],
             depth: 2,
             children: 0,
+            cpu_ns: 0,
         }
     }
 

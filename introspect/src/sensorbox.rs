@@ -24,6 +24,8 @@ pub const MAX_REGION: u64 = 16 << 20;
 pub const STATE_SIZE_BASE: usize = 0x90;
 /// Size of the descriptor with the per-user fork table (patch 0005); a shorter one has none.
 pub const STATE_SIZE_FORK_USERS: usize = 0xa0;
+/// Size of the descriptor that names the per-CPU runqueues (patch 0007).
+pub const STATE_SIZE_RUNQUEUES: usize = 0xa8;
 /// Size of one entry of the per-user fork table (`struct bd_fork_user`).
 pub const FORK_USER_SIZE: u32 = 24;
 /// Most entries we accept in the per-user fork table.
@@ -53,6 +55,11 @@ pub mod ids {
     pub const REPAIRS_APPLIED: u32 = 10;
     /// Repair requests rejected.
     pub const REPAIRS_REJECTED: u32 = 11;
+    /// Runnable tasks summed over CPUs, the kernel's `nr_running()` (level).
+    pub const NR_RUNNING: u32 = 12;
+    /// The oldest moment at which every CPU last made progress: it was idle, ran its task alone
+    /// or switched tasks (progress; a CPU held by one task while others wait freezes it).
+    pub const CPU_PROGRESS: u32 = 13;
 }
 
 /// Why a Sensor Box could not be read.
@@ -241,6 +248,11 @@ pub struct ExternalState {
     /// [`STATE_SIZE_FORK_USERS`] (a kernel without patch 0005). Read it with
     /// [`crate::forkrate::per_user_fork_rates`].
     pub fork_users: Option<(u64, u32, u32)>,
+    /// `&runqueues`, the per-CPU scheduler runqueue (a per-CPU address: add
+    /// `__per_cpu_offset[cpu]`). `None` when the descriptor is shorter than
+    /// [`STATE_SIZE_RUNQUEUES`] (a kernel without patch 0007) or it is 0. Read it with
+    /// [`crate::cpus`].
+    pub runqueues: Option<u64>,
 }
 
 // Fields of a copy whose length the parser checked first (`within`); a read past its end (a bug,
@@ -457,6 +469,9 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
             per_cpu_offset: u64_at(d, 0x80),
             total_forks: u64_at(d, 0x88),
             fork_users: fork_users(d)?,
+            runqueues: (d.len() >= STATE_SIZE_RUNQUEUES)
+                .then(|| u64_at(d, 0xa0))
+                .filter(|&a| a != 0),
         })
     } else {
         None

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use crate::btf::{Btf, BtfError};
 use crate::consistency::{self, Locked, Pausable};
+use crate::cpus::{CpuCount, RqLayout, Runqueues};
 use crate::kernel::{self, KernelError, KernelLocation, Symbols};
 use crate::mem::{MemError, PhysMem};
 use crate::sensorbox::{self, ExternalState, SbError};
@@ -158,6 +159,9 @@ pub struct Target {
     pub tasklist_lock: TasklistLock,
     /// The kernel release (`uname -r`, from `linux_banner`), for messages.
     pub release: String,
+    /// Each CPU's runqueue, or why it cannot be read (a patched kernel without patch 0007, or
+    /// a layout introspect does not know).
+    pub cpus: Result<Runqueues, String>,
 }
 
 /// A stock kernel's `System.map` and `vmlinux`, read, parsed and checked: everything locating it
@@ -368,12 +372,26 @@ impl Found<'_> {
     /// Copies and parses the kernel's types, with the guest running again: its `.BTF` section is
     /// read-only data that does not change while the kernel runs, so it needs no pause.
     fn finish(self, mem: &dyn PhysMem) -> Result<Target, TargetError> {
-        let (loc, btf, init_task, tasklist_lock, banner) = match self {
+        let (loc, btf, init_task, tasklist_lock, banner, rq) = match self {
             Found::Stock { loc, kernel } => {
                 let slid = |a: u64| a.wrapping_add(loc.slide);
                 let (init, lock) = (slid(kernel.init_task), slid(kernel.tasklist_lock));
                 let banner = kernel.syms.get("linux_banner").map_or(0, slid);
-                (loc, kernel.btf.clone(), init, lock, banner)
+                let sym = |n: &str| {
+                    kernel
+                        .syms
+                        .get(n)
+                        .ok_or_else(|| format!("no symbol {n} in the kernel's symbols"))
+                };
+                // Per-CPU symbols are offsets into each CPU's area and are not slid.
+                let rq = (|| {
+                    Ok((
+                        sym("runqueues")?,
+                        slid(sym("__per_cpu_offset")?),
+                        CpuCount::At(slid(sym("nr_cpu_ids")?)),
+                    ))
+                })();
+                (loc, kernel.btf.clone(), init, lock, banner, rq)
             }
             Found::Patched { loc, st, len } => {
                 let mut blob = vec![0u8; len];
@@ -382,15 +400,33 @@ impl Found<'_> {
                     mem.read(start.wrapping_add(at), chunk)?;
                 }
                 let banner = st.linux_banner;
+                let rq = st
+                    .runqueues
+                    .map(|rq| (rq, st.per_cpu_offset, CpuCount::Value(st.nr_cpu_ids)))
+                    .ok_or_else(|| {
+                        "the Sensor Box's descriptor does not name the runqueues (a kernel \
+                         without guest-kernel-patches/0007)"
+                            .to_string()
+                    });
                 (
                     loc,
                     Btf::parse(&blob)?,
                     st.init_task,
                     st.tasklist_lock,
                     banner,
+                    rq,
                 )
             }
         };
+        let cpus = rq.and_then(|(runqueues, per_cpu_offset, cpus)| {
+            let layout = RqLayout::from_btf(&btf).map_err(|e| format!("struct rq: {e}"))?;
+            Ok(Runqueues {
+                runqueues,
+                per_cpu_offset,
+                cpus,
+                layout,
+            })
+        });
         let release = crate::banner::release(&KernelMem::new(mem, loc.clone()), banner)
             .unwrap_or_else(|| "(unknown release)".into());
         let layout = TaskLayout::from_btf_for(&btf, &release)?;
@@ -402,6 +438,7 @@ impl Found<'_> {
             init_task,
             tasklist_lock,
             release,
+            cpus,
         })
     }
 }

@@ -162,6 +162,8 @@ pub struct Task {
     pub kthread: bool,
     /// Start time, ns since boot (`task->start_time`).
     pub start_time: u64,
+    /// CPU time used, ns (`task->se.sum_exec_runtime`; 0 if the kernel's layout lacks it).
+    pub cpu_ns: u64,
     /// Resident file pages.
     pub rss_file: u64,
     /// Resident anonymous pages.
@@ -183,6 +185,8 @@ pub struct Process {
     pub depth: u32,
     /// Number of direct children.
     pub children: u32,
+    /// CPU time of every live thread, ns (the sum of their `se.sum_exec_runtime`).
+    pub cpu_ns: u64,
 }
 
 /// Task_structs one walk takes at most by default: processes and threads together.
@@ -332,6 +336,11 @@ impl<'m> KernelMem<'m> {
         let mut b = [0u8; 8];
         self.read(va, what, &mut b)?;
         Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads a u32 at kernel virtual `va`.
+    pub fn read_u32(&self, va: u64, what: &'static str) -> Result<u32, TaskError> {
+        self.u32_at(va, what)
     }
 
     fn u32_at(&self, va: u64, what: &'static str) -> Result<u32, TaskError> {
@@ -496,6 +505,10 @@ pub fn read_task(km: &KernelMem, l: &TaskLayout, addr: u64) -> Result<Task, Task
             Some(o) => km.u64_at(addr.wrapping_add(o), "start_time")?,
             None => 0,
         },
+        cpu_ns: match l.cpu_time {
+            Some(o) => km.u64_at(addr.wrapping_add(o), "se.sum_exec_runtime")?,
+            None => 0,
+        },
         rss_file: rss[0],
         rss_anon: rss[1],
         rss_shmem: rss[2],
@@ -561,8 +574,13 @@ pub fn walk_table(
         parents.push(km.u64_at(addr.wrapping_add(l.real_parent), "real_parent")?);
         let mut threads = Vec::new();
         let mut thread_addrs = vec![addr];
+        let mut cpu_ns = task.cpu_ns;
         for t in thread_list(km, l, &mut walk, i, addr)? {
             threads.push(km.u32_at(t.wrapping_add(l.pid), "thread pid")?);
+            if let Some(o) = l.cpu_time {
+                let ns = km.u64_at(t.wrapping_add(o), "thread se.sum_exec_runtime")?;
+                cpu_ns = cpu_ns.saturating_add(ns);
+            }
             thread_addrs.push(t);
         }
         procs.push(Process {
@@ -571,6 +589,7 @@ pub fn walk_table(
             thread_addrs,
             depth: 0,
             children: 0,
+            cpu_ns,
         });
     }
     // Each process's parent, as an index into the table: `real_parent` may be any thread of the
@@ -687,6 +706,7 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
         state: has(0, off(6)),
         exit_state: has(1, off(7)),
         start_time: has(2, off(9)),
+        cpu_time: has(2, off(17)),
         cred_euid: has(3, off(15)),
         threads: match shape >> 6 {
             0 => Threads::Signal {
@@ -767,6 +787,7 @@ mod tests {
         exit_state: Some(0x44),
         flags: 0x48,
         start_time: Some(START_TIME),
+        cpu_time: None,
         mm: 0x58,
         threads: Threads::Signal {
             signal: SIGNAL,

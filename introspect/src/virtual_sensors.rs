@@ -8,6 +8,8 @@
 //! | `NPROCS` | `nr_threads` |
 //! | `FREE_PAGES` | `vm_zone_stat[NR_FREE_PAGES]` |
 //! | `OOM_KILLS` | Σ per-CPU `vm_event_states.event[OOM_KILL]` |
+//! | `NR_RUNNING` | Σ per-CPU `runqueues.nr_running` |
+//! | `CPU_PROGRESS` | per-CPU `runqueues` and the current task's `sched_info.last_arrival` ([`crate::cpus::progress_ms`]) |
 //! | `TOTAL_FORKS` (virtual only, id 100) | `total_forks`; a monitor derives the fork rate from two samples |
 //!
 //! Each sensor needs its own symbols and fields: one the kernel lacks is left out of the view and
@@ -17,6 +19,7 @@
 //! handler, a full file table. Those sensors are absent from the view, not zero.
 
 use crate::btf::Btf;
+use crate::cpus::{CpuCount, RqLayout, Runqueues};
 use crate::kernel::{KernelLocation, Symbols};
 use crate::layout::{FieldError, Unresolved, UNKNOWN_RELEASE};
 use crate::sensorbox::{ids, Header, Sensor, SensorBox, SensorClass, FLAG_LOWER_BOUND, FLAG_VALID};
@@ -24,6 +27,8 @@ use crate::tasks::{KernelMem, TaskError};
 
 /// Id of the virtual `TOTAL_FORKS` sensor (outside the Sensor Box's numbering).
 pub const TOTAL_FORKS: u32 = 100;
+/// `NR_RUNNING`'s default threshold per CPU, as the patched kernel sets it.
+pub const NR_RUNNING_PER_CPU: u64 = 4;
 /// Most CPUs we sum over.
 const MAX_CPUS: u32 = 8192;
 
@@ -65,6 +70,8 @@ pub struct VirtualSensors {
     vm_zone_stat_free: Option<u64>,
     /// Per-CPU offset of `vm_event_states.event[OOM_KILL]`.
     vm_event_oom_kill: Option<u64>,
+    /// The runqueues (`NR_RUNNING`, and `CPU_PROGRESS` when hold times can be told).
+    runqueues: Option<Runqueues>,
     unresolved: Vec<Unresolved>,
 }
 
@@ -137,7 +144,47 @@ impl VirtualSensors {
             let off = events.offset("event")?;
             Ok(sym("vm_event_states")? + off + constant("OOM_KILL")? * 8)
         })();
+        let runqueues = (|| {
+            Ok(Runqueues {
+                runqueues: sym("runqueues")?,
+                per_cpu_offset: slid("__per_cpu_offset")?,
+                cpus: CpuCount::At(slid("nr_cpu_ids")?),
+                layout: RqLayout::from_btf(btf)?,
+            })
+        })();
         let mut unresolved = Vec::new();
+        let mut note = |field, looked_for, disables, reason: FieldError| {
+            unresolved.push(Unresolved {
+                release: release.to_owned(),
+                field,
+                looked_for,
+                disables,
+                reason: reason.to_string(),
+            })
+        };
+        let runqueues = match runqueues {
+            Ok(rq) => {
+                if !rq.layout.has_hold_time() {
+                    note(
+                        "task_struct.sched_info.last_arrival",
+                        "task_struct.sched_info.last_arrival (CONFIG_SCHED_INFO)",
+                        "the CPU_PROGRESS sensor",
+                        FieldError::NoneOf("no sched_info.last_arrival"),
+                    );
+                }
+                Some(rq)
+            }
+            Err(reason) => {
+                note(
+                    "runqueues",
+                    "per-CPU symbol runqueues and struct rq (nr_running, nr_switches, curr, \
+                     idle, clock)",
+                    "the NR_RUNNING and CPU_PROGRESS sensors",
+                    reason,
+                );
+                None
+            }
+        };
         let mut keep = |r: Found<u64>, field, looked_for, disables| {
             r.map_err(|reason| {
                 unresolved.push(Unresolved {
@@ -196,6 +243,7 @@ impl VirtualSensors {
                 "the OOM_KILLS sensor",
             ),
             per_cpu,
+            runqueues,
             unresolved,
         })
     }
@@ -300,6 +348,34 @@ impl VirtualSensors {
                 "OOM_KILLS",
             ));
         }
+        if let Some(rq) = &self.runqueues {
+            let cpus = rq
+                .read(km)
+                .map_err(|e| VirtualError::Implausible(format!("runqueues: {e}")))?;
+            sensors.push(sensor(
+                ids::NR_RUNNING,
+                SensorClass::Level,
+                0,
+                NR_RUNNING_PER_CPU * cpus.len() as u64,
+                crate::cpus::nr_running(&cpus),
+                "NR_RUNNING",
+            ));
+            if let Some(ms) = rq
+                .layout
+                .has_hold_time()
+                .then(|| crate::cpus::progress_ms(&cpus))
+                .flatten()
+            {
+                sensors.push(sensor(
+                    ids::CPU_PROGRESS,
+                    SensorClass::Progress,
+                    0,
+                    2000,
+                    ms,
+                    "CPU_PROGRESS",
+                ));
+            }
+        }
         Ok(SensorBox {
             gpa: 0,
             header: Header {
@@ -380,8 +456,11 @@ mod tests {
         let v =
             VirtualSensors::new_for(&Symbols::parse(MAP), &btf(false), &loc(), "6.12.9").unwrap();
         let fields: Vec<&str> = v.unresolved().iter().map(|u| u.field).collect();
-        assert_eq!(fields, ["nr_threads", "total_forks", "rq.nr_switches"]);
-        let line = v.unresolved()[2].to_string();
+        assert_eq!(
+            fields,
+            ["runqueues", "nr_threads", "total_forks", "rq.nr_switches"]
+        );
+        let line = v.unresolved()[3].to_string();
         assert!(
             line.starts_with("kernel 6.12.9: no rq.nr_switches"),
             "{line}"

@@ -150,6 +150,8 @@ pub struct TaskLayout {
     pub(crate) state: Option<u64>,
     pub(crate) exit_state: Option<u64>,
     pub(crate) start_time: Option<u64>,
+    /// `se.sum_exec_runtime`: CPU time the task has used, in ns.
+    pub(crate) cpu_time: Option<u64>,
     pub(crate) cred_euid: Option<u64>,
     pub(crate) threads: Threads,
     pub(crate) rss: Option<Rss>,
@@ -216,6 +218,7 @@ impl TaskLayout {
             state: None,
             exit_state: None,
             start_time: None,
+            cpu_time: None,
             cred_euid: None,
             threads: Threads::None,
             rss: None,
@@ -233,6 +236,7 @@ impl TaskLayout {
         let state = state(btf, &task);
         let exit_state = t("exit_state", &[4]);
         let start_time = t("start_time", &[8]);
+        let cpu_time = t("se.sum_exec_runtime", &[8]);
         let euid = int(btf, &cred, "euid.val", &[4]);
         let threads = threads(btf, &task);
         let rss = rss(btf);
@@ -262,6 +266,16 @@ impl TaskLayout {
                     "task_struct.start_time",
                     "task_struct.start_time (u64 ns)",
                     "process start times (reported as 0)",
+                    r,
+                )
+            })
+            .ok();
+        let cpu_time = cpu_time
+            .map_err(|r| {
+                miss(
+                    "task_struct.se.sum_exec_runtime",
+                    "task_struct.se.sum_exec_runtime (u64 ns)",
+                    "CPU times (reported as 0), so the CPU-share healer",
                     r,
                 )
             })
@@ -300,6 +314,7 @@ impl TaskLayout {
         l.state = state;
         l.exit_state = exit_state;
         l.start_time = start_time;
+        l.cpu_time = cpu_time;
         l.cred_euid = cred_euid;
         l.threads = threads;
         l.rss = rss;
@@ -314,6 +329,11 @@ impl TaskLayout {
     /// Whether resident set sizes can be read (the memory healer's policies need them).
     pub fn has_rss(&self) -> bool {
         self.rss.is_some()
+    }
+
+    /// Whether CPU times can be read (the CPU-share healer needs them).
+    pub fn has_cpu_time(&self) -> bool {
+        self.cpu_time.is_some()
     }
 
     /// Whether a process's threads can be listed.
@@ -375,7 +395,12 @@ fn shape(s: &StructLayout, path: &str, found: String, expected: &str) -> FieldEr
     }
 }
 
-fn int(btf: &Btf, s: &StructLayout, path: &str, sizes: &[u64]) -> Result<u64, FieldError> {
+pub(crate) fn int(
+    btf: &Btf,
+    s: &StructLayout,
+    path: &str,
+    sizes: &[u64],
+) -> Result<u64, FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     if matches!(m.kind, MemberKind::Int { .. } | MemberKind::Enum) && sizes.contains(&m.size) {
         return Ok(off);
@@ -388,7 +413,7 @@ fn int(btf: &Btf, s: &StructLayout, path: &str, sizes: &[u64]) -> Result<u64, Fi
     ))
 }
 
-fn pointer(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, FieldError> {
+pub(crate) fn pointer(btf: &Btf, s: &StructLayout, path: &str) -> Result<u64, FieldError> {
     let (off, m) = member_at(btf, s, path)?;
     if m.kind == MemberKind::Pointer && m.size == 8 {
         return Ok(off);

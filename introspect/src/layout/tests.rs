@@ -62,6 +62,7 @@ const MM: u64 = 0x58;
 const SIGNAL: u64 = 0x60;
 const THREAD_NODE: u64 = 0x68;
 const THREAD_GROUP: u64 = 0x78;
+const SE: u64 = 0x88;
 // signal_struct.thread_head; mm_struct.rss_stat; percpu_counter.count and its size.
 const THREAD_HEAD: u64 = 0x10;
 const RSS_STAT: u64 = 0x40;
@@ -128,6 +129,15 @@ fn btf(shape: Shape) -> Btf {
         ],
     );
     let signal_ptr = b.ptr(signal);
+    let u64_t = b.int("long long unsigned int", 8, false);
+    let se = b.struct_(
+        "sched_entity",
+        16,
+        &[
+            ("vruntime", u64_t, 0, 0),
+            ("sum_exec_runtime", u64_t, 64, 0),
+        ],
+    );
     let comm = b.array(chr, int, 16);
     let task_ptr = b.peek() + 1;
     let bits = |off: u64| off as u32 * 8;
@@ -143,6 +153,7 @@ fn btf(shape: Shape) -> Btf {
         ("mm", mm_ptr, bits(MM), 0),
         ("signal", signal_ptr, bits(SIGNAL), 0),
         ("thread_group", list_head, bits(THREAD_GROUP), 0),
+        ("se", se, bits(SE), 0),
     ];
     if shape.pid {
         m.push(("pid", pid_t, bits(PID), 0));
