@@ -21,6 +21,15 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The engine of an `--engine` name ("tcg", "kvm").
+    pub fn parse(name: &str) -> Option<Engine> {
+        match name {
+            "tcg" => Some(Engine::Tcg),
+            "kvm" => Some(Engine::Kvm),
+            _ => None,
+        }
+    }
+
     /// Its `--engine` name.
     pub fn name(self) -> &'static str {
         match self {

@@ -149,6 +149,10 @@ fn virtual_sensors_of_a_stock_kernel_move_with_no_files(kernel_key: &str) {
         "FREE_PAGES {free}"
     );
     assert_eq!(b.value(ids::OOM_KILLS), Some(0));
+    // Runnable tasks and per-CPU progress, from the runqueues (an idle guest: none held).
+    assert!(b.value(ids::NR_RUNNING).is_some_and(|n| n < 100), "{b:?}");
+    assert!(b.value(ids::CPU_PROGRESS) >= a.value(ids::CPU_PROGRESS));
+    assert!(a.value(ids::CPU_PROGRESS).is_some_and(|ms| ms > 0));
     assert!(
         b.sensor(ids::FORK_FAILED).is_none(),
         "a stock kernel cannot count failed forks"
@@ -161,6 +165,10 @@ fn virtual_sensors_of_a_stock_kernel_move_with_no_files(kernel_key: &str) {
     let s = vs.sample(&km).unwrap();
     c.resume().unwrap();
     let tasks: u64 = table.iter().map(|p| 1 + p.threads.len() as u64).sum();
+    assert!(
+        table.iter().any(|p| p.task.pid == 1 && p.cpu_ns > 0),
+        "init used no CPU time?"
+    );
     assert_eq!(s.value(ids::NPROCS), Some(tasks));
     assert!(s.value(TOTAL_FORKS).unwrap() >= tasks);
 }
