@@ -35,8 +35,7 @@ pub enum KillTarget {
 
 /// What to do to a [`KillTarget`]: the request kinds of the mailbox (patch 0004 kills, patch
 /// 0006 the rest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
     /// SIGKILL (`KILL_PID` 1, `KILL_UID` 2).
     Kill,
@@ -83,6 +82,13 @@ impl Order {
             Order::Cont => "cont",
             Order::Renice(_) => "renice",
         }
+    }
+}
+
+/// As its name ([`Order::as_str`]): events say `"order": "renice"`.
+impl serde::Serialize for Order {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
