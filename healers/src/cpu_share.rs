@@ -43,7 +43,14 @@ pub struct CpuShare {
     reniced_at: Option<u64>,
     /// Users stopped, and when.
     stopped: Vec<(u32, Instant)>,
+    /// A renice leaves NR_RUNNING where it was: after one, no diagnosis (no lock) before this.
+    quiet_until: Option<Instant>,
 }
+
+/// How long after a renice CPU_Share_Healer leaves NR_RUNNING's violation alone: the reniced user
+/// keeps its runnable tasks, and diagnosing again at every sample would pause the guest for
+/// nothing.
+pub const RENICE_QUIET: Duration = Duration::from_secs(60);
 
 impl Healer<CpuShare> {
     /// With this config.
@@ -53,6 +60,7 @@ impl Healer<CpuShare> {
             last: None,
             reniced_at: None,
             stopped: Vec::new(),
+            quiet_until: None,
         })
     }
 
@@ -158,6 +166,16 @@ impl Diagnosis for CpuShare {
         ctx: &mut HealContext<'_>,
         sb: &SensorBox,
     ) -> Result<Option<String>, GuestError> {
+        if let Some(left) = self
+            .quiet_until
+            .and_then(|u| u.checked_duration_since(Instant::now()))
+        {
+            return Ok(Some(format!(
+                "a user was reniced {} s ago; not looking again for {} s",
+                (RENICE_QUIET - left).as_secs(),
+                left.as_secs()
+            )));
+        }
         self.reniced_at = None;
         if let Some(s) = OTHERS
             .iter()
@@ -220,7 +238,11 @@ impl Diagnosis for CpuShare {
 
     fn recovered(&mut self, checker: &Checker, _v: &Violation, sb: &SensorBox) -> bool {
         if let Some(at) = self.reniced_at {
-            return sb.value(ids::REPAIRS_APPLIED).is_some_and(|n| n > at);
+            let done = sb.value(ids::REPAIRS_APPLIED).is_some_and(|n| n > at);
+            if done {
+                self.quiet_until = Some(Instant::now() + RENICE_QUIET);
+            }
+            return done;
         }
         CpuShareHealer::SENSORS
             .iter()

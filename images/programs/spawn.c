@@ -27,7 +27,8 @@ static void usage(void)
 	       "  --sleep     children wake once a second (nanosleep loop) instead of\n"
 	       "              sleeping in pause() until a signal comes\n"
 	       "  --spin      children spin on the CPU forever (a fixed set of CPU\n"
-	       "              hogs: no forking, little memory)\n"
+	       "              hogs: no forking, little memory; they start together,\n"
+	       "              once all exist)\n"
 	       "  --log FILE  also append the output lines to FILE\n"
 	       "  --help      show this help\n"
 	       "\n"
@@ -40,10 +41,21 @@ static void usage(void)
 	       FORK_TRIES, FORK_RETRY_MS, FAIL_STREAK);
 }
 
+/* With --spin, children wait on this pipe until the parent has created all of
+ * them (it closes the write end), so the hogs start together, as a fixed set. */
+static int start_pipe[2] = { -1, -1 };
+
 static void child_main(int periodic)
 {
 	volatile uint64_t spins = 0;
+	char c;
 
+	if (start_pipe[0] >= 0) {
+		close(start_pipe[1]);
+		while (read(start_pipe[0], &c, 1) < 0 && errno == EINTR)
+			;
+		close(start_pipe[0]);
+	}
 	for (;;) {
 		if (periodic == 2)
 			spins++;
@@ -83,6 +95,8 @@ int main(int argc, char **argv)
 	if (count == 0)
 		bd_usage_error("--count N is required");
 
+	if (periodic == 2 && pipe(start_pipe) != 0)
+		bd_die_errno("pipe");
 	uint64_t created = 0, failed = 0, fork_errors = 0, streak = 0;
 	int last_errno = 0;
 	for (uint64_t i = 0; i < count; i++) {
@@ -106,6 +120,10 @@ int main(int argc, char **argv)
 		}
 		created++;
 		streak = 0;
+	}
+	if (start_pipe[1] >= 0) {
+		close(start_pipe[1]); /* EOF: every child starts spinning */
+		close(start_pipe[0]);
 	}
 	if (failed)
 		fprintf(stderr, "spawn: %" PRIu64 " of %" PRIu64 " children not created: fork: %s\n",
