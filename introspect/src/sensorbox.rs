@@ -137,8 +137,16 @@ pub struct Sensor {
 }
 
 impl Sensor {
-    /// Whether a level or pressure sensor's value breaks its threshold now. Progress sensors need
-    /// two samples and are judged by the monitor.
+    /// For a progress sensor of a guest's own Sensor Box (`hz` > 0): how long, in ms of guest
+    /// time, V has not advanced as of the box's `jiffies` (`updated` is the jiffy of its last
+    /// advance). `None` for other classes and virtual views, which one sample cannot judge.
+    pub fn stalled_ms(&self, jiffies: u64, hz: u32) -> Option<u64> {
+        (self.class == SensorClass::Progress && hz > 0)
+            .then(|| jiffies.saturating_sub(self.updated).saturating_mul(1000) / u64::from(hz))
+    }
+
+    /// Whether a level or pressure sensor's value breaks its threshold now. Progress sensors are
+    /// judged by the monitor over two samples (or, on one box, by [`Sensor::stalled_ms`]).
     pub fn level_violated(&self) -> bool {
         match self.class {
             SensorClass::Level if self.flags & FLAG_LOWER_BOUND != 0 => self.value < self.threshold,
@@ -607,6 +615,27 @@ pub(crate) mod tests {
         put32(&mut b, 0x2000, 64);
         put32(&mut b, 0x2004, 32);
         b
+    }
+
+    #[test]
+    fn a_progress_sensor_says_how_long_it_has_not_advanced() {
+        let s = Sensor {
+            id: ids::CPU_PROGRESS,
+            class: SensorClass::Progress,
+            flags: FLAG_VALID,
+            threshold: 2000,
+            value: 7,
+            updated: 1000,
+            name: "CPU_PROGRESS".into(),
+        };
+        assert_eq!(s.stalled_ms(1750, 250), Some(3000));
+        assert_eq!(s.stalled_ms(900, 250), Some(0));
+        assert_eq!(s.stalled_ms(1750, 0), None, "a virtual view");
+        let level = Sensor {
+            class: SensorClass::Level,
+            ..s
+        };
+        assert_eq!(level.stalled_ms(1750, 250), None);
     }
 
     #[test]

@@ -21,7 +21,14 @@ pub fn print_sensor_box(sb: &SensorBox) {
     );
     for s in &sb.sensors {
         let class = format!("{:?}", s.class).to_lowercase();
-        let state = if s.level_violated() { "BAD" } else { "ok" };
+        let stalled = s
+            .stalled_ms(sb.header.jiffies, sb.header.hz)
+            .filter(|&ms| s.threshold > 0 && ms > s.threshold);
+        let state = if s.level_violated() || stalled.is_some() {
+            "BAD"
+        } else {
+            "ok"
+        };
         println!(
             "{:>4} {:<22} {:<9} {:>20} {:>20} {:>6}",
             s.id, s.name, class, s.value, s.threshold, state
