@@ -130,6 +130,10 @@ enum Round {
 pub fn heal<D: Diagnosis>(ctx: &mut HealContext<'_>, v: &Violation, d: &mut D) -> HealOutcome {
     let hm = D::NAME;
     if let Some(reason) = d.unavailable(ctx.guest) {
+        ctx.emit(
+            "no_culprit",
+            json!({"hm": hm, "sensor": v.name, "reason": reason}),
+        );
         return HealOutcome::NoCulprit(reason);
     }
     match d.before(ctx, ctx.sb) {

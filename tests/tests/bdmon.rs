@@ -668,12 +668,8 @@ fn states_of(w: &World, uid: u32) -> Vec<char> {
 /// Runs the `cpuhog` scenario (30 CPU-bound processes of user1 next to `useful` of user2) with
 /// CPU_Share_Healer's `action`, and checks the healing: `useful` back near its baseline, only
 /// user1 touched, user1's processes still there (reniced or stopped) or gone (killed).
-fn cpu_hog_healed(engine: Engine, action: &str) {
-    let mut w = world(
-        engine,
-        Kernel::Patched,
-        "bd.scenario=cpuhog bd.iterations=25",
-    );
+fn cpu_hog_healed(engine: Engine, kernel: Kernel, action: &str) {
+    let mut w = world(engine, kernel, "bd.scenario=cpuhog bd.iterations=25");
     let before = w.survivors();
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon(
@@ -711,7 +707,8 @@ fn cpu_hog_healed(engine: Engine, action: &str) {
     let base = median(&it[..3]);
     let tail = median(&it[it.len() - 5..]);
     eprintln!(
-        "cpuhog/{action} ({}): baseline {base} us, last iterations {tail} us, worst {} us; healed {}",
+        "cpuhog/{action} on {} ({}): baseline {base} us, last iterations {tail} us, worst {} us; healed {}",
+        kernel.name(),
         engine.name(),
         it.iter().max().unwrap(),
         healed["recovered_us"]
@@ -759,38 +756,76 @@ fn cpu_hog_healed(engine: Engine, action: &str) {
 
 #[test]
 fn tcg_bdmon_renices_a_users_cpu_hogs() {
-    cpu_hog_healed(Engine::Tcg, "renice");
+    cpu_hog_healed(Engine::Tcg, Kernel::Patched, "renice");
 }
 
 #[test]
 fn kvm_bdmon_renices_a_users_cpu_hogs() {
-    cpu_hog_healed(Engine::Kvm, "renice");
+    cpu_hog_healed(Engine::Kvm, Kernel::Patched, "renice");
 }
 
 #[test]
 fn tcg_bdmon_stops_a_users_cpu_hogs_and_resumes_them() {
-    cpu_hog_healed(Engine::Tcg, "stop");
+    cpu_hog_healed(Engine::Tcg, Kernel::Patched, "stop");
 }
 
 #[test]
 fn kvm_bdmon_stops_a_users_cpu_hogs_and_resumes_them() {
-    cpu_hog_healed(Engine::Kvm, "stop");
+    cpu_hog_healed(Engine::Kvm, Kernel::Patched, "stop");
 }
 
 #[test]
 fn tcg_bdmon_kills_a_users_cpu_hogs() {
-    cpu_hog_healed(Engine::Tcg, "kill");
+    cpu_hog_healed(Engine::Tcg, Kernel::Patched, "kill");
 }
 
 #[test]
 fn kvm_bdmon_kills_a_users_cpu_hogs() {
-    cpu_hog_healed(Engine::Kvm, "kill");
+    cpu_hog_healed(Engine::Kvm, Kernel::Patched, "kill");
+}
+
+/// A stock kernel has no mailbox: `kill` (direct writes) heals the same hogs through the virtual
+/// NR_RUNNING sensor, and `renice` is refused with a reason, no lock taken.
+#[test]
+fn tcg_bdmon_kills_a_users_cpu_hogs_on_the_stock_kernel() {
+    cpu_hog_healed(Engine::Tcg, Kernel::Stock, "kill");
+}
+
+#[test]
+fn tcg_bdmon_says_renice_needs_a_patched_kernel() {
+    let mut w = world(
+        Engine::Tcg,
+        Kernel::Stock,
+        "bd.scenario=cpuhog bd.iterations=40",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut mon = w.bdmon(dir.path(), "[cpu]\naction = \"renice\"");
+    w.vm.expect("SCENARIO cpuhog: fault starts", Duration::from_secs(120));
+    let e = wait_event(dir.path(), "no_culprit", Duration::from_secs(60), &mon);
+    assert_eq!(e["hm"], "CPU_Share_Healer", "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("patched guest kernel")),
+        "{e}"
+    );
+    let ev = events(dir.path());
+    assert!(!ev.iter().any(|e| e["event"] == "repair"), "{ev:#?}");
+    assert_eq!(states_of(&w, USER1).len(), 31);
+    assert!(mon.terminate(Duration::from_secs(10)).is_some());
 }
 
 /// Runs `scenario` for a while under bdmon with `extra` config, sparing `spare`, and returns the
 /// events once `done` is on the console.
-fn cpu_events(scenario: &str, extra: &str, spare: &[u32], done: &str) -> (World, Vec<Value>) {
-    let mut w = world(Engine::Tcg, Kernel::Patched, scenario);
+fn cpu_events(
+    engine: Engine,
+    kernel: Kernel,
+    scenario: &str,
+    extra: &str,
+    spare: &[u32],
+    done: &str,
+) -> (World, Vec<Value>) {
+    let mut w = world(engine, kernel, scenario);
     let dir = tempfile::tempdir().unwrap();
     let mut mon = w.bdmon_sparing(dir.path(), extra, spare);
     if let Err(why) = w.vm.wait_for(done, Duration::from_secs(300)) {
@@ -805,9 +840,10 @@ fn cpu_events(scenario: &str, extra: &str, spare: &[u32], done: &str) -> (World,
     (w, ev)
 }
 
-#[test]
-fn tcg_bdmon_cpu_share_dry_run_touches_nothing() {
+fn cpu_share_dry_run_touches_nothing(engine: Engine) {
     let (w, ev) = cpu_events(
+        engine,
+        Kernel::Patched,
         "bd.scenario=cpuhog bd.iterations=8",
         "dry_run = true\n[cpu]\naction = \"stop\"",
         &[USER2],
@@ -828,9 +864,10 @@ fn tcg_bdmon_cpu_share_dry_run_touches_nothing() {
     );
 }
 
-#[test]
-fn tcg_bdmon_leaves_a_spared_users_cpu_hogs_alone() {
+fn leaves_a_spared_users_cpu_hogs_alone(engine: Engine) {
     let (w, ev) = cpu_events(
+        engine,
+        Kernel::Patched,
         "bd.scenario=cpuhog bd.iterations=8",
         "[cpu]\naction = \"kill\"",
         &[USER1, USER2],
@@ -848,9 +885,10 @@ fn tcg_bdmon_leaves_a_spared_users_cpu_hogs_alone() {
     assert_eq!(states_of(&w, USER1).len(), 31);
 }
 
-#[test]
-fn tcg_bdmon_a_fair_cpu_load_triggers_nothing() {
+fn a_fair_cpu_load_triggers_nothing(engine: Engine) {
     let (_w, ev) = cpu_events(
+        engine,
+        Kernel::Patched,
         "bd.scenario=cpufair bd.seconds=20",
         "[cpu]\naction = \"kill\"",
         &[],
@@ -865,6 +903,36 @@ fn tcg_bdmon_a_fair_cpu_load_triggers_nothing() {
             .any(|e| e["event"] == "no_culprit" && e["hm"] == "CPU_Share_Healer"),
         "CPU_Share_Healer never looked (NR_RUNNING within its threshold?): {ev:#?}"
     );
+}
+
+#[test]
+fn tcg_bdmon_cpu_share_dry_run_touches_nothing() {
+    cpu_share_dry_run_touches_nothing(Engine::Tcg);
+}
+
+#[test]
+fn kvm_bdmon_cpu_share_dry_run_touches_nothing() {
+    cpu_share_dry_run_touches_nothing(Engine::Kvm);
+}
+
+#[test]
+fn tcg_bdmon_leaves_a_spared_users_cpu_hogs_alone() {
+    leaves_a_spared_users_cpu_hogs_alone(Engine::Tcg);
+}
+
+#[test]
+fn kvm_bdmon_leaves_a_spared_users_cpu_hogs_alone() {
+    leaves_a_spared_users_cpu_hogs_alone(Engine::Kvm);
+}
+
+#[test]
+fn tcg_bdmon_a_fair_cpu_load_triggers_nothing() {
+    a_fair_cpu_load_triggers_nothing(Engine::Tcg);
+}
+
+#[test]
+fn kvm_bdmon_a_fair_cpu_load_triggers_nothing() {
+    a_fair_cpu_load_triggers_nothing(Engine::Kvm);
 }
 
 /// A SCHED_FIFO spinner (root's, with `free_root`) takes the only vCPU while the timer ticks:
