@@ -24,7 +24,8 @@ use clap::{Parser, Subcommand};
         `bdmon run` attaches to every guest in the config (through its rdma-bridge, with this \
         monitor's key), samples each Sensor Box, and when a sensor breaks its contract calls the \
         healing modules registered for it: Proc_Repair_Healer (fork bombs), Mem_Reclaim_Healer \
-        (memory hogs) and the hang detector. Every detection, diagnosis and repair is a JSON line \
+        (memory hogs), CPU_Share_Healer (one user's processes starving the rest: renice, stop or \
+        kill) and the hang detector (which first frees a CPU one task holds). Every detection, diagnosis and repair is a JSON line \
         in the event log.\n\n\
         `bdmon status` shows each guest's sensors at a glance; `bdmon check` validates a config; \
         `bdmon resume-user` continues a user that CPU_Share_Healer stopped."
