@@ -264,6 +264,26 @@ pub fn run(engine: Engine, attack: Attack) -> Report {
         );
     }
     load.wait_windows(AFTER_WINDOWS, Duration::from_secs(300));
+    // A repair can come late (another round, or another healer): the clients are watched until
+    // BACK_WINDOWS windows have started 2 s after the last one, or a minute more has passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let last = events(dir.path())
+            .iter()
+            .filter(|e| e["event"] == "repair")
+            .filter_map(|r| r["ts_ms"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let after = load
+            .windows()
+            .iter()
+            .filter(|w| w.start_ms >= last + 2000)
+            .count();
+        if after >= BACK_WINDOWS {
+            break;
+        }
+        load.wait_windows(1, Duration::from_secs(30));
+    }
     let _ = mon.terminate(Duration::from_secs(10));
     let bdmon_output = mon.output();
     let events = events(dir.path());
