@@ -994,3 +994,29 @@ fn tcg_bdmon_frees_a_hung_cpu_in_place() {
 fn kvm_bdmon_frees_a_hung_cpu_in_place() {
     frees_a_hung_cpu_in_place(Engine::Kvm);
 }
+
+/// `action = "stop"` with `resume_after_s`: bdmon itself sends SIGCONT when the time is up.
+#[test]
+fn tcg_bdmon_resumes_stopped_cpu_hogs_after_resume_after_s() {
+    let mut w = world(
+        Engine::Tcg,
+        Kernel::Patched,
+        "bd.scenario=cpuhog bd.iterations=40",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut mon = w.bdmon(dir.path(), "[cpu]\naction = \"stop\"\nresume_after_s = 3\n");
+    w.vm.expect("SCENARIO cpuhog: fault starts", Duration::from_secs(120));
+    let r = wait_event(dir.path(), "resumed", Duration::from_secs(60), &mon);
+    assert_eq!(r["uid"], USER1, "{r}");
+    assert!(r["error"].is_null(), "{r}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = states_of(&w, USER1);
+        if !s.is_empty() && !s.contains(&'T') {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not resumed: {s:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(mon.terminate(Duration::from_secs(10)).is_some());
+}
