@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bridge_client::client::{Bridge, BridgeMem, ClientError, InspectError};
 use bridge_client::wire::{self, VmStatus};
 use introspect::consistency::{self, Pausable};
-use introspect::cpus::Cpu;
+use introspect::cpus::{Cpu, CpusError};
 use introspect::forkrate::ForkRateError;
 use introspect::kernel::KernelError;
 use introspect::layout::Unresolved;
@@ -104,7 +104,7 @@ pub enum GuestError {
     NotLocked,
     /// The CPUs' runqueues cannot be read.
     #[error("the guest's runqueues: {0}")]
-    Cpus(String),
+    Cpus(Box<CpusError>),
 }
 
 impl GuestError {
@@ -690,8 +690,8 @@ impl Guest {
             (Some(k), Some(mem)) => match &k.target.cpus {
                 Ok(rq) => rq
                     .read(&KernelMem::new(mem, k.target.loc.clone()))
-                    .map_err(|e| GuestError::Cpus(e.to_string())),
-                Err(why) => Err(GuestError::Cpus(why.clone())),
+                    .map_err(|e| GuestError::Cpus(Box::new(e))),
+                Err(why) => Err(GuestError::Cpus(Box::new(why.clone().into()))),
             },
             _ => Err(GuestError::NotLocked),
         };

@@ -26,6 +26,42 @@ use crate::hm::{HealContext, HealOutcome, HealingModule};
 
 /// Reports (and acts on) a hung guest at most once per this period.
 pub const REPORT_EVERY: Duration = Duration::from_secs(30);
+/// Why a held CPU was not freed (the `no_culprit` event's reason).
+#[derive(Debug, thiserror::Error)]
+pub enum NotFreed {
+    /// `free_cpu = "off"`.
+    #[error("free_cpu = \"off\"")]
+    Off,
+    /// No CPU is held long enough.
+    #[error("no CPU has run one task for {min_hold_ms} ms while others wait")]
+    NoneHeld {
+        /// The hold that counts.
+        min_hold_ms: u64,
+    },
+    /// The holder is not in the process table.
+    #[error("CPU {cpu}'s task ({task:#x}) is not a process of the table (a kernel thread?)")]
+    NotAProcess {
+        /// The CPU.
+        cpu: u32,
+        /// Its task_struct.
+        task: u64,
+    },
+    /// The holder may not be touched.
+    #[error("{what}: {why}")]
+    Refused {
+        /// The CPU, task and hold, as the events show them.
+        what: serde_json::Value,
+        /// Why not.
+        why: &'static str,
+    },
+    /// Dry run: logged, not done.
+    #[error("dry run")]
+    DryRun,
+    /// The request was not posted (the holder's task_struct changed, or the lease ran short).
+    #[error("nothing posted (stale or late)")]
+    NothingPosted,
+}
+
 /// How long to wait for a timer tick before deciding the kernel's ticks stopped.
 pub const TICK_CHECK: Duration = Duration::from_millis(100);
 /// How long a stalled sensor has to advance after its CPU was freed.
@@ -55,11 +91,11 @@ impl HangDetector {
         &self,
         ctx: &mut HealContext<'_>,
         sb: &SensorBox,
-    ) -> Result<Result<u32, String>, GuestError> {
+    ) -> Result<Result<u32, NotFreed>, GuestError> {
         let order = match self.cfg.free_cpu {
             FreeCpu::Stop => Order::Stop,
             FreeCpu::Kill => Order::Kill,
-            FreeCpu::Off => return Ok(Err("free_cpu = \"off\"".into())),
+            FreeCpu::Off => return Ok(Err(NotFreed::Off)),
         };
         let spared = if self.cfg.free_root {
             ctx.spared().allowing_root()
@@ -76,17 +112,16 @@ impl HangDetector {
             .max_by_key(|c| c.held_ns)
             .copied()
         else {
-            return Ok(Err(format!(
-                "no CPU has run one task for {} ms while others wait",
-                self.cfg.min_hold_ms
-            )));
+            return Ok(Err(NotFreed::NoneHeld {
+                min_hold_ms: self.cfg.min_hold_ms,
+            }));
         };
         let table = held.processes()?;
         let Some(p) = table.iter().find(|p| p.thread_addrs.contains(&cpu.curr)) else {
-            return Ok(Err(format!(
-                "CPU {}'s task ({:#x}) is not a process of the table (a kernel thread?)",
-                cpu.cpu, cpu.curr
-            )));
+            return Ok(Err(NotFreed::NotAProcess {
+                cpu: cpu.cpu,
+                task: cpu.curr,
+            }));
         };
         let what = json!({"cpu": cpu.cpu, "pid": p.task.pid, "comm": p.task.comm,
                           "uid": p.task.uid, "held_ms": cpu.held_ns.unwrap_or(0) / 1_000_000,
@@ -97,7 +132,7 @@ impl HangDetector {
             } else {
                 "init, a kernel thread or a spared user's process"
             };
-            return Ok(Err(format!("{what}: {why}")));
+            return Ok(Err(NotFreed::Refused { what, why }));
         }
         if held.cfg.dry_run {
             drop(held);
@@ -105,7 +140,7 @@ impl HangDetector {
                 "repair",
                 json!({"hm": self.name(), "dry_run": true, "order": order, "held": what}),
             );
-            return Ok(Err("dry run".into()));
+            return Ok(Err(NotFreed::DryRun));
         }
         let pid = p.task.pid;
         let done = held.apply(
@@ -126,7 +161,7 @@ impl HangDetector {
                    "dry_run": false}),
         );
         if done.requests == 0 {
-            return Ok(Err("nothing posted (stale or late)".into()));
+            return Ok(Err(NotFreed::NothingPosted));
         }
         Ok(Ok(pid))
     }
@@ -233,7 +268,7 @@ impl HealingModule for HangDetector {
                 ),
                 Ok(Err(reason)) => ctx.emit(
                     "no_culprit",
-                    json!({"hm": self.name(), "sensor": v.name, "reason": reason}),
+                    json!({"hm": self.name(), "sensor": v.name, "reason": reason.to_string()}),
                 ),
                 Err(e) => ctx.emit(
                     "no_culprit",

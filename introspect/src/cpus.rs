@@ -22,6 +22,26 @@ pub enum CpusError {
     /// A CPU count no kernel has.
     #[error("nr_cpu_ids {0} is implausible (expected 1..={MAX_CPUS})")]
     Implausible(u32),
+    /// This kernel's runqueues cannot be read at all.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+}
+
+/// Why a kernel's runqueues cannot be found (decided once, when the kernel is located).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// A patched kernel whose descriptor predates the field.
+    #[error(
+        "the Sensor Box's descriptor does not name the runqueues (a kernel without \
+         guest-kernel-patches/0007)"
+    )]
+    NotNamed,
+    /// A symbol the kernel's table lacks.
+    #[error("no symbol {0} in the kernel's symbols")]
+    NoSymbol(&'static str),
+    /// `struct rq` is not one introspect reads.
+    #[error("struct rq: {0}")]
+    Layout(FieldError),
 }
 
 /// Most CPUs read.

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use crate::btf::{Btf, BtfError};
 use crate::consistency::{self, Locked, Pausable};
-use crate::cpus::{CpuCount, RqLayout, Runqueues};
+use crate::cpus::{CpuCount, RqLayout, Runqueues, Unavailable};
 use crate::kernel::{self, KernelError, KernelLocation, Symbols};
 use crate::mem::{MemError, PhysMem};
 use crate::sensorbox::{self, ExternalState, SbError};
@@ -161,7 +161,7 @@ pub struct Target {
     pub release: String,
     /// Each CPU's runqueue, or why it cannot be read (a patched kernel without patch 0007, or
     /// a layout introspect does not know).
-    pub cpus: Result<Runqueues, String>,
+    pub cpus: Result<Runqueues, Unavailable>,
 }
 
 /// A stock kernel's `System.map` and `vmlinux`, read, parsed and checked: everything locating it
@@ -377,12 +377,7 @@ impl Found<'_> {
                 let slid = |a: u64| a.wrapping_add(loc.slide);
                 let (init, lock) = (slid(kernel.init_task), slid(kernel.tasklist_lock));
                 let banner = kernel.syms.get("linux_banner").map_or(0, slid);
-                let sym = |n: &str| {
-                    kernel
-                        .syms
-                        .get(n)
-                        .ok_or_else(|| format!("no symbol {n} in the kernel's symbols"))
-                };
+                let sym = |n: &'static str| kernel.syms.get(n).ok_or(Unavailable::NoSymbol(n));
                 // Per-CPU symbols are offsets into each CPU's area and are not slid.
                 let rq = (|| {
                     Ok((
@@ -403,11 +398,7 @@ impl Found<'_> {
                 let rq = st
                     .runqueues
                     .map(|rq| (rq, st.per_cpu_offset, CpuCount::Value(st.nr_cpu_ids)))
-                    .ok_or_else(|| {
-                        "the Sensor Box's descriptor does not name the runqueues (a kernel \
-                         without guest-kernel-patches/0007)"
-                            .to_string()
-                    });
+                    .ok_or(Unavailable::NotNamed);
                 (
                     loc,
                     Btf::parse(&blob)?,
@@ -419,7 +410,7 @@ impl Found<'_> {
             }
         };
         let cpus = rq.and_then(|(runqueues, per_cpu_offset, cpus)| {
-            let layout = RqLayout::from_btf(&btf).map_err(|e| format!("struct rq: {e}"))?;
+            let layout = RqLayout::from_btf(&btf).map_err(Unavailable::Layout)?;
             Ok(Runqueues {
                 runqueues,
                 per_cpu_offset,
