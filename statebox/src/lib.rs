@@ -36,3 +36,8 @@ pub use abi::{AbiError, BoxCopy, Header};
 pub use mapping::MapError;
 #[cfg(target_os = "linux")]
 pub use region::{BoxHandle, Region, RegionError};
+
+/// The README's Rust example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
