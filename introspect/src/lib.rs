@@ -37,6 +37,7 @@ pub mod paging;
 pub mod repair;
 pub mod sensorbox;
 pub mod show;
+pub mod statebox;
 pub mod target;
 pub mod tasks;
 pub mod virtual_sensors;

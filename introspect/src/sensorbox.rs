@@ -60,6 +60,12 @@ pub mod ids {
     /// The oldest moment at which every CPU last made progress: it was idle, ran its task alone
     /// or switched tasks (progress; a CPU held by one task while others wait freezes it).
     pub const CPU_PROGRESS: u32 = 13;
+    /// Interrupts handled by every CPU (progress; the Progress Box, no contract by default).
+    pub const IRQS: u32 = 14;
+    /// Packets received on any network device but loopback (progress; the Progress Box).
+    pub const NET_RX_PACKETS: u32 = 15;
+    /// TCP connections accepted (progress; the Progress Box).
+    pub const TCP_ACCEPTS: u32 = 16;
 }
 
 /// Why a Sensor Box could not be read.

@@ -702,6 +702,7 @@ pub fn fuzz_walk(mem: &dyn PhysMem, data: &[u8]) {
         real_cred: off(5),
         flags: off(8),
         mm: off(10),
+        mm_pgd: None,
         cred_uid: off(14),
         state: has(0, off(6)),
         exit_state: has(1, off(7)),
@@ -789,6 +790,7 @@ mod tests {
         start_time: Some(START_TIME),
         cpu_time: None,
         mm: 0x58,
+        mm_pgd: None,
         threads: Threads::Signal {
             signal: SIGNAL,
             head: THREAD_HEAD,

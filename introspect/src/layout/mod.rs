@@ -155,6 +155,9 @@ pub struct TaskLayout {
     pub(crate) cred_euid: Option<u64>,
     pub(crate) threads: Threads,
     pub(crate) rss: Option<Rss>,
+    /// `mm_struct.pgd`: the process's page-table root (a kernel pointer), for reading its user
+    /// memory (State Boxes).
+    pub(crate) mm_pgd: Option<u64>,
     pub(crate) unresolved: Vec<Unresolved>,
 }
 
@@ -222,6 +225,7 @@ impl TaskLayout {
             cred_euid: None,
             threads: Threads::None,
             rss: None,
+            mm_pgd: None,
             unresolved: Vec::new(),
         };
         let mut miss = |field, looked_for, disables, reason: FieldError| {
@@ -240,6 +244,10 @@ impl TaskLayout {
         let euid = int(btf, &cred, "euid.val", &[4]);
         let threads = threads(btf, &task);
         let rss = rss(btf);
+        let mm_pgd = btf
+            .struct_layout("mm_struct")
+            .map_err(FieldError::from)
+            .and_then(|mm| pointer(btf, &mm, "pgd"));
         let state = state
             .map_err(|r| {
                 miss(
@@ -317,7 +325,18 @@ impl TaskLayout {
         l.cpu_time = cpu_time;
         l.cred_euid = cred_euid;
         l.threads = threads;
+        let mm_pgd = mm_pgd
+            .map_err(|r| {
+                miss(
+                    "mm_struct.pgd",
+                    "mm_struct.pgd (pointer)",
+                    "reading processes' own memory, so State Box extraction",
+                    r,
+                )
+            })
+            .ok();
         l.rss = rss;
+        l.mm_pgd = mm_pgd;
         Ok(l)
     }
 
