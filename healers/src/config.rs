@@ -421,6 +421,46 @@ pub struct GuestConfig {
     /// Threshold overrides, by sensor name.
     #[serde(default)]
     pub thresholds: BTreeMap<String, u64>,
+    /// Session recovery: when this guest hangs, move its services' sessions (State Boxes) to a
+    /// standby front end instead of the `[hang]` action.
+    #[serde(default)]
+    pub failover: Option<FailoverConfig>,
+}
+
+/// `[guest.failover]`: where a failed guest's sessions go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// The standby front end's admin address, HOST:PORT (its `IMPORT` and `TAKEOVER`).
+    pub backup: String,
+    /// Only the State Boxes of processes with this command name (`comm`, ≤ 15 bytes).
+    #[serde(default)]
+    pub comm: Option<String>,
+    /// Only the State Boxes of processes of this uid (the kernel's, not the box's claim).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// After the standby serves: `"restart"` the failed guest through its bridge (the monitor
+    /// needs `restart = true`), or `"none"`.
+    #[serde(default)]
+    pub fence: Fence,
+    /// Longest one exchange with the standby may take, ms.
+    #[serde(default = "default_failover_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_failover_timeout_ms() -> u64 {
+    10_000
+}
+
+/// What is done to a failed guest once its sessions moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fence {
+    /// Nothing (its service must already be cut off: dead, frozen or off the network).
+    #[default]
+    None,
+    /// Restart it in place (its memory, so its stale sessions, are gone).
+    Restart,
 }
 
 impl GuestConfig {
@@ -536,6 +576,11 @@ pub const SENSOR_NAMES: &[(&str, u32)] = &[
     ("OOM_KILLS", 9),
     ("REPAIRS_APPLIED", 10),
     ("REPAIRS_REJECTED", 11),
+    ("NR_RUNNING", 12),
+    ("CPU_PROGRESS", 13),
+    ("IRQS", 14),
+    ("NET_RX_PACKETS", 15),
+    ("TCP_ACCEPTS", 16),
 ];
 
 impl Config {

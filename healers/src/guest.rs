@@ -105,7 +105,27 @@ pub enum GuestError {
     /// The CPUs' runqueues cannot be read.
     #[error("the guest's runqueues: {0}")]
     Cpus(Box<CpusError>),
+    /// Read without the lock, the State Boxes kept changing: the guest still runs.
+    #[error(
+        "the State Boxes changed between {0} reads without the lock: the guest still runs (take \
+         the lock, or freeze it first)"
+    )]
+    StateBoxesMoving(u32),
 }
+
+/// State Box regions read from a guest ([`Guest::state_boxes`]).
+#[derive(Debug)]
+pub struct StateBoxes {
+    /// Every region found.
+    pub regions: Vec<introspect::statebox::Region>,
+    /// Processes whose region was refused, with why.
+    pub refused: Vec<introspect::statebox::StateBoxError>,
+    /// Processes looked at.
+    pub looked_at: usize,
+}
+
+/// Reads without the lock that must agree before [`Guest::state_boxes`] trusts them.
+pub const UNLOCKED_READS: u32 = 4;
 
 impl GuestError {
     /// True if the session to the bridge failed (rather than the guest's data).
@@ -662,6 +682,62 @@ impl Guest {
             _ => Err(GuestError::NotLocked),
         };
         self.guard(r)
+    }
+
+    /// The State Box regions of the processes `select` picks ([`introspect::statebox`]). With
+    /// the lock held, one read; without it (a guest that cannot be paused: frozen, or its
+    /// bdvmm not answering) the process table and the regions are read until two reads in a row
+    /// agree, at most [`UNLOCKED_READS`] times: a guest that still runs is refused.
+    pub fn state_boxes(
+        &mut self,
+        select: &dyn Fn(&Process) -> bool,
+    ) -> Result<StateBoxes, GuestError> {
+        let r = self.state_boxes_inner(select);
+        self.guard(r)
+    }
+
+    fn state_boxes_inner(
+        &mut self,
+        select: &dyn Fn(&Process) -> bool,
+    ) -> Result<StateBoxes, GuestError> {
+        self.session()?;
+        self.ensure_kernel(None)?;
+        let limits = self.cfg.walk_limits();
+        let locked = self.locked.is_some();
+        let (Some(k), Some(mem)) = (&self.kernel, &self.mem) else {
+            return Err(GuestError::NotLocked);
+        };
+        let read = || -> Result<StateBoxes, GuestError> {
+            let table = k.target.walk_within(mem, limits)?;
+            let (regions, refused) = introspect::statebox::read_all(&k.target, mem, &table, select);
+            Ok(StateBoxes {
+                regions,
+                refused,
+                looked_at: table.iter().filter(|p| select(p)).count(),
+            })
+        };
+        if locked {
+            return read();
+        }
+        let key = |s: &StateBoxes| -> Vec<(u32, u32, u64, u64, u64)> {
+            s.regions
+                .iter()
+                .flat_map(|r| {
+                    r.boxes
+                        .iter()
+                        .map(move |b| (r.pid, b.slot, b.id, b.generation, b.seq))
+                })
+                .collect()
+        };
+        let mut last = read()?;
+        for _ in 1..UNLOCKED_READS {
+            let now = read()?;
+            if key(&now) == key(&last) {
+                return Ok(now);
+            }
+            last = now;
+        }
+        Err(GuestError::StateBoxesMoving(UNLOCKED_READS))
     }
 
     /// SIGCONT to every process of `uid` (`CONT_UID`, patched guests): what undoes a stop of

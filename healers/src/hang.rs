@@ -73,16 +73,30 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HangDetector {
     cfg: HangConfig,
     last: Option<Instant>,
+    /// This boot's sessions were moved to the standby (`[guest.failover]`): done once.
+    failed_over: bool,
 }
 
 impl HangDetector {
     /// With this action.
     pub fn new(cfg: HangConfig) -> Self {
-        HangDetector { cfg, last: None }
+        HangDetector {
+            cfg,
+            last: None,
+            failed_over: false,
+        }
     }
 
-    /// The sensors it watches.
-    pub const SENSORS: [u32; 3] = [ids::TIMER_TICKS, ids::CONTEXT_SWITCHES, ids::CPU_PROGRESS];
+    /// The sensors it watches: the kernel's progress, and the Progress Box (a service's
+    /// interrupts, packets and connections: no contract unless the operator gives one).
+    pub const SENSORS: [u32; 6] = [
+        ids::TIMER_TICKS,
+        ids::CONTEXT_SWITCHES,
+        ids::CPU_PROGRESS,
+        ids::IRQS,
+        ids::NET_RX_PACKETS,
+        ids::TCP_ACCEPTS,
+    ];
 
     /// Frees a CPU held by one task (see the module's documentation). `Ok(None)`: no CPU is
     /// held, or its holder may not be touched (the reason); `Ok(Some(pid))`: its process was
@@ -187,6 +201,55 @@ impl HangDetector {
         false
     }
 
+    /// Moves the hung guest's sessions to its standby ([`crate::failover`]).
+    fn fail_over(
+        &mut self,
+        ctx: &mut HealContext<'_>,
+        v: &Violation,
+        for_ms: u64,
+        fo: &crate::config::FailoverConfig,
+    ) -> HealOutcome {
+        if ctx.cfg.dry_run {
+            self.failed_over = true;
+            ctx.emit(
+                "failover",
+                json!({"hm": self.name(), "stalled": v.name, "for_ms": for_ms,
+                       "standby": fo.backup, "dry_run": true}),
+            );
+            return HealOutcome::DryRun;
+        }
+        let sb = ctx.sb.clone();
+        let detected_us = crate::events::micros(v.sampled_at.elapsed());
+        match crate::failover::fail_over(ctx, fo, &sb) {
+            Ok(done) => {
+                self.failed_over = true;
+                let mut fields = json!({"hm": self.name(), "stalled": v.name, "for_ms": for_ms,
+                                        "hm_called_us": detected_us, "dry_run": false});
+                if let (Some(f), Some(d)) = (fields.as_object_mut(), done.fields.as_object()) {
+                    f.extend(d.clone());
+                }
+                ctx.emit("failover", fields);
+                ctx.metrics.add(
+                    "bdmon_failovers_total",
+                    &[("guest", &ctx.guest.cfg.name)],
+                    1.0,
+                );
+                HealOutcome::Healed {
+                    rounds: 1,
+                    killed: 0,
+                }
+            }
+            Err(e) => {
+                ctx.emit(
+                    "failover_failed",
+                    json!({"hm": self.name(), "stalled": v.name, "standby": fo.backup,
+                           "error": e.to_string()}),
+                );
+                HealOutcome::NotHealed(e.to_string())
+            }
+        }
+    }
+
     fn run_command(&self, guest: &str) -> String {
         let argv: Vec<String> = self
             .cfg
@@ -235,7 +298,7 @@ impl HealingModule for HangDetector {
             return HealOutcome::Reported;
         }
         // The kernel still ticks: free the CPU one task holds, and act no further if that heals.
-        if v.id != ids::TIMER_TICKS
+        if matches!(v.id, ids::CONTEXT_SWITCHES | ids::CPU_PROGRESS)
             && self.cfg.free_cpu != FreeCpu::Off
             && Self::ticking(ctx, ctx.sb)
         {
@@ -275,6 +338,11 @@ impl HealingModule for HangDetector {
                     json!({"hm": self.name(), "sensor": v.name,
                            "reason": format!("cannot free the CPU: {e}")}),
                 ),
+            }
+        }
+        if let Some(fo) = ctx.guest.cfg.failover.clone() {
+            if !self.failed_over {
+                return self.fail_over(ctx, v, for_ms, &fo);
             }
         }
         if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {

@@ -9,7 +9,8 @@
 //!
 //! * [`hm`] — the HM API: `new_hm`, `register_sensor`, and how to write one.
 //! * [`proc_repair`], [`mem_reclaim`], [`hang`] — the paper's healers and hang detection;
-//!   [`cpu_share`] — CPU hogs (renice, stop or kill), and [`hang`] frees a CPU one task holds.
+//!   [`cpu_share`] — CPU hogs (renice, stop or kill), and [`hang`] frees a CPU one task holds;
+//!   [`failover`] — a hung guest's sessions (State Boxes) moved to a standby front end.
 //! * [`budget`] — first, do no harm: the pause budget bdmon holds itself to, and the backoff of
 //!   failing steps.
 //! * [`config`] — the TOML file; [`metrics`] — Prometheus text.
@@ -20,6 +21,7 @@ pub mod contract;
 pub mod cpu_share;
 pub mod dispatcher;
 pub mod events;
+pub mod failover;
 pub mod files;
 pub mod guest;
 pub mod hang;
