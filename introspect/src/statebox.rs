@@ -130,11 +130,12 @@ pub fn read_region(
     let root = km.phys(pgd, "mm pgd").map_err(task_err)?;
     let pw = PageWalker::new(mem, root, target.loc.levels)
         .map_err(|source| StateBoxError::Paging { pid, source })?;
-    read_with(&pw, pid, p.task.uid, &p.task.comm)
+    read_through(&pw, pid, p.task.uid, &p.task.comm)
 }
 
-/// Reads a region through `pw` (the process's page tables).
-fn read_with(
+/// Reads a region through `pw` (the process's page tables); `pid`, `uid` and `comm` are what the
+/// kernel says of its owner. `Ok(None)` when nothing is mapped at [`STATEBOX_VA`].
+pub fn read_through(
     pw: &PageWalker<'_>,
     pid: u32,
     uid: u32,
@@ -266,7 +267,7 @@ mod tests {
         let img = region_image(8, 4000, &[(0, 7, 1, b"alpha"), (5, 9, 2, &[0xab; 3000])]);
         place(&mem, &img);
         let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
-        let r = read_with(&pw, 100, 1000, "front").unwrap().unwrap();
+        let r = read_through(&pw, 100, 1000, "front").unwrap().unwrap();
         assert_eq!(r.boxes.len(), 2);
         assert_eq!(r.boxes[0].id, 7);
         assert_eq!(r.boxes[0].data, b"alpha");
@@ -280,7 +281,7 @@ mod tests {
     fn nothing_mapped_is_no_region() {
         let mem = VecMem::new(0, vec![0; RAM]);
         let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
-        assert!(read_with(&pw, 1, 0, "x").unwrap().is_none());
+        assert!(read_through(&pw, 1, 0, "x").unwrap().is_none());
     }
 
     #[test]
@@ -293,7 +294,7 @@ mod tests {
         img[off + 64 + 32] ^= 0xff;
         place(&mem, &img);
         let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
-        let r = read_with(&pw, 1, 0, "x").unwrap().unwrap();
+        let r = read_through(&pw, 1, 0, "x").unwrap().unwrap();
         assert_eq!(r.boxes.len(), 1);
         assert_eq!(r.refused.len(), 1);
         assert_eq!(r.refused[0].slot, 1);
@@ -307,7 +308,7 @@ mod tests {
         place(&mem, &img);
         let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
         assert!(matches!(
-            read_with(&pw, 1, 0, "x"),
+            read_through(&pw, 1, 0, "x"),
             Err(StateBoxError::Header { .. })
         ));
         // A header that claims more slots than are mapped.
@@ -319,7 +320,7 @@ mod tests {
         mem.write(0x10_0000, &short[..4096]).unwrap();
         let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
         assert!(matches!(
-            read_with(&pw, 1, 0, "x"),
+            read_through(&pw, 1, 0, "x"),
             Err(StateBoxError::Hole { .. })
         ));
     }
@@ -342,7 +343,7 @@ mod tests {
             }
             place(&mem, &img);
             let pw = PageWalker::new(&mem, 0x1000, 4).unwrap();
-            let _ = read_with(&pw, 1, 0, "x");
+            let _ = read_through(&pw, 1, 0, "x");
         }
     }
 }
