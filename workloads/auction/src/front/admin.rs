@@ -1,0 +1,130 @@
+//! The admin listener, used by the monitor (and by hand):
+//! `IMPORT <n>` + n records `<id> <len>\n` + len bytes → `IMPORTED <n>`;
+//! `TAKEOVER` → `SERVING epoch=<e> sessions=<n> resolved=<k>`;
+//! `STATUS` → `role=<r> epoch=<e> sessions=<n> open=<m> name=<name>`; failures → `ERR <why>`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+
+use super::server::{lock, Shared};
+use super::Role;
+use crate::proto::{read_line, LineError, MAX_LINE};
+
+/// Accepts admin connections forever.
+pub fn serve_admin(front: Shared, listener: TcpListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let front = Arc::clone(&front);
+                let spawned = thread::Builder::new()
+                    .name("admin".into())
+                    .spawn(move || admin(&front, stream));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start an admin thread: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("accepting an admin connection: {e}"),
+        }
+    }
+}
+
+fn admin(front: &Shared, stream: TcpStream) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = stream;
+    loop {
+        let line = match read_line(&mut reader, MAX_LINE) {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(LineError::Io(_)) => return,
+            Err(e) => {
+                let _ = writer.write_all(format!("ERR {e}\n").as_bytes());
+                return;
+            }
+        };
+        // After a bad IMPORT the stream may be in the middle of a record: close it.
+        let (reply, keep) = command(front, &line, &mut reader);
+        if writer.write_all(format!("{reply}\n").as_bytes()).is_err() || !keep {
+            return;
+        }
+    }
+}
+
+/// Executes one admin command; the reply and whether the connection can go on.
+fn command(front: &Shared, line: &str, reader: &mut impl BufRead) -> (String, bool) {
+    let words: Vec<&str> = line.split_ascii_whitespace().collect();
+    match words.as_slice() {
+        ["STATUS"] => (status(front), true),
+        ["TAKEOVER"] => {
+            let result = lock(front).takeover();
+            match result {
+                Ok(t) => (
+                    format!(
+                        "SERVING epoch={} sessions={} resolved={}",
+                        t.epoch, t.sessions, t.resolved
+                    ),
+                    true,
+                ),
+                Err(e) => (format!("ERR {e}"), true),
+            }
+        }
+        ["IMPORT", n] => match import(front, n, reader) {
+            Ok(n) => (format!("IMPORTED {n}"), true),
+            Err(why) => (format!("ERR {why}"), false),
+        },
+        _ => (
+            "ERR expected IMPORT <n> | TAKEOVER | STATUS".to_string(),
+            true,
+        ),
+    }
+}
+
+fn status(front: &Shared) -> String {
+    let f = lock(front);
+    let (role, epoch) = match f.role() {
+        Role::Standby => ("standby", 0),
+        Role::Primary(e) => ("primary", e),
+        Role::Fenced(e) => ("fenced", e),
+    };
+    let (sessions, open) = f.counts();
+    format!(
+        "role={role} epoch={epoch} sessions={sessions} open={open} name={}",
+        f.config().name
+    )
+}
+
+/// Reads the n records of an IMPORT, then imports them all or none.
+fn import(front: &Shared, n: &str, reader: &mut impl BufRead) -> Result<usize, String> {
+    let (slots, capacity) = {
+        let f = lock(front);
+        (f.config().slots, f.config().capacity)
+    };
+    let n: usize = n
+        .parse()
+        .ok()
+        .filter(|&n| u32::try_from(n).is_ok_and(|n| n <= slots))
+        .ok_or_else(|| format!("IMPORT <n>: n must be 0..={slots}"))?;
+    let mut records = Vec::with_capacity(n);
+    for index in 0..n {
+        let head = read_line(reader, MAX_LINE)
+            .map_err(|e| format!("record {index}: {e}"))?
+            .ok_or_else(|| format!("record {index}: connection closed"))?;
+        let bad = || format!("record {index}: expected `<id> <len>` with len <= {capacity}");
+        let (id, len) = head.split_once(' ').ok_or_else(bad)?;
+        let id: u64 = id.parse().map_err(|_| bad())?;
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        if len > capacity {
+            return Err(bad());
+        }
+        let mut data = vec![0; usize::try_from(len).map_err(|_| bad())?];
+        reader
+            .read_exact(&mut data)
+            .map_err(|e| format!("record {index}: reading {len} bytes: {e}"))?;
+        records.push((id, data));
+    }
+    let result = lock(front).import(records);
+    result.map_err(|e| e.to_string())
+}

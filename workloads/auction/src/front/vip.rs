@@ -1,0 +1,127 @@
+//! Moving the service IP: `ip addr add VIP dev DEV`, then gratuitous ARP so that neighbours
+//! learn the new owner at once.
+
+use std::process::Command;
+
+/// The service IP a front end adds when it takes over.
+#[derive(Debug, Clone)]
+pub struct Vip {
+    /// `A.B.C.D/NN`.
+    pub cidr: String,
+    /// The device, e.g. `eth0`.
+    pub dev: String,
+    /// The `ip` program (and leading arguments), e.g. `/usr/sbin/ip` (or `true` in host tests).
+    pub ip_cmd: Vec<String>,
+    /// The `arping` program (and leading arguments), e.g. `/bin/busybox arping`.
+    pub arping_cmd: Vec<String>,
+}
+
+/// Why the service IP could not be added.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    /// The VIP is not `A.B.C.D/NN`.
+    #[error("--vip {0:?} is not A.B.C.D/NN")]
+    Parse(String),
+    /// An empty --ip-cmd or --arping-cmd.
+    #[error("--ip-cmd and --arping-cmd must name a program")]
+    NoProgram,
+    /// `ip addr add` failed.
+    #[error("`{cmd}` failed: {why}; check --dev and that the front end may change addresses")]
+    Add {
+        /// The command line.
+        cmd: String,
+        /// Exit status and stderr, or the spawn error.
+        why: String,
+    },
+}
+
+/// Splits a command option on whitespace.
+pub fn split_cmd(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+impl Vip {
+    /// Checks the shape of the VIP and the commands.
+    pub fn new(cidr: &str, dev: &str, ip_cmd: &str, arping_cmd: &str) -> Result<Vip, VipError> {
+        let (addr, len) = cidr
+            .split_once('/')
+            .ok_or_else(|| VipError::Parse(cidr.to_string()))?;
+        let ok =
+            addr.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32);
+        if !ok {
+            return Err(VipError::Parse(cidr.to_string()));
+        }
+        let (ip_cmd, arping_cmd) = (split_cmd(ip_cmd), split_cmd(arping_cmd));
+        if ip_cmd.is_empty() || arping_cmd.is_empty() {
+            return Err(VipError::NoProgram);
+        }
+        Ok(Vip {
+            cidr: cidr.to_string(),
+            dev: dev.to_string(),
+            ip_cmd,
+            arping_cmd,
+        })
+    }
+
+    fn address(&self) -> &str {
+        self.cidr.split('/').next().unwrap_or(&self.cidr)
+    }
+
+    /// Adds the VIP (an address already present is fine) and announces it; an announcement
+    /// that fails is only logged.
+    pub fn add(&self) -> Result<(), VipError> {
+        let args = ["addr", "add", self.cidr.as_str(), "dev", self.dev.as_str()];
+        if let Err(why) = run(&self.ip_cmd, &args) {
+            if !why.contains("File exists") {
+                return Err(VipError::Add {
+                    cmd: format!("{} {}", self.ip_cmd.join(" "), args.join(" ")),
+                    why,
+                });
+            }
+        }
+        let args = ["-U", "-c", "2", "-I", self.dev.as_str(), self.address()];
+        if let Err(why) = run(&self.arping_cmd, &args) {
+            tracing::warn!("gratuitous ARP for {} failed: {why}", self.cidr);
+        }
+        Ok(())
+    }
+}
+
+fn run(cmd: &[String], args: &[&str]) -> Result<(), String> {
+    let (program, lead) = cmd.split_first().ok_or("no program")?;
+    let out = Command::new(program)
+        .args(lead)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vips_are_checked() {
+        assert!(Vip::new("10.0.0.9/24", "eth0", "true", "true").is_ok());
+        assert!(Vip::new("10.0.0.9", "eth0", "true", "true").is_err());
+        assert!(Vip::new("10.0.0.9/33", "eth0", "true", "true").is_err());
+        assert!(Vip::new("10.0.0.9/24", "eth0", "", "true").is_err());
+    }
+
+    #[test]
+    fn add_runs_the_commands() {
+        let v = Vip::new("10.0.0.9/24", "eth0", "true", "/bin/busybox-missing arping").unwrap();
+        assert!(v.add().is_ok(), "a failed announcement is only logged");
+        let v = Vip::new("10.0.0.9/24", "eth0", "false", "true").unwrap();
+        assert!(v.add().is_err());
+    }
+}
