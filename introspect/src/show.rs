@@ -1,7 +1,7 @@
 //! Text tables of what introspection reads, for command-line tools (`bdvmm ctl`, `rdma-bridge
 //! ctl`): the Sensor Box and the process table.
 
-use crate::sensorbox::SensorBox;
+use crate::sensorbox::{Sensor, SensorBox, FLAG_LOWER_BOUND};
 use crate::tasks::Process;
 
 /// Prints a Sensor Box as a table.
@@ -31,8 +31,24 @@ pub fn print_sensor_box(sb: &SensorBox) {
         };
         println!(
             "{:>4} {:<22} {:<9} {:>20} {:>20} {:>6}",
-            s.id, s.name, class, s.value, s.threshold, state
+            s.id,
+            s.name,
+            class,
+            s.value,
+            threshold(s),
+            state
         );
+    }
+}
+
+/// A sensor's threshold as the table shows it: `-` for `u64::MAX`, which no value can break
+/// (no contract, e.g. the Progress Box sensors until the operator sets one), unless it is a
+/// lower bound.
+fn threshold(s: &Sensor) -> String {
+    if s.threshold == u64::MAX && s.flags & FLAG_LOWER_BOUND == 0 {
+        "-".to_owned()
+    } else {
+        s.threshold.to_string()
     }
 }
 
@@ -60,6 +76,34 @@ pub fn print_process_table(table: &[Process]) {
             rss_kb,
             p.depth,
             p.children
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sensorbox::{ids, SensorClass, FLAG_VALID};
+
+    fn sensor(threshold: u64, flags: u16) -> Sensor {
+        Sensor {
+            id: ids::IRQS,
+            class: SensorClass::Progress,
+            flags: flags | FLAG_VALID,
+            threshold,
+            value: 5,
+            updated: 0,
+            name: "IRQS".into(),
+        }
+    }
+
+    #[test]
+    fn no_contract_shows_as_a_dash() {
+        assert_eq!(threshold(&sensor(u64::MAX, 0)), "-");
+        assert_eq!(threshold(&sensor(2000, 0)), "2000");
+        assert_eq!(
+            threshold(&sensor(u64::MAX, FLAG_LOWER_BOUND)),
+            u64::MAX.to_string()
         );
     }
 }
