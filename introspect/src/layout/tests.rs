@@ -116,7 +116,7 @@ fn btf(shape: Shape) -> Btf {
         RssShape::PerCpu => vec![("rss_stat", pcpus, RSS_STAT as u32 * 8, 0)],
         RssShape::Absent => vec![],
     };
-    let mut mm_members = vec![("map_count", int, 0, 0)];
+    let mut mm_members = vec![("map_count", int, 0, 0), ("pgd", cred_ptr, 64, 0)];
     mm_members.extend(rss);
     let mm = b.struct_("mm_struct", 0x100, &mm_members);
     let mm_ptr = b.ptr(mm);
