@@ -53,6 +53,7 @@ pub enum BidOutcome {
 
 /// The schema and seed, idempotent, serialized between front ends by an advisory lock.
 const SCHEMA: &str = "
+    SET LOCAL client_min_messages = warning;
     SELECT pg_advisory_xact_lock(7070);
     CREATE TABLE IF NOT EXISTS service (id int PRIMARY KEY, epoch bigint NOT NULL, owner text NOT NULL);
     CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, name text NOT NULL, max_bid bigint NOT NULL, nbids bigint NOT NULL);
