@@ -8,11 +8,8 @@
 //!
 //! Skipped, with the reason printed, when PostgreSQL 15 is not installed.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+mod common;
+
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,139 +17,10 @@ use auction::adminctl;
 use auction::client::{self, Load, Report};
 use auction::db;
 use auction::extract;
-use auction::pg::{self, Cluster};
+use auction::pg::Cluster;
 use auction::series;
 use auction::session;
-
-/// The tests share two cores: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind((LOCALHOST, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn cluster() -> Option<Cluster> {
-    if let Err(e) = pg::installed() {
-        println!("SKIPPED: {e}");
-        return None;
-    }
-    Some(Cluster::start(&[LOCALHOST], free_port()).expect("start PostgreSQL"))
-}
-
-/// A front end process, killed on drop.
-struct Front {
-    child: Child,
-    client: SocketAddr,
-    admin: SocketAddr,
-    log: tempfile::NamedTempFile,
-}
-
-impl Front {
-    fn start(pg: &Cluster, name: &str, extra: &[&str]) -> Front {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bd-auction-front"))
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--db", &pg.conninfo(LOCALHOST), "--name", name])
-            .args(["--vip", "10.99.0.1/24", "--dev", "lo"])
-            .args(["--ip-cmd", "true", "--arping-cmd", "true"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(File::create(log.path()).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = |key: &str| -> SocketAddr {
-            let w = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .unwrap_or_else(|| panic!("front end {name} did not start: {line:?}"));
-            w.parse().unwrap()
-        };
-        let (client, admin) = (addr("client="), addr("admin="));
-        Front {
-            child,
-            client,
-            admin,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill() on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(i32::try_from(self.pid()).unwrap(), sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
-    }
-
-    /// Waits until every thread of the process is stopped.
-    fn wait_stopped(&self, within: Duration) {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if all_threads_stopped(self.pid()) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        panic!("front end {} never stopped\n{}", self.pid(), self.log());
-    }
-
-    fn admin(&self, request: &[u8]) -> String {
-        adminctl::send(self.admin, request, ADMIN_TIMEOUT)
-            .unwrap_or_else(|e| panic!("admin: {e}\n{}", self.log()))
-    }
-
-    fn status(&self) -> String {
-        self.admin(b"STATUS\n")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .map(|(_, rest)| rest.trim_start().to_string())
-            })
-            .is_some_and(|rest| rest.starts_with('T') || rest.starts_with('t'))
-    })
-}
-
-fn field(line: &str, key: &str) -> i64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
+use common::{cluster, field, pg_present, request, Front, SERIAL};
 
 fn load(a: &Front, b: &Front) -> Load {
     Load {
@@ -230,16 +98,6 @@ fn wait_sessions(a: &Front, n: i64) {
     }
 }
 
-/// Sends one BID to `addr` and returns the reply line.
-fn stale_bid(addr: SocketAddr, sid: u64, seq: u64) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(ADMIN_TIMEOUT)).unwrap();
-    std::io::Write::write_all(&mut s, format!("REQ {sid} {seq} BID 1 7\n").as_bytes()).unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    line.trim_end().to_string()
-}
-
 #[test]
 fn sigstop_of_the_primary_fails_over_exactly_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,7 +120,8 @@ fn sigstop_of_the_primary_fails_over_exactly_once() {
             .iter()
             .find(|(_, st)| !st.core.closed && st.pending.is_none())
             .expect("an open session");
-        let stale = stale_bid(a.client, *sid, state.core.last_seq + 1);
+        let next = state.core.last_seq + 1;
+        let stale = request(a.client, &format!("REQ {sid} {next} BID 1 7"));
         assert_eq!(
             stale,
             format!("ERR {sid} {} standby", state.core.last_seq + 1)
@@ -313,16 +172,6 @@ fn crash_during_a_bid(point: &str) -> (Report, session::Pending) {
     });
     assert_clean(&pg, &report, &a, &b);
     (report, pending)
-}
-
-fn pg_present() -> bool {
-    match pg::installed() {
-        Ok(()) => true,
-        Err(e) => {
-            println!("SKIPPED: {e}");
-            false
-        }
-    }
 }
 
 #[test]
