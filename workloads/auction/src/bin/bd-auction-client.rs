@@ -60,7 +60,7 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Read a (stopped) front end's State Boxes from /proc/<pid>/mem and IMPORT them.
+    /// Read a (stopped) front end's State Boxes from /proc/PID/mem and IMPORT them.
     Import {
         /// The failed front end's process id.
         #[arg(long)]
