@@ -22,9 +22,9 @@ use auction::series;
 use auction::session;
 use common::{cluster, field, pg_present, request, Front, SERIAL};
 
-fn load(a: &Front, b: &Front) -> Load {
+fn load(fronts: &[&Front]) -> Load {
     Load {
-        addrs: vec![a.client, b.client],
+        addrs: fronts.iter().map(|f| f.client).collect(),
         sessions: 50,
         requests_per_session: 12,
         timeout: Duration::from_secs(1),
@@ -63,14 +63,17 @@ fn fail_over(a: &Front, b: &Front) -> (Vec<(u64, session::SessionState)>, String
     (states, serving)
 }
 
-fn assert_clean(pg: &Cluster, report: &Report, a: &Front, b: &Front) {
+fn assert_clean(pg: &Cluster, report: &Report, fronts: &[&Front]) {
+    let logs: Vec<String> = fronts
+        .iter()
+        .map(|f| format!("log of {}:\n{}", f.pid(), f.log()))
+        .collect();
     let summary = format!(
-        "completed={} wrong={:?} gave_up={:?}\nA log:\n{}\nB log:\n{}",
+        "completed={} wrong={:?} gave_up={:?}\n{}",
         report.completed,
         report.wrong,
         report.gave_up,
-        a.log(),
-        b.log()
+        logs.join("\n")
     );
     assert!(report.wrong.is_empty(), "wrong replies: {summary}");
     assert!(report.gave_up.is_empty(), "sessions gave up: {summary}");
@@ -91,7 +94,8 @@ fn wait_sessions(a: &Front, n: i64) {
     while field(&a.status(), "sessions=") < n {
         assert!(
             Instant::now() < end,
-            "A never reached {n} sessions\n{}",
+            "{} never reached {n} sessions\n{}",
+            a.pid(),
             a.log()
         );
         thread::sleep(Duration::from_millis(20));
@@ -105,7 +109,7 @@ fn sigstop_of_the_primary_fails_over_exactly_once() {
     let mut a = Front::start(&pg, "A", &["--primary"]);
     let b = Front::start(&pg, "B", &[]);
     assert!(b.status().starts_with("role=standby"), "{}", b.status());
-    let load = load(&a, &b);
+    let load = load(&[&a, &b]);
     let report = thread::scope(|s| {
         let clients = s.spawn(|| client::run(&load));
         wait_sessions(&a, 20);
@@ -143,7 +147,40 @@ fn sigstop_of_the_primary_fails_over_exactly_once() {
     if std::env::var_os("BD_AUCTION_LOGS").is_some() {
         println!("A:\n{}\nB:\n{}", a.log(), b.log());
     }
-    assert_clean(&pg, &report, &a, &b);
+    assert_clean(&pg, &report, &[&a, &b]);
+}
+
+#[test]
+fn a_standby_that_took_over_fails_over_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(pg) = cluster() else { return };
+    let a = Front::start(&pg, "A", &["--primary"]);
+    let b = Front::start(&pg, "B", &[]);
+    let c = Front::start(&pg, "C", &[]);
+    let load = load(&[&a, &b, &c]);
+    let report = thread::scope(|s| {
+        let clients = s.spawn(|| client::run(&load));
+        wait_sessions(&a, 10);
+        a.signal(libc::SIGSTOP);
+        a.wait_stopped(Duration::from_secs(10));
+        let (first, _) = fail_over(&a, &b);
+        // B serves its imported sessions and new ones from its own Region; then it fails too.
+        let n = i64::try_from(first.len()).unwrap();
+        wait_sessions(&b, (n + 5).min(50));
+        b.signal(libc::SIGSTOP);
+        b.wait_stopped(Duration::from_secs(10));
+        let (second, serving) = fail_over(&b, &c);
+        assert_eq!(field(&serving, "epoch="), 3, "A 1, B 2, C 3");
+        let first_ids: Vec<u64> = first.iter().map(|(id, _)| *id).collect();
+        assert!(
+            first_ids
+                .iter()
+                .all(|id| second.iter().any(|(sid, _)| sid == id)),
+            "every session B imported is in B's own boxes"
+        );
+        clients.join().unwrap()
+    });
+    assert_clean(&pg, &report, &[&a, &b, &c]);
 }
 
 /// A freezes itself at `point` of its 20th BID; the pending BID's fate is settled on takeover.
@@ -156,7 +193,7 @@ fn crash_during_a_bid(point: &str) -> (Report, session::Pending) {
         &["--primary", "--crash-after", point, "--crash-on-bid", "20"],
     );
     let b = Front::start(&pg, "B", &[]);
-    let load = load(&a, &b);
+    let load = load(&[&a, &b]);
     let (report, pending) = thread::scope(|s| {
         let clients = s.spawn(|| client::run(&load));
         a.wait_stopped(Duration::from_secs(60));
@@ -170,7 +207,7 @@ fn crash_during_a_bid(point: &str) -> (Report, session::Pending) {
         a.kill();
         (clients.join().unwrap(), pending[0].clone())
     });
-    assert_clean(&pg, &report, &a, &b);
+    assert_clean(&pg, &report, &[&a, &b]);
     (report, pending)
 }
 
