@@ -7,6 +7,7 @@
 //! Once the update committed, no BID of an older owner can commit.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use postgres::{Client, NoTls};
 
@@ -53,6 +54,7 @@ pub enum BidOutcome {
 
 /// The schema and seed, idempotent, serialized between front ends by an advisory lock.
 const SCHEMA: &str = "
+    SET LOCAL client_min_messages = warning;
     SELECT pg_advisory_xact_lock(7070);
     CREATE TABLE IF NOT EXISTS service (id int PRIMARY KEY, epoch bigint NOT NULL, owner text NOT NULL);
     CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, name text NOT NULL, max_bid bigint NOT NULL, nbids bigint NOT NULL);
@@ -79,11 +81,20 @@ impl Db {
         let client = match self.client.take() {
             Some(c) => c,
             None => {
-                let mut c =
-                    Client::connect(&self.conninfo, NoTls).map_err(|source| DbError::Connect {
-                        conninfo: self.conninfo.clone(),
-                        source,
-                    })?;
+                let connect_err = |source| DbError::Connect {
+                    conninfo: self.conninfo.clone(),
+                    source,
+                };
+                let mut config: postgres::Config = self.conninfo.parse().map_err(connect_err)?;
+                // A database host that vanishes must not hold the front end forever: dead
+                // peers are found by keepalives (idle) and by the user timeout (unacked data).
+                config
+                    .keepalives(true)
+                    .keepalives_idle(Duration::from_secs(5))
+                    .keepalives_interval(Duration::from_secs(2))
+                    .keepalives_retries(3)
+                    .tcp_user_timeout(Duration::from_secs(15));
+                let mut c = config.connect(NoTls).map_err(connect_err)?;
                 ensure_schema(&mut c)?;
                 c
             }

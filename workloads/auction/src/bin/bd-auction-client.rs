@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 success (every session completed right), 1 failure, 2 bad arguments.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,7 +60,7 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Read a (stopped) front end's State Boxes from /proc/<pid>/mem and IMPORT them.
+    /// Read a (stopped) front end's State Boxes from /proc/PID/mem and IMPORT them.
     Import {
         /// The failed front end's process id.
         #[arg(long)]
@@ -85,6 +86,7 @@ enum Cmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 
-use super::server::{lock, Shared};
+use super::server::{close_after_error, lock, Shared};
 use super::Role;
 use crate::proto::{read_line, LineError, MAX_LINE};
 
@@ -42,12 +42,17 @@ fn admin(front: &Shared, stream: TcpStream) {
             Ok(None) | Err(LineError::Io(_)) => return,
             Err(e) => {
                 let _ = writer.write_all(format!("ERR {e}\n").as_bytes());
+                close_after_error(reader, &writer);
                 return;
             }
         };
         // After a bad IMPORT the stream may be in the middle of a record: close it.
         let (reply, keep) = command(front, &line, &mut reader);
-        if writer.write_all(format!("{reply}\n").as_bytes()).is_err() || !keep {
+        if writer.write_all(format!("{reply}\n").as_bytes()).is_err() {
+            return;
+        }
+        if !keep {
+            close_after_error(reader, &writer);
             return;
         }
     }

@@ -1,9 +1,10 @@
 //! The client listener: one thread per connection, one request line in, one reply line out.
 
-use std::io::{BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
+use std::time::Duration;
 
 use super::Front;
 use crate::proto::{parse_request, read_line, LineError, MAX_LINE};
@@ -51,6 +52,15 @@ pub fn reply_to(front: &Shared, line: &str) -> String {
     }
 }
 
+/// Closes a connection whose input cannot be read on: after the ERR line, stop writing and
+/// discard what the peer still sends (bounded in bytes and time), so that closing with unread
+/// input does not reset the connection and lose the ERR line on its way.
+pub fn close_after_error(mut reader: impl Read, writer: &TcpStream) {
+    let _ = writer.shutdown(Shutdown::Write);
+    let _ = writer.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = io::copy(&mut reader.by_ref().take(1 << 20), &mut io::sink());
+}
+
 fn client(front: &Shared, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let Ok(read_half) = stream.try_clone() else {
@@ -64,6 +74,7 @@ fn client(front: &Shared, stream: TcpStream) {
             Ok(None) | Err(LineError::Io(_)) => return,
             Err(e) => {
                 let _ = writer.write_all(format!("ERR 0 0 {e}\n").as_bytes());
+                close_after_error(reader, &writer);
                 return;
             }
         };
