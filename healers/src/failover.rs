@@ -6,10 +6,10 @@
 //!    without it, trusting only reads that agree ([`Guest::state_boxes`]).
 //! 2. Read the State Boxes of the configured service's processes through the bridge (READs only,
 //!    every box checked against the ABI, torn or hostile ones refused:
-//!    [`introspect::statebox`]), and release the lock.
+//!    [`introspect::statebox`]).
 //! 3. Hand them to the standby: `IMPORT <n>` then, per box, `<id> <len>` and the bytes; then
 //!    `TAKEOVER`, after which the standby has fenced the old owner at the database, resolved
-//!    in-flight requests, taken the service address and serves.
+//!    in-flight requests, taken the service address and serves. Only then is the lock released.
 //! 4. Optionally restart the failed guest (`fence = "restart"`).
 //!
 //! Each step's time goes into one `failover` event.
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::config::{FailoverConfig, Fence};
-use crate::guest::{GuestError, StateBoxes};
+use crate::guest::{Guest, GuestError, StateBoxes};
 use crate::hm::HealContext;
 use introspect::sensorbox::SensorBox;
 
@@ -78,26 +78,53 @@ pub fn fail_over(
     sb: &SensorBox,
 ) -> Result<Done, FailoverError> {
     let t0 = Instant::now();
+    // Under the lock if bdvmm can pause the guest, held until the standby serves: the failed
+    // front end must not run between the extraction and the standby's fencing of it (a request
+    // it took after the extraction would be unknown to the standby, and the client's retry
+    // would run twice). A lease that runs out resumes it: the fencing at the database (the
+    // standby's first step) still stops it from committing.
+    let attempt = ctx.lock(sb).map(|mut held| {
+        let r = move_sessions(held.guest, cfg, t0);
+        (r, held.release())
+    });
+    let (moved, locked, lock_note) = match attempt {
+        Ok((r, released)) => (r?, true, released.err().map(|e| e.to_string())),
+        Err(e) => (move_sessions(ctx.guest, cfg, t0)?, false, Some(e.to_string())),
+    };
+    let fence = match cfg.fence {
+        Fence::None => None,
+        Fence::Restart => Some(match ctx.guest.restart() {
+            Ok(()) => "restarted".to_string(),
+            Err(e) => format!("restart failed: {e}"),
+        }),
+    };
+    let mut fields = moved;
+    if let Some(f) = fields.as_object_mut() {
+        f.insert("locked".into(), json!(locked));
+        f.insert("lock_note".into(), json!(lock_note));
+        f.insert("fence".into(), json!(fence));
+        f.insert("total_us".into(), json!(crate::events::micros(t0.elapsed())));
+    }
+    Ok(Done { fields })
+}
+
+/// Steps 2 and 3: the failed guest's State Boxes to the standby; the event's fields.
+fn move_sessions(
+    guest: &mut Guest,
+    cfg: &FailoverConfig,
+    t0: Instant,
+) -> Result<Value, FailoverError> {
     let comm = cfg.comm.clone();
     let uid = cfg.uid;
     let select = move |p: &introspect::tasks::Process| {
         comm.as_ref().is_none_or(|c| &p.task.comm == c) && uid.is_none_or(|u| p.task.uid == u)
     };
-    // 1-2: under the lock if bdvmm can pause the guest.
-    let attempt = ctx.lock(sb).map(|mut held| {
-        let r = held.guest.state_boxes(&select);
-        (r, held.release())
-    });
-    let (boxes, locked, lock_why) = match attempt {
-        Ok((r, released)) => (r?, true, released.err().map(|e| e.to_string())),
-        Err(e) => (ctx.guest.state_boxes(&select)?, false, Some(e.to_string())),
-    };
-    let extracted = t0.elapsed();
     let StateBoxes {
         regions,
         refused,
         looked_at,
-    } = boxes;
+    } = guest.state_boxes(&select)?;
+    let extracted = t0.elapsed();
     let records: Vec<(u64, &[u8])> = regions
         .iter()
         .flat_map(|r| r.boxes.iter().map(|b| (b.id, b.data.as_slice())))
@@ -112,33 +139,20 @@ pub fn fail_over(
         })
         .collect();
     let refused_regions: Vec<String> = refused.iter().map(|e| e.to_string()).collect();
-    // 3: the standby.
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let mut standby = Standby::connect(&cfg.backup, timeout)?;
     let imported = standby.import(&records)?;
     let import_done = t0.elapsed();
     let serving = standby.takeover()?;
     let takeover_done = t0.elapsed();
-    // 4: fence.
-    let fence = match cfg.fence {
-        Fence::None => None,
-        Fence::Restart => Some(match ctx.guest.restart() {
-            Ok(()) => "restarted".to_string(),
-            Err(e) => format!("restart failed: {e}"),
-        }),
-    };
-    Ok(Done {
-        fields: json!({
-            "standby": cfg.backup, "locked": locked, "lock_note": lock_why,
-            "processes": looked_at, "regions": regions.len(), "boxes": records.len(),
-            "bytes": bytes, "refused_slots": refused_slots, "refused_regions": refused_regions,
-            "imported": imported, "serving": serving, "fence": fence,
-            "extract_us": crate::events::micros(extracted),
-            "import_us": crate::events::micros(import_done - extracted),
-            "takeover_us": crate::events::micros(takeover_done - import_done),
-            "total_us": crate::events::micros(t0.elapsed()),
-        }),
-    })
+    Ok(json!({
+        "standby": cfg.backup, "processes": looked_at, "regions": regions.len(),
+        "boxes": records.len(), "bytes": bytes, "refused_slots": refused_slots,
+        "refused_regions": refused_regions, "imported": imported, "serving": serving,
+        "extract_us": crate::events::micros(extracted),
+        "import_us": crate::events::micros(import_done - extracted),
+        "takeover_us": crate::events::micros(takeover_done - import_done),
+    }))
 }
 
 /// A connection to the standby's admin port.

@@ -116,3 +116,147 @@ impl Drop for GuestNet {
         }
     }
 }
+
+/// Several guests on one layer-2 network of a [`Site`]: a Linux bridge there whose address is
+/// every guest's gateway, and a tap per guest on it; on a kvm host, also a route from this
+/// machine through it (as [`GuestNet`]). An address on the LAN that no guest has at boot,
+/// [`GuestLan::vip`], is the service address a guest may take (and a standby take over, with a
+/// gratuitous ARP).
+pub struct GuestLan {
+    site: Arc<Site>,
+    bridge: String,
+    /// Each guest's port: its tap and address (`ports[i]` for guest i).
+    pub ports: Vec<LanPort>,
+    /// The gateway (the bridge's address on the site).
+    pub gateway: String,
+    /// The service address, with its prefix length (`A.B.C.D/24`).
+    pub vip: String,
+    /// The address by which guests reach this machine (the gateway locally; this machine's
+    /// address on the kvm host's link otherwise).
+    pub this_machine: String,
+    route: Option<String>,
+}
+
+/// One guest's place on a [`GuestLan`].
+#[derive(Clone, Debug)]
+pub struct LanPort {
+    /// The tap (give bdvmm `--net tap=<tap>`).
+    pub tap: String,
+    /// The guest's address.
+    pub guest_ip: String,
+    /// Its gateway.
+    pub gateway: String,
+}
+
+impl LanPort {
+    /// The guest kernel parameter that the root filesystem's init applies.
+    pub fn ip_param(&self) -> String {
+        format!("ip={}::{}:255.255.255.0::eth0", self.guest_ip, self.gateway)
+    }
+}
+
+impl GuestLan {
+    /// A LAN of `guests` ports on `site`.
+    pub fn new(site: &Arc<Site>, guests: usize) -> GuestLan {
+        let mk_ports = |prefix: &str, tag: &str| -> Vec<LanPort> {
+            (0..guests)
+                .map(|i| LanPort {
+                    tap: format!("bdl{tag}t{i}"),
+                    guest_ip: format!("{prefix}.{}", i + 2),
+                    gateway: format!("{prefix}.1"),
+                })
+                .collect()
+        };
+        match site.kvm() {
+            None => {
+                let lock = NetLock::take();
+                let n = free_subnet("10.234", std::process::id() % 240 + 7)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let tag = format!("{}x{n}", std::process::id() % 1000);
+                let prefix = format!("10.234.{n}");
+                let bridge = format!("bdlb{tag}");
+                let ports = mk_ports(&prefix, &tag);
+                let gateway = format!("{prefix}.1");
+                local_ip(&["link", "add", &bridge, "type", "bridge"])
+                    .and_then(|_| {
+                        local_ip(&["addr", "add", &format!("{gateway}/24"), "dev", &bridge])
+                    })
+                    .and_then(|_| local_ip(&["link", "set", &bridge, "up"]))
+                    .unwrap_or_else(|e| panic!("LAN bridge {bridge}: {e}"));
+                for p in &ports {
+                    local_ip(&["tuntap", "add", &p.tap, "mode", "tap"])
+                        .and_then(|_| local_ip(&["link", "set", &p.tap, "master", &bridge]))
+                        .and_then(|_| local_ip(&["link", "set", &p.tap, "up"]))
+                        .unwrap_or_else(|e| panic!("LAN tap {}: {e}", p.tap));
+                }
+                drop(lock);
+                GuestLan {
+                    site: site.clone(),
+                    bridge,
+                    ports,
+                    vip: format!("{prefix}.100/24"),
+                    this_machine: gateway.clone(),
+                    gateway,
+                    route: None,
+                }
+            }
+            Some(h) => {
+                let n =
+                    h.ip.split('.')
+                        .nth(2)
+                        .unwrap_or_else(|| panic!("kvm host address {}", h.ip))
+                        .to_string();
+                let prefix = format!("10.233.{n}");
+                let tag = format!("{}", h.unique());
+                let bridge = format!("bdlb{tag}");
+                let ports = mk_ports(&prefix, &tag);
+                let gateway = format!("{prefix}.1");
+                let mut script = format!(
+                    "set -e; (ip link add {bridge} type bridge 2>/dev/null || brctl addbr {bridge}); \
+                     ip addr add {gateway}/24 dev {bridge}; ip link set {bridge} up; "
+                );
+                for p in &ports {
+                    script.push_str(&format!(
+                        "tunctl -t {tap} >/dev/null; (ip link set {tap} master {bridge} 2>/dev/null \
+                         || brctl addif {bridge} {tap}); ip link set {tap} up; ",
+                        tap = p.tap
+                    ));
+                }
+                script.push_str("echo 1 > /proc/sys/net/ipv4/ip_forward; echo lan-ok");
+                let out = h.sh(&script, &[]);
+                assert!(out.contains("lan-ok"), "LAN in the kvm host: {out}");
+                let route = format!("{prefix}.0/24");
+                local_ip(&["route", "replace", &route, "via", &h.ip])
+                    .unwrap_or_else(|e| panic!("route to the kvm host's guests: {e}"));
+                GuestLan {
+                    site: site.clone(),
+                    bridge,
+                    ports,
+                    vip: format!("{prefix}.100/24"),
+                    this_machine: h.host_ip.clone(),
+                    gateway,
+                    route: Some(route),
+                }
+            }
+        }
+    }
+
+    /// The service address without its prefix length.
+    pub fn vip_addr(&self) -> &str {
+        self.vip.split('/').next().unwrap_or(&self.vip)
+    }
+}
+
+impl Drop for GuestLan {
+    fn drop(&mut self) {
+        if let Some(route) = &self.route {
+            let _ = local_ip(&["route", "del", route]);
+        }
+        if self.site.kvm().is_none() {
+            for p in &self.ports {
+                let _ = local_ip(&["link", "del", &p.tap]);
+            }
+            let _ = local_ip(&["link", "del", &self.bridge]);
+        }
+    }
+}

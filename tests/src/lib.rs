@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bridge;
 pub mod child;
+pub mod failover;
 pub mod guestnet;
 pub mod kvmhost;
 pub mod load;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use crate::guestnet::GuestNet;
+use crate::guestnet::{GuestNet, LanPort};
 use crate::site::{Engine, Site};
 use crate::vm::{Vm, VmSpec};
 use crate::Images;
@@ -18,9 +18,22 @@ pub struct RootfsGuest {
     // Field order: bdvmm ends before its tap goes, and both before the scratch directory.
     /// The VM.
     pub vm: Vm,
-    /// Its network.
-    pub net: GuestNet,
+    /// Its own network (None for a guest on a [`GuestLan`], which the caller keeps).
+    pub net: Option<GuestNet>,
+    ip: String,
     dir: tempfile::TempDir,
+}
+
+/// A guest placed by the caller: on a site it already has, with disks already there, on a port
+/// of a [`GuestLan`] (several guests on one kvm host, or on one LAN).
+#[derive(Clone)]
+pub struct Placed {
+    /// The site.
+    pub site: Arc<Site>,
+    /// Disk paths as bdvmm there sees them, the root file system first (`,ro` suffix allowed).
+    pub disks: Vec<String>,
+    /// Its LAN port.
+    pub port: LanPort,
 }
 
 /// How to boot one.
@@ -41,6 +54,8 @@ pub struct RootfsSpec {
     /// Give the disks and the network in a `--config` file (`[[disk]]`, `[[net]]`) instead of
     /// `--disk`/`--net` flags.
     pub config_file: bool,
+    /// Placed by the caller (then `disks` is ignored).
+    pub placed: Option<Placed>,
 }
 
 impl RootfsSpec {
@@ -54,6 +69,7 @@ impl RootfsSpec {
             mem: 512,
             config_file: false,
             stock: false,
+            placed: None,
         }
     }
 }
@@ -64,8 +80,9 @@ impl RootfsGuest {
         let img = Images::load();
         let rootfs = img.get("BD_ROOTFS_IMAGE");
         let dir = tempfile::tempdir().expect("tempdir");
-        let (site, mut disks): (Arc<Site>, Vec<String>) = match spec.engine {
-            Engine::Tcg => {
+        let (site, mut disks): (Arc<Site>, Vec<String>) = match (&spec.placed, spec.engine) {
+            (Some(p), _) => (p.site.clone(), p.disks.clone()),
+            (None, Engine::Tcg) => {
                 // A private copy: the guest writes its root file system.
                 let copy = dir.path().join("rootfs.img");
                 let st = Command::new("cp")
@@ -79,7 +96,7 @@ impl RootfsGuest {
                 d.extend(spec.disks.iter().map(|(p, _)| p.display().to_string()));
                 (Site::local(), d)
             }
-            Engine::Kvm => {
+            (None, Engine::Kvm) => {
                 let mut images: Vec<&Path> = vec![rootfs];
                 images.extend(spec.disks.iter().map(|(p, _)| p.as_path()));
                 let names = (0..images.len())
@@ -88,12 +105,26 @@ impl RootfsGuest {
                 (Site::kvm_host_with_disks(&images), names)
             }
         };
-        for (d, (_, ro)) in disks.iter_mut().skip(1).zip(&spec.disks) {
-            if *ro {
-                d.push_str(",ro");
+        if spec.placed.is_none() {
+            for (d, (_, ro)) in disks.iter_mut().skip(1).zip(&spec.disks) {
+                if *ro {
+                    d.push_str(",ro");
+                }
             }
         }
-        let net = GuestNet::new(&site);
+        let (net, tap, ip, ip_param) = match &spec.placed {
+            Some(p) => (
+                None,
+                p.port.tap.clone(),
+                p.port.guest_ip.clone(),
+                p.port.ip_param(),
+            ),
+            None => {
+                let net = GuestNet::new(&site);
+                let (tap, ip, param) = (net.tap.clone(), net.guest_ip.clone(), net.ip_param());
+                (Some(net), tap, ip, param)
+            }
+        };
         let mut extra = Vec::new();
         if spec.config_file {
             let mut toml = String::new();
@@ -104,7 +135,7 @@ impl RootfsGuest {
                 };
                 toml.push_str(&format!("[[disk]]\npath = {path:?}\nread_only = {ro}\n\n"));
             }
-            toml.push_str(&format!("[[net]]\ntap = {:?}\n", net.tap));
+            toml.push_str(&format!("[[net]]\ntap = {tap:?}\n"));
             let local = dir.path().join("vm.toml");
             std::fs::write(&local, toml).expect("write vm.toml");
             extra.extend(["--config".to_string(), site.path(&local)]);
@@ -112,7 +143,7 @@ impl RootfsGuest {
             for d in &disks {
                 extra.extend(["--disk".to_string(), d.clone()]);
             }
-            extra.extend(["--net".to_string(), net.net_arg()]);
+            extra.extend(["--net".to_string(), format!("tap={tap}")]);
         }
         extra.extend(spec.extra.iter().cloned());
         let (kernel, initrd) = if spec.stock {
@@ -128,8 +159,7 @@ impl RootfsGuest {
             initrd,
             cmdline: format!(
                 "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw {} {}",
-                net.ip_param(),
-                spec.params
+                ip_param, spec.params
             ),
             engine: spec.engine,
             mem: spec.mem,
@@ -138,12 +168,12 @@ impl RootfsGuest {
             site: Some(site),
         };
         let vm = Vm::start(&vm_spec);
-        RootfsGuest { vm, net, dir }
+        RootfsGuest { vm, net, ip, dir }
     }
 
     /// The guest's address.
     pub fn ip(&self) -> &str {
-        &self.net.guest_ip
+        &self.ip
     }
 
     /// A scratch directory on this machine that lives as long as the guest.

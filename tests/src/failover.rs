@@ -1,0 +1,409 @@
+//! The talk's session recovery, end to end: a real multi-tier service (`bd-auction`: front end
+//! in a guest, PostgreSQL on this machine) serving client sessions; the front end's guest fails
+//! mid-run with a fault; bdmon, attached to it through its bridge, sees the hang, extracts the
+//! front end's State Boxes without the guest's help, hands them to a standby front end in a
+//! second guest, which takes over the service address; the clients' sessions go on.
+//!
+//! Two root filesystem guests on one LAN ([`GuestLan`]): on tcg both here, on kvm both inside one
+//! kvm host. The front end comes on an app disk ([`app_disk`]) that the image's `app` scenario
+//! mounts and runs; its `start.sh` also runs a root fault agent on port 7099 that the test asks
+//! for `netdown`, `panic` or `softhang`; `freeze` stops the vCPUs from outside (SIGSTOP to QEMU or
+//! to bdvmm's vCPU threads), as a hardware hang would.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
+use crate::guestnet::GuestLan;
+use crate::rootfs::{Placed, RootfsGuest, RootfsSpec};
+use crate::site::{Engine, Site};
+use crate::Images;
+
+const BOOT: Duration = Duration::from_secs(300);
+/// The front end's user in the guest (user2 of the image).
+pub const FRONT_UID: u32 = 1001;
+/// Its command name as the kernel keeps it (15 bytes).
+pub const FRONT_COMM: &str = "bd-auction-fron";
+/// Client sessions and requests per session.
+pub const SESSIONS: usize = 60;
+/// Requests of one session (LOGIN, VIEW/BID mix, LOGOUT).
+pub const REQUESTS: usize = 12;
+const FAULT_PORT: u16 = 7099;
+/// NET_RX_PACKETS must advance within this (ms) while clients run.
+const NET_RX_MS: u64 = 1500;
+const SERVICE_PORT: u16 = 7070;
+const ADMIN_PORT: u16 = 7071;
+
+/// The faults of the talk, as a VM allows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The vCPUs stop (SIGSTOP to QEMU, or to bdvmm's vCPU threads): a halted CPU.
+    Freeze,
+    /// `ip link set eth0 down` in the guest.
+    NetDown,
+    /// A kernel panic that stays dead (`panic=0`).
+    Panic,
+    /// A root SCHED_FIFO spinner takes the only vCPU.
+    SoftHang,
+}
+
+impl Fault {
+    /// Every fault.
+    pub const ALL: [Fault; 4] = [Fault::Freeze, Fault::NetDown, Fault::Panic, Fault::SoftHang];
+
+    /// Its name (the fault agent's word).
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Freeze => "freeze",
+            Fault::NetDown => "netdown",
+            Fault::Panic => "panic",
+            Fault::SoftHang => "softhang",
+        }
+    }
+}
+
+/// What one run saw.
+pub struct Report {
+    /// The engine.
+    pub engine: Engine,
+    /// The fault.
+    pub fault: Fault,
+    /// The clients' view.
+    pub load: auction::client::Report,
+    /// The database's view.
+    pub check: auction::db::CheckReport,
+    /// bdmon's events.
+    pub events: Vec<Value>,
+    /// When the fault was injected (Unix ms).
+    pub fault_ms: u64,
+    /// bdmon's output, the guests' consoles.
+    pub diagnostics: String,
+}
+
+impl Report {
+    /// bdmon's `failover` event.
+    pub fn failover(&self) -> Option<&Value> {
+        self.events.iter().find(|e| e["event"] == "failover")
+    }
+}
+
+/// The front end's start script (run as root by the image's `app` scenario).
+const START_SH: &str = r#"#!/bin/sh
+# The auction front end (as user2, with the capabilities to take the service address) and the
+# test's fault agent (as root, on port 7099).
+role=${BD_ROLE:-standby}
+primary=""
+[ "$role" = primary ] && primary=--primary
+mkdir -p /var/log/bd
+/usr/bin/setpriv --reuid=1001 --regid=1001 --init-groups --inh-caps=+net_admin,+net_raw \
+	--ambient-caps=+net_admin,+net_raw -- /app/bd-auction-front --listen 0.0.0.0:7070 \
+	--admin 0.0.0.0:7071 --db "$BD_DB" --name "$BD_NAME" $primary --vip "$BD_VIP" --dev eth0 \
+	--ip-cmd /usr/sbin/ip --arping-cmd "/bin/busybox arping" >/var/log/bd/front.log 2>&1 &
+front=$!
+i=0
+# Ready when the admin port listens (7071 = 0x1BAF, state 0A = LISTEN).
+while ! grep -q ':1BAF 00000000:0000 0A' /proc/net/tcp && [ $i -lt 600 ]; do
+	if ! kill -0 $front 2>/dev/null; then
+		echo "APP front failed:"; tail -n 20 /var/log/bd/front.log
+		exit 1
+	fi
+	sleep 0.1
+	i=$((i + 1))
+done
+echo "APP front up pid=$front role=$role"
+while true; do
+	f=$(busybox nc -l -p 7099 2>/dev/null | head -n 1)
+	echo "APP fault $f"
+	case "$f" in
+	netdown) ip link set eth0 down ;;
+	panic) echo c >/proc/sysrq-trigger ;;
+	softhang) rtspin --seconds 900 & ;;
+	log) tail -n 40 /var/log/bd/front.log ;;
+	esac
+done
+"#;
+
+/// An ext4 image holding the front end (stripped) and its start script, for the `app`
+/// scenario.
+pub fn app_disk(dir: &Path) -> PathBuf {
+    let tree = dir.join("app");
+    std::fs::create_dir_all(&tree).expect("app dir");
+    let front = crate::workspace_bin("bd-auction-front");
+    assert!(
+        front.exists(),
+        "{} missing: cargo build -p bd-auction",
+        front.display()
+    );
+    let st = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(tree.join("bd-auction-front"))
+        .arg(&front)
+        .status()
+        .expect("strip (binutils)");
+    assert!(st.success(), "strip {}", front.display());
+    std::fs::write(tree.join("start.sh"), START_SH).expect("start.sh");
+    let img = dir.join("app.ext4");
+    let f = std::fs::File::create(&img).expect("app.ext4");
+    f.set_len(64 << 20).expect("size app.ext4");
+    drop(f);
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "bdapp", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+/// Asks a guest's fault agent for `fault` (fire and forget: the guest may die at once).
+fn ask_agent(ip: &str, fault: &str) {
+    let addr: SocketAddr = format!("{ip}:{FAULT_PORT}").parse().expect("agent address");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("fault agent {addr}: {e}"));
+    s.write_all(format!("{fault}\n").as_bytes())
+        .expect("fault agent");
+}
+
+/// Stops the guest's vCPUs behind bdvmm's back: SIGSTOP to QEMU (tcg), or to bdvmm's vCPU
+/// threads (kvm, inside the kvm host). bdvmm still says "running".
+fn freeze(g: &RootfsGuest) {
+    match g.vm.site().kvm() {
+        None => {
+            let pid = g.vm.local_pid().expect("bdvmm's pid");
+            let out = std::process::Command::new("pkill")
+                .args(["-STOP", "-P", &pid.to_string(), "qemu-system"])
+                .output()
+                .expect("pkill");
+            assert!(out.status.success(), "no QEMU child of bdvmm {pid}");
+        }
+        Some(h) => {
+            let api = g.vm.site_api().to_string();
+            let out = h.sh(
+                &format!(
+                    "p=$(pgrep -f -n -- '{api}') && for t in /proc/$p/task/*; do \
+                     case $(cat $t/comm) in vcpu*) kill -STOP ${{t##*/}} && echo stopped;; esac; done"
+                ),
+                &[],
+            );
+            assert!(out.contains("stopped"), "no vCPU thread stopped: {out}");
+        }
+    }
+}
+
+/// Boots the pair, runs the clients, fails the primary with `fault`, and reports.
+pub fn run(engine: Engine, fault: Fault) -> Report {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = app_disk(dir.path());
+    let img = Images::load();
+    let rootfs = img.get("BD_ROOTFS_IMAGE").to_path_buf();
+    // The site and each guest's disks there.
+    let (site, disks): (Arc<Site>, [Vec<String>; 2]) = match engine {
+        Engine::Tcg => {
+            let copy = |n: &str| {
+                let p = dir.path().join(n);
+                let st = std::process::Command::new("cp")
+                    .args(["--sparse=always", "--reflink=auto"])
+                    .arg(&rootfs)
+                    .arg(&p)
+                    .status()
+                    .expect("cp");
+                assert!(st.success());
+                p.display().to_string()
+            };
+            let a = app.display().to_string() + ",ro";
+            (
+                Site::local(),
+                [vec![copy("a.img"), a.clone()], vec![copy("b.img"), a]],
+            )
+        }
+        Engine::Kvm => (
+            Site::kvm_host_with_disks(&[&rootfs, &app, &rootfs, &app]),
+            [
+                vec!["/dev/vda".into(), "/dev/vdb,ro".into()],
+                vec!["/dev/vdc".into(), "/dev/vdd,ro".into()],
+            ],
+        ),
+    };
+    let lan = GuestLan::new(&site, 2);
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port for PostgreSQL");
+    let db = auction::pg::Cluster::start(&["0.0.0.0".parse().expect("addr")], port)
+        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let db_url = format!(
+        "postgresql://postgres@{}:{}/{}?connect_timeout=5",
+        lan.this_machine,
+        db.port(),
+        auction::pg::DATABASE
+    );
+    let boot = |i: usize, role: &str, name: &str| {
+        let mut spec = RootfsSpec::new(
+            engine,
+            &format!(
+                "quiet panic=0 bd.scenario=app bd.app_disk=/dev/vdb bd.role={role} bd.name={name} \
+                 bd.vip={} bd.db={db_url}",
+                lan.vip
+            ),
+        );
+        spec.mem = 384;
+        spec.placed = Some(Placed {
+            site: site.clone(),
+            disks: disks[i].clone(),
+            port: lan.ports[i].clone(),
+        });
+        let mut g = RootfsGuest::start(&spec);
+        if let Err(why) = g.vm.wait_for("APP front up", BOOT) {
+            panic!("{name}: {why}\n{}", g.vm.diagnostics());
+        }
+        g
+    };
+    let a = boot(0, "primary", "front-a");
+    let b = boot(1, "standby", "front-b");
+
+    let setup = BridgeSetup::new(
+        &a.vm.site().listen_addr(),
+        &[MonitorSpec {
+            name: "mon1",
+            read: &["sb", "ram"],
+            write: &["hooks"],
+            restart: false,
+            lock: true,
+            regs: true,
+        }],
+        1,
+        1000,
+    );
+    let bridge = BridgeProc::start(&a.vm, &setup);
+    let vip: SocketAddr = format!("{}:{SERVICE_PORT}", lan.vip_addr())
+        .parse()
+        .expect("vip");
+    let load = auction::client::Load {
+        addrs: vec![vip],
+        sessions: SESSIONS,
+        requests_per_session: REQUESTS,
+        deadline: Duration::from_secs(300),
+        ..auction::client::Load::default()
+    };
+    let clients = std::thread::spawn(move || auction::client::run(&load));
+    // The Progress Box's contract holds only while the service has clients: bdmon watches once
+    // the sessions are going; then the primary fails.
+    std::thread::sleep(Duration::from_secs(2));
+    let mon_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = format!(
+        "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
+         [cpu]\nenabled = false\n[hang]\nmin_stall_ms = 1000\nfree_cpu = \"off\"\n\
+         [[guest]]\nname = \"front-a\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
+         [guest.thresholds]\nNET_RX_PACKETS = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\ncomm = \"{FRONT_COMM}\"\nuid = {FRONT_UID}\n",
+        bridge.addr,
+        setup.pki().display(),
+        lan.ports[1].guest_ip,
+    );
+    let mut mon = crate::start_bdmon(mon_dir.path(), &cfg);
+
+    std::thread::sleep(Duration::from_secs(match engine {
+        Engine::Tcg => 3,
+        Engine::Kvm => 6,
+    }));
+    let fault_ms = crate::load::now_ms();
+    match fault {
+        Fault::Freeze => freeze(&a),
+        other => ask_agent(a.ip(), other.name()),
+    }
+    let report = clients.join().expect("client threads");
+    let check = db
+        .client()
+        .map_err(|e| e.to_string())
+        .and_then(|mut c| auction::db::check(&mut c, &report.bids).map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("database check: {e}"));
+    let _ = mon.terminate(Duration::from_secs(10));
+    let events = crate::bdmon_events(mon_dir.path());
+    let diagnostics = format!(
+        "bdmon:\n{}\nbridge:\n{}\nfront-a:\n{}\nfront-b:\n{}",
+        mon.output(),
+        crate::vm::tail(&bridge.output()),
+        a.vm.diagnostics(),
+        b.vm.diagnostics()
+    );
+    drop(bridge);
+    Report {
+        engine,
+        fault,
+        load: report,
+        check,
+        events,
+        fault_ms,
+        diagnostics,
+    }
+}
+
+impl Report {
+    /// Panics, with everything that explains it, unless every session completed with every reply
+    /// right, the database holds every committed bid exactly once, and bdmon failed over once
+    /// with at least one State Box and none refused.
+    pub fn assert_recovered(&self) {
+        let ctx = || {
+            format!(
+                "{:?} {:?}: {} sessions completed, {} wrong, {} gave up, {} requests\nevents: {:#?}\n{}",
+                self.engine,
+                self.fault,
+                self.load.completed,
+                self.load.wrong.len(),
+                self.load.gave_up.len(),
+                self.load.requests.len(),
+                self.events,
+                self.diagnostics
+            )
+        };
+        assert!(
+            self.load.wrong.is_empty(),
+            "wrong replies: {:#?}\n{}",
+            self.load.wrong,
+            ctx()
+        );
+        assert!(
+            self.load.gave_up.is_empty() && self.load.completed == SESSIONS,
+            "{} of {SESSIONS} sessions completed, gave up: {:?}\n{}",
+            self.load.completed,
+            self.load.gave_up,
+            ctx()
+        );
+        assert!(
+            self.check.is_clean(),
+            "database: {:#?}\n{}",
+            self.check,
+            ctx()
+        );
+        let f = self
+            .failover()
+            .unwrap_or_else(|| panic!("no failover event\n{}", ctx()));
+        assert!(
+            f["boxes"].as_u64().unwrap_or(0) > 0,
+            "no State Box moved: {f}\n{}",
+            ctx()
+        );
+        assert_eq!(
+            f["refused_slots"].as_array().map(Vec::len),
+            Some(0),
+            "refused: {f}\n{}",
+            ctx()
+        );
+        let after = self
+            .load
+            .requests
+            .iter()
+            .filter(|r| r.ok && r.end_ns / 1_000_000 > self.fault_ms)
+            .count();
+        assert!(after > 0, "no request served after the fault\n{}", ctx());
+    }
+}
