@@ -14,6 +14,7 @@ pub mod rootfs;
 pub mod rxe;
 pub mod service;
 pub mod site;
+pub mod statebox_image;
 pub mod tiny_guest;
 pub mod vm;
 
