@@ -297,6 +297,15 @@ impl<'a> GuestLoop<'a> {
             }
         }
         self.set_up(true, "");
+        if self.guest.cfg.failover.is_some() && !self.guest.located() {
+            // Sessions can be moved only from a guest whose kernel is known: find it while the
+            // guest is healthy (a failed one may not answer a pause).
+            if let Err(e) = self.guest.locate(&sb) {
+                self.failed("locate", &e);
+                return;
+            }
+            self.report_layout();
+        }
         self.metrics
             .add("bdmon_samples_total", &[("guest", &name)], 1.0);
         self.metrics.set(

@@ -3,7 +3,10 @@
 //! OS.
 //!
 //! 1. Take the lock if bdvmm can pause the guest; if it cannot (vCPUs that do not answer), read
-//!    without it, trusting only reads that agree ([`Guest::state_boxes`]).
+//!    without it, trusting only reads that agree ([`Guest::state_boxes`]). A guest whose timer
+//!    stopped is read without the lock first (its memory does not change; a pause would only
+//!    wait for bdvmm's timeout). Its kernel was located while it was healthy (the dispatcher
+//!    does it for every guest with `[guest.failover]`).
 //! 2. Read the State Boxes of the configured service's processes through the bridge (READs only,
 //!    every box checked against the ABI, torn or hostile ones refused:
 //!    [`introspect::statebox`]).
@@ -76,8 +79,20 @@ pub fn fail_over(
     ctx: &mut HealContext<'_>,
     cfg: &FailoverConfig,
     sb: &SensorBox,
+    kernel_stopped: bool,
 ) -> Result<Done, FailoverError> {
     let t0 = Instant::now();
+    // A guest whose timer no longer ticks while bdvmm says it runs does not change its memory:
+    // its vCPUs do not run (a hard hang) or its kernel has stopped (a panic). Asking bdvmm to
+    // pause vCPUs that do not answer only waits for its timeout: read without the lock, by
+    // reads that must agree, and fall back to the lock only if they do not.
+    if kernel_stopped {
+        match move_sessions(ctx.guest, cfg, t0) {
+            Ok(moved) => return Ok(finish(ctx, cfg, moved, false, None, t0)),
+            Err(FailoverError::Guest(GuestError::StateBoxesMoving(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
     // Under the lock if bdvmm can pause the guest, held until the standby serves: the failed
     // front end must not run between the extraction and the standby's fencing of it (a request
     // it took after the extraction would be unknown to the standby, and the client's retry
@@ -89,8 +104,24 @@ pub fn fail_over(
     });
     let (moved, locked, lock_note) = match attempt {
         Ok((r, released)) => (r?, true, released.err().map(|e| e.to_string())),
-        Err(e) => (move_sessions(ctx.guest, cfg, t0)?, false, Some(e.to_string())),
+        Err(e) => (
+            move_sessions(ctx.guest, cfg, t0)?,
+            false,
+            Some(e.to_string()),
+        ),
     };
+    Ok(finish(ctx, cfg, moved, locked, lock_note, t0))
+}
+
+/// Step 4 and the event's fields.
+fn finish(
+    ctx: &mut HealContext<'_>,
+    cfg: &FailoverConfig,
+    moved: Value,
+    locked: bool,
+    lock_note: Option<String>,
+    t0: Instant,
+) -> Done {
     let fence = match cfg.fence {
         Fence::None => None,
         Fence::Restart => Some(match ctx.guest.restart() {
@@ -103,9 +134,12 @@ pub fn fail_over(
         f.insert("locked".into(), json!(locked));
         f.insert("lock_note".into(), json!(lock_note));
         f.insert("fence".into(), json!(fence));
-        f.insert("total_us".into(), json!(crate::events::micros(t0.elapsed())));
+        f.insert(
+            "total_us".into(),
+            json!(crate::events::micros(t0.elapsed())),
+        );
     }
-    Ok(Done { fields })
+    Done { fields }
 }
 
 /// Steps 2 and 3: the failed guest's State Boxes to the standby; the event's fields.

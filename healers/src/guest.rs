@@ -684,6 +684,20 @@ impl Guest {
         self.guard(r)
     }
 
+    /// Locates the guest's kernel now (pausing it briefly once per boot, see [`Guest::lock`])
+    /// unless it is located for this boot already: a guest whose sessions may have to be moved
+    /// is located while it is healthy, since a guest whose vCPUs no longer answer cannot be
+    /// paused to read its CPU registers.
+    pub fn locate(&mut self, sb: &SensorBox) -> Result<(), GuestError> {
+        let r = self.ensure_kernel(Some(sb));
+        self.guard(r)
+    }
+
+    /// True once the kernel is located for the current boot.
+    pub fn located(&self) -> bool {
+        self.kernel.is_some()
+    }
+
     /// The State Box regions of the processes `select` picks ([`introspect::statebox`]). With
     /// the lock held, one read; without it (a guest that cannot be paused: frozen, or its
     /// bdvmm not answering) the process table and the regions are read until two reads in a row

@@ -220,7 +220,7 @@ impl HangDetector {
         }
         let sb = ctx.sb.clone();
         let detected_us = crate::events::micros(v.sampled_at.elapsed());
-        match crate::failover::fail_over(ctx, fo, &sb) {
+        match crate::failover::fail_over(ctx, fo, &sb, v.id == ids::TIMER_TICKS) {
             Ok(done) => {
                 self.failed_over = true;
                 let mut fields = json!({"hm": self.name(), "stalled": v.name, "for_ms": for_ms,
