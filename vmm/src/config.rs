@@ -13,6 +13,7 @@
 //! api = "/run/bdvmm/vm1.sock"         # optional control socket
 //! lease_ms = 2000
 //! on_reset = "exit"                   # exit | restart
+//! on_panic = "exit"                   # exit | keep
 //! console_log = "vm1.console"         # optional
 //!
 //! [[disk]]
@@ -32,7 +33,7 @@ use serde::Deserialize;
 
 use crate::devices::bus::DiskSpec;
 use crate::devices::tap::{NetSpec, NetSpecError};
-use crate::engine::{EngineKind, OnReset};
+use crate::engine::{EngineKind, OnPanic, OnReset};
 
 /// Largest config file we read.
 const MAX_BYTES: u64 = 1 << 20;
@@ -105,6 +106,8 @@ pub struct VmConfig {
     pub lease_ms: Option<u64>,
     /// What a guest reboot does.
     pub on_reset: Option<OnReset>,
+    /// What a guest kernel panic does.
+    pub on_panic: Option<OnPanic>,
     /// Copy of the serial console.
     pub console_log: Option<PathBuf>,
     /// Disks, in order: the first is `/dev/vda`.

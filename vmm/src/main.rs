@@ -17,7 +17,7 @@ use bdvmm::devices::tap::NetSpec;
 use bdvmm::engine::kvm::boot::{BootSpec, CMDLINE_MAX};
 use bdvmm::engine::kvm::KvmEngine;
 use bdvmm::engine::tcg::{TcgEngine, TcgSpec};
-use bdvmm::engine::{Engine, EngineKind, OnReset, VmExit};
+use bdvmm::engine::{Engine, EngineKind, OnPanic, OnReset, VmExit};
 use bdvmm::inspect;
 use bdvmm::layout::{MemoryLayout, MAX_VCPUS};
 use bdvmm::memory::GuestRam;
@@ -60,7 +60,7 @@ enum Command {
 #[derive(Parser)]
 struct RunArgs {
     /// A VM config file (TOML) with any of: kernel, initrd, cmdline, mem_mib, vcpus, engine, api,
-    /// lease_ms, on_reset, console_log, [[disk]] tables (path, read_only) and [[net]] tables
+    /// lease_ms, on_reset, on_panic, console_log, [[disk]] tables (path, read_only) and [[net]] tables
     /// (tap, mac). Flags given here win over the file; --disk and --net replace the file's
     /// lists. Relative paths are relative to the file's directory. The README's bdvmm section
     /// has an example.
@@ -128,6 +128,12 @@ struct RunArgs {
     /// vCPU in its boot state). The API's `reset` restarts the guest either way [default: exit].
     #[arg(long, value_enum)]
     on_reset: Option<OnReset>,
+    /// What a guest kernel panic does: `exit` ends the VM (status 1, naming the panic); `keep`
+    /// logs it and keeps the VM, so that its memory stays reachable through the API and the
+    /// bridge for a monitor to recover the guest's state (boot the kernel with `panic=0`)
+    /// [default: exit].
+    #[arg(long, value_enum)]
+    on_panic: Option<OnPanic>,
     /// A virtio-blk disk on a raw image: `PATH` (read-write, locked against any other writer)
     /// or `PATH,ro` (read-only, shared with other readers). Repeat for more disks; the first is
     /// the guest's `/dev/vda` (boot from it with `--cmdline "... root=/dev/vda rw"`). The kvm
@@ -236,6 +242,7 @@ struct Settings {
     api: Option<PathBuf>,
     lease_ms: u64,
     on_reset: OnReset,
+    on_panic: OnPanic,
     console_log: Option<PathBuf>,
     disks: Vec<DiskSpec>,
     nets: Vec<NetSpec>,
@@ -265,6 +272,7 @@ impl Settings {
             api: args.api.clone().or(file.api.clone()),
             lease_ms: args.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS),
             on_reset: args.on_reset.or(file.on_reset).unwrap_or_default(),
+            on_panic: args.on_panic.or(file.on_panic).unwrap_or_default(),
             console_log: args.console_log.clone().or(file.console_log.clone()),
             disks: if args.disks.is_empty() {
                 file.disk_specs()
@@ -434,7 +442,7 @@ fn run(args: RunArgs) -> ExitCode {
         cmdline,
         forward_stdin,
     ) {
-        Ok(v) => v,
+        Ok(v) => v.with_on_panic(set.on_panic),
         Err(e) => return fail(EXIT_SETUP, format!("cannot set up the event loop: {e}")),
     };
     match vmm.run() {

@@ -23,7 +23,7 @@ use crate::api::protocol::{
 };
 use crate::api::server::{Access, ApiServer, Incoming, PeerCred};
 use crate::console::Console;
-use crate::engine::{Engine, Ready, VmExit};
+use crate::engine::{Engine, OnPanic, Ready, VmExit};
 use crate::memory::GuestRam;
 use introspect::conv::{millis, nanos};
 
@@ -64,6 +64,10 @@ pub struct Vmm {
     default_lease: Duration,
     lease_timer: TimerFd,
     panic_timer: TimerFd,
+    /// What a guest panic does.
+    on_panic: OnPanic,
+    /// A panic was seen and the VM kept (`OnPanic::Keep`): said once.
+    panic_kept: bool,
     stdin: Option<RawFd>,
     cmdline: String,
     started: Instant,
@@ -110,6 +114,8 @@ impl Vmm {
             default_lease,
             lease_timer: TimerFd::new()?,
             panic_timer: TimerFd::new()?,
+            on_panic: OnPanic::default(),
+            panic_kept: false,
             stdin: forward_stdin.then_some(libc::STDIN_FILENO),
             cmdline,
             started: Instant::now(),
@@ -427,11 +433,33 @@ impl Vmm {
         }
     }
 
+    /// What a guest kernel panic does ([`OnPanic::Exit`] unless set here).
+    pub fn with_on_panic(mut self, on_panic: OnPanic) -> Self {
+        self.on_panic = on_panic;
+        self
+    }
+
+    /// The guest's kernel panicked (its report is complete, or its grace ran out).
+    fn on_guest_panic(&mut self) {
+        match self.on_panic {
+            OnPanic::Exit => self.exit = Some(VmExit::Failed("guest kernel panic".into())),
+            OnPanic::Keep if !self.panic_kept => {
+                self.panic_kept = true;
+                let what = self.console.findings().panic.unwrap_or_default();
+                tracing::warn!(
+                    "guest kernel panic: {what}; the VM is kept (--on-panic keep): its memory \
+                     stays reachable through the API and the bridge"
+                );
+            }
+            OnPanic::Keep => {}
+        }
+    }
+
     fn on_console(&mut self) {
         let _ = self.console.event.read();
         let f = self.console.findings();
         if f.panic_complete {
-            self.exit = Some(VmExit::Failed("guest kernel panic".into()));
+            self.on_guest_panic();
         } else if f.panic.is_some() && !self.panic_timer.is_armed().unwrap_or(false) {
             let _ = self.panic_timer.reset(PANIC_GRACE, None);
         }
@@ -500,7 +528,7 @@ impl MutEventSubscriber for Vmm {
             }
             TAG_PANIC_TIMER => {
                 let _ = self.panic_timer.wait();
-                self.exit = Some(VmExit::Failed("guest kernel panic".into()));
+                self.on_guest_panic();
             }
             TAG_CONSOLE => self.on_console(),
             TAG_STDIN => self.on_stdin(ops),

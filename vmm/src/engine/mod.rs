@@ -79,6 +79,19 @@ pub enum OnReset {
     Restart,
 }
 
+/// What a guest kernel panic does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPanic {
+    /// bdvmm ends the VM and exits with status 1, naming the panic.
+    #[default]
+    Exit,
+    /// bdvmm logs the panic and keeps the VM: its memory stays reachable through the API and
+    /// the bridge for a monitor to recover the guest's state (its State Boxes); the vCPUs stay in
+    /// the kernel's panic loop (boot it with `panic=0` so the kernel does not reboot itself).
+    Keep,
+}
+
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
