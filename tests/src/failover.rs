@@ -7,8 +7,9 @@
 //! Two root filesystem guests on one LAN ([`GuestLan`]): on tcg both here, on kvm both inside one
 //! kvm host. The front end comes on an app disk ([`app_disk`]) that the image's `app` scenario
 //! mounts and runs; its `start.sh` also runs a root fault agent on port 7099 that the test asks
-//! for `netdown`, `panic` or `softhang`; `freeze` stops the vCPUs from outside (SIGSTOP to QEMU or
-//! to bdvmm's vCPU threads), as a hardware hang would.
+//! for `netdown`, `panic`, `softhang` or `driver`; `freeze` stops the vCPUs from outside (SIGSTOP
+//! to QEMU or to bdvmm's vCPU threads), as a hardware hang would. [`Pair`] fails the two guests
+//! over in turn: the failed one is restarted in place and comes back as the standby.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -50,11 +51,20 @@ pub enum Fault {
     Panic,
     /// A root SCHED_FIFO spinner takes the only vCPU.
     SoftHang,
+    /// The network driver stops: virtio_net is unbound from the NIC, as after a driver crash;
+    /// nothing services the device's queues any more.
+    Driver,
 }
 
 impl Fault {
     /// Every fault.
-    pub const ALL: [Fault; 4] = [Fault::Freeze, Fault::NetDown, Fault::Panic, Fault::SoftHang];
+    pub const ALL: [Fault; 5] = [
+        Fault::Freeze,
+        Fault::Panic,
+        Fault::SoftHang,
+        Fault::NetDown,
+        Fault::Driver,
+    ];
 
     /// Its name (the fault agent's word).
     pub fn name(self) -> &'static str {
@@ -63,6 +73,7 @@ impl Fault {
             Fault::NetDown => "netdown",
             Fault::Panic => "panic",
             Fault::SoftHang => "softhang",
+            Fault::Driver => "driver",
         }
     }
 }
@@ -95,8 +106,14 @@ impl Report {
 /// The front end's start script (run as root by the image's `app` scenario).
 const START_SH: &str = r#"#!/bin/sh
 # The auction front end (as user2, with the capabilities to take the service address) and the
-# test's fault agent (as root, on port 7099).
+# test's fault agent (as root, on port 7099). BD_ROLE counts on the first boot only: a guest
+# restarted after a failover comes back as a standby (the boot count is kept on the root disk).
+mkdir -p /var/lib/bdapp
+boots=$(($(cat /var/lib/bdapp/boots 2>/dev/null || echo 0) + 1))
+echo $boots >/var/lib/bdapp/boots
+sync
 role=${BD_ROLE:-standby}
+[ $boots -gt 1 ] && role=standby
 primary=""
 [ "$role" = primary ] && primary=--primary
 mkdir -p /var/log/bd
@@ -115,7 +132,7 @@ while ! grep -q ':1BAF 00000000:0000 0A' /proc/net/tcp && [ $i -lt 600 ]; do
 	sleep 0.1
 	i=$((i + 1))
 done
-echo "APP front up pid=$front role=$role"
+echo "APP front up boot=$boots role=$role pid=$front"
 while true; do
 	f=$(busybox nc -l -p 7099 2>/dev/null | head -n 1)
 	echo "APP fault $f"
@@ -123,6 +140,11 @@ while true; do
 	netdown) ip link set eth0 down ;;
 	panic) echo c >/proc/sysrq-trigger ;;
 	softhang) rtspin --seconds 900 & ;;
+	driver)
+		for d in /sys/bus/virtio/drivers/virtio_net/virtio*; do
+			echo "${d##*/}" >/sys/bus/virtio/drivers/virtio_net/unbind
+		done
+		;;
 	log) tail -n 40 /var/log/bd/front.log ;;
 	esac
 done
@@ -174,177 +196,290 @@ fn ask_agent(ip: &str, fault: &str) {
         .expect("fault agent");
 }
 
-/// Stops the guest's vCPUs behind bdvmm's back: SIGSTOP to QEMU (tcg), or to bdvmm's vCPU
-/// threads (kvm, inside the kvm host). bdvmm still says "running".
-fn freeze(g: &RootfsGuest) {
+/// Stops (`stop`) or lets go on the guest's vCPUs behind bdvmm's back: SIGSTOP/SIGCONT to QEMU
+/// (tcg), or to bdvmm's vCPU threads (kvm, inside the kvm host). bdvmm still says "running".
+fn freeze(g: &RootfsGuest, stop: bool) {
+    let sig = if stop { "-STOP" } else { "-CONT" };
     match g.vm.site().kvm() {
         None => {
             let pid = g.vm.local_pid().expect("bdvmm's pid");
             let out = std::process::Command::new("pkill")
-                .args(["-STOP", "-P", &pid.to_string(), "qemu-system"])
+                .args([sig, "-P", &pid.to_string(), "qemu-system"])
                 .output()
                 .expect("pkill");
-            assert!(out.status.success(), "no QEMU child of bdvmm {pid}");
+            assert!(
+                out.status.success() || !stop,
+                "no QEMU child of bdvmm {pid}"
+            );
         }
         Some(h) => {
             let api = g.vm.site_api().to_string();
             let out = h.sh(
                 &format!(
                     "p=$(pgrep -f -n -- '{api}') && for t in /proc/$p/task/*; do \
-                     case $(cat $t/comm) in vcpu*) kill -STOP ${{t##*/}} && echo stopped;; esac; done"
+                     case $(cat $t/comm) in vcpu*) kill {sig} ${{t##*/}} && echo signalled;; esac; done"
                 ),
                 &[],
             );
-            assert!(out.contains("stopped"), "no vCPU thread stopped: {out}");
+            assert!(
+                out.contains("signalled") || !stop,
+                "no vCPU thread stopped: {out}"
+            );
         }
     }
 }
 
-/// Boots the pair, runs the clients, fails the primary with `fault`, and reports.
-pub fn run(engine: Engine, fault: Fault) -> Report {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = app_disk(dir.path());
-    let img = Images::load();
-    let rootfs = img.get("BD_ROOTFS_IMAGE").to_path_buf();
-    // The site and each guest's disks there.
-    let (site, disks): (Arc<Site>, [Vec<String>; 2]) = match engine {
-        Engine::Tcg => {
-            let copy = |n: &str| {
-                let p = dir.path().join(n);
-                let st = std::process::Command::new("cp")
-                    .args(["--sparse=always", "--reflink=auto"])
-                    .arg(&rootfs)
-                    .arg(&p)
-                    .status()
-                    .expect("cp");
-                assert!(st.success());
-                p.display().to_string()
-            };
-            let a = app.display().to_string() + ",ro";
-            (
-                Site::local(),
-                [vec![copy("a.img"), a.clone()], vec![copy("b.img"), a]],
-            )
+/// Two guests on one LAN serving the auction service in turn, each with its bridge; the
+/// database here.
+pub struct Pair {
+    engine: Engine,
+    /// The guests (0 = front-a, 1 = front-b).
+    pub guests: Vec<RootfsGuest>,
+    bridges: Vec<(BridgeSetup, BridgeProc)>,
+    lan: GuestLan,
+    db: auction::pg::Cluster,
+    /// Which guest serves now.
+    pub primary: usize,
+    boots: [usize; 2],
+    seed: u64,
+    /// Every bid the clients saw committed, all runs: the database must hold exactly these.
+    bids: Vec<auction::db::Bid>,
+    _dir: tempfile::TempDir,
+}
+
+/// Waits until `needle` has appeared `n` times on `g`'s console.
+fn wait_nth(g: &mut RootfsGuest, needle: &str, n: usize, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while g.vm.stdout().matches(needle).count() < n {
+        if let Some(st) = g.vm.try_exit() {
+            panic!(
+                "bdvmm exited ({st}) before {needle:?} #{n}\n{}",
+                g.vm.diagnostics()
+            );
         }
-        Engine::Kvm => (
-            Site::kvm_host_with_disks(&[&rootfs, &app, &rootfs, &app]),
-            [
-                vec!["/dev/vda".into(), "/dev/vdb,ro".into()],
-                vec!["/dev/vdc".into(), "/dev/vdd,ro".into()],
-            ],
-        ),
-    };
-    let lan = GuestLan::new(&site, 2);
-    let port = std::net::TcpListener::bind("0.0.0.0:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port for PostgreSQL");
-    let db = auction::pg::Cluster::start(&["0.0.0.0".parse().expect("addr")], port)
-        .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
-    let db_url = format!(
-        "postgresql://postgres@{}:{}/{}?connect_timeout=5",
-        lan.this_machine,
-        db.port(),
-        auction::pg::DATABASE
-    );
-    let boot = |i: usize, role: &str, name: &str| {
-        let mut spec = RootfsSpec::new(
-            engine,
-            &format!(
-                "quiet panic=0 bd.scenario=app bd.app_disk=/dev/vdb bd.role={role} bd.name={name} \
-                 bd.vip={} bd.db={db_url}",
-                lan.vip
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "no {needle:?} #{n} within {timeout:?}\n{}",
+                g.vm.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Pair {
+    /// Boots both guests (front-a the primary) and their bridges, and the database.
+    pub fn boot(engine: Engine) -> Pair {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = app_disk(dir.path());
+        let img = Images::load();
+        let rootfs = img.get("BD_ROOTFS_IMAGE").to_path_buf();
+        // The site and each guest's disks there.
+        let (site, disks): (Arc<Site>, [Vec<String>; 2]) = match engine {
+            Engine::Tcg => {
+                let copy = |n: &str| {
+                    let p = dir.path().join(n);
+                    let st = std::process::Command::new("cp")
+                        .args(["--sparse=always", "--reflink=auto"])
+                        .arg(&rootfs)
+                        .arg(&p)
+                        .status()
+                        .expect("cp");
+                    assert!(st.success());
+                    p.display().to_string()
+                };
+                let a = app.display().to_string() + ",ro";
+                (
+                    Site::local(),
+                    [vec![copy("a.img"), a.clone()], vec![copy("b.img"), a]],
+                )
+            }
+            Engine::Kvm => (
+                Site::kvm_host_with_disks(&[&rootfs, &app, &rootfs, &app]),
+                [
+                    vec!["/dev/vda".into(), "/dev/vdb,ro".into()],
+                    vec!["/dev/vdc".into(), "/dev/vdd,ro".into()],
+                ],
             ),
+        };
+        let lan = GuestLan::new(&site, 2);
+        let port = std::net::TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port for PostgreSQL");
+        let db = auction::pg::Cluster::start(&["0.0.0.0".parse().expect("addr")], port)
+            .unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+        let db_url = format!(
+            "postgresql://postgres@{}:{}/{}?connect_timeout=5",
+            lan.this_machine,
+            db.port(),
+            auction::pg::DATABASE
         );
-        spec.mem = 384;
-        spec.placed = Some(Placed {
-            site: site.clone(),
-            disks: disks[i].clone(),
-            port: lan.ports[i].clone(),
-        });
-        let mut g = RootfsGuest::start(&spec);
-        if let Err(why) = g.vm.wait_for("APP front up", BOOT) {
-            panic!("{name}: {why}\n{}", g.vm.diagnostics());
+        let mut guests: Vec<RootfsGuest> = [("primary", "front-a"), ("standby", "front-b")]
+            .iter()
+            .enumerate()
+            .map(|(i, (role, name))| {
+                let mut spec = RootfsSpec::new(
+                    engine,
+                    &format!(
+                        "quiet panic=0 bd.scenario=app bd.app_disk=/dev/vdb bd.role={role} \
+                         bd.name={name} bd.vip={} bd.db={db_url}",
+                        lan.vip
+                    ),
+                );
+                spec.mem = 384;
+                // A panicked front end's memory must stay reachable: its sessions are there.
+                spec.extra = vec!["--on-panic".into(), "keep".into()];
+                spec.placed = Some(Placed {
+                    site: site.clone(),
+                    disks: disks[i].clone(),
+                    port: lan.ports[i].clone(),
+                });
+                RootfsGuest::start(&spec)
+            })
+            .collect();
+        for g in &mut guests {
+            wait_nth(g, "APP front up", 1, BOOT);
         }
-        g
-    };
-    let a = boot(0, "primary", "front-a");
-    let b = boot(1, "standby", "front-b");
-
-    let setup = BridgeSetup::new(
-        &a.vm.site().listen_addr(),
-        &[MonitorSpec {
-            name: "mon1",
-            read: &["sb", "ram"],
-            write: &["hooks"],
-            restart: false,
-            lock: true,
-            regs: true,
-        }],
-        1,
-        1000,
-    );
-    let bridge = BridgeProc::start(&a.vm, &setup);
-    let vip: SocketAddr = format!("{}:{SERVICE_PORT}", lan.vip_addr())
-        .parse()
-        .expect("vip");
-    let load = auction::client::Load {
-        addrs: vec![vip],
-        sessions: SESSIONS,
-        requests_per_session: REQUESTS,
-        deadline: Duration::from_secs(300),
-        ..auction::client::Load::default()
-    };
-    let clients = std::thread::spawn(move || auction::client::run(&load));
-    // The Progress Box's contract holds only while the service has clients: bdmon watches once
-    // the sessions are going; then the primary fails.
-    std::thread::sleep(Duration::from_secs(2));
-    let mon_dir = tempfile::tempdir().expect("tempdir");
-    let cfg = format!(
-        "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
-         [cpu]\nenabled = false\n[hang]\nmin_stall_ms = 1000\nfree_cpu = \"off\"\n\
-         [[guest]]\nname = \"front-a\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
-         [guest.thresholds]\nNET_RX_PACKETS = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\ncomm = \"{FRONT_COMM}\"\nuid = {FRONT_UID}\n",
-        bridge.addr,
-        setup.pki().display(),
-        lan.ports[1].guest_ip,
-    );
-    let mut mon = crate::start_bdmon(mon_dir.path(), &cfg);
-
-    std::thread::sleep(Duration::from_secs(match engine {
-        Engine::Tcg => 3,
-        Engine::Kvm => 6,
-    }));
-    let fault_ms = crate::load::now_ms();
-    match fault {
-        Fault::Freeze => freeze(&a),
-        other => ask_agent(a.ip(), other.name()),
+        let bridges = guests
+            .iter()
+            .map(|g| {
+                let setup = BridgeSetup::new(
+                    &g.vm.site().listen_addr(),
+                    &[MonitorSpec {
+                        name: "mon1",
+                        read: &["sb", "ram"],
+                        write: &["hooks"],
+                        restart: true,
+                        lock: true,
+                        regs: true,
+                    }],
+                    1,
+                    1000,
+                );
+                let b = BridgeProc::start(&g.vm, &setup);
+                (setup, b)
+            })
+            .collect();
+        Pair {
+            engine,
+            guests,
+            bridges,
+            lan,
+            db,
+            primary: 0,
+            boots: [1, 1],
+            seed: 1,
+            bids: Vec::new(),
+            _dir: dir,
+        }
     }
-    let report = clients.join().expect("client threads");
-    let check = db
-        .client()
-        .map_err(|e| e.to_string())
-        .and_then(|mut c| auction::db::check(&mut c, &report.bids).map_err(|e| e.to_string()))
-        .unwrap_or_else(|e| panic!("database check: {e}"));
-    let _ = mon.terminate(Duration::from_secs(10));
-    let events = crate::bdmon_events(mon_dir.path());
-    let diagnostics = format!(
-        "bdmon:\n{}\nbridge:\n{}\nfront-a:\n{}\nfront-b:\n{}",
-        mon.output(),
-        crate::vm::tail(&bridge.output()),
-        a.vm.diagnostics(),
-        b.vm.diagnostics()
-    );
-    drop(bridge);
-    Report {
-        engine,
-        fault,
-        load: report,
-        check,
-        events,
-        fault_ms,
-        diagnostics,
+
+    /// Runs the clients against the service address, fails the primary with `fault` mid-run
+    /// with bdmon watching it (the standby its failover target), and reports. The standby serves
+    /// afterwards ([`Pair::primary`]); the failed guest is left as it is (see [`Pair::restore`]).
+    pub fn fail(&mut self, fault: Fault) -> Report {
+        let (p, s) = (self.primary, 1 - self.primary);
+        let (setup, bridge) = &self.bridges[p];
+        let vip: SocketAddr = format!("{}:{SERVICE_PORT}", self.lan.vip_addr())
+            .parse()
+            .expect("vip");
+        self.seed += 1;
+        let load = auction::client::Load {
+            addrs: vec![vip],
+            sessions: SESSIONS,
+            requests_per_session: REQUESTS,
+            deadline: Duration::from_secs(300),
+            seed: self.seed,
+            ..auction::client::Load::default()
+        };
+        let clients = std::thread::spawn(move || auction::client::run(&load));
+        // The Progress Box's contract holds only while the service has clients: bdmon watches
+        // the primary once the sessions are going; then it fails.
+        std::thread::sleep(Duration::from_secs(2));
+        let mon_dir = tempfile::tempdir().expect("tempdir");
+        let cfg = format!(
+            "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
+             [cpu]\nenabled = false\n[hang]\nmin_stall_ms = 1000\nfree_cpu = \"off\"\n\
+             [[guest]]\nname = \"{}\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
+             [guest.thresholds]\nNET_RX_PACKETS = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\n\
+             comm = \"{FRONT_COMM}\"\nuid = {FRONT_UID}\n",
+            ["front-a", "front-b"][p],
+            bridge.addr,
+            setup.pki().display(),
+            self.lan.ports[s].guest_ip,
+        );
+        let mut mon = crate::start_bdmon(mon_dir.path(), &cfg);
+        std::thread::sleep(Duration::from_secs(match self.engine {
+            Engine::Tcg => 3,
+            Engine::Kvm => 6,
+        }));
+        let fault_ms = crate::load::now_ms();
+        match fault {
+            Fault::Freeze => freeze(&self.guests[p], true),
+            other => ask_agent(self.guests[p].ip(), other.name()),
+        }
+        let report = clients.join().expect("client threads");
+        self.bids.extend(report.bids.iter().cloned());
+        let bids = &self.bids;
+        let check = self
+            .db
+            .client()
+            .map_err(|e| e.to_string())
+            .and_then(|mut c| auction::db::check(&mut c, bids).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| panic!("database check: {e}"));
+        let _ = mon.terminate(Duration::from_secs(10));
+        let events = crate::bdmon_events(mon_dir.path());
+        let failed_over = events.iter().any(|e| e["event"] == "failover");
+        if failed_over {
+            self.primary = s;
+        }
+        let diagnostics = format!(
+            "bdmon:\n{}\nbridge:\n{}\nfront-a:\n{}\nfront-b:\n{}",
+            mon.output(),
+            crate::vm::tail(&bridge.output()),
+            self.guests[0].vm.diagnostics(),
+            self.guests[1].vm.diagnostics()
+        );
+        Report {
+            engine: self.engine,
+            fault,
+            load: report,
+            check,
+            events,
+            fault_ms,
+            diagnostics,
+        }
     }
+
+    /// Brings guest `i` back as a standby: restarts it in place through its bridge (after
+    /// thawing frozen vCPUs) and waits for its front end, which comes up as a standby on every
+    /// boot after the first.
+    pub fn restore(&mut self, i: usize) {
+        freeze(&self.guests[i], false);
+        let (setup, bridge) = &self.bridges[i];
+        let mut b = bridge.connect(&setup.id("mon1"));
+        b.restart().unwrap_or_else(|e| {
+            panic!(
+                "restart front {i}: {e}\n{}",
+                self.guests[i].vm.diagnostics()
+            )
+        });
+        self.boots[i] += 1;
+        let n = self.boots[i];
+        wait_nth(&mut self.guests[i], "APP front up", n, BOOT);
+        let line = format!("APP front up boot={n} role=standby");
+        assert!(
+            self.guests[i].vm.stdout().contains(&line),
+            "guest {i} did not come back as a standby ({line:?})\n{}",
+            self.guests[i].vm.diagnostics()
+        );
+    }
+}
+
+/// One failover of a fresh pair (front-a fails with `fault`, front-b takes over).
+pub fn run(engine: Engine, fault: Fault) -> Report {
+    Pair::boot(engine).fail(fault)
 }
 
 impl Report {
