@@ -20,9 +20,10 @@ images: deps
 build:
 	$(CARGO) build --workspace --all-targets
 
-# The binaries a kvm host carries (bd-kvmhost is its agent and launcher) and bdmon.
+# The binaries a kvm host carries (bd-kvmhost is its agent and launcher), bdmon, and the auction
+# service (the failover bench's front end).
 release:
-	$(CARGO) build --release -p bdvmm -p rdma-bridge -p bdmon
+	$(CARGO) build --release -p bdvmm -p rdma-bridge -p bdmon -p bd-auction
 	$(CARGO) build --release -p backdoors-tests --bin bd-kvmhost
 
 # The SoftRoCE VM's programs (tests/tests/rxe.rs): rdma-bridge and bd-verbs-check with the
@@ -59,6 +60,7 @@ bench: images release
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench service
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench attach
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench cpu
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench failover
 	NOSB=$$(images/kernel/build.sh --variant nosb | tail -n 1) && \
 	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
 	$(CARGO) bench -p backdoors-tests --bench sb_cost
