@@ -6,6 +6,10 @@
 //! one inner read (kernel objects of one kind sit together, so a walk's next object is usually in
 //! the block already fetched), and later reads of those pages cost nothing. Turning caching off
 //! (the guest resumes) drops every page. Memory is bounded: the cache is emptied when full.
+//!
+//! [`PhysMem::read_many`] is the other way in: a caller that knows every range it needs (the
+//! State Box extractor) gets the pages it does not hold yet in one inner `read_many`, exactly
+//! those pages, with no read-ahead (scattered pages would each drag in a whole block).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -60,6 +64,31 @@ impl<M: PhysMem> CachedMem<M> {
         self.inner
     }
 
+    /// Copies `[gpa, gpa + buf.len())` out of the cached pages (all of which must be held).
+    fn serve(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let (first, last) = page_span(gpa, buf.len())?;
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let oor = || MemError::OutOfRange { gpa, len };
+        let c = self.pages.borrow();
+        let mut done = 0usize;
+        for p in first..=last {
+            let page = c.get(&p).ok_or_else(oor)?;
+            let from = if p == first {
+                usize_from(gpa % PAGE)
+            } else {
+                0
+            };
+            let n = (PAGE_LEN - from).min(buf.len() - done);
+            let (Some(dst), Some(src)) = (buf.get_mut(done..done + n), page.get(from..from + n))
+            else {
+                return Err(oor());
+            };
+            dst.copy_from_slice(src);
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Reads pages `first..first + count` from the source.
     fn fetch(&self, first: u64, count: u64) -> Result<Vec<u8>, MemError> {
         let (gpa, len) = (first.saturating_mul(PAGE), count.saturating_mul(PAGE));
@@ -77,11 +106,7 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
         if !self.on.get() {
             return self.inner.read(gpa, buf);
         }
-        let len = u64::try_from(buf.len()).map_err(|_| MemError::OutOfRange { gpa, len: 0 })?;
-        let end = gpa
-            .checked_add(len)
-            .ok_or(MemError::OutOfRange { gpa, len })?;
-        let (first, last) = (gpa / PAGE, (end - 1) / PAGE);
+        let (first, last) = page_span(gpa, buf.len())?;
         let missing = {
             let c = self.pages.borrow();
             (first..=last).any(|p| !c.contains_key(&p))
@@ -104,22 +129,66 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
                     .or_insert_with(|| chunk.to_vec().into_boxed_slice());
             }
         }
-        let c = self.pages.borrow();
-        let mut done = 0usize;
-        for p in first..=last {
-            let page = c.get(&p).ok_or(MemError::OutOfRange { gpa, len })?;
-            let from = if p == first {
-                usize_from(gpa % PAGE)
-            } else {
-                0
-            };
-            let n = (PAGE_LEN - from).min(buf.len() - done);
-            let (Some(dst), Some(src)) = (buf.get_mut(done..done + n), page.get(from..from + n))
-            else {
-                return Err(MemError::OutOfRange { gpa, len });
-            };
-            dst.copy_from_slice(src);
-            done += n;
+        self.serve(gpa, buf)
+    }
+
+    fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<(), MemError> {
+        if !self.on.get() {
+            return self.inner.read_many(ranges);
+        }
+        let mut need = Vec::new();
+        for (gpa, buf) in ranges.iter() {
+            if !buf.is_empty() {
+                let (first, last) = page_span(*gpa, buf.len())?;
+                need.extend(first..=last);
+            }
+        }
+        need.sort_unstable();
+        need.dedup();
+        if need.len() > self.max_pages {
+            // More than the cache may hold: straight through, nothing kept.
+            return self.inner.read_many(ranges);
+        }
+        let missing: Vec<u64> = {
+            let mut c = self.pages.borrow_mut();
+            if c.len() + need.iter().filter(|p| !c.contains_key(p)).count() > self.max_pages {
+                c.clear();
+            }
+            need.into_iter().filter(|p| !c.contains_key(p)).collect()
+        };
+        // The missing pages, physically consecutive ones together, in one inner read_many.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in missing {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        let mut blocks: Vec<Vec<u8>> = runs
+            .iter()
+            .map(|&(_, count)| vec![0u8; usize_from(count * PAGE)])
+            .collect();
+        {
+            let mut reads: Vec<(u64, &mut [u8])> = runs
+                .iter()
+                .zip(blocks.iter_mut())
+                .map(|(&(first, _), b)| (first * PAGE, b.as_mut_slice()))
+                .collect();
+            self.inner.read_many(&mut reads)?;
+        }
+        {
+            let mut c = self.pages.borrow_mut();
+            for (&(first, _), block) in runs.iter().zip(&blocks) {
+                for (page, chunk) in (first..).zip(block.chunks(PAGE_LEN)) {
+                    c.entry(page)
+                        .or_insert_with(|| chunk.to_vec().into_boxed_slice());
+                }
+            }
+        }
+        for (gpa, buf) in ranges.iter_mut() {
+            if !buf.is_empty() {
+                self.serve(*gpa, buf)?;
+            }
         }
         Ok(())
     }
@@ -141,6 +210,16 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
         }
         Ok(())
     }
+}
+
+/// The first and last page of a non-empty `[gpa, gpa + len)`; an error if it overflows.
+fn page_span(gpa: u64, len: usize) -> Result<(u64, u64), MemError> {
+    let len = u64::try_from(len).map_err(|_| MemError::OutOfRange { gpa, len: 0 })?;
+    let end = gpa
+        .checked_add(len)
+        .filter(|_| len > 0)
+        .ok_or(MemError::OutOfRange { gpa, len })?;
+    Ok((gpa / PAGE, (end - 1) / PAGE))
 }
 
 #[cfg(test)]
@@ -189,6 +268,60 @@ mod tests {
         assert_eq!(&across[8..], &[4; 8]);
         assert_eq!(m.inner().1.get(), 4);
         m.set_caching(false);
+        assert_eq!(m.cached_pages(), 0);
+    }
+
+    #[test]
+    fn read_many_fetches_only_the_missing_pages_in_one_inner_call() {
+        let m = mem(16);
+        // Caching off: straight through, the default loop (one inner read per range).
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        m.read_many(&mut [(PAGE, &mut a[..]), (9 * PAGE, &mut b[..])])
+            .unwrap();
+        assert_eq!((a, b), ([1; 4], [9; 4]));
+        assert_eq!(m.inner().1.get(), 2);
+        assert_eq!(m.cached_pages(), 0);
+
+        m.set_caching(true);
+        let mut x = [0u8; 8];
+        m.read(2 * PAGE, &mut x).unwrap(); // pages 0..4 held (read-ahead)
+        assert_eq!(m.inner().1.get(), 3);
+        // Pages 3 (held), 6 and 7 (consecutive: one run), 12 (another run), across a boundary.
+        let (mut p3, mut p67, mut p12) = ([0u8; 8], vec![0u8; 4100], [0u8; 1]);
+        m.read_many(&mut [
+            (3 * PAGE + 8, &mut p3[..]),
+            (6 * PAGE + 4092, &mut p67[..]),
+            (12 * PAGE, &mut p12[..]),
+            (5 * PAGE, &mut [][..]),
+        ])
+        .unwrap();
+        assert_eq!(p3, [3; 8]);
+        assert!(p67[..4].iter().all(|&v| v == 6) && p67[4..].iter().all(|&v| v == 7));
+        assert_eq!(p12, [12]);
+        // Counting sees the default read_many: one inner read per run, no read-ahead.
+        assert_eq!(m.inner().1.get(), 5);
+        assert_eq!(m.cached_pages(), 4 + 3);
+        // All held now: nothing reaches the source.
+        m.read_many(&mut [(7 * PAGE, &mut p3[..]), (12 * PAGE, &mut p12[..])])
+            .unwrap();
+        assert_eq!(m.inner().1.get(), 5);
+        assert_eq!(p3, [7; 8]);
+        // Past the end of memory: an error, not a panic.
+        assert!(m.read_many(&mut [(16 * PAGE, &mut p3[..])]).is_err());
+        assert!(m.read_many(&mut [(u64::MAX - 2, &mut p3[..])]).is_err());
+    }
+
+    #[test]
+    fn read_many_beyond_the_cache_size_reads_through() {
+        let m = CachedMem::new(
+            Counting(VecMem::new(0, vec![5u8; 8 * PAGE_LEN]), Cell::new(0)),
+            1,
+            2,
+        );
+        m.set_caching(true);
+        let mut big = vec![0u8; 3 * PAGE_LEN];
+        m.read_many(&mut [(0, &mut big[..])]).unwrap();
+        assert!(big.iter().all(|&v| v == 5));
         assert_eq!(m.cached_pages(), 0);
     }
 
