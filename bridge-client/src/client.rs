@@ -518,7 +518,7 @@ impl<T: Transport> PhysMem for TransportMem<T> {
 /// and keeps them, so a task-list walk costs one round trip per new block rather than one per
 /// field. Outside a pause nothing is cached: the guest changes its memory. [`PhysMem::read_many`]
 /// sends many ranges as one READ_BATCH (more if the wire's limits call for it); while paused,
-/// only the pages not cached yet, exactly those.
+/// ranges the cache holds come from it and the rest go exactly as asked, and are not kept.
 pub struct BridgeMem {
     mem: CachedMem<TransportMem<Bridge>>,
 }
