@@ -28,6 +28,7 @@ use introspect::target::{KernelFiles, Target, TargetError};
 use introspect::tasks::{Process, TaskError};
 use rustls::{ClientConnection, StreamOwned};
 
+use crate::batch::{self, BatchLimits};
 use crate::tls::{Identity, TlsError};
 use crate::wire::{self, Decoder, Frame, Message, Range, Regs, Reply, Request};
 
@@ -356,12 +357,39 @@ pub trait Transport {
     fn read_mem(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, MemError>;
     /// Writes `bytes` at guest-physical `gpa`.
     fn write_mem(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), MemError>;
+
+    /// What one [`Transport::read_batch_mem`] may carry, if the transport reads many ranges in
+    /// one round trip; `None` (the default) if it has no such request.
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        None
+    }
+
+    /// Reads every `(gpa, len)` of `ranges` (within [`Transport::batch_limits`]) in one round
+    /// trip, the bytes of each in request order. The default reads them one by one.
+    fn read_batch_mem(&mut self, ranges: &[(u64, u32)]) -> Result<Vec<Vec<u8>>, MemError> {
+        ranges
+            .iter()
+            .map(|&(gpa, len)| self.read_mem(gpa, len))
+            .collect()
+    }
 }
 
 impl Transport for Bridge {
     fn read_mem(&mut self, gpa: u64, len: u32) -> Result<Vec<u8>, MemError> {
         self.read(gpa, len)
             .map_err(|e| remote(gpa, u64::from(len), e))
+    }
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        Some(BatchLimits::wire())
+    }
+    fn read_batch_mem(&mut self, ranges: &[(u64, u32)]) -> Result<Vec<Vec<u8>>, MemError> {
+        self.read_batch(ranges).map_err(|e| {
+            let (gpa, len) = ranges.first().copied().unwrap_or((0, 0));
+            MemError::Remote(format!(
+                "READ_BATCH of {} ranges from {gpa:#x}+{len:#x}: {e}",
+                ranges.len()
+            ))
+        })
     }
     fn write_mem(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
@@ -394,7 +422,7 @@ impl<T: Transport> TransportMem<T> {
         self.t.into_inner()
     }
 
-    /// Reads made so far.
+    /// Round trips for reads made so far (one per read, one per batch of reads).
     pub fn round_trips(&self) -> u64 {
         self.round_trips.get()
     }
@@ -422,6 +450,62 @@ impl<T: Transport> PhysMem for TransportMem<T> {
         Ok(())
     }
 
+    /// With a transport that batches, one round trip per batch its limits allow (see
+    /// [`crate::batch::plan`]); a range that cannot share a batch is one plain read.
+    fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<(), MemError> {
+        let Some(limits) = self.t.borrow().batch_limits() else {
+            for (gpa, buf) in ranges.iter_mut() {
+                self.read(*gpa, buf)?;
+            }
+            return Ok(());
+        };
+        let mut wanted: Vec<(usize, u64, u32)> = Vec::with_capacity(ranges.len());
+        for (i, (gpa, buf)) in ranges.iter().enumerate() {
+            if buf.is_empty() {
+                continue;
+            }
+            let len = u32::try_from(buf.len()).map_err(|_| MemError::OutOfRange {
+                gpa: *gpa,
+                len: u64::try_from(buf.len()).unwrap_or(u64::MAX),
+            })?;
+            wanted.push((i, *gpa, len));
+        }
+        let lens: Vec<u32> = wanted.iter().map(|w| w.2).collect();
+        for group in batch::plan(&lens, &limits) {
+            let Some(part) = wanted.get(group) else {
+                continue;
+            };
+            if let [(i, gpa, _)] = part {
+                if let Some((_, buf)) = ranges.get_mut(*i) {
+                    self.read(*gpa, buf)?;
+                }
+                continue;
+            }
+            let request: Vec<(u64, u32)> = part.iter().map(|&(_, gpa, len)| (gpa, len)).collect();
+            self.round_trips.set(self.round_trips.get() + 1);
+            let got = self.t.borrow_mut().read_batch_mem(&request)?;
+            if got.len() != part.len() {
+                return Err(MemError::Remote(format!(
+                    "a batch of {} reads got {} answers",
+                    part.len(),
+                    got.len()
+                )));
+            }
+            for (&(i, gpa, len), bytes) in part.iter().zip(&got) {
+                match ranges.get_mut(i) {
+                    Some((_, buf)) if buf.len() == bytes.len() => buf.copy_from_slice(bytes),
+                    _ => {
+                        return Err(MemError::Remote(format!(
+                            "{gpa:#x}+{len:#x}: the batch sent {} bytes",
+                            bytes.len()
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         self.t.borrow_mut().write_mem(gpa, bytes)
     }
@@ -432,7 +516,9 @@ impl<T: Transport> PhysMem for TransportMem<T> {
 /// While the guest is paused ([`BridgeMem::lock`] or [`BridgeMem::pauser`]), reads go through a
 /// page cache ([`CachedMem`]) that fetches aligned 32 KiB blocks ([`READ_AHEAD`] pages, one READ)
 /// and keeps them, so a task-list walk costs one round trip per new block rather than one per
-/// field. Outside a pause nothing is cached: the guest changes its memory.
+/// field. Outside a pause nothing is cached: the guest changes its memory. [`PhysMem::read_many`]
+/// sends many ranges as one READ_BATCH (more if the wire's limits call for it); while paused,
+/// ranges the cache holds come from it and the rest go exactly as asked, and are not kept.
 pub struct BridgeMem {
     mem: CachedMem<TransportMem<Bridge>>,
 }
@@ -455,7 +541,7 @@ impl BridgeMem {
         self.mem.into_inner().into_inner()
     }
 
-    /// READ round trips made so far.
+    /// Round trips for reads made so far (a READ or a READ_BATCH each).
     pub fn round_trips(&self) -> u64 {
         self.mem.inner().round_trips()
     }
@@ -548,6 +634,10 @@ fn remote(gpa: u64, len: u64, e: ClientError) -> MemError {
 impl PhysMem for BridgeMem {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         self.mem.read(gpa, buf)
+    }
+
+    fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<(), MemError> {
+        self.mem.read_many(ranges)
     }
 
     fn read_fresh(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {

@@ -6,8 +6,10 @@
 //! * [`client`] — the session: `fetch_sb`, `read`, `write`, `lock`/`unlock`; the [`client::Transport`]
 //!   trait (TLS here, RDMA verbs in `rdma-bridge`'s `verbs` feature) and guest memory over it with
 //!   a page cache while paused ([`client::BridgeMem`]).
+//! * [`batch`] — cutting many reads into as few batched requests as a transport allows.
 //! * [`jsonl`] — the JSON-lines writer of the bridge's audit log and the monitor's event log.
 
+pub mod batch;
 pub mod client;
 pub mod jsonl;
 pub mod tls;

@@ -6,6 +6,12 @@
 //! one inner read (kernel objects of one kind sit together, so a walk's next object is usually in
 //! the block already fetched), and later reads of those pages cost nothing. Turning caching off
 //! (the guest resumes) drops every page. Memory is bounded: the cache is emptied when full.
+//!
+//! [`PhysMem::read_many`] is the other way in: a caller that knows every range it needs (the
+//! State Box extractor) gets what the cache holds from it and the rest in one inner `read_many`,
+//! exactly the bytes asked for: no read-ahead (scattered pages would each drag in a whole block)
+//! and nothing kept (such a caller reads each range once; whole pages kept cost more bytes and
+//! copies than they save: measured in `tests/benches/statebox.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -60,6 +66,31 @@ impl<M: PhysMem> CachedMem<M> {
         self.inner
     }
 
+    /// Copies `[gpa, gpa + buf.len())` out of the cached pages (all of which must be held).
+    fn serve(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let (first, last) = page_span(gpa, buf.len())?;
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let oor = || MemError::OutOfRange { gpa, len };
+        let c = self.pages.borrow();
+        let mut done = 0usize;
+        for p in first..=last {
+            let page = c.get(&p).ok_or_else(oor)?;
+            let from = if p == first {
+                usize_from(gpa % PAGE)
+            } else {
+                0
+            };
+            let n = (PAGE_LEN - from).min(buf.len() - done);
+            let (Some(dst), Some(src)) = (buf.get_mut(done..done + n), page.get(from..from + n))
+            else {
+                return Err(oor());
+            };
+            dst.copy_from_slice(src);
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Reads pages `first..first + count` from the source.
     fn fetch(&self, first: u64, count: u64) -> Result<Vec<u8>, MemError> {
         let (gpa, len) = (first.saturating_mul(PAGE), count.saturating_mul(PAGE));
@@ -77,11 +108,7 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
         if !self.on.get() {
             return self.inner.read(gpa, buf);
         }
-        let len = u64::try_from(buf.len()).map_err(|_| MemError::OutOfRange { gpa, len: 0 })?;
-        let end = gpa
-            .checked_add(len)
-            .ok_or(MemError::OutOfRange { gpa, len })?;
-        let (first, last) = (gpa / PAGE, (end - 1) / PAGE);
+        let (first, last) = page_span(gpa, buf.len())?;
         let missing = {
             let c = self.pages.borrow();
             (first..=last).any(|p| !c.contains_key(&p))
@@ -104,24 +131,35 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
                     .or_insert_with(|| chunk.to_vec().into_boxed_slice());
             }
         }
-        let c = self.pages.borrow();
-        let mut done = 0usize;
-        for p in first..=last {
-            let page = c.get(&p).ok_or(MemError::OutOfRange { gpa, len })?;
-            let from = if p == first {
-                usize_from(gpa % PAGE)
-            } else {
-                0
-            };
-            let n = (PAGE_LEN - from).min(buf.len() - done);
-            let (Some(dst), Some(src)) = (buf.get_mut(done..done + n), page.get(from..from + n))
-            else {
-                return Err(MemError::OutOfRange { gpa, len });
-            };
-            dst.copy_from_slice(src);
-            done += n;
+        self.serve(gpa, buf)
+    }
+
+    /// While caching: a range whose pages are all held comes from the cache; the others go to
+    /// the source together, exactly as asked (one inner `read_many`), and are not kept.
+    fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<(), MemError> {
+        if !self.on.get() {
+            return self.inner.read_many(ranges);
         }
-        Ok(())
+        let mut misses: Vec<(u64, &mut [u8])> = Vec::new();
+        for (gpa, buf) in ranges.iter_mut() {
+            if buf.is_empty() {
+                continue;
+            }
+            let (first, last) = page_span(*gpa, buf.len())?;
+            let held = {
+                let c = self.pages.borrow();
+                (first..=last).all(|p| c.contains_key(&p))
+            };
+            if held {
+                self.serve(*gpa, buf)?;
+            } else {
+                misses.push((*gpa, &mut **buf));
+            }
+        }
+        if misses.is_empty() {
+            return Ok(());
+        }
+        self.inner.read_many(&mut misses)
     }
 
     fn read_fresh(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
@@ -141,6 +179,16 @@ impl<M: PhysMem> PhysMem for CachedMem<M> {
         }
         Ok(())
     }
+}
+
+/// The first and last page of a non-empty `[gpa, gpa + len)`; an error if it overflows.
+fn page_span(gpa: u64, len: usize) -> Result<(u64, u64), MemError> {
+    let len = u64::try_from(len).map_err(|_| MemError::OutOfRange { gpa, len: 0 })?;
+    let end = gpa
+        .checked_add(len)
+        .filter(|_| len > 0)
+        .ok_or(MemError::OutOfRange { gpa, len })?;
+    Ok((gpa / PAGE, (end - 1) / PAGE))
 }
 
 #[cfg(test)]
@@ -190,6 +238,49 @@ mod tests {
         assert_eq!(m.inner().1.get(), 4);
         m.set_caching(false);
         assert_eq!(m.cached_pages(), 0);
+    }
+
+    #[test]
+    fn read_many_serves_hits_and_reads_the_misses_exactly_in_one_inner_call() {
+        let m = mem(16);
+        // Caching off: straight through, the default loop (one inner read per range).
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        m.read_many(&mut [(PAGE, &mut a[..]), (9 * PAGE, &mut b[..])])
+            .unwrap();
+        assert_eq!((a, b), ([1; 4], [9; 4]));
+        assert_eq!(m.inner().1.get(), 2);
+        assert_eq!(m.cached_pages(), 0);
+
+        m.set_caching(true);
+        let mut x = [0u8; 8];
+        m.read(2 * PAGE, &mut x).unwrap(); // pages 0..4 held (read-ahead)
+        assert_eq!(m.inner().1.get(), 3);
+        // Page 3 is held; pages 3-4 (half held), 6-7 and 12 are not.
+        let (mut p3, mut p34, mut p67, mut p12) = ([0u8; 8], [0u8; 8], vec![0u8; 4100], [0u8; 1]);
+        m.read_many(&mut [
+            (3 * PAGE + 8, &mut p3[..]),
+            (4 * PAGE - 4, &mut p34[..]),
+            (6 * PAGE + 4092, &mut p67[..]),
+            (12 * PAGE, &mut p12[..]),
+            (5 * PAGE, &mut [][..]),
+        ])
+        .unwrap();
+        assert_eq!(p3, [3; 8]);
+        assert_eq!(p34, [3, 3, 3, 3, 4, 4, 4, 4]);
+        assert!(p67[..4].iter().all(|&v| v == 6) && p67[4..].iter().all(|&v| v == 7));
+        assert_eq!(p12, [12]);
+        // Counting has the default read_many: one inner read per miss, no read-ahead, and
+        // nothing more is kept.
+        assert_eq!(m.inner().1.get(), 6);
+        assert_eq!(m.cached_pages(), 4);
+        // All held: nothing reaches the source.
+        m.read_many(&mut [(PAGE, &mut p3[..]), (0, &mut p12[..])])
+            .unwrap();
+        assert_eq!(m.inner().1.get(), 6);
+        assert_eq!((p3, p12), ([1; 8], [0]));
+        // Past the end of memory: an error, not a panic.
+        assert!(m.read_many(&mut [(16 * PAGE, &mut p3[..])]).is_err());
+        assert!(m.read_many(&mut [(u64::MAX - 2, &mut p3[..])]).is_err());
     }
 
     #[test]

@@ -29,6 +29,21 @@ pub trait PhysMem {
     /// Fills `buf` from guest-physical `gpa`.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
 
+    /// Fills every buffer of `ranges` from its guest-physical address, as if by one [`read`]
+    /// each, but as few trips to the source as it can make: a remote source sends them together
+    /// (one batched request per batch its wire allows), a caching one fetches only what it does
+    /// not hold, exactly the pages asked for (no read-ahead: the caller says what it needs).
+    /// Local sources just read each range (the default). On an error, which buffers were filled
+    /// is unspecified.
+    ///
+    /// [`read`]: PhysMem::read
+    fn read_many(&self, ranges: &mut [(u64, &mut [u8])]) -> Result<(), MemError> {
+        for (gpa, buf) in ranges.iter_mut() {
+            self.read(*gpa, buf)?;
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` at guest-physical `gpa` (sources that are read-only refuse).
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), MemError> {
         let _ = (gpa, bytes);

@@ -4,6 +4,15 @@
 //! Page tables live in guest memory, so they are untrusted: a non-present entry is reported (never
 //! followed), a walk has exactly `levels` steps, and every physical address read is checked by the
 //! memory source.
+//!
+//! A whole range (a State Box region) is translated in a few reads by
+//! [`PageWalker::map_prefix`], and read back in one batch by [`PageWalker::read_extents`].
+
+mod extents;
+#[cfg(test)]
+pub(crate) mod test_tables;
+
+pub use extents::{Extent, Mapped};
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -78,6 +87,8 @@ pub struct PageWalker<'m> {
     root: u64,
     levels: u8,
     cache: RefCell<HashMap<u64, Translation>>,
+    /// Upper-level entries [`PageWalker::map_prefix`] read, by physical address.
+    upper: RefCell<HashMap<u64, u64>>,
     stats: Cell<CacheStats>,
 }
 
@@ -92,6 +103,7 @@ impl<'m> PageWalker<'m> {
             root: cr3 & ADDR_MASK,
             levels,
             cache: RefCell::new(HashMap::new()),
+            upper: RefCell::new(HashMap::new()),
             stats: Cell::new(CacheStats::default()),
         })
     }
@@ -197,6 +209,7 @@ impl<'m> PageWalker<'m> {
     /// Forgets every cached translation (the guest ran and may have changed its tables).
     pub fn flush(&self) {
         self.cache.borrow_mut().clear();
+        self.upper.borrow_mut().clear();
     }
 }
 

@@ -3,8 +3,8 @@
 //! An application keeps each session's essential state in State Boxes (the `statebox` crate and
 //! its C library; ABI in `statebox/ABI.md`): one region at the fixed user address
 //! [`STATEBOX_VA`], locked in memory. A monitor finds it through the process's page tables
-//! (`task_struct.mm->pgd`), reads the header, then every slot's active copy, and checks each
-//! against the ABI. Who owns a region is what the kernel's process table says (pid, uid, comm);
+//! (`task_struct.mm->pgd`), reads the header and the slots in a few batched reads
+//! ([`read_through`]), and checks each slot's active copy against the ABI. Who owns a region is what the kernel's process table says (pid, uid, comm);
 //! everything inside it is the application's claim: a bad header refuses the region, a bad slot
 //! is refused alone and the rest is still read.
 //!
@@ -14,6 +14,7 @@
 
 use statebox::abi::{self, AbiError, BoxCopy, Header, STATEBOX_VA};
 
+use crate::conv::usize_from;
 use crate::mem::PhysMem;
 use crate::paging::{PageWalker, PagingError};
 use crate::target::Target;
@@ -93,7 +94,8 @@ pub struct Region {
     pub boxes: Vec<BoxCopy>,
     /// Slots refused.
     pub refused: Vec<Refused>,
-    /// Bytes read from the region (header and slots).
+    /// Bytes read at the region's address: its pages, and any read with the header past a
+    /// region smaller than [`FIRST_READ`].
     pub bytes_read: u64,
 }
 
@@ -133,25 +135,31 @@ pub fn read_region(
     read_through(&pw, pid, p.task.uid, &p.task.comm)
 }
 
+/// Region bytes read together with the header, before the header says how large the region is:
+/// 16 pages, enough for a region of a few boxes of a few KiB, in the one batch that brings the
+/// header. Only pages mapped right after the region's start are read, and a region that is
+/// larger costs one more batch for the rest.
+pub const FIRST_READ: u64 = 64 << 10;
+
+/// The span one page table maps: the first walk translates up to its end.
+const SPAN: u64 = 2 << 20;
+
 /// Reads a region through `pw` (the process's page tables); `pid`, `uid` and `comm` are what the
 /// kernel says of its owner. `Ok(None)` when nothing is mapped at [`STATEBOX_VA`].
+///
+/// A handful of round trips whatever the region's size: the page-table levels above the region
+/// (one read each), its run of page-table entries (one read), then the header page with the
+/// pages after it, up to [`FIRST_READ`], in one [`PhysMem::read_many`]; only a region larger than
+/// that needs one more for the rest (and a region past the first page table its entries). The
+/// bytes are then parsed in memory: every slot whole, both copies, which costs fewer round trips
+/// than reading each slot's seq first to pick its active copy.
 pub fn read_through(
     pw: &PageWalker<'_>,
     pid: u32,
     uid: u32,
     comm: &str,
 ) -> Result<Option<Region>, StateBoxError> {
-    let mut head = [0u8; 64];
-    match pw.read(STATEBOX_VA, &mut head) {
-        Ok(()) => {}
-        Err(PagingError::NotPresent { .. }) => return Ok(None),
-        Err(source) => return Err(StateBoxError::Paging { pid, source }),
-    }
-    let header = Header::parse(&head).map_err(|source| StateBoxError::Header {
-        pid,
-        comm: comm.to_string(),
-        source,
-    })?;
+    let paging = |source| StateBoxError::Paging { pid, source };
     let hole = |source| match source {
         PagingError::NotPresent { .. } => StateBoxError::Hole {
             pid,
@@ -160,20 +168,58 @@ pub fn read_through(
         },
         source => StateBoxError::Paging { pid, source },
     };
+    // The region's start, up to the end of its first page table (a region is at most 8 MiB).
+    let first_span = (SPAN - STATEBOX_VA % SPAN).min(abi::MAX_REGION_BYTES);
+    let head = pw.map_prefix(STATEBOX_VA, first_span).map_err(paging)?;
+    if head.is_empty() {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; usize_from(head.len().min(FIRST_READ))];
+    if pw
+        .read_extents(&head.extents, STATEBOX_VA, &mut bytes)
+        .is_err()
+    {
+        // A page after the header that the source refuses (outside RAM, not granted): a mapped
+        // page need not belong to the region. The header alone.
+        bytes = vec![0u8; abi::HEADER_USED];
+        pw.read_extents(&head.extents, STATEBOX_VA, &mut bytes)
+            .map_err(paging)?;
+    }
+    let header = Header::parse(&bytes).map_err(|source| StateBoxError::Header {
+        pid,
+        comm: comm.to_string(),
+        source,
+    })?;
+    // The header bounds the region to MAX_REGION_BYTES.
+    let size = header.region_bytes();
+    let have = bytes.len() as u64;
+    if size > have {
+        let mut extents = head.extents;
+        let mapped: u64 = extents.iter().map(|e| e.len).sum();
+        if size > mapped {
+            if let Some(stop) = head.stop {
+                return Err(hole(stop));
+            }
+            let more = pw
+                .map_prefix(STATEBOX_VA + mapped, size - mapped)
+                .map_err(paging)?;
+            if let Some(stop) = more.stop {
+                return Err(hole(stop));
+            }
+            extents.extend(more.extents);
+        }
+        bytes.resize(usize_from(size), 0);
+        let rest = bytes.get_mut(usize_from(have)..).unwrap_or_default();
+        pw.read_extents(&extents, STATEBOX_VA + have, rest)
+            .map_err(hole)?;
+    }
     let mut boxes = Vec::new();
     let mut refused = Vec::new();
-    let mut bytes_read = 64u64;
-    // The header bounds slot_size (≤ 2 MiB + 128) and the region (≤ 8 MiB): one slot's buffer
-    // is reused.
-    let mut slot_bytes = vec![0u8; usize::try_from(header.slot_size).unwrap_or(0)];
     for slot in 0..header.slot_count {
-        let Some(off) = header.slot_offset(slot) else {
+        let Some(slot_bytes) = header.slot_bytes(&bytes, slot) else {
             break;
         };
-        pw.read(STATEBOX_VA.wrapping_add(off), &mut slot_bytes)
-            .map_err(hole)?;
-        bytes_read += u64::from(header.slot_size);
-        match abi::parse_slot(&header, slot, &slot_bytes) {
+        match abi::parse_slot(&header, slot, slot_bytes) {
             Ok(Some(b)) => boxes.push(b),
             Ok(None) => {}
             Err(reason) => refused.push(Refused { slot, reason }),
@@ -186,7 +232,7 @@ pub fn read_through(
         header,
         boxes,
         refused,
-        bytes_read,
+        bytes_read: bytes.len() as u64,
     }))
 }
 
@@ -213,6 +259,9 @@ pub fn read_all(
     }
     (found, failed)
 }
+
+#[cfg(test)]
+mod extraction_tests;
 
 #[cfg(test)]
 mod tests {

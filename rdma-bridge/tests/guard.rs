@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Config, Fixture, Monitor, Scratch, BACKDOOR};
+use introspect::mem::PhysMem;
 use rdma_bridge::backend::DumpBackend;
-use rdma_bridge::client::{Bridge, ClientError};
+use rdma_bridge::client::{Bridge, BridgeMem, ClientError};
 use rdma_bridge::tls::{self, Identity};
 use rdma_bridge::wire::{self, code, Frame, Request};
 use rustls::{ClientConnection, StreamOwned};
@@ -136,6 +137,57 @@ fn monitors_read_what_they_were_granted_and_nothing_else() {
     let e = m1.rdma_connect(vec![0; 40]).unwrap_err();
     assert_eq!(e.code(), Some(code::UNSUPPORTED), "{e}");
     assert_eq!(m1.read(0x30_0000, 3).unwrap(), b"RAM");
+}
+
+#[test]
+fn read_many_is_one_read_batch_per_wire_batch_cached_or_not() {
+    let fx = start(30_000);
+    let mem = BridgeMem::new(fx.connect("mon1").unwrap());
+    // 300 scattered 16-byte ranges over the 4 MiB, the marker among them: two READ_BATCHes
+    // (at most 256 ranges each).
+    let gpas: Vec<u64> = (0..300u64)
+        .map(|k| (k * 577 % 1024) * 4096 + 8)
+        .chain([0x30_0000])
+        .collect();
+    let want: Vec<Vec<u8>> = gpas
+        .iter()
+        .map(|&g| mem.bridge().read(g, 16).unwrap())
+        .collect();
+    let read_all = |mem: &BridgeMem| {
+        let mut bufs = vec![vec![0u8; 16]; gpas.len()];
+        let mut ranges: Vec<(u64, &mut [u8])> = gpas
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&g, b)| (g, b.as_mut_slice()))
+            .collect();
+        let before = mem.round_trips();
+        mem.read_many(&mut ranges).unwrap();
+        (bufs, mem.round_trips() - before)
+    };
+    let (got, trips) = read_all(&mem);
+    assert_eq!(got, want);
+    assert_eq!(&got[300][..8], b"RAMBYTES");
+    assert_eq!(trips, 2);
+    // Locked: the same two batches, exactly the bytes asked for (no read-ahead), and nothing
+    // kept; what plain reads cached is served from the cache.
+    mem.lock(Duration::from_secs(2)).unwrap();
+    let (got, trips) = read_all(&mem);
+    assert_eq!((got == want, trips), (true, 2));
+    let mut b = [0u8; 8];
+    mem.read(0x30_0000, &mut b).unwrap();
+    let before = mem.round_trips();
+    let mut c = [0u8; 3];
+    mem.read_many(&mut [(0x30_0000, &mut b[..]), (0x30_1000 - 3, &mut c[..])])
+        .unwrap();
+    assert_eq!((&b, mem.round_trips() - before), (b"RAMBYTES", 0));
+    mem.unlock().unwrap();
+    // A range the bridge refuses fails the call, and the session goes on.
+    let mut b = [0u8; 8];
+    let mut c = [0u8; 8];
+    assert!(mem
+        .read_many(&mut [(0x30_0000, &mut b[..]), (u64::MAX - 4, &mut c[..])])
+        .is_err());
+    assert_eq!(mem.bridge().read(0x30_0000, 8).unwrap(), b"RAMBYTES");
 }
 
 #[test]

@@ -7,16 +7,19 @@
 //!    (`backdoor_tests::statebox_image`): one box of 10 KiB ("1x10KiB") and 40 boxes of 256 B
 //!    ("40x256B"). `rdma-bridge serve --dump` serves it on 127.0.0.1 (mutual TLS, its own
 //!    process). Timed: a fresh page walk and `introspect::statebox::read_through` over one
-//!    `BridgeMem` session, two ways: without the lock (nothing cached, every page-table entry
-//!    and every page one READ), and under LOCK ... UNLOCK as bdmon reads them (32 KiB read-ahead
-//!    blocks cached while locked; the cache is dropped at UNLOCK, so each round starts cold). A
+//!    `BridgeMem` session, two ways: without the lock (nothing cached: one READ per page-table
+//!    level, one for the region's run of page-table entries, one READ_BATCH of its pages), and
+//!    under LOCK ... UNLOCK as bdmon reads them (the same reads, each fetching whole pages into
+//!    the cache, no read-ahead; the cache is dropped at UNLOCK, so each round starts cold). A
 //!    dump has no vCPUs: its LOCK pauses nothing, so the LOCK rows hold the two round trips and
 //!    the bridge's audit record, not a real pause (see `--bench bridge` for LOCK on a live guest).
 //! 3. Extract + reinstate: (2) under the lock, then `create_box` + `export` of every box into
 //!    this process's `Region` (the boxes are deleted again after each round, untimed).
 //!
 //! `cargo bench -p backdoors-tests --bench statebox [-- --rounds N]` (needs the release
-//! `rdma-bridge`: `cargo build --release -p rdma-bridge`; `make bench` builds it).
+//! `rdma-bridge`: `cargo build --release -p rdma-bridge`; `make bench` builds it). On a VM whose
+//! other vCPU sleeps, every loopback round trip may wait for that vCPU to wake: the bench binary
+//! run under `taskset -c 0` (the bridge inherits it) measures the protocol without that.
 
 use std::time::{Duration, Instant};
 
@@ -229,6 +232,16 @@ fn over_bridge(region: &mut Region, rounds: usize) {
         ),
         batch,
     );
+    // What reading only the header and the box's active copy would fetch (after one more round
+    // trip for the slot's seq): its first 4 pages.
+    let active = measure(
+        rounds,
+        || mem.bridge().read_batch(&pages[..4]),
+        |r| {
+            r.expect("READ_BATCH");
+        },
+    );
+    row("READ_BATCH 4 x 4 KiB, header + active copy", active);
     for (name, p) in [("1x10KiB", &one), ("40x256B", &many)] {
         println!(
             "  {name}: {} slots of {} B, region {} B",
@@ -240,7 +253,7 @@ fn over_bridge(region: &mut Region, rounds: usize) {
         let t = measure(rounds, || extract(&mem, p), |r| check(&r, p));
         let per = (mem.round_trips() - trips) / total_rounds(rounds);
         row(&format!("extract {name}, no LOCK, uncached"), t);
-        println!("    {per} READ round trips per extraction");
+        println!("    {per} round trips (READ or READ_BATCH) per extraction");
 
         let trips = mem.round_trips();
         let t = measure(rounds, || locked(&mem, p), |r| check(&r, p));
@@ -249,7 +262,7 @@ fn over_bridge(region: &mut Region, rounds: usize) {
             &format!("extract {name}, LOCK-cached (incl. LOCK+UNLOCK)"),
             t,
         );
-        println!("    {per} READ round trips + LOCK + UNLOCK per extraction");
+        println!("    {per} round trips (READ or READ_BATCH) + LOCK + UNLOCK per extraction");
 
         let t = reinstate_rounds(&mem, p, region, rounds);
         row(&format!("extract {name} + reinstate (LOCK-cached)"), t);
