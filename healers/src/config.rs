@@ -45,7 +45,8 @@
 //! walk_entries = 65536             # most task_structs one task-list walk takes (tasks + threads)
 //! walk_ms = 1000                   # longest one walk may take
 //! # pause_budget_percent = 0.5     # this guest's own budget (default: the one above)
-//! [guest.thresholds]               # override the guest's thresholds, by sensor name
+//! [guest.thresholds]               # override the guest's thresholds, by sensor name (also
+//!                                  # "NET_RX:eth0" and "NET_IRQS:eth0", per device)
 //! NPROCS = 300
 //! ```
 
@@ -477,6 +478,15 @@ impl GuestConfig {
             .collect()
     }
 
+    /// `[guest.thresholds]` of sensors known by name only (per device: `NET_RX:eth0`).
+    pub fn threshold_names(&self) -> std::collections::HashMap<String, u64> {
+        self.thresholds
+            .iter()
+            .filter(|(n, _)| is_device_sensor(n))
+            .map(|(n, t)| (n.clone(), *t))
+            .collect()
+    }
+
     /// The budget of one walk of this guest's task lists.
     pub fn walk_limits(&self) -> introspect::tasks::Limits {
         introspect::tasks::Limits {
@@ -561,6 +571,19 @@ fn default_proc_policies() -> Vec<ProcPolicy> {
 }
 fn default_mem_policy() -> MemPolicy {
     MemPolicy::MAX_RSSUID_SAVEUID
+}
+
+/// A per-device Progress Box sensor's name: `NET_RX:<dev>` or `NET_IRQS:<dev>` (patched
+/// kernels create them as the devices register; guest-kernel-patches/0008).
+pub fn is_device_sensor(name: &str) -> bool {
+    let dev = name
+        .strip_prefix("NET_RX:")
+        .or_else(|| name.strip_prefix("NET_IRQS:"));
+    dev.is_some_and(|d| {
+        (1..=15).contains(&d.len())
+            && d.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    })
 }
 
 /// Sensor names a threshold override may use.
@@ -691,7 +714,7 @@ impl Config {
                 ));
             }
             for name in g.thresholds.keys() {
-                if !SENSOR_NAMES.iter().any(|(n, _)| n == name) {
+                if !SENSOR_NAMES.iter().any(|(n, _)| n == name) && !is_device_sensor(name) {
                     return bad(format!(
                         "guest {}: unknown sensor {name:?} in thresholds",
                         g.name
@@ -739,6 +762,30 @@ mod tests {
             c.guests[0].pause_budget().allowed(),
             std::time::Duration::from_millis(300)
         );
+    }
+
+    #[test]
+    fn per_device_thresholds_go_by_name() {
+        let c = Config::parse(
+            &format!(
+                "{GUEST}[guest.thresholds]\nNET_RX_PACKETS = 1500\n\"NET_RX:eth0\" = 2000\n\
+                 \"NET_IRQS:eth0\" = 3000\n"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let g = &c.guests[0];
+        assert_eq!(g.threshold_overrides().get(&15), Some(&1500));
+        assert_eq!(g.threshold_names().len(), 2);
+        assert_eq!(g.threshold_names().get("NET_RX:eth0"), Some(&2000));
+        for bad in [
+            "NET_RX:",
+            "NET_RX:a b",
+            "NET_RX:0123456789abcdefX",
+            "NET_TX:eth0",
+        ] {
+            assert!(!is_device_sensor(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Violation {
 #[derive(Debug, Default)]
 pub struct Checker {
     overrides: HashMap<u32, u64>,
+    /// Overrides of sensors known by name only (per device).
+    by_name: HashMap<String, u64>,
     boot_id: Option<u64>,
     /// Progress sensors: last value and when it last changed.
     progress: HashMap<u32, (u64, Instant)>,
@@ -68,9 +70,19 @@ impl Checker {
         }
     }
 
+    /// Also overrides by sensor name (the per-device sensors, whose ids depend on the guest).
+    pub fn with_names(mut self, by_name: HashMap<String, u64>) -> Checker {
+        self.by_name = by_name;
+        self
+    }
+
     /// The threshold in force for `s`.
     pub fn threshold(&self, s: &Sensor) -> u64 {
-        self.overrides.get(&s.id).copied().unwrap_or(s.threshold)
+        self.overrides
+            .get(&s.id)
+            .or_else(|| self.by_name.get(&s.name))
+            .copied()
+            .unwrap_or(s.threshold)
     }
 
     /// Forgets progress history (e.g. after the guest was seen paused, or after a repair that held
@@ -213,5 +225,24 @@ mod tests {
         assert!(c
             .check(&s(50, 5000, 3, 4), t0 + Duration::from_millis(1200))
             .is_empty());
+    }
+
+    #[test]
+    fn a_per_device_sensor_takes_its_threshold_by_name() {
+        // Sensor 34 is named S34 by the helper: an override by that name applies, by id first.
+        let c = Checker::new(HashMap::from([(33, 7)])).with_names(HashMap::from([
+            ("S34".to_string(), 1500),
+            ("S33".into(), 9),
+        ]));
+        let box_ = sb(
+            &[
+                (33, SensorClass::Progress, 0, u64::MAX, 1),
+                (34, SensorClass::Progress, 0, u64::MAX, 1),
+                (35, SensorClass::Progress, 0, u64::MAX, 1),
+            ],
+            1,
+        );
+        let t: Vec<u64> = box_.sensors.iter().map(|s| c.threshold(s)).collect();
+        assert_eq!(t, [7, 1500, u64::MAX]);
     }
 }

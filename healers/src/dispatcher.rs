@@ -130,13 +130,14 @@ impl<'a> GuestLoop<'a> {
         metrics: &'a Metrics,
     ) -> Self {
         let overrides = g.threshold_overrides();
+        let names = g.threshold_names();
         let retry = g.backoff();
         GuestLoop {
             period: Duration::from_millis(g.sample_ms.unwrap_or(cfg.sample_ms).max(1)),
             cfg,
             guest: Guest::new(g),
             reg,
-            checker: Checker::new(overrides),
+            checker: Checker::new(overrides).with_names(names),
             events,
             metrics,
             up: None,

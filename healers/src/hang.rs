@@ -98,6 +98,11 @@ impl HangDetector {
         ids::TCP_ACCEPTS,
     ];
 
+    /// The per-device Progress Box sensors it also watches (`NET_RX:<dev>`, `NET_IRQS:<dev>`).
+    pub fn device_sensors() -> std::ops::Range<u32> {
+        ids::NET_DEV..ids::NET_DEV + 2 * ids::NET_DEVS
+    }
+
     /// Frees a CPU held by one task (see the module's documentation). `Ok(None)`: no CPU is
     /// held, or its holder may not be touched (the reason); `Ok(Some(pid))`: its process was
     /// stopped or killed.

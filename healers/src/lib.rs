@@ -63,7 +63,10 @@ pub fn default_registry(cfg: &Config, _guest: &GuestConfig) -> Registry {
         }
     }
     let hm = reg.new_hm(Box::new(hang::HangDetector::new(cfg.hang.clone())));
-    for s in hang::HangDetector::SENSORS {
+    for s in hang::HangDetector::SENSORS
+        .into_iter()
+        .chain(hang::HangDetector::device_sensors())
+    {
         reg.register_sensor(hm, s);
     }
     reg

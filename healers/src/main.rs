@@ -210,7 +210,7 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
     for g in &cfg.guests {
         let mut guest = Guest::new(g.clone());
         let overrides = g.threshold_overrides();
-        let checker = Checker::new(overrides);
+        let checker = Checker::new(overrides).with_names(g.threshold_names());
         let sb = guest.sample();
         let st = guest.status();
         match (&sb, json) {

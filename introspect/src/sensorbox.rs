@@ -66,6 +66,12 @@ pub mod ids {
     pub const NET_RX_PACKETS: u32 = 15;
     /// TCP connections accepted (progress; the Progress Box).
     pub const TCP_ACCEPTS: u32 = 16;
+    /// The first per-device Progress Box sensor: device slot `k` (ifindex − 1, loopback never)
+    /// has `NET_RX:<dev>` at `NET_DEV + 2k` and `NET_IRQS:<dev>` at `NET_DEV + 2k + 1`
+    /// (patched kernels, created as devices register).
+    pub const NET_DEV: u32 = 32;
+    /// Device slots with per-device sensors.
+    pub const NET_DEVS: u32 = 8;
 }
 
 /// Why a Sensor Box could not be read.

@@ -35,7 +35,8 @@ pub const SESSIONS: usize = 60;
 /// Requests of one session (LOGIN, VIEW/BID mix, LOGOUT).
 pub const REQUESTS: usize = 12;
 const FAULT_PORT: u16 = 7099;
-/// NET_RX_PACKETS must advance within this (ms) while clients run.
+/// The guest's NIC's `NET_RX:eth0` (the per-device Progress Box sensor) must advance within this
+/// (ms) while clients run.
 const NET_RX_MS: u64 = 1500;
 const SERVICE_PORT: u16 = 7070;
 const ADMIN_PORT: u16 = 7071;
@@ -216,8 +217,10 @@ fn freeze(g: &RootfsGuest, stop: bool) {
             let api = g.vm.site_api().to_string();
             let out = h.sh(
                 &format!(
-                    "p=$(pgrep -f -n -- '{api}') && for t in /proc/$p/task/*; do \
-                     case $(cat $t/comm) in vcpu*) kill {sig} ${{t##*/}} && echo signalled;; esac; done"
+                    "p=; for d in /proc/[0-9]*; do [ \"$(cat $d/comm 2>/dev/null)\" = bdvmm ] && \
+                     grep -q -- '{api}' $d/cmdline 2>/dev/null && p=${{d##*/}}; done; \
+                     [ -n \"$p\" ] && for t in /proc/$p/task/*; do \
+                     case $(cat $t/comm) in vcpu*) kill {sig} ${{t##*/}} && echo signalled;; esac; done; true"
                 ),
                 &[],
             );
@@ -402,7 +405,7 @@ impl Pair {
             "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
              [cpu]\nenabled = false\n[hang]\nmin_stall_ms = 1000\nfree_cpu = \"off\"\n\
              [[guest]]\nname = \"{}\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
-             [guest.thresholds]\nNET_RX_PACKETS = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\n\
+             [guest.thresholds]\n\"NET_RX:eth0\" = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\n\
              comm = \"{FRONT_COMM}\"\nuid = {FRONT_UID}\n",
             ["front-a", "front-b"][p],
             bridge.addr,
