@@ -9,6 +9,15 @@ use std::sync::Arc;
 use crate::netns::{free_subnet, NetLock};
 use crate::site::Site;
 
+/// N of a kvm host's guest subnet 10.233.N.0/24: its own link is 10.232.N.0/24, unique among
+/// live kvm hosts.
+fn kvm_subnet(h: &crate::kvmhost::KvmHost) -> String {
+    h.ip.split('.')
+        .nth(2)
+        .unwrap_or_else(|| panic!("kvm host address {}", h.ip))
+        .to_string()
+}
+
 /// A tap on a site and the addresses around it; removed on drop.
 pub struct GuestNet {
     site: Arc<Site>,
@@ -61,13 +70,7 @@ impl GuestNet {
                 }
             }
             Some(h) => {
-                // The kvm host's own link is 10.232.N.0/24, unique among live kvm hosts; its
-                // guests get 10.233.N.0/24.
-                let n =
-                    h.ip.split('.')
-                        .nth(2)
-                        .unwrap_or_else(|| panic!("kvm host address {}", h.ip))
-                        .to_string();
+                let n = kvm_subnet(h);
                 let tap = format!("bdgt{}", h.unique());
                 let gateway = format!("10.233.{n}.1");
                 h.sh(
@@ -201,12 +204,7 @@ impl GuestLan {
                 }
             }
             Some(h) => {
-                let n =
-                    h.ip.split('.')
-                        .nth(2)
-                        .unwrap_or_else(|| panic!("kvm host address {}", h.ip))
-                        .to_string();
-                let prefix = format!("10.233.{n}");
+                let prefix = format!("10.233.{}", kvm_subnet(h));
                 let tag = format!("{}", h.unique());
                 let bridge = format!("bdlb{tag}");
                 let ports = mk_ports(&prefix, &tag);

@@ -283,6 +283,19 @@ impl Front {
         Ok(reply)
     }
 
+    /// Stores `next` (nothing in flight) as the session's state and returns its last reply.
+    fn store_settled(&mut self, sid: u64, next: session::Core) -> Result<String, Refusal> {
+        let reply = next.last_reply.clone();
+        self.store(
+            sid,
+            SessionState {
+                core: next,
+                pending: None,
+            },
+        )?;
+        Ok(reply)
+    }
+
     fn view(&mut self, epoch: i64, sid: u64, item: i32) -> Result<String, Refusal> {
         let info = self
             .db
@@ -293,14 +306,7 @@ impl Front {
             .core(sid)?
             .view(item, &info)
             .map_err(|e| e.to_string())?;
-        let reply = next.last_reply.clone();
-        self.store(
-            sid,
-            SessionState {
-                core: next,
-                pending: None,
-            },
-        )?;
+        let reply = self.store_settled(sid, next)?;
         self.verify(epoch)?;
         Ok(reply)
     }
@@ -359,14 +365,7 @@ impl Front {
 
     fn logout(&mut self, epoch: i64, sid: u64) -> Result<String, Refusal> {
         let next = self.core(sid)?.logout().map_err(|e| e.to_string())?;
-        let reply = next.last_reply.clone();
-        self.store(
-            sid,
-            SessionState {
-                core: next,
-                pending: None,
-            },
-        )?;
+        let reply = self.store_settled(sid, next)?;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.closed_at = Some(Instant::now());
         }
