@@ -301,10 +301,16 @@ impl<'a> GuestLoop<'a> {
         if self.guest.cfg.failover.is_some() && !self.guest.located() {
             // Sessions can be moved only from a guest whose kernel is known: find it while the
             // guest is healthy (a failed one may not answer a pause).
+            let t = Instant::now();
             if let Err(e) = self.guest.locate(&sb) {
                 self.failed("locate", &e);
                 return;
             }
+            self.events.emit(
+                &name,
+                "located",
+                json!({"for": "failover", "took_us": crate::events::micros(t.elapsed())}),
+            );
             self.report_layout();
         }
         self.metrics

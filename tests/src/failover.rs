@@ -396,10 +396,20 @@ impl Pair {
             seed: self.seed,
             ..auction::client::Load::default()
         };
-        let clients = std::thread::spawn(move || auction::client::run(&load));
-        // The Progress Box's contract holds only while the service has clients: bdmon watches
-        // the primary once the sessions are going; then it fails.
-        std::thread::sleep(Duration::from_secs(2));
+        // The Progress Box's contract holds only while the service has clients: a health
+        // prober (as a load balancer's) connects every 100 ms from before bdmon watches until
+        // the run ends.
+        let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let prober = {
+            let probing = probing.clone();
+            std::thread::spawn(move || {
+                while probing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = TcpStream::connect_timeout(&vip, Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_secs(1));
         let mon_dir = tempfile::tempdir().expect("tempdir");
         let cfg = format!(
             "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
@@ -413,16 +423,31 @@ impl Pair {
             self.lan.ports[s].guest_ip,
         );
         let mut mon = crate::start_bdmon(mon_dir.path(), &cfg);
-        std::thread::sleep(Duration::from_secs(match self.engine {
-            Engine::Tcg => 3,
-            Engine::Kvm => 6,
-        }));
+        // Sessions can be moved only from a guest whose kernel bdmon has located (it does so
+        // while the guest is healthy): wait for that, then let it watch a little.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !crate::bdmon_events(mon_dir.path())
+            .iter()
+            .any(|e| e["event"] == "located")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bdmon did not locate the primary's kernel within 120 s\nevents: {:#?}\n{}",
+                crate::bdmon_events(mon_dir.path()),
+                mon.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let clients = std::thread::spawn(move || auction::client::run(&load));
+        std::thread::sleep(Duration::from_secs(2));
         let fault_ms = crate::load::now_ms();
         match fault {
             Fault::Freeze => freeze(&self.guests[p], true),
             other => ask_agent(self.guests[p].ip(), other.name()),
         }
         let report = clients.join().expect("client threads");
+        probing.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = prober.join();
         self.bids.extend(report.bids.iter().cloned());
         let bids = &self.bids;
         let check = self
