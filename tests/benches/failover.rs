@@ -107,7 +107,13 @@ fn main() {
                 engine.name(),
                 fault.name()
             );
-            let st = std::process::Command::new("python3")
+            // Debian's python3 has python3-matplotlib; another python3 first on PATH may not.
+            let python = if std::path::Path::new("/usr/bin/python3").exists() {
+                "/usr/bin/python3"
+            } else {
+                "python3"
+            };
+            let st = std::process::Command::new(python)
                 .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/plot_failover.py"))
                 .arg(&csv)
                 .arg(&base)
