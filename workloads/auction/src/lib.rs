@@ -22,3 +22,17 @@ pub mod pg;
 pub mod proto;
 pub mod series;
 pub mod session;
+
+/// Logs to stderr (colours on a terminal), filtered by `RUST_LOG`, else at `default`: the two
+/// binaries' set-up.
+pub fn init_logging(default: &str) {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
+}

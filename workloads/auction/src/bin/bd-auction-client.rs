@@ -3,7 +3,6 @@
 //!
 //! Exit codes: 0 success (every session completed right), 1 failure, 2 bad arguments.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,14 +83,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    auction::init_logging("warn");
     match go(Cli::parse().cmd) {
         Ok(code) => code,
         Err(e) => {

@@ -3,7 +3,6 @@
 //!
 //! Exit codes: 0 never (it serves until killed), 1 failure at start, 2 bad arguments.
 
-use std::io::IsTerminal;
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -77,14 +76,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    auction::init_logging("info");
     let cli = Cli::parse();
     let vip = match (&cli.vip, &cli.dev) {
         (Some(v), Some(d)) => match Vip::new(v, d, &cli.ip_cmd, &cli.arping_cmd) {

@@ -72,10 +72,12 @@ impl Vip {
     pub fn add(&self) -> Result<(), VipError> {
         let args = ["addr", "add", self.cidr.as_str(), "dev", self.dev.as_str()];
         if let Err(why) = run(&self.ip_cmd, &args) {
-            if !why.contains("File exists") {
+            let exists =
+                matches!(&why, CmdError::Failed { stderr, .. } if stderr.contains("File exists"));
+            if !exists {
                 return Err(VipError::Add {
                     cmd: format!("{} {}", self.ip_cmd.join(" "), args.join(" ")),
-                    why,
+                    why: why.to_string(),
                 });
             }
         }
@@ -87,21 +89,47 @@ impl Vip {
     }
 }
 
-fn run(cmd: &[String], args: &[&str]) -> Result<(), String> {
-    let (program, lead) = cmd.split_first().ok_or("no program")?;
+/// Why a command of [`Vip::add`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    /// An empty command.
+    #[error("no program")]
+    NoProgram,
+    /// It could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// It ran and failed.
+    #[error("{status}: {stderr}")]
+    Failed {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// Its stderr, trimmed.
+        stderr: String,
+    },
+}
+
+fn run(cmd: &[String], args: &[&str]) -> Result<(), CmdError> {
+    let (program, lead) = cmd.split_first().ok_or(CmdError::NoProgram)?;
     let out = Command::new(program)
         .args(lead)
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .map_err(|source| CmdError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(CmdError::Failed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
