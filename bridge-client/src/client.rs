@@ -25,7 +25,7 @@ use introspect::consistency::{Locked, Pausable};
 use introspect::mem::{MemError, PhysMem};
 use introspect::sensorbox::{self, SensorBox};
 use introspect::target::{KernelFiles, Target, TargetError};
-use introspect::tasks::{Process, TaskError};
+use introspect::tasks::{Limits, Process, TaskError};
 use rustls::{ClientConnection, StreamOwned};
 
 use crate::batch::{self, BatchLimits};
@@ -579,11 +579,23 @@ impl BridgeMem {
         &self,
         files: Option<KernelFiles<'_>>,
     ) -> Result<Locked<Vec<Process>>, InspectError> {
+        self.process_table_within(files, Limits::default())
+    }
+
+    /// [`BridgeMem::process_table`] with the walk bounded by `limits`; the lease covers the walk
+    /// (`limits.max_time` plus a second, at least [`DEFAULT_LEASE`]).
+    pub fn process_table_within(
+        &self,
+        files: Option<KernelFiles<'_>>,
+        limits: Limits,
+    ) -> Result<Locked<Vec<Process>>, InspectError> {
         let target = self.locate(files)?;
-        target.process_table(
+        let lease = DEFAULT_LEASE.max(limits.max_time + Duration::from_secs(1));
+        target.process_table_within(
             self,
-            &mut self.pauser(DEFAULT_LEASE),
+            &mut self.pauser(lease),
             Duration::from_millis(500),
+            limits,
         )
     }
 

@@ -548,11 +548,23 @@ impl Target {
         pauser: &mut P,
         timeout: std::time::Duration,
     ) -> Result<Locked<Vec<Process>>, E> {
+        self.process_table_within(mem, pauser, timeout, Limits::default())
+    }
+
+    /// [`Target::process_table`] with the walk bounded by `limits` instead of the defaults (a
+    /// slow link or a nested guest may need more than the default time for a large table).
+    pub fn process_table_within<P: Pausable, E: From<P::Error> + From<TaskError>>(
+        &self,
+        mem: &dyn PhysMem,
+        pauser: &mut P,
+        timeout: std::time::Duration,
+        limits: Limits,
+    ) -> Result<Locked<Vec<Process>>, E> {
         consistency::read_quiescent(
             pauser,
             timeout,
             || Ok(self.tasklist_busy(mem)?),
-            || Ok(self.walk(mem)?),
+            || Ok(self.walk_within(mem, limits)?),
         )
     }
 }

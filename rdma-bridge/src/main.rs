@@ -85,6 +85,10 @@ enum Cmd {
         /// The guest's vmlinux, for BTF (stock kernels; with --system-map).
         #[arg(long, requires = "system_map")]
         vmlinux: Option<PathBuf>,
+        /// Longest the task-list walk may hold the guest paused, in milliseconds (a large table
+        /// over a slow link or in a nested guest may need more than the default 1000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        walk_ms: u64,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -193,6 +197,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             who,
             system_map,
             vmlinux,
+            walk_ms,
             json,
         } => {
             let b = Bridge::connect(&who.bridge, &identity(&who))
@@ -205,8 +210,12 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
                 }),
                 _ => None,
             };
+            let limits = introspect::tasks::Limits {
+                max_time: std::time::Duration::from_millis(walk_ms),
+                ..Default::default()
+            };
             let t = mem
-                .process_table(files)
+                .process_table_within(files, limits)
                 .map_err(|e| (FAILED, e.to_string()))?;
             if json {
                 println!(

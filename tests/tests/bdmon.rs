@@ -163,7 +163,19 @@ impl World {
             system_map: m,
             vmlinux: v,
         });
-        mem.process_table(files).expect("process table").value
+        // A fork bomb's 300-900 task_structs, nested in the kvm host, can outlast the default 1 s
+        // walk (as bdmon's own walks do; see `walk_ms` above).
+        let limits = introspect::tasks::Limits {
+            max_time: if self.vm.engine() == Engine::Kvm {
+                Duration::from_secs(8)
+            } else {
+                introspect::tasks::Limits::default().max_time
+            },
+            ..Default::default()
+        };
+        mem.process_table_within(files, limits)
+            .expect("process table")
+            .value
     }
 
     /// pid 1 and every kernel thread.
