@@ -232,6 +232,9 @@ impl Front {
             "fenced: another front end took over; dropping all sessions"
         );
         self.role = Role::Fenced(newer);
+        if let Some(vip) = &self.cfg.vip {
+            vip.remove();
+        }
         for (_, s) in self.sessions.drain() {
             if let Err(e) = self.region.delete(s.handle) {
                 tracing::warn!("deleting a fenced session's box: {e}");

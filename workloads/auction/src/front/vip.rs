@@ -67,13 +67,15 @@ impl Vip {
         self.cidr.split('/').next().unwrap_or(&self.cidr)
     }
 
-    /// Adds the VIP (an address already present is fine) and announces it; an announcement
-    /// that fails is only logged.
+    /// Adds the VIP (an address already present is fine) and announces it in the background:
+    /// gratuitous ARP requests (`arping -U`, three, a second apart — busybox's pace), so that
+    /// neighbours replace the failed owner's MAC at once instead of when their entry expires
+    /// (tens of seconds). The caller serves without waiting for them; one that fails is logged.
     pub fn add(&self) -> Result<(), VipError> {
         let args = ["addr", "add", self.cidr.as_str(), "dev", self.dev.as_str()];
+        // iproute2 says "File exists" (Debian 12) or "Address already assigned" (newer).
         if let Err(why) = run(&self.ip_cmd, &args) {
-            let exists =
-                matches!(&why, CmdError::Failed { stderr, .. } if stderr.contains("File exists"));
+            let exists = matches!(&why, CmdError::Failed { stderr, .. } if stderr.contains("File exists") || stderr.contains("already assigned"));
             if !exists {
                 return Err(VipError::Add {
                     cmd: format!("{} {}", self.ip_cmd.join(" "), args.join(" ")),
@@ -81,11 +83,39 @@ impl Vip {
                 });
             }
         }
-        let args = ["-U", "-c", "2", "-I", self.dev.as_str(), self.address()];
-        if let Err(why) = run(&self.arping_cmd, &args) {
-            tracing::warn!("gratuitous ARP for {} failed: {why}", self.cidr);
+        let (cmd, dev, addr, cidr) = (
+            self.arping_cmd.clone(),
+            self.dev.clone(),
+            self.address().to_string(),
+            self.cidr.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("garp".into())
+            .spawn(move || {
+                let args = ["-U", "-c", "3", "-I", dev.as_str(), addr.as_str()];
+                match run(&cmd, &args) {
+                    Ok(()) => tracing::info!("announced {cidr} (gratuitous ARP)"),
+                    Err(why) => tracing::warn!(
+                        "gratuitous ARP for {cidr} failed: {why}; neighbours learn the new owner \
+                         only when their entry expires (does the kernel have CONFIG_PACKET?)"
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("gratuitous ARP for {} not sent: {e}", self.cidr);
         }
         Ok(())
+    }
+
+    /// Gives the VIP up (a front end fenced by a newer owner, whose kernel still runs, must stop
+    /// answering ARP for it); an address already gone is fine, any other failure is logged.
+    pub fn remove(&self) {
+        let args = ["addr", "del", self.cidr.as_str(), "dev", self.dev.as_str()];
+        match run(&self.ip_cmd, &args) {
+            Ok(()) => tracing::info!("gave up {}", self.cidr),
+            Err(CmdError::Failed { stderr, .. }) if stderr.contains("Cannot assign") => {}
+            Err(why) => tracing::warn!("giving up {} failed: {why}", self.cidr),
+        }
     }
 }
 
