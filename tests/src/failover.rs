@@ -8,7 +8,7 @@
 //! kvm host. The front end comes on an app disk ([`app_disk`]) that the image's `app` scenario
 //! mounts and runs; its `start.sh` also runs a root fault agent on port 7099 that the test asks
 //! for `netdown`, `panic`, `softhang` or `driver`; `freeze` stops the vCPUs from outside (SIGSTOP
-//! to QEMU or to bdvmm's vCPU threads), as a hardware hang would. [`Pair`] fails the two guests
+//! to QEMU, or a ptrace stop of bdvmm's vCPU threads only), as a hardware hang would. [`Pair`] fails the two guests
 //! over in turn: the failed one is restarted in place and comes back as the standby.
 
 use std::io::Write;
@@ -44,7 +44,7 @@ const ADMIN_PORT: u16 = 7071;
 /// The faults of the talk, as a VM allows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The vCPUs stop (SIGSTOP to QEMU, or to bdvmm's vCPU threads): a halted CPU.
+    /// The vCPUs stop (SIGSTOP to QEMU, or a ptrace stop of bdvmm's vCPU threads): a halted CPU.
     Freeze,
     /// `ip link set eth0 down` in the guest.
     NetDown,
@@ -198,11 +198,12 @@ fn ask_agent(ip: &str, fault: &str) {
 }
 
 /// Stops (`stop`) or lets go on the guest's vCPUs behind bdvmm's back: SIGSTOP/SIGCONT to QEMU
-/// (tcg), or to bdvmm's vCPU threads (kvm, inside the kvm host). bdvmm still says "running".
+/// (tcg), or a ptrace stop of bdvmm's vCPU threads alone (kvm, inside the kvm host:
+/// [`crate::kvmhost::freeze`]). bdvmm still says "running".
 fn freeze(g: &RootfsGuest, stop: bool) {
-    let sig = if stop { "-STOP" } else { "-CONT" };
     match g.vm.site().kvm() {
         None => {
+            let sig = if stop { "-STOP" } else { "-CONT" };
             let pid = g.vm.local_pid().expect("bdvmm's pid");
             let out = std::process::Command::new("pkill")
                 .args([sig, "-P", &pid.to_string(), "qemu-system"])
@@ -214,22 +215,36 @@ fn freeze(g: &RootfsGuest, stop: bool) {
             );
         }
         Some(h) => {
+            // Only the vCPU threads: a stop signal would stop all of bdvmm (its API and the
+            // bridge's reads with it), which is not a halted CPU. `bd-kvmhost freeze-threads`
+            // ptrace-stops them from a detached tracer; killing the tracer lets them go on.
             let api = g.vm.site_api().to_string();
-            let out = h.sh(
-                &format!(
-                    "p=; for d in /proc/[0-9]*; do [ \"$(cat $d/comm 2>/dev/null)\" = bdvmm ] && \
-                     grep -q -- '{api}' $d/cmdline 2>/dev/null && p=${{d##*/}}; done; \
-                     [ -n \"$p\" ] && for t in /proc/$p/task/*; do \
-                     case $(cat $t/comm) in vcpu*) kill {sig} ${{t##*/}} && echo signalled;; esac; done; true"
-                ),
-                &[],
-            );
-            assert!(
-                out.contains("signalled") || !stop,
-                "no vCPU thread stopped: {out}"
-            );
+            let pidfile = format!("/run/bdfreeze-{:x}", fnv(&api));
+            if stop {
+                let out = h.sh(
+                    &format!(
+                        "/opt/bd/bin/bd-kvmhost freeze-threads --cmdline '{api}' --pidfile {pidfile}"
+                    ),
+                    &[],
+                );
+                assert!(out.contains("frozen"), "no vCPU thread stopped: {out}");
+            } else {
+                h.sh(
+                    &format!(
+                        "[ -f {pidfile} ] && kill -KILL $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}; true"
+                    ),
+                    &[],
+                );
+            }
         }
     }
+}
+
+/// FNV-1a of `s`, for a short file name.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Two guests on one LAN serving the auction service in turn, each with its bridge; the

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backdoors_tests::kvmhost::remote::RemoteChild;
-use backdoors_tests::kvmhost::{agent, proto, KvmHost, KvmHostOptions};
+use backdoors_tests::kvmhost::{agent, freeze, proto, KvmHost, KvmHostOptions};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -53,6 +53,25 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true)]
         argv: Vec<String>,
     },
+    /// Freeze the threads named PREFIX* of one process (default: bdvmm's vCPU threads) and only
+    /// those, as a halted CPU would be: a detached tracer ptrace-stops each one (a stop signal
+    /// would stop the whole process, bdvmm's API and bridge with it). Prints
+    /// `frozen tracer=<pid> threads=<n>` once they are all stopped; `kill -KILL <pid>` (the pid
+    /// is also written to --pidfile) lets them go on.
+    FreezeThreads {
+        /// The process's name (comm).
+        #[arg(long, default_value = "bdvmm")]
+        comm: String,
+        /// A string its command line contains (e.g. its API socket's path).
+        #[arg(long)]
+        cmdline: String,
+        /// The threads' name prefix.
+        #[arg(long, default_value = "vcpu")]
+        prefix: String,
+        /// Where the tracer writes its pid.
+        #[arg(long)]
+        pidfile: std::path::PathBuf,
+    },
     /// (Inside a kvm host.) Serve the agent protocol.
     Agent {
         /// Address to listen on.
@@ -87,6 +106,27 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Up { mem, smp } => up(mem, smp),
+        Cmd::FreezeThreads {
+            comm,
+            cmdline,
+            prefix,
+            pidfile,
+        } => {
+            let frozen = freeze::find_process(&comm, &cmdline).and_then(|pid| {
+                let tids = freeze::threads(pid, &prefix)?;
+                freeze::freeze_detached(&tids, &pidfile).map(|tracer| (tracer, tids.len()))
+            });
+            match frozen {
+                Ok((tracer, n)) => {
+                    println!("frozen tracer={tracer} threads={n}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bd-kvmhost freeze-threads: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Exec { agent, stdin, argv } => exec(agent, stdin, &argv),
     }
 }

@@ -7,6 +7,7 @@
 //! * [`remote`] is the client side: remote children and a Unix-socket relay.
 
 pub mod agent;
+pub mod freeze;
 pub mod host;
 pub mod proto;
 pub mod remote;
