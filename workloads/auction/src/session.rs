@@ -82,7 +82,7 @@ pub struct SessionState {
 }
 
 /// Why a session operation or an imported state was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
     /// The bytes are not a session state.
     #[error("not a session state: {0}")]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread;
 
 use super::server::{close_after_error, lock, Shared};
-use super::Role;
+use super::{FrontError, Role};
 use crate::proto::{read_line, LineError, MAX_LINE};
 
 /// Accepts admin connections forever.
@@ -101,8 +101,54 @@ fn status(front: &Shared) -> String {
     )
 }
 
+/// Why an IMPORT was refused (its `ERR` reply; the connection then closes).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The count is not a number within the slots.
+    #[error("IMPORT <n>: n must be 0..={slots}")]
+    Count {
+        /// This front end's slots.
+        slots: u32,
+    },
+    /// A record's head line could not be read.
+    #[error("record {index}: {source}")]
+    Read {
+        /// Which record.
+        index: usize,
+        /// The error.
+        source: LineError,
+    },
+    /// The connection closed before a record.
+    #[error("record {index}: connection closed")]
+    Closed {
+        /// Which record.
+        index: usize,
+    },
+    /// A record's head is not `<id> <len>` with len within the capacity.
+    #[error("record {index}: expected `<id> <len>` with len <= {capacity}")]
+    Head {
+        /// Which record.
+        index: usize,
+        /// This front end's box capacity.
+        capacity: u32,
+    },
+    /// A record's data could not be read.
+    #[error("record {index}: reading {len} bytes: {source}")]
+    Data {
+        /// Which record.
+        index: usize,
+        /// Its length.
+        len: u32,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The front end refused the records.
+    #[error(transparent)]
+    Front(#[from] FrontError),
+}
+
 /// Reads the n records of an IMPORT, then imports them all or none.
-fn import(front: &Shared, n: &str, reader: &mut impl BufRead) -> Result<usize, String> {
+fn import(front: &Shared, n: &str, reader: &mut impl BufRead) -> Result<usize, ImportError> {
     let (slots, capacity) = {
         let f = lock(front);
         (f.config().slots, f.config().capacity)
@@ -111,13 +157,13 @@ fn import(front: &Shared, n: &str, reader: &mut impl BufRead) -> Result<usize, S
         .parse()
         .ok()
         .filter(|&n| u32::try_from(n).is_ok_and(|n| n <= slots))
-        .ok_or_else(|| format!("IMPORT <n>: n must be 0..={slots}"))?;
+        .ok_or(ImportError::Count { slots })?;
     let mut records = Vec::with_capacity(n);
     for index in 0..n {
         let head = read_line(reader, MAX_LINE)
-            .map_err(|e| format!("record {index}: {e}"))?
-            .ok_or_else(|| format!("record {index}: connection closed"))?;
-        let bad = || format!("record {index}: expected `<id> <len>` with len <= {capacity}");
+            .map_err(|source| ImportError::Read { index, source })?
+            .ok_or(ImportError::Closed { index })?;
+        let bad = || ImportError::Head { index, capacity };
         let (id, len) = head.split_once(' ').ok_or_else(bad)?;
         let id: u64 = id.parse().map_err(|_| bad())?;
         let len: u32 = len.parse().map_err(|_| bad())?;
@@ -127,9 +173,9 @@ fn import(front: &Shared, n: &str, reader: &mut impl BufRead) -> Result<usize, S
         let mut data = vec![0; usize::try_from(len).map_err(|_| bad())?];
         reader
             .read_exact(&mut data)
-            .map_err(|e| format!("record {index}: reading {len} bytes: {e}"))?;
+            .map_err(|source| ImportError::Data { index, len, source })?;
         records.push((id, data));
     }
     let result = lock(front).import(records);
-    result.map_err(|e| e.to_string())
+    Ok(result?)
 }

@@ -119,12 +119,51 @@ pub struct Front {
     bids_executed: u64,
 }
 
-/// Why a request was refused: the reason of its `ERR` reply.
-type Refusal = String;
+/// Why a request was refused; its `Display` is the reason of the `ERR` reply. `Standby` and
+/// `Unavailable` are the two a client retries (elsewhere, or later); every other one is final.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// This front end does not serve (a standby, or fenced by a newer owner).
+    #[error("{}", STANDBY)]
+    Standby,
+    /// The database could not be reached or failed; the outcome is settled on a retry.
+    #[error("{}", UNAVAILABLE)]
+    Unavailable,
+    /// No such session, and the request is not its LOGIN with seq 1.
+    #[error("unknown session: LOGIN with seq 1 first")]
+    UnknownSession,
+    /// The session vanished while the request ran (fenced meanwhile).
+    #[error("unknown session")]
+    Vanished,
+    /// A sequence number other than the last one (a retry) or the next one.
+    #[error("out of order: this session expects seq {expected}")]
+    OutOfOrder {
+        /// The next sequence number.
+        expected: u64,
+    },
+    /// The session logged out.
+    #[error("session closed")]
+    Closed,
+    /// LOGIN on a session that exists.
+    #[error("already logged in")]
+    AlreadyLoggedIn,
+    /// No such item.
+    #[error("no item {0}")]
+    NoItem(i32),
+    /// The session's own rules refused it.
+    #[error(transparent)]
+    Session(#[from] session::SessionError),
+    /// The session's state could not be exported to its State Box.
+    #[error("session state not exported ({0}); raise --capacity")]
+    NotExported(String),
+    /// No State Box slot for a new session.
+    #[error("no session slot: {0}")]
+    NoSlot(String),
+}
 
 fn unavailable(e: &DbError) -> Refusal {
     tracing::warn!("database: {e}");
-    UNAVAILABLE.to_string()
+    Refusal::Unavailable
 }
 
 impl Front {
@@ -170,14 +209,14 @@ impl Front {
     /// Executes a request; the reply text or the reason of a refusal.
     pub fn handle(&mut self, req: &Request) -> Result<String, Refusal> {
         let Role::Primary(epoch) = self.role else {
-            return Err(STANDBY.to_string());
+            return Err(Refusal::Standby);
         };
         self.reap_expired();
         let sid = req.sid;
         let Some(s) = self.sessions.get(&sid) else {
             return match &req.op {
                 Op::Login { user } if req.seq == 1 => self.login(epoch, sid, user),
-                _ => Err("unknown session: LOGIN with seq 1 first".to_string()),
+                _ => Err(Refusal::UnknownSession),
             };
         };
         if s.state.pending.is_some() {
@@ -190,16 +229,15 @@ impl Front {
             return Ok(core.last_reply);
         }
         if Some(req.seq) != core.last_seq.checked_add(1) {
-            return Err(format!(
-                "out of order: this session expects seq {}",
-                core.last_seq.saturating_add(1)
-            ));
+            return Err(Refusal::OutOfOrder {
+                expected: core.last_seq.saturating_add(1),
+            });
         }
         if core.closed {
-            return Err("session closed".to_string());
+            return Err(Refusal::Closed);
         }
         match &req.op {
-            Op::Login { .. } => Err("already logged in".to_string()),
+            Op::Login { .. } => Err(Refusal::AlreadyLoggedIn),
             Op::View { item } => self.view(epoch, sid, *item),
             Op::Bid { item, amount } => self.bid(epoch, sid, *item, *amount),
             Op::Logout => self.logout(epoch, sid),
@@ -210,7 +248,7 @@ impl Front {
         self.sessions
             .get(&sid)
             .map(|s| s.state.core.clone())
-            .ok_or_else(|| "unknown session".to_string())
+            .ok_or(Refusal::Vanished)
     }
 
     /// Proof of ownership before a reply: the epoch is still ours. A newer one fences us.
@@ -219,7 +257,7 @@ impl Front {
             Ok(e) if e == epoch => Ok(()),
             Ok(newer) => {
                 self.fence(newer);
-                Err(STANDBY.to_string())
+                Err(Refusal::Standby)
             }
             Err(e) => Err(unavailable(&e)),
         }
@@ -244,13 +282,10 @@ impl Front {
 
     /// Exports `state` to the session's box, then keeps it in memory.
     fn store(&mut self, sid: u64, state: SessionState) -> Result<(), Refusal> {
-        let s = self
-            .sessions
-            .get_mut(&sid)
-            .ok_or_else(|| "unknown session".to_string())?;
+        let s = self.sessions.get_mut(&sid).ok_or(Refusal::Vanished)?;
         self.region
             .export(&s.handle, &session::encode(&state))
-            .map_err(|e| format!("session state not exported ({e}); raise --capacity"))?;
+            .map_err(|e| Refusal::NotExported(e.to_string()))?;
         s.state = state;
         Ok(())
     }
@@ -261,8 +296,8 @@ impl Front {
             Err(_) if self.reap_oldest() => self
                 .region
                 .create_box(sid)
-                .map_err(|e| format!("no session slot: {e}"))?,
-            Err(e) => return Err(format!("no session slot: {e}")),
+                .map_err(|e| Refusal::NoSlot(e.to_string()))?,
+            Err(e) => return Err(Refusal::NoSlot(e.to_string())),
         };
         let core = session::login(user);
         let reply = core.last_reply.clone();
@@ -304,11 +339,8 @@ impl Front {
             .db
             .item(item)
             .map_err(|e| unavailable(&e))?
-            .ok_or_else(|| format!("no item {item}"))?;
-        let next = self
-            .core(sid)?
-            .view(item, &info)
-            .map_err(|e| e.to_string())?;
+            .ok_or(Refusal::NoItem(item))?;
+        let next = self.core(sid)?.view(item, &info)?;
         let reply = self.store_settled(sid, next)?;
         self.verify(epoch)?;
         Ok(reply)
@@ -316,7 +348,7 @@ impl Front {
 
     fn bid(&mut self, epoch: i64, sid: u64, item: i32, amount: i64) -> Result<String, Refusal> {
         let core = self.core(sid)?;
-        let pending = core.bid(item, amount).map_err(|e| e.to_string())?;
+        let pending = core.bid(item, amount)?;
         self.store(
             sid,
             SessionState {
@@ -343,7 +375,7 @@ impl Front {
             }
             Ok(BidOutcome::Fenced(newer)) => {
                 self.fence(newer);
-                Err(STANDBY.to_string())
+                Err(Refusal::Standby)
             }
             Ok(BidOutcome::NoItem) => {
                 self.store(
@@ -353,13 +385,13 @@ impl Front {
                         pending: None,
                     },
                 )?;
-                Err(format!("no item {item}"))
+                Err(Refusal::NoItem(item))
             }
             Err(e) => {
                 tracing::warn!("BID transaction failed, settling it: {e}");
                 match self.settle(sid) {
                     Ok(true) => Ok(pending.reply),
-                    Ok(false) => Err(UNAVAILABLE.to_string()),
+                    Ok(false) => Err(Refusal::Unavailable),
                     Err(e) => Err(unavailable(&e)),
                 }
             }
@@ -367,7 +399,7 @@ impl Front {
     }
 
     fn logout(&mut self, epoch: i64, sid: u64) -> Result<String, Refusal> {
-        let next = self.core(sid)?.logout().map_err(|e| e.to_string())?;
+        let next = self.core(sid)?.logout()?;
         let reply = self.store_settled(sid, next)?;
         if let Some(s) = self.sessions.get_mut(&sid) {
             s.closed_at = Some(Instant::now());
@@ -540,8 +572,11 @@ impl Front {
         let now = Instant::now();
         for (index, (id, state)) in states.into_iter().enumerate() {
             let closed = state.core.closed;
-            self.store(id, state)
-                .map_err(|why| FrontError::Record { index, id, why })?;
+            self.store(id, state).map_err(|e| FrontError::Record {
+                index,
+                id,
+                why: e.to_string(),
+            })?;
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.closed_at = closed.then_some(now);
             }
