@@ -38,18 +38,54 @@ pub fn serve_clients(front: Shared, listener: TcpListener) {
     }
 }
 
-/// The reply line (without newline) to one request line.
-pub fn reply_to(front: &Shared, line: &str) -> String {
+/// The reply line (without newline) to one request line, or `None` if `wanted` said, once the
+/// front end was free to execute the request, that nobody waits for the reply any more: the
+/// request is then not executed at all. Under overload a client's attempt times out and it
+/// retries the same (sid, seq) on a new connection; executing the abandoned copies too would keep
+/// the front end busy with work nobody reads (congestion collapse). Skipping one is safe: the
+/// retry executes it, or answers it from `last_reply` if it ran.
+pub fn reply_to(front: &Shared, line: &str, wanted: impl Fn() -> bool) -> Option<String> {
     match parse_request(line) {
-        Err((sid, seq, e)) => format!("ERR {sid} {seq} {e}"),
+        Err((sid, seq, e)) => Some(format!("ERR {sid} {seq} {e}")),
         Ok(req) => {
-            let result = lock(front).handle(&req);
-            match result {
+            let mut f = lock(front);
+            if !wanted() {
+                return None;
+            }
+            let result = f.handle(&req);
+            drop(f);
+            Some(match result {
                 Ok(text) => format!("OK {} {} {text}", req.sid, req.seq),
                 Err(reason) => format!("ERR {} {} {reason}", req.sid, req.seq),
-            }
+            })
         }
     }
+}
+
+/// False once the peer has closed its side of `stream` (or reset it) with nothing more to read:
+/// a client that gave up on its request. A peek that cannot tell (data pending, nothing yet,
+/// an error other than a reset) says true.
+pub fn peer_still_there(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv into a one-byte buffer this function owns, on a descriptor `stream` keeps
+    // open; MSG_PEEK leaves any data in the socket and MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            std::ptr::addr_of_mut!(byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n == 0 {
+        return false;
+    }
+    if n < 0 {
+        let e = std::io::Error::last_os_error().raw_os_error();
+        return !matches!(e, Some(libc::ECONNRESET) | Some(libc::EPIPE));
+    }
+    true
 }
 
 /// Closes a connection whose input cannot be read on: after the ERR line, stop writing and
@@ -70,7 +106,21 @@ fn client(front: &Shared, stream: TcpStream) {
     let mut writer = stream;
     loop {
         let reply = match read_line(&mut reader, MAX_LINE) {
-            Ok(Some(line)) => reply_to(front, &line),
+            Ok(Some(line)) => {
+                // A request whose client has already gone (its attempt timed out) is not run.
+                if reader.buffer().is_empty() {
+                    match reply_to(front, &line, || peer_still_there(&writer)) {
+                        Some(r) => r,
+                        None => {
+                            tracing::debug!("client gone before its request ran; skipped");
+                            return;
+                        }
+                    }
+                } else {
+                    // More requests are buffered (pipelined): the client is still there.
+                    reply_to(front, &line, || true).unwrap_or_default()
+                }
+            }
             Ok(None) | Err(LineError::Io(_)) => return,
             Err(e) => {
                 let _ = writer.write_all(format!("ERR 0 0 {e}\n").as_bytes());
@@ -81,5 +131,33 @@ fn client(front: &Shared, stream: TcpStream) {
         if writer.write_all(format!("{reply}\n").as_bytes()).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_peer_that_closed_is_gone_and_one_with_data_pending_is_not() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = TcpStream::connect(addr).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(peer_still_there(&s), "open, nothing sent");
+        c.write_all(b"REQ 1 2 LOGOUT\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(peer_still_there(&s), "data pending");
+        drop(c);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            peer_still_there(&s),
+            "closed, but its request is still unread"
+        );
+        let mut buf = [0u8; 64];
+        let n = io::Read::read(&mut &s, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"REQ 1 2 LOGOUT\n");
+        assert!(!peer_still_there(&s), "closed and nothing left");
     }
 }
