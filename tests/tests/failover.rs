@@ -24,24 +24,15 @@ fn every_fault(engine: Engine) {
     }
 }
 
-/// Not run by `make test` yet: it passed all five faults once (2026-12-02, 628 s), then failed
-/// once with one wrong reply in 720 requests — after the soft-hang failover the standby answered
-/// a retried LOGOUT (seq 12) with "unknown session": the session was not among the 33 State
-/// Boxes moved. Until that is understood, a green `make test` would claim more than is known.
-/// Run it with `cargo nextest run -p backdoors-tests --test failover --run-ignored all`.
+/// tcg: the guests run under QEMU TCG here; frozen vCPUs are a SIGSTOP to QEMU.
 #[test]
-#[ignore = "one wrong reply seen after the soft-hang failover (see the doc comment)"]
 fn tcg_sessions_survive_every_fault() {
     every_fault(Engine::Tcg);
 }
 
-/// Not run by `make test` yet: on the kvm engine the frozen-vCPU fault (SIGSTOP to bdvmm's vCPU
-/// threads inside the kvm host) leaves bdvmm's control loop unable to answer STATUS (seen:
-/// the bridge's STATUS times out after 10 s, every time), so bdmon never judges the guest hung
-/// and the sessions are not moved; the other faults have not been run on kvm. Run it with
-/// `cargo nextest run -p backdoors-tests --test failover --run-ignored all`.
+/// kvm: the guests run under bdvmm's kvm engine inside a kvm host; frozen vCPUs are a ptrace
+/// stop of bdvmm's vCPU threads alone (`bd-kvmhost freeze-threads`), bdvmm's API still up.
 #[test]
-#[ignore = "kvm: bdvmm's control loop stops answering when its vCPU threads are frozen (see the doc comment)"]
 fn kvm_sessions_survive_every_fault() {
     every_fault(Engine::Kvm);
 }
