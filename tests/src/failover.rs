@@ -568,6 +568,13 @@ impl Pair {
     /// boot after the first.
     pub fn restore(&mut self, i: usize) {
         freeze(&self.guests[i], false);
+        // A failed guest may have taken its VMM with it (nested in a kvm host the emulated AMD-V
+        // sometimes triple-faults a guest, also one the fault left spinning): then bring it back
+        // as an operator would, started anew on the same disks.
+        if let Some(st) = self.guests[i].vm.try_exit() {
+            self.cold_start(i, &format!("its bdvmm had exited ({st})"));
+            return self.expect_standby(i);
+        }
         let (setup, bridge) = &self.bridges[i];
         let mut b = bridge.connect(&setup.id("mon1"));
         b.restart().unwrap_or_else(|e| {
@@ -579,29 +586,41 @@ impl Pair {
         drop(b);
         self.boots[i] += 1;
         self.seen[i] += 1;
-        let n = self.boots[i];
         match wait_nth(&mut self.guests[i], "APP front up", self.seen[i], BOOT) {
             Ok(()) => {}
             Err(st) if platform_flake(&self.guests[i]) => {
-                // The reset killed the guest (nested AMD-V): a cold start on the same disks, as
-                // an operator would, with a new bridge. Its front end comes up as a standby.
-                eprintln!(
-                    "front {i} triple-faulted on its restart ({st}; nested AMD-V): starting it anew\n{}",
-                    crate::vm::tail(&self.guests[i].vm.stderr())
-                );
-                drop(self.bridges.remove(i));
-                drop(self.guests.remove(i));
-                let g = boot_until_up(self.engine, &self.plans[i]);
-                self.bridges.insert(i, start_bridge(&g));
-                self.guests.insert(i, g);
-                self.seen[i] = 1;
+                // The reset killed the guest (nested AMD-V): the boot did not get as far as
+                // counting itself, so the cold start is this boot.
+                self.boots[i] -= 1;
+                self.cold_start(i, &format!("it triple-faulted on its restart ({st})"));
             }
             Err(st) => panic!(
                 "bdvmm exited ({st}) before front {i} came back\n{}",
                 self.guests[i].vm.diagnostics()
             ),
         }
-        let line = format!("APP front up boot={n} role=standby");
+        self.expect_standby(i);
+    }
+
+    /// Replaces guest `i` (whose bdvmm has exited) by a new one on the same disks and LAN port,
+    /// with a new bridge, and waits for its front end.
+    fn cold_start(&mut self, i: usize, why: &str) {
+        eprintln!(
+            "front {i}: {why}; starting it anew on the same disks\n{}",
+            crate::vm::tail(&self.guests[i].vm.stderr())
+        );
+        drop(self.bridges.remove(i));
+        drop(self.guests.remove(i));
+        let g = boot_until_up(self.engine, &self.plans[i]);
+        self.bridges.insert(i, start_bridge(&g));
+        self.guests.insert(i, g);
+        self.boots[i] += 1;
+        self.seen[i] = 1;
+    }
+
+    /// Checks that guest `i`'s front end came back as a standby on its latest boot.
+    fn expect_standby(&self, i: usize) {
+        let line = format!("APP front up boot={} role=standby", self.boots[i]);
         assert!(
             self.guests[i].vm.stdout().contains(&line),
             "guest {i} did not come back as a standby ({line:?})\n{}",

@@ -72,10 +72,25 @@ impl Drop for Tracer {
     }
 }
 
+/// The counters as the main thread wrote them after this call began: it writes every
+/// millisecond, but on a loaded machine the last write may be older than the freeze; two
+/// writes later the file shows the threads' state after it.
+fn fresh(p: &Path) -> [u64; 3] {
+    let start = counts(p)[2];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = counts(p);
+        if c[2] >= start + 2 || std::time::Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn advance(p: &Path) -> [bool; 3] {
-    let a = counts(p);
+    let a = fresh(p);
     std::thread::sleep(Duration::from_millis(400));
-    let b = counts(p);
+    let b = fresh(p);
     [0, 1, 2].map(|i| b[i] > a[i])
 }
 
