@@ -18,6 +18,41 @@ fn kvm_subnet(h: &crate::kvmhost::KvmHost) -> String {
         .to_string()
 }
 
+/// A route on this machine to a kvm host's guests, `10.233.N.0/24 via <kvm host> dev <its tap>`.
+/// Removed by prefix *and* device: another test process's kvm host may get the same N once this
+/// one's tap is gone, and a removal by prefix alone (`ip route del 10.233.N.0/24`) run late would
+/// take that host's route instead (seen: a failover test's clients suddenly sent to the default
+/// route, mid-run).
+struct Route {
+    prefix: String,
+    via: String,
+    dev: String,
+}
+
+impl Route {
+    fn remove(&self) {
+        let _ = local_ip(&[
+            "route",
+            "del",
+            &self.prefix,
+            "via",
+            &self.via,
+            "dev",
+            &self.dev,
+        ]);
+    }
+}
+
+fn add_route(prefix: String, h: &crate::kvmhost::KvmHost) -> Route {
+    local_ip(&["route", "replace", &prefix, "via", &h.ip, "dev", &h.tap])
+        .unwrap_or_else(|e| panic!("route to the kvm host's guests: {e}"));
+    Route {
+        prefix,
+        via: h.ip.clone(),
+        dev: h.tap.clone(),
+    }
+}
+
 /// A tap on a site and the addresses around it; removed on drop.
 pub struct GuestNet {
     site: Arc<Site>,
@@ -27,8 +62,8 @@ pub struct GuestNet {
     pub guest_ip: String,
     /// The tap's address: the guest's gateway.
     pub gateway: String,
-    /// The route added on this machine, if any (`10.233.N.0/24`).
-    route: Option<String>,
+    /// The route added on this machine, if any (`10.233.N.0/24` via the kvm host's tap).
+    route: Option<Route>,
 }
 
 fn local_ip(args: &[&str]) -> Result<(), String> {
@@ -81,8 +116,7 @@ impl GuestNet {
                     &[],
                 );
                 let route = format!("10.233.{n}.0/24");
-                local_ip(&["route", "replace", &route, "via", &h.ip])
-                    .unwrap_or_else(|e| panic!("route to the kvm host's guests: {e}"));
+                let route = add_route(route, h);
                 GuestNet {
                     site: site.clone(),
                     tap,
@@ -108,7 +142,7 @@ impl GuestNet {
 impl Drop for GuestNet {
     fn drop(&mut self) {
         if let Some(route) = &self.route {
-            let _ = local_ip(&["route", "del", route]);
+            route.remove();
         }
         match self.site.kvm() {
             // The tap goes with the kvm host.
@@ -137,7 +171,7 @@ pub struct GuestLan {
     /// The address by which guests reach this machine (the gateway locally; this machine's
     /// address on the kvm host's link otherwise).
     pub this_machine: String,
-    route: Option<String>,
+    route: Option<Route>,
 }
 
 /// One guest's place on a [`GuestLan`].
@@ -224,8 +258,7 @@ impl GuestLan {
                 let out = h.sh(&script, &[]);
                 assert!(out.contains("lan-ok"), "LAN in the kvm host: {out}");
                 let route = format!("{prefix}.0/24");
-                local_ip(&["route", "replace", &route, "via", &h.ip])
-                    .unwrap_or_else(|e| panic!("route to the kvm host's guests: {e}"));
+                let route = add_route(route, h);
                 GuestLan {
                     site: site.clone(),
                     bridge,
@@ -248,7 +281,7 @@ impl GuestLan {
 impl Drop for GuestLan {
     fn drop(&mut self) {
         if let Some(route) = &self.route {
-            let _ = local_ip(&["route", "del", route]);
+            route.remove();
         }
         if self.site.kvm().is_none() {
             for p in &self.ports {
