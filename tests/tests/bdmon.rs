@@ -178,12 +178,15 @@ impl World {
             .value
     }
 
-    /// pid 1 and every kernel thread.
+    /// pid 1 and every kernel thread — but one being created: kthreadd forks it, and until it
+    /// runs and takes its name it is a kernel thread named "kthreadd" with another pid (seen:
+    /// pid 64 "kthreadd" in the first read, a kworker in the second).
     fn survivors(&self) -> Vec<(u32, String)> {
         let mut v: Vec<(u32, String)> = self
             .table()
             .iter()
             .filter(|p| p.task.pid == 1 || p.task.kthread)
+            .filter(|p| !(p.task.comm == "kthreadd" && p.task.pid != 2))
             .map(|p| (p.task.pid, p.task.comm.clone()))
             .collect();
         v.sort();
