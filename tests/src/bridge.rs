@@ -39,6 +39,24 @@ pub struct BridgeSetup {
 }
 
 impl BridgeSetup {
+    /// One monitor, `mon1`, that reads the Sensor Box and RAM, writes hooks, locks and reads
+    /// registers (and restarts the guest if `restart`): what a single bdmon needs.
+    pub fn one_monitor(listen: &str, restart: bool) -> Self {
+        Self::new(
+            listen,
+            &[MonitorSpec {
+                name: "mon1",
+                read: &["sb", "ram"],
+                write: &["hooks"],
+                restart,
+                lock: true,
+                regs: true,
+            }],
+            1,
+            1000,
+        )
+    }
+
     /// Keys for every monitor, and a config listening on `listen` with `k`-of-n writes.
     pub fn new(listen: &str, monitors: &[MonitorSpec], k: usize, window_ms: u64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");

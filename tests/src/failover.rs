@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
+use crate::bridge::{BridgeProc, BridgeSetup};
 use crate::guestnet::GuestLan;
 use crate::rootfs::{Placed, RootfsGuest, RootfsSpec};
 use crate::site::{Engine, Site};
@@ -316,19 +316,7 @@ fn launch(engine: Engine, plan: &Plan) -> RootfsGuest {
 }
 
 fn start_bridge(g: &RootfsGuest) -> (BridgeSetup, BridgeProc) {
-    let setup = BridgeSetup::new(
-        &g.vm.site().listen_addr(),
-        &[MonitorSpec {
-            name: "mon1",
-            read: &["sb", "ram"],
-            write: &["hooks"],
-            restart: true,
-            lock: true,
-            regs: true,
-        }],
-        1,
-        1000,
-    );
+    let setup = BridgeSetup::one_monitor(&g.vm.site().listen_addr(), true);
     let b = BridgeProc::start(&g.vm, &setup);
     (setup, b)
 }

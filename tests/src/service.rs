@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::bridge::{BridgeProc, BridgeSetup, MonitorSpec};
+use crate::bridge::{BridgeProc, BridgeSetup};
 use crate::load::{self, median, Outcome, RedisLoad, Window};
 use crate::rootfs::{RootfsGuest, RootfsSpec};
 use crate::site::Engine;
@@ -199,19 +199,7 @@ pub fn run(engine: Engine, attack: Attack) -> Report {
     g.vm.expect("ATTACK waiting", BOOT);
     let pid_before = g.redis_info("process_id").expect("redis INFO process_id");
 
-    let setup = BridgeSetup::new(
-        &g.vm.site().listen_addr(),
-        &[MonitorSpec {
-            name: "mon1",
-            read: &["sb", "ram"],
-            write: &["hooks"],
-            restart: false,
-            lock: true,
-            regs: true,
-        }],
-        1,
-        1000,
-    );
+    let setup = BridgeSetup::one_monitor(&g.vm.site().listen_addr(), false);
     let bridge = BridgeProc::start(&g.vm, &setup);
     let dir = tempfile::tempdir().expect("tempdir");
     // The service's user, as the guest's own process table says (Debian allocates system uids
