@@ -165,9 +165,17 @@ struct Model {
     items: HashMap<i32, (i64, i64)>,
 }
 
+/// A reply that is not the one the session's model expects.
+#[derive(Debug, thiserror::Error)]
+#[error("expected {expected:?}")]
+struct Unexpected {
+    /// The expected text, or its shape.
+    expected: String,
+}
+
 impl Model {
     /// Whether `text` is the right reply to `op`; the expected text (or its shape) otherwise.
-    fn check(&self, op: &Op, text: &str) -> Result<(), String> {
+    fn check(&self, op: &Op, text: &str) -> Result<(), Unexpected> {
         let expected = match op {
             Op::Login { user } => format!("welcome {user}"),
             Op::Bid { amount, .. } => format!(
@@ -185,11 +193,11 @@ impl Model {
         if text == expected {
             Ok(())
         } else {
-            Err(expected)
+            Err(Unexpected { expected })
         }
     }
 
-    fn check_view(&self, item: i32, text: &str) -> Result<(), String> {
+    fn check_view(&self, item: i32, text: &str) -> Result<(), Unexpected> {
         let (own_n, own_max) = self.items.get(&item).copied().unwrap_or((0, 0));
         let views = self.views + 1;
         let expected = format!(
@@ -210,7 +218,7 @@ impl Model {
         if ok {
             Ok(())
         } else {
-            Err(expected)
+            Err(Unexpected { expected })
         }
     }
 
@@ -353,7 +361,9 @@ fn run_session(load: &Load, index: usize, end: Instant) -> Outcome {
                     seq: q,
                     text,
                 }) if s == sid && q == seq => {
-                    break model.check(op, &text).map_err(|e| Some(wrong(got, e)));
+                    break model
+                        .check(op, &text)
+                        .map_err(|e| Some(wrong(got, e.expected)));
                 }
                 Some(Reply::Err {
                     sid: s,
