@@ -124,6 +124,11 @@ pub struct StatusReply {
     /// and divide the difference by the time between). Absent from older bdvmm builds.
     #[serde(default)]
     pub paused_ns_total: u64,
+    /// vCPUs whose threads have stopped answering the VMM (stopped by a tracer or a debugger,
+    /// or stuck in the host kernel): while any is listed the guest cannot be paused, and its
+    /// memory is still served. Empty (and absent from the JSON) on a healthy VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unanswering_vcpus: Vec<u8>,
 }
 
 /// A vCPU's registers, as much as a monitor needs to walk the guest's page tables and per-CPU data.

@@ -213,3 +213,119 @@ fn kvm_pause_stops_a_tiny_guest_on_this_machines_kvm() {
     c.regs(1).unwrap();
     assert!(c.regs(2).is_err());
 }
+
+/// Kills the tracer that holds the vCPU threads stopped, whatever happens to the test.
+struct Thaw(Option<i32>);
+impl Thaw {
+    fn now(&mut self) {
+        if let Some(pid) = self.0.take() {
+            // SAFETY: kill with the tracer's pid, read from its own pidfile.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
+/// A vCPU thread that stops answering (ptrace-stopped: the kvm engine's "halted CPU" fault) must
+/// cost a pause request one timeout and never the VM: the pause is refused with the reason,
+/// bdvmm keeps serving its API and memory and names the vCPUs in `status`, later pauses and
+/// register reads fail at once instead of waiting again, and once the threads wake they run the
+/// guest (not left paused by the failed pause) and pause normally again.
+#[test]
+fn kvm_a_frozen_vcpu_costs_a_pause_and_never_the_vm() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP: no /dev/kvm on this host");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, tiny_guest::elf()).unwrap();
+    let spec = VmSpec {
+        kernel,
+        initrd: None,
+        cmdline: "tiny".into(),
+        engine: Engine::Kvm,
+        mem: 64,
+        vcpus: 2,
+        extra: Vec::new(),
+        site: Some(Site::local()),
+    };
+    let mut vm = Vm::start(&spec);
+    vm.expect(tiny_guest::BANNER, Duration::from_secs(30));
+    let (mem, _) = vm.memory();
+    let read = || mem.read_u64(tiny_guest::COUNTER_GPA).unwrap() & 0xffff_ffff;
+    assert!(
+        counter_moves(read, Duration::from_secs(5)),
+        "tiny guest idle"
+    );
+
+    let pidfile = dir.path().join("tracer.pid");
+    let out = Command::new(env!("CARGO_BIN_EXE_bd-kvmhost"))
+        .args(["freeze-threads", "--comm", "bdvmm", "--cmdline"])
+        .arg(vm.api.to_string_lossy().as_ref())
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .output()
+        .expect("bd-kvmhost");
+    assert!(
+        out.status.success(),
+        "freeze-threads: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tracer: i32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("tracer pid");
+    let mut thaw = Thaw(Some(tracer));
+    assert!(
+        !counter_moves(read, Duration::from_millis(500)),
+        "the counter moves with both vCPU threads frozen"
+    );
+
+    let mut c = vm.client();
+    let first = c
+        .pause(Some(Duration::from_secs(10)))
+        .unwrap_err()
+        .to_string();
+    assert!(first.contains("did not acknowledge"), "{first}");
+    let st = c.status().expect("bdvmm answers after the failed pause");
+    assert_eq!(st.state, "running", "no lease was granted: {st:?}");
+    assert_eq!(st.unanswering_vcpus, vec![0, 1], "{st:?}");
+    let again = c
+        .pause(Some(Duration::from_secs(10)))
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("has not answered the VMM"), "{again}");
+    let regs = c.regs(0).unwrap_err().to_string();
+    assert!(regs.contains("has not answered the VMM"), "{regs}");
+    // Its memory is still served, and bdvmm is still there.
+    read();
+    assert!(
+        vm.try_exit().is_none(),
+        "bdvmm exited:\n{}",
+        vm.diagnostics()
+    );
+
+    thaw.now();
+    assert!(
+        counter_moves(read, Duration::from_secs(10)),
+        "the guest does not run after its vCPU threads woke:\n{}",
+        vm.diagnostics()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.status().unwrap().unanswering_vcpus.is_empty() {
+        assert!(Instant::now() < deadline, "the woken vCPUs never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.pause(Some(Duration::from_secs(10)))
+        .expect("pause after the thaw");
+    assert_stopped(read);
+    c.resume().unwrap();
+    assert!(counter_moves(read, Duration::from_secs(5)));
+    c.regs(0).expect("regs after the thaw");
+}

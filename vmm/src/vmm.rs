@@ -209,7 +209,9 @@ impl Vmm {
             self.paused_total = self.paused_total.saturating_add(t.elapsed());
         }
         if let Err(e) = resumed {
-            self.exit = Some(VmExit::Failed(format!("cannot resume the guest: {e}")));
+            // The resume is queued for every vCPU thread, so one that is stuck runs again when
+            // it wakes; the VM stays served either way.
+            tracing::error!("resuming the guest: {e}");
         }
     }
 
@@ -281,13 +283,15 @@ impl Vmm {
                         let t0 = Instant::now();
                         if let Err(e) = self.engine.pause() {
                             // Some vCPUs may have stopped before one failed to answer: never leave
-                            // a guest half-paused with no lease to undo it.
-                            if let Err(r) = self.engine.resume() {
-                                self.exit = Some(VmExit::Failed(format!(
-                                    "pause failed ({e}) and the guest could not be resumed: {r}"
-                                )));
-                            }
-                            return (err(format!("pause failed: {e}")), None);
+                            // a guest half-paused with no lease to undo it. Whatever happens, the
+                            // VM stays: a guest that cannot be paused can still be read, and
+                            // ending it here would lose the memory a backup recovers state from.
+                            let undo = match self.engine.resume() {
+                                Ok(()) => "the vCPUs that had stopped run again".to_string(),
+                                Err(r) => format!("resuming the others failed too: {r}"),
+                            };
+                            tracing::warn!("pause refused: {e}; {undo}");
+                            return (err(format!("pause failed: {e}; {undo}")), None);
                         }
                         let pause_ns = nanos(t0.elapsed());
                         self.pauses += 1;
@@ -391,6 +395,12 @@ impl Vmm {
                         pauses: self.pauses,
                         lease_expiries: self.lease_expiries,
                         paused_ns_total: self.paused_ns_total(),
+                        unanswering_vcpus: self
+                            .engine
+                            .unanswering()
+                            .into_iter()
+                            .map(|(id, _)| id)
+                            .collect(),
                     }),
                     None,
                 )

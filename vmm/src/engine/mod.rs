@@ -154,6 +154,11 @@ pub trait Engine: Pausable<Error = EngineError> {
     fn on_ready(&mut self, fd: RawFd) -> Ready;
     /// Stops the guest for good (bdvmm is exiting). Idempotent; never blocks for long.
     fn terminate(&mut self);
+    /// vCPUs whose threads have stopped answering the VMM (stopped by a tracer, stuck in the
+    /// host kernel), and for how long. Such a guest cannot be paused; it stays served.
+    fn unanswering(&mut self) -> Vec<(u8, std::time::Duration)> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

@@ -311,24 +311,52 @@ impl KvmEngine {
         }
     }
 
-    /// Sends `event` to every vCPU, then collects one acknowledgement from each.
+    /// Sends `event` to every vCPU, then collects their acknowledgements, all within one
+    /// [`ACK_TIMEOUT`].
+    ///
+    /// A pause first checks that every vCPU has answered everything sent before: one that is
+    /// behind (its thread stopped by a tracer, or stuck in the host kernel) could not promise to
+    /// stop, so nothing is paused and the caller learns which and for how long. A resume goes to
+    /// every vCPU but waits only for those that were answering: a thread that is behind finds the
+    /// resume queued after what it missed and runs again when it wakes. So a stuck vCPU costs a
+    /// pause request one timeout at most, once, and never the VM.
     fn broadcast(&mut self, event: VcpuEvent) -> Result<(), KvmError> {
-        for v in &self.vcpus {
-            v.send(event)?;
-        }
-        for v in &self.vcpus {
-            match v.reply(ACK_TIMEOUT)? {
-                VcpuReply::Paused | VcpuReply::Resumed => {}
-                other => {
-                    return Err(KvmError::Ack(VcpuError::Unexpected {
-                        id: v.id,
-                        reply: format!("{other:?}"),
-                        event: format!("{event:?}"),
-                    }))
-                }
+        let mut behind = Vec::with_capacity(self.vcpus.len());
+        for v in &mut self.vcpus {
+            if event == VcpuEvent::Pause {
+                v.check_answering()?;
             }
+            behind.push(v.unanswered_for().is_some());
         }
-        Ok(())
+        let mut sent = Vec::with_capacity(self.vcpus.len());
+        for v in &mut self.vcpus {
+            sent.push(v.send(event)?);
+        }
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        let mut first_err = None;
+        for ((v, seq), was_behind) in self.vcpus.iter_mut().zip(sent).zip(behind) {
+            if was_behind {
+                tracing::warn!(
+                    vcpu = v.id,
+                    "vCPU is not answering; it gets {event:?} when it wakes"
+                );
+                continue;
+            }
+            let err = match v.reply(seq, deadline) {
+                Ok(VcpuReply::Paused | VcpuReply::Resumed) => continue,
+                Ok(other) => VcpuError::Unexpected {
+                    id: v.id,
+                    reply: format!("{other:?}"),
+                    event: format!("{event:?}"),
+                },
+                Err(e) => e,
+            };
+            first_err.get_or_insert(err);
+        }
+        match first_err {
+            Some(e) => Err(KvmError::Ack(e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -358,10 +386,13 @@ impl Engine for KvmEngine {
         let count = self.vcpus();
         let v = self
             .vcpus
-            .get(usize::from(id))
+            .get_mut(usize::from(id))
             .ok_or(EngineError::NoSuchVcpu(id, count))?;
-        v.send(VcpuEvent::GetRegs).map_err(KvmError::from)?;
-        match v.reply(ACK_TIMEOUT).map_err(KvmError::from)? {
+        // A thread that is behind would only make the API wait out the timeout again.
+        v.check_answering().map_err(KvmError::from)?;
+        let seq = v.send(VcpuEvent::GetRegs).map_err(KvmError::from)?;
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        match v.reply(seq, deadline).map_err(KvmError::from)? {
             VcpuReply::Regs(r) => Ok(*r),
             VcpuReply::RegsFailed(e) => Err(KvmError::from(e).into()),
             other => Err(KvmError::from(VcpuError::Unexpected {
@@ -411,6 +442,13 @@ impl Engine for KvmEngine {
             Ok(VcpuExitReport::Ended(end)) => Ready::Ended(end),
             Err(_) => Ready::Handled,
         }
+    }
+
+    fn unanswering(&mut self) -> Vec<(u8, std::time::Duration)> {
+        self.vcpus
+            .iter_mut()
+            .filter_map(|v| v.unanswered_for().map(|d| (v.id, d)))
+            .collect()
     }
 
     fn terminate(&mut self) {

@@ -18,12 +18,20 @@
 //! `KVM_RUN` return `EINTR` at once, even if the signal lands just before the ioctl is entered.
 //! Every event is acknowledged on the vCPU's reply channel, so the VMM knows when *all* vCPUs have
 //! stopped. A Stopped vCPU still acknowledges Pause/Resume/GetRegs so that nobody waits forever.
+//!
+//! A vCPU thread can also stop answering altogether: stopped by a debugger or a tracer (that is
+//! how a "frozen CPU" fault is injected), or stuck in the host kernel. Events and replies carry a
+//! sequence number, so a late reply is never taken for the answer to a newer event, and the
+//! handle knows which vCPU is behind ([`VcpuHandle::unanswered_for`]). The engine then refuses
+//! to pause (it cannot promise that no guest code runs) but keeps the VM: its memory stays
+//! served, and the events queued for the stuck thread (the failed pause, then the resume that
+//! undoes it) leave it running once it wakes.
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -54,11 +62,25 @@ pub enum VcpuError {
     #[error("vCPU {0} thread is gone")]
     Gone(u8),
     /// It did not acknowledge in time.
-    #[error("vCPU {id} did not acknowledge within {ms} ms")]
+    #[error(
+        "vCPU {id} did not acknowledge within {ms} ms (its thread is stopped, e.g. by a \
+         debugger, or stuck in the host kernel)"
+    )]
     Timeout {
         /// The vCPU.
         id: u8,
         /// The wait.
+        ms: u128,
+    },
+    /// It has not answered an earlier event yet, so a new one cannot be promised.
+    #[error(
+        "vCPU {id} has not answered the VMM for {ms} ms (its thread is stopped, e.g. by a \
+         debugger, or stuck in the host kernel)"
+    )]
+    Behind {
+        /// The vCPU.
+        id: u8,
+        /// Since its oldest unanswered event.
         ms: u128,
     },
     /// It acknowledged something else.
@@ -147,9 +169,15 @@ pub fn register_kick_handler() -> std::io::Result<()> {
 pub struct VcpuHandle {
     /// vCPU index.
     pub id: u8,
-    events: Sender<VcpuEvent>,
-    replies: Receiver<VcpuReply>,
+    events: Sender<(u64, VcpuEvent)>,
+    replies: Receiver<(u64, VcpuReply)>,
     thread: Option<JoinHandle<()>>,
+    /// Sequence number of the last event sent.
+    sent: u64,
+    /// Sequence number of the last event acknowledged.
+    acked: u64,
+    /// When the oldest event not yet acknowledged was sent (None when caught up).
+    behind_since: Option<Instant>,
 }
 
 /// What a vCPU thread owns.
@@ -157,8 +185,8 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     bus: Arc<PioBus>,
-    events: Receiver<VcpuEvent>,
-    replies: Sender<VcpuReply>,
+    events: Receiver<(u64, VcpuEvent)>,
+    replies: Sender<(u64, VcpuReply)>,
     exits: Sender<VcpuExitReport>,
     exit_evt: Arc<EventFd>,
     state: VcpuState,
@@ -196,37 +224,106 @@ impl VcpuHandle {
             events: event_tx,
             replies: reply_rx,
             thread: Some(thread),
+            sent: 0,
+            acked: 0,
+            behind_since: None,
         })
     }
 
-    /// Sends an event and kicks the thread out of `KVM_RUN`.
-    pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+    /// Sends an event and kicks the thread out of `KVM_RUN`; returns its sequence number.
+    pub fn send(&mut self, event: VcpuEvent) -> Result<u64, VcpuError> {
+        let seq = self.sent + 1;
         self.events
-            .send(event)
+            .send((seq, event))
             .map_err(|_| VcpuError::Gone(self.id))?;
+        self.sent = seq;
+        if self.behind_since.is_none() && event != VcpuEvent::Finish {
+            self.behind_since = Some(Instant::now());
+        }
         if let Some(t) = &self.thread {
             // A failed kick only matters if the vCPU is inside KVM_RUN; the ack timeout reports it.
             let _ = t.kill(kick_signal());
         }
-        Ok(())
+        Ok(seq)
     }
 
-    /// Waits for the next acknowledgement.
-    pub fn reply(&self, timeout: Duration) -> Result<VcpuReply, VcpuError> {
-        self.replies.recv_timeout(timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => VcpuError::Timeout {
+    fn note_ack(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
+        if self.acked >= self.sent {
+            self.behind_since = None;
+        }
+    }
+
+    /// Waits until `deadline` for the acknowledgement of event `seq`; older, late ones are
+    /// dropped on the way.
+    pub fn reply(&mut self, seq: u64, deadline: Instant) -> Result<VcpuReply, VcpuError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok((s, reply)) => {
+                    self.note_ack(s);
+                    if s == seq {
+                        return Ok(reply);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(VcpuError::Timeout {
+                        id: self.id,
+                        ms: self.behind_since.map_or(0, |t| t.elapsed().as_millis()),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Gone(self.id)),
+            }
+        }
+    }
+
+    /// How long the thread has left an event unanswered (None: it has answered every event).
+    /// Takes in the late replies that have arrived meanwhile.
+    pub fn unanswered_for(&mut self) -> Option<Duration> {
+        while let Ok((s, _)) = self.replies.try_recv() {
+            self.note_ack(s);
+        }
+        self.behind_since.map(|t| t.elapsed())
+    }
+
+    /// Fails if the thread is behind: a new event's answer could not be promised.
+    pub fn check_answering(&mut self) -> Result<(), VcpuError> {
+        match self.unanswered_for() {
+            Some(d) => Err(VcpuError::Behind {
                 id: self.id,
-                ms: timeout.as_millis(),
-            },
-            RecvTimeoutError::Disconnected => VcpuError::Gone(self.id),
-        })
+                ms: d.as_millis(),
+            }),
+            None => Ok(()),
+        }
     }
 
-    /// Ends the thread and waits for it (bounded by the ack timeout of a stuck vCPU).
+    /// Ends the thread and waits for it, at most [`ACK_TIMEOUT`]: a thread that does not end in
+    /// that time (stopped by a tracer, stuck in the host kernel) is left behind, and since
+    /// `Finish` is queued it ends, without running guest code again, whenever it wakes.
     pub fn finish(&mut self) {
-        if self.send(VcpuEvent::Finish).is_ok() {
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
+        if self.send(VcpuEvent::Finish).is_err() {
+            return;
+        }
+        let Some(t) = self.thread.take() else { return };
+        // The reply channel disconnects when the thread ends (its sender is dropped).
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.replies.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = t.join();
+                    return;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        vcpu = self.id,
+                        "vCPU thread did not end within {} ms; left behind (it ends when it \
+                         wakes, without running guest code)",
+                        ACK_TIMEOUT.as_millis()
+                    );
+                    return;
+                }
             }
         }
     }
@@ -239,7 +336,7 @@ impl Vcpu {
             let keep_going = match self.state {
                 VcpuState::Running => self.running_step(),
                 VcpuState::Paused | VcpuState::Stopped => match self.events.recv() {
-                    Ok(ev) => self.handle_event(ev),
+                    Ok((seq, ev)) => self.handle_event(seq, ev),
                     Err(_) => false,
                 },
             };
@@ -251,7 +348,7 @@ impl Vcpu {
     }
 
     /// Applies one event; returns false when the thread must end.
-    fn handle_event(&mut self, event: VcpuEvent) -> bool {
+    fn handle_event(&mut self, seq: u64, event: VcpuEvent) -> bool {
         let reply = match (event, self.state) {
             (VcpuEvent::Finish, _) => return false,
             (VcpuEvent::GetRegs, _) => match self.regs() {
@@ -269,13 +366,13 @@ impl Vcpu {
             }
             (VcpuEvent::Resume, _) => VcpuReply::Resumed,
         };
-        self.replies.send(reply).is_ok()
+        self.replies.send((seq, reply)).is_ok()
     }
 
     /// Drains pending events, then runs guest code until the next exit.
     fn running_step(&mut self) -> bool {
-        while let Ok(ev) = self.events.try_recv() {
-            if !self.handle_event(ev) {
+        while let Ok((seq, ev)) = self.events.try_recv() {
+            if !self.handle_event(seq, ev) {
                 return false;
             }
             if self.state != VcpuState::Running {
