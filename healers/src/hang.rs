@@ -213,6 +213,7 @@ impl HangDetector {
         v: &Violation,
         for_ms: u64,
         fo: &crate::config::FailoverConfig,
+        ticks: Option<bool>,
     ) -> HealOutcome {
         if ctx.cfg.dry_run {
             self.failed_over = true;
@@ -225,7 +226,11 @@ impl HangDetector {
         }
         let sb = ctx.sb.clone();
         let detected_us = crate::events::micros(v.sampled_at.elapsed());
-        match crate::failover::fail_over(ctx, fo, &sb, v.id == ids::TIMER_TICKS) {
+        // Whatever sensor stalled first, a guest whose timer stopped too has stopped running:
+        // its vCPUs may not answer a pause (frozen), so it is read without the lock first.
+        let kernel_stopped =
+            v.id == ids::TIMER_TICKS || !ticks.unwrap_or_else(|| Self::ticking(ctx, &sb));
+        match crate::failover::fail_over(ctx, fo, &sb, kernel_stopped) {
             Ok(done) => {
                 self.failed_over = true;
                 let mut fields = json!({"hm": self.name(), "stalled": v.name, "for_ms": for_ms,
@@ -303,10 +308,10 @@ impl HealingModule for HangDetector {
             return HealOutcome::Reported;
         }
         // The kernel still ticks: free the CPU one task holds, and act no further if that heals.
-        if matches!(v.id, ids::CONTEXT_SWITCHES | ids::CPU_PROGRESS)
-            && self.cfg.free_cpu != FreeCpu::Off
-            && Self::ticking(ctx, ctx.sb)
-        {
+        let ticks = (matches!(v.id, ids::CONTEXT_SWITCHES | ids::CPU_PROGRESS)
+            && self.cfg.free_cpu != FreeCpu::Off)
+            .then(|| Self::ticking(ctx, ctx.sb));
+        if ticks == Some(true) {
             let sb = ctx.sb.clone();
             let called = Instant::now();
             match self.free_cpu(ctx, &sb) {
@@ -347,7 +352,7 @@ impl HealingModule for HangDetector {
         }
         if let Some(fo) = ctx.guest.cfg.failover.clone() {
             if !self.failed_over {
-                return self.fail_over(ctx, v, for_ms, &fo);
+                return self.fail_over(ctx, v, for_ms, &fo, ticks);
             }
         }
         if self.last.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
