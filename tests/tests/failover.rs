@@ -32,17 +32,9 @@ fn tcg_sessions_survive_every_fault() {
 
 /// kvm: the guests run under bdvmm's kvm engine inside a kvm host; frozen vCPUs are a ptrace
 /// stop of bdvmm's vCPU threads alone (`bd-kvmhost freeze-threads`), bdvmm's API still up.
-///
-/// Not run by `make test` yet: it passed all five faults in 2 of 5 runs on 2026-12-02. Two
-/// failures were the harness's, since fixed (a route removed by another test process; a guest
-/// gone after its fault); one was the nested platform (a triple fault at boot); and one is
-/// bdvmm's own: bdmon tried the pause lock on the frozen guest first, the frozen vCPU could not
-/// acknowledge it within 5 s, and bdvmm then *exited* ("pause failed and the guest could not be
-/// resumed") — the failover had already succeeded without the lock, but a VMM must not end a
-/// guest because a monitor's pause failed. Run it with
-/// `cargo nextest run -p backdoors-tests --test failover --run-ignored all`.
+/// A frozen vCPU cannot acknowledge a pause: bdvmm refuses the pause and keeps the VM (see
+/// `pause.rs`), and bdmon reads a guest whose timer stopped without the lock first.
 #[test]
-#[ignore = "bdvmm exits when a frozen vCPU cannot acknowledge a pause (see the doc comment)"]
 fn kvm_sessions_survive_every_fault() {
     every_fault(Engine::Kvm);
 }
