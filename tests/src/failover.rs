@@ -482,12 +482,13 @@ impl Pair {
         let cfg = format!(
             "sample_ms = 20\nevents = \"events.jsonl\"\n[proc]\nenabled = false\n[mem]\nenabled = false\n\
              [cpu]\nenabled = false\n[hang]\nmin_stall_ms = 1000\nfree_cpu = \"off\"\n\
-             [[guest]]\nname = \"{}\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n\
+             [[guest]]\nname = \"{}\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n{}\
              [guest.thresholds]\n\"NET_RX:eth0\" = {NET_RX_MS}\n[guest.failover]\nbackup = \"{}:{ADMIN_PORT}\"\n\
              comm = \"{FRONT_COMM}\"\nuid = {FRONT_UID}\n",
             ["front-a", "front-b"][p],
             bridge.addr,
             setup.pki().display(),
+            self.engine.bdmon_guest_limits(),
             self.lan.ports[s].guest_ip,
         );
         let mut mon = crate::start_bdmon(mon_dir.path(), &cfg);
@@ -607,13 +608,12 @@ impl Pair {
     }
 
     /// Checks that guest `i`'s front end came back as a standby on its latest boot.
-    fn expect_standby(&self, i: usize) {
+    fn expect_standby(&mut self, i: usize) {
+        // The console may hold only the start of the line that `wait_nth` counted.
         let line = format!("APP front up boot={} role=standby", self.boots[i]);
-        assert!(
-            self.guests[i].vm.stdout().contains(&line),
-            "guest {i} did not come back as a standby ({line:?})\n{}",
-            self.guests[i].vm.diagnostics()
-        );
+        if let Err(why) = self.guests[i].vm.wait_for(&line, Duration::from_secs(30)) {
+            panic!("guest {i} did not come back as a standby: {why}");
+        }
     }
 }
 

@@ -235,13 +235,7 @@ pub fn run(engine: Engine, attack: Attack) -> Report {
     });
 
     // With bdmon.
-    // Nested inside the kvm host a bridge round trip is ~1 ms, not ~20 µs: walking a fork bomb's
-    // task_structs can outlast the default 1 s walk and then the 1 % pause budget (nested times
-    // are not hardware times; the lease still bounds every pause).
-    let nested = match engine {
-        Engine::Kvm => "lease_ms = 8000\nwalk_ms = 5000\npause_budget_percent = 25\n",
-        Engine::Tcg => "",
-    };
+    let nested = engine.bdmon_guest_limits();
     let cfg = format!(
         "sample_ms = 10\nevents = \"events.jsonl\"\nspare_users = [{USER2}, {redis_uid}]\n\
          [[guest]]\nname = \"vm1\"\nbridge = \"{}\"\npki = \"{}\"\nmonitor = \"mon1\"\n{nested}\

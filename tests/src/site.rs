@@ -21,6 +21,20 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The per-guest bdmon settings (TOML lines for a `[[guest]]` table) that a test guest on
+    /// this engine needs here. Nested inside the kvm host a bridge round trip is ~1 ms, not
+    /// ~20 µs, and a neighbouring test's kvm host takes half the CPU: walking a fork bomb's
+    /// 300-900 task_structs, or a failed front end's task list without the lock, can outlast
+    /// the default 1 s walk, and a stock guest's repair (direct writes, about three round trips
+    /// per victim) the default 2 s lease. The lease still bounds the pause; the budget allows
+    /// those longer pauses (nested times are not hardware times). Nothing on tcg.
+    pub fn bdmon_guest_limits(self) -> &'static str {
+        match self {
+            Engine::Kvm => "lease_ms = 10000\nwalk_ms = 8000\npause_budget_percent = 25\n",
+            Engine::Tcg => "",
+        }
+    }
+
     /// The engine of an `--engine` name ("tcg", "kvm").
     pub fn parse(name: &str) -> Option<Engine> {
         match name {

@@ -137,15 +137,8 @@ impl World {
                 vmlinux.display()
             ));
         }
-        if self.vm.engine() == Engine::Kvm {
-            // Nested inside the kvm host a bridge round trip is ~1 ms, not ~20 µs, and a
-            // neighbouring test's kvm host takes half the CPU: walking 300-500 task_structs of a
-            // fork bomb can outlast the default 1 s walk, and a stock guest's repair (direct
-            // writes, about three round trips per victim) the default 2 s lease. The lease still
-            // bounds the pause; the budget allows those longer pauses (nested times are not
-            // hardware times).
-            guest.push_str("lease_ms = 8000\nwalk_ms = 5000\npause_budget_percent = 25\n");
-        }
+        // Nested times are not hardware times (see `Engine::bdmon_guest_limits`).
+        guest.push_str(self.vm.engine().bdmon_guest_limits());
         let spare: Vec<String> = spare.iter().map(u32::to_string).collect();
         let cfg = format!(
             "sample_ms = 10\nevents = \"events.jsonl\"\nspare_users = [{}]\n{extra}\n{guest}\
