@@ -166,13 +166,12 @@ fn kvm_lease_survives_neither_a_dead_holder_nor_its_own_end() {
     lease_survives_neither_a_dead_holder_nor_its_own_end(Engine::Kvm);
 }
 
-/// This machine's own /dev/kvm (nested PVM here) cannot run Linux, but runs the tiny guest:
-/// the kvm engine's pause path without a kvm host in between.
-#[test]
-fn kvm_pause_stops_a_tiny_guest_on_this_machines_kvm() {
+/// The tiny guest (2 vCPUs) on this machine's own /dev/kvm, once it runs, with the directory
+/// that holds its kernel; None (after a SKIP line) on a host without /dev/kvm.
+fn tiny_kvm_guest() -> Option<(tempfile::TempDir, Vm)> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("SKIP: no /dev/kvm on this host");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("tiny.elf");
@@ -189,6 +188,16 @@ fn kvm_pause_stops_a_tiny_guest_on_this_machines_kvm() {
     };
     let mut vm = Vm::start(&spec);
     vm.expect(tiny_guest::BANNER, Duration::from_secs(30));
+    Some((dir, vm))
+}
+
+/// This machine's own /dev/kvm (nested PVM here) cannot run Linux, but runs the tiny guest:
+/// the kvm engine's pause path without a kvm host in between.
+#[test]
+fn kvm_pause_stops_a_tiny_guest_on_this_machines_kvm() {
+    let Some((_dir, vm)) = tiny_kvm_guest() else {
+        return;
+    };
     let (mem, _) = vm.memory();
     let read = || mem.read_u64(tiny_guest::COUNTER_GPA).unwrap() & 0xffff_ffff;
     assert!(
@@ -237,25 +246,9 @@ impl Drop for Thaw {
 /// guest (not left paused by the failed pause) and pause normally again.
 #[test]
 fn kvm_a_frozen_vcpu_costs_a_pause_and_never_the_vm() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP: no /dev/kvm on this host");
+    let Some((dir, mut vm)) = tiny_kvm_guest() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("tiny.elf");
-    std::fs::write(&kernel, tiny_guest::elf()).unwrap();
-    let spec = VmSpec {
-        kernel,
-        initrd: None,
-        cmdline: "tiny".into(),
-        engine: Engine::Kvm,
-        mem: 64,
-        vcpus: 2,
-        extra: Vec::new(),
-        site: Some(Site::local()),
     };
-    let mut vm = Vm::start(&spec);
-    vm.expect(tiny_guest::BANNER, Duration::from_secs(30));
     let (mem, _) = vm.memory();
     let read = || mem.read_u64(tiny_guest::COUNTER_GPA).unwrap() & 0xffff_ffff;
     assert!(
