@@ -115,10 +115,17 @@ fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), KvmError> {
         .map_err(|e| KvmError::Boot(format!("cannot write IDT: {e}")))
 }
 
-/// Identity-maps the first GiB with 2 MiB pages for the 64-bit entry.
+/// Identity-maps the first GiB with 2 MiB pages for the 64-bit entry. Every entry of the three
+/// tables is written: on a restart in place these pages hold what the previous guest kept there
+/// (low memory is ordinary RAM to it), and a stale entry past the first would map whatever it
+/// pointed to for the new kernel's early code.
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     let err =
         |e: vm_memory::GuestMemoryError| KvmError::Boot(format!("cannot write page tables: {e}"));
+    for table in [PML4_START, PDPTE_START] {
+        mem.write_slice(&[0u8; 4096], GuestAddress(table))
+            .map_err(err)?;
+    }
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
         .map_err(err)?;
     mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
