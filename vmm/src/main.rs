@@ -248,16 +248,28 @@ struct Settings {
     nets: Vec<NetSpec>,
 }
 
+/// Why the flags and the config file do not make a VM.
+#[derive(Debug, thiserror::Error)]
+enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] bdvmm::config::ConfigError),
+    #[error("no kernel: give --kernel PATH, or kernel = \"PATH\" in the --config file")]
+    NoKernel,
+    #[error("the --config file's [[net]]: {0}")]
+    Net(#[from] bdvmm::devices::tap::NetSpecError),
+}
+
 impl Settings {
-    fn resolve(args: &RunArgs) -> Result<Self, String> {
+    fn resolve(args: &RunArgs) -> Result<Self, SettingsError> {
         let file = match &args.config {
-            Some(p) => VmConfig::load(p).map_err(|e| e.to_string())?,
+            Some(p) => VmConfig::load(p)?,
             None => VmConfig::default(),
         };
-        let kernel =
-            args.kernel.clone().or(file.kernel.clone()).ok_or(
-                "no kernel: give --kernel PATH, or kernel = \"PATH\" in the --config file",
-            )?;
+        let kernel = args
+            .kernel
+            .clone()
+            .or(file.kernel.clone())
+            .ok_or(SettingsError::NoKernel)?;
         Ok(Self {
             kernel,
             initrd: args.initrd.clone().or(file.initrd.clone()),
@@ -280,8 +292,7 @@ impl Settings {
                 args.disks.clone()
             },
             nets: if args.nets.is_empty() {
-                file.net_specs()
-                    .map_err(|e| format!("the --config file's [[net]]: {e}"))?
+                file.net_specs()?
             } else {
                 args.nets.clone()
             },

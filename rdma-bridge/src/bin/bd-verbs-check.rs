@@ -26,7 +26,9 @@ use rdma_bridge::client::{Bridge, BridgeMem, InspectError, TransportMem};
 use rdma_bridge::config::{HOOKS_OFFSET, HOOKS_SIZE, SB_OFFSET};
 use rdma_bridge::rdma::MAX_QPS_PER_MONITOR;
 use rdma_bridge::tls::Identity;
-use rdma_bridge::verbs::{decode_connect, encode_connect, Access, RegionInfo, VerbsMonitor};
+use rdma_bridge::verbs::{
+    decode_connect, encode_connect, Access, RegionInfo, VerbsError, VerbsMonitor,
+};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -80,7 +82,35 @@ struct Checker {
     failed: usize,
 }
 
+/// A check's verdict: what it saw when it passed, or why it failed.
 type Outcome = Result<String, String>;
+
+/// A session or queue pair the checks need could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{name}: TLS session: {source}")]
+    Session {
+        name: String,
+        source: rdma_bridge::client::ClientError,
+    },
+    #[error("open the RDMA device: {0}")]
+    Device(VerbsError),
+    #[error("encode: {0}")]
+    Encode(VerbsError),
+    #[error("RDMA_CONNECT refused: {0}")]
+    Refused(rdma_bridge::client::ClientError),
+    #[error("the bridge's connect blob: {0}")]
+    Blob(VerbsError),
+    #[error("connect the queue pair: {0}")]
+    QueuePair(VerbsError),
+}
+
+/// A check that could not set up fails with the reason.
+impl From<SetupError> for String {
+    fn from(e: SetupError) -> String {
+        e.to_string()
+    }
+}
 
 impl Checker {
     fn id(&self, name: &str) -> Identity {
@@ -89,30 +119,27 @@ impl Checker {
         id
     }
 
-    fn session(&self, name: &str) -> Result<Bridge, String> {
-        Bridge::connect(&self.cli.bridge, &self.id(name))
-            .map_err(|e| format!("{name}: TLS session: {e}"))
+    fn session(&self, name: &str) -> Result<Bridge, SetupError> {
+        Bridge::connect(&self.cli.bridge, &self.id(name)).map_err(|source| SetupError::Session {
+            name: name.to_owned(),
+            source,
+        })
     }
 
     /// RDMA_CONNECT on `bridge` with a new monitor-side queue pair (replacing the one the
     /// session had, if any).
-    fn rdma_on(&self, bridge: &mut Bridge) -> Result<(VerbsMonitor, Vec<RegionInfo>), String> {
-        let mut mon = VerbsMonitor::open(self.cli.device.as_deref())
-            .map_err(|e| format!("open the RDMA device: {e}"))?;
+    fn rdma_on(&self, bridge: &mut Bridge) -> Result<(VerbsMonitor, Vec<RegionInfo>), SetupError> {
+        let mut mon = VerbsMonitor::open(self.cli.device.as_deref()).map_err(SetupError::Device)?;
         mon.set_timeout(Duration::from_secs(3));
-        let blob =
-            encode_connect(&mon.local_endpoint(), &[]).map_err(|e| format!("encode: {e}"))?;
-        let reply = bridge
-            .rdma_connect(blob)
-            .map_err(|e| format!("RDMA_CONNECT refused: {e}"))?;
-        let (ep, regions) =
-            decode_connect(&reply).map_err(|e| format!("the bridge's connect blob: {e}"))?;
+        let blob = encode_connect(&mon.local_endpoint(), &[]).map_err(SetupError::Encode)?;
+        let reply = bridge.rdma_connect(blob).map_err(SetupError::Refused)?;
+        let (ep, regions) = decode_connect(&reply).map_err(SetupError::Blob)?;
         mon.connect(ep, regions.clone())
-            .map_err(|e| format!("connect the queue pair: {e}"))?;
+            .map_err(SetupError::QueuePair)?;
         Ok((mon, regions))
     }
 
-    fn connect(&self, name: &str) -> Result<Rdma, String> {
+    fn connect(&self, name: &str) -> Result<Rdma, SetupError> {
         let mut bridge = self.session(name)?;
         let (mon, regions) = self.rdma_on(&mut bridge)?;
         Ok(Rdma {
@@ -520,7 +547,7 @@ fn main() -> ExitCode {
             Some(rw)
         }
         Err(e) => {
-            c.report("rdma_connect_rw", Err(e));
+            c.report("rdma_connect_rw", Err(e.into()));
             None
         }
     };
@@ -550,14 +577,14 @@ fn main() -> ExitCode {
     let o = match (rw.as_ref(), c.connect(&c.cli.ro)) {
         (Some(rw), Ok(ro)) => check_ro_cannot_write(&c, ro, &rw.regions),
         (None, _) => skipped(),
-        (_, Err(e)) => Err(e),
+        (_, Err(e)) => Err(e.into()),
     };
     c.report("ro_cannot_write", o);
 
     let o = match (rw.as_mut(), c.connect(&c.cli.ro)) {
         (Some(rw), Ok(mut ro)) => check_guessed_rkey(rw, &mut ro),
         (None, _) => skipped(),
-        (_, Err(e)) => Err(e),
+        (_, Err(e)) => Err(e.into()),
     };
     c.report("guessed_rkey_refused", o);
     // rw's queue pair still works after ro's refusals (they broke only ro's).

@@ -95,7 +95,27 @@ fn main() -> ExitCode {
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn go(cmd: Cmd) -> Result<ExitCode, String> {
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+enum CmdError {
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Extract(#[from] auction::extract::ExtractError),
+    #[error(transparent)]
+    Admin(#[from] adminctl::AdminError),
+}
+
+fn write(path: PathBuf, text: String) -> Result<(), CmdError> {
+    std::fs::write(&path, text).map_err(|source| CmdError::Write { path, source })
+}
+
+fn go(cmd: Cmd) -> Result<ExitCode, CmdError> {
     match cmd {
         Cmd::Load {
             addrs,
@@ -127,11 +147,10 @@ fn go(cmd: Cmd) -> Result<ExitCode, String> {
             let report = run(&load);
             if let Some(path) = csv {
                 let text = to_csv(&series(&report, Duration::from_millis(100)));
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                write(path, text)?;
             }
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                write(path, serde_json::to_string_pretty(&report)?)?;
             }
             println!(
                 "sessions={} completed={} wrong={} gave_up={} requests={} bids={}",
@@ -155,26 +174,23 @@ fn go(cmd: Cmd) -> Result<ExitCode, String> {
             })
         }
         Cmd::Import { pid, admin } => {
-            let found = auction::extract::from_process(pid).map_err(|e| e.to_string())?;
+            let found = auction::extract::from_process(pid)?;
             for (slot, why) in &found.refused {
                 eprintln!("slot {slot} refused: {why}");
             }
             let request =
                 adminctl::import_request(found.boxes.iter().map(|b| (b.id, b.data.as_slice())));
-            let reply =
-                adminctl::send(admin, &request, ADMIN_TIMEOUT).map_err(|e| e.to_string())?;
+            let reply = adminctl::send(admin, &request, ADMIN_TIMEOUT)?;
             println!("{reply}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Takeover { admin } => {
-            let reply =
-                adminctl::send(admin, b"TAKEOVER\n", ADMIN_TIMEOUT).map_err(|e| e.to_string())?;
+            let reply = adminctl::send(admin, b"TAKEOVER\n", ADMIN_TIMEOUT)?;
             println!("{reply}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { admin } => {
-            let reply =
-                adminctl::send(admin, b"STATUS\n", ADMIN_TIMEOUT).map_err(|e| e.to_string())?;
+            let reply = adminctl::send(admin, b"STATUS\n", ADMIN_TIMEOUT)?;
             println!("{reply}");
             Ok(ExitCode::SUCCESS)
         }

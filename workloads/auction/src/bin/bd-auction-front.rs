@@ -109,13 +109,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn start(cli: &Cli, cfg: Config) -> Result<(), String> {
-    let mut front = Front::new(cfg).map_err(|e| e.to_string())?;
+/// Why the front end could not start serving.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    Front(#[from] auction::front::FrontError),
+    #[error("no database within --db-wait-s: {0}")]
+    Database(#[from] auction::db::DbError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn start(cli: &Cli, cfg: Config) -> Result<(), StartError> {
+    let mut front = Front::new(cfg)?;
     let deadline = Instant::now() + Duration::from_secs(cli.db_wait_s);
     loop {
         match front.connect_db() {
             Ok(()) => break,
-            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
             Err(e) => {
                 tracing::warn!("waiting for the database: {e}");
                 thread::sleep(Duration::from_millis(500));
@@ -123,23 +139,28 @@ fn start(cli: &Cli, cfg: Config) -> Result<(), String> {
         }
     }
     if cli.primary {
-        let t = front.takeover().map_err(|e| e.to_string())?;
+        let t = front.takeover()?;
         tracing::info!(epoch = t.epoch, "primary");
     }
-    let clients = TcpListener::bind(&cli.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
-    let admin = TcpListener::bind(&cli.admin)
-        .map_err(|e| format!("cannot listen on {}: {e}", cli.admin))?;
-    let (ca, aa) = (
-        clients.local_addr().map_err(|e| e.to_string())?,
-        admin.local_addr().map_err(|e| e.to_string())?,
-    );
+    let listen = |addr: &str| {
+        let l = TcpListener::bind(addr)?;
+        let a = l.local_addr()?;
+        Ok((l, a))
+    };
+    let (clients, ca) = listen(&cli.listen).map_err(|source| StartError::Listen {
+        addr: cli.listen.clone(),
+        source,
+    })?;
+    let (admin, aa) = listen(&cli.admin).map_err(|source| StartError::Listen {
+        addr: cli.admin.clone(),
+        source,
+    })?;
     let front: Shared = Arc::new(Mutex::new(front));
     let admin_front = Arc::clone(&front);
     thread::Builder::new()
         .name("admin-accept".into())
         .spawn(move || serve_admin(admin_front, admin))
-        .map_err(|e| e.to_string())?;
+        .map_err(StartError::Thread)?;
     let mut out = std::io::stdout();
     let _ = writeln!(out, "LISTEN client={ca} admin={aa}");
     let _ = out.flush();
