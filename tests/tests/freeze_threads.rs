@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use backdoors_tests::kvmhost::freeze::Thaw;
+
 const TARGET_C: &str = r#"
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -59,17 +61,6 @@ fn counts(p: &Path) -> [u64; 3] {
         .filter_map(|x| x.parse().ok())
         .collect();
     [0, 1, 2].map(|i| v.get(i).copied().unwrap_or(0))
-}
-
-/// Kills the tracer (so that the target can be reaped) if the test ends early.
-struct Tracer(Option<i32>);
-impl Drop for Tracer {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            // SAFETY: kill with the tracer's pid, read from its pidfile.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 /// The counters as the main thread wrote them after this call began: it writes every
@@ -147,7 +138,7 @@ fn frozen_vcpu_threads_stop_alone_and_go_on_when_the_tracer_dies() {
         .trim()
         .parse()
         .expect("tracer pid");
-    let mut guard = Tracer(Some(tracer));
+    let mut thaw = Thaw::new(tracer);
     assert!(stdout.contains(&format!("tracer={tracer}")), "{stdout}");
     assert_eq!(
         advance(&out),
@@ -170,10 +161,7 @@ fn frozen_vcpu_threads_stop_alone_and_go_on_when_the_tracer_dies() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no process named"));
 
-    if let Some(pid) = guard.0.take() {
-        // SAFETY: kill with a pid this test read from the tracer's own pidfile.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    }
+    assert!(thaw.now(), "the tracer was gone before the thaw");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         advance(&out),

@@ -5,6 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use backdoors_tests::kvmhost::freeze::Thaw;
 use backdoors_tests::site::{Engine, Site};
 use backdoors_tests::vm::{GuestMem, Vm, VmSpec};
 use backdoors_tests::{bdvmm_bin, tiny_guest, Images};
@@ -223,22 +224,6 @@ fn kvm_pause_stops_a_tiny_guest_on_this_machines_kvm() {
     assert!(c.regs(2).is_err());
 }
 
-/// Kills the tracer that holds the vCPU threads stopped, whatever happens to the test.
-struct Thaw(Option<i32>);
-impl Thaw {
-    fn now(&mut self) {
-        if let Some(pid) = self.0.take() {
-            // SAFETY: kill with the tracer's pid, read from its own pidfile.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-impl Drop for Thaw {
-    fn drop(&mut self) {
-        self.now();
-    }
-}
-
 /// A vCPU thread that stops answering (ptrace-stopped: the kvm engine's "halted CPU" fault) must
 /// cost a pause request one timeout and never the VM: the pause is refused with the reason,
 /// bdvmm keeps serving its API and memory and names the vCPUs in `status`, later pauses and
@@ -274,7 +259,7 @@ fn kvm_a_frozen_vcpu_costs_a_pause_and_never_the_vm() {
         .trim()
         .parse()
         .expect("tracer pid");
-    let mut thaw = Thaw(Some(tracer));
+    let mut thaw = Thaw::new(tracer);
     assert!(
         !counter_moves(read, Duration::from_millis(500)),
         "the counter moves with both vCPU threads frozen"

@@ -208,6 +208,32 @@ pub fn freeze_detached(tids: &[i32], pidfile: &Path) -> Result<i32, FreezeError>
     }
 }
 
+/// The tracer of [`freeze_detached`] as a guard: dropping it (or [`Thaw::now`]) kills the tracer,
+/// which lets the frozen threads go on, whatever happens to the test that froze them.
+pub struct Thaw(Option<i32>);
+
+impl Thaw {
+    /// Guards the tracer `pid` (as [`freeze_detached`] returned it or wrote it to its pidfile).
+    pub fn new(pid: i32) -> Thaw {
+        Thaw(Some(pid))
+    }
+
+    /// Kills the tracer now; true if it was still there to kill.
+    pub fn now(&mut self) -> bool {
+        match self.0.take() {
+            // SAFETY: kill with a pid the tracer itself reported.
+            Some(pid) => unsafe { libc::kill(pid, libc::SIGKILL) == 0 },
+            None => false,
+        }
+    }
+}
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        self.now();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
