@@ -130,6 +130,50 @@ fn kvm_guest_panic_ends_bdvmm_with_a_reason() {
     guest_panic_ends_bdvmm_with_a_reason(Engine::Kvm);
 }
 
+/// `--on-panic keep`: a panicked guest (`panic=0`: it stays dead) keeps its VM, whose API and
+/// memory still answer; when the VM ends later, for another reason (here a SIGTERM), bdvmm says
+/// both the panic and that reason.
+#[test]
+fn tcg_a_kept_panicked_guest_stays_reachable_and_its_end_says_why() {
+    let img = Images::load();
+    let mut spec = VmSpec::on(
+        Engine::Tcg,
+        img.get("BD_KERNEL_BZIMAGE"),
+        img.get("BD_INITRAMFS"),
+        "rdinit=/nonexistent init=/nonexistent panic=0",
+    );
+    spec.extra = vec!["--on-panic".into(), "keep".into()];
+    let mut vm = Vm::start(&spec);
+    let deadline = std::time::Instant::now() + BOOT;
+    while !vm.stderr().contains("the VM is kept (--on-panic keep)") {
+        assert!(
+            vm.try_exit().is_none() && std::time::Instant::now() < deadline,
+            "the panicked VM was not kept\n{}",
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = vm.client().status().expect("status of the kept VM");
+    assert!(st.mem_bytes > 0, "{st:?}");
+    let (_mem, map) = vm.memory();
+    assert_eq!(map.size, st.mem_bytes, "{map:?}");
+    let pid = vm.local_pid().expect("bdvmm's pid");
+    let pid = i32::try_from(pid).expect("a pid");
+    // SAFETY: a signal to the bdvmm this test started.
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = vm
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("bdvmm ignored SIGTERM\n{}", vm.diagnostics()));
+    assert_eq!(status.code(), Some(1), "{}", vm.diagnostics());
+    let last = vm.stderr().lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with("bdvmm: error: guest kernel panic: Kernel panic - not syncing")
+            && last.contains("kept after it (--on-panic keep), ended: bdvmm stopped by signal 15"),
+        "{last}"
+    );
+}
+
 /// A guest that reboots its machine ends bdvmm by default (status 0, as a poweroff); with
 /// `--on-reset restart` it boots again in place, as it does after the API's `reset`.
 fn guest_reboot_exits_or_restarts_in_place(engine: Engine) {

@@ -163,9 +163,17 @@ impl Vmm {
         }
     }
 
-    /// A guest panic seen on the console outranks whatever the engine reported.
+    /// A guest panic seen on the console outranks whatever the engine reported — except that a
+    /// VM kept after its panic (`--on-panic keep`) ends later, for a reason of its own, which is
+    /// said too.
     fn final_exit(&self, end: VmExit) -> VmExit {
         match self.console.findings().panic {
+            Some(p) if self.panic_kept => {
+                let (VmExit::Shutdown(why) | VmExit::Failed(why)) = end;
+                VmExit::Failed(format!(
+                    "guest kernel panic: {p}; the VM, kept after it (--on-panic keep), ended: {why}"
+                ))
+            }
             Some(p) => VmExit::Failed(format!("guest kernel panic: {p}")),
             None => end,
         }
