@@ -35,15 +35,23 @@ fn tcg_sessions_survive_every_fault() {
 /// A frozen vCPU cannot acknowledge a pause: bdvmm refuses the pause and keeps the VM (see
 /// `pause.rs`), and bdmon reads a guest whose timer stopped without the lock first.
 ///
-/// Not in `make test` yet. In a fresh-clone CI run on 2026-12-03 (before the two fixes below)
-/// both tries passed the frozen-vCPU fault without the lock and bdvmm kept the frozen guest; one
-/// try then failed on the harness (the console held only the start of the standby's "front up"
-/// line when it was checked), the other on the panic fault (bdmon's unlocked task walk ran out
-/// of the default 1 s nested, sessions gave up before a later attempt succeeded). Fixed since
-/// (`expect_standby` waits for the whole line; kvm test guests get `walk_ms = 8000`) but not yet
-/// run again. Run it with `cargo nextest run -p backdoors-tests --test failover --run-ignored all`.
+/// Not in `make test`: the nested platform, not the failover, ends its runs. Every fault has
+/// recovered on kvm — all five in one run on 2026-12-02; on 2026-12-03 frozen vCPUs 60/60 in
+/// three runs, the kernel panic 60/60 — but in both runs since the harness fixes the emulated AMD-V
+/// (QEMU 7.2 TCG `-cpu max` running kvm-amd, the only way to run kvm here) ended an L2 guest by
+/// itself: bdvmm exits with `KVM_EXIT_SHUTDOWN` (a triple fault; AMD reports it with the vCPU
+/// reset to RIP 0xfff0): the front end restored in place, serving after the panic fault, in one
+/// run; in the other a kept panicked guest, then the standby and the restored front end within a
+/// minute of each other during the soft-hang fault. Then no guest is left to take the sessions
+/// and all of them give up. The same happens, rarer, to single guests elsewhere in the suite
+/// (hence `retries = 1` for kvm tests); a loop of the API's reset on one guest saw the whole kvm
+/// host stop answering for over 30 s twice in about 110 resets. With one TCG thread
+/// (`BD_KVMHOST_ACCEL=tcg,thread=single`)
+/// the first guest did not reach user space in 300 s. A run takes 12–17 minutes, so a retry of
+/// the whole test does not fit the CI budget. Run it with
+/// `cargo nextest run -p backdoors-tests --test failover --run-ignored all -E 'test(kvm_sessions)'`.
 #[test]
-#[ignore = "two fixes from its last failing run not yet verified (see the doc comment)"]
+#[ignore = "the nested platform triple-faults L2 guests during its 12-17 min (see the doc comment)"]
 fn kvm_sessions_survive_every_fault() {
     every_fault(Engine::Kvm);
 }
