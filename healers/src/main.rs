@@ -114,7 +114,19 @@ fn load(path: &std::path::Path) -> Result<Config, (u8, String)> {
     Config::load(path).map_err(|e| (2, e.to_string()))
 }
 
+/// A command that prints for a shell (`… | head`) dies of SIGPIPE, quietly, when its reader goes
+/// away — as Unix tools do — instead of panicking in `println!` (Rust ignores SIGPIPE). Never
+/// for a long-running server: its sockets' writes use MSG_NOSIGNAL anyway, but its stdout may be
+/// a log pipe whose reader it must outlive.
+fn die_quietly_when_stdout_closes() {
+    // SAFETY: restores the default disposition of one signal; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn run(cli: Cli) -> Result<(), (u8, String)> {
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        die_quietly_when_stdout_closes();
+    }
     match cli.cmd {
         Cmd::Check { config } => {
             let c = load(&config)?;

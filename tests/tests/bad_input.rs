@@ -426,3 +426,49 @@ fn bad_api_requests_get_errors_and_the_vm_keeps_serving() {
     assert_eq!(c.status().unwrap().state, "running");
     assert!(c.regs(0).is_ok());
 }
+
+/// Runs `bin args` with its stdout a pipe whose reader is already gone (as in `… | head` once
+/// head has its lines): the command must end quietly — killed by SIGPIPE, as Unix tools are —
+/// never with a panic (`failed printing to stdout: Broken pipe`, exit 101).
+fn ends_quietly_on_a_closed_pipe(bin: &str, args: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(backdoors_tests::workspace_bin(bin))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"));
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{bin} {args:?}: {stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{bin} {args:?}: {} {stderr}",
+        out.status
+    );
+}
+
+#[test]
+fn printing_commands_end_quietly_when_their_reader_goes_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki = pki.to_str().expect("utf-8 path");
+    ends_quietly_on_a_closed_pipe("rdma-bridge", &["pki", "init", "--dir", pki]);
+    ends_quietly_on_a_closed_pipe(
+        "rdma-bridge",
+        &["pki", "issue", "--dir", pki, "--name", "m"],
+    );
+    let cfg = dir.path().join("bdmon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[guest]]\nname = \"g\"\nbridge = \"127.0.0.1:1\"\npki = \"{pki}\"\nmonitor = \"m\"\n"
+        ),
+    )
+    .expect("config");
+    ends_quietly_on_a_closed_pipe(
+        "bdmon",
+        &["check", "--config", cfg.to_str().expect("utf-8")],
+    );
+}

@@ -222,8 +222,19 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Ctl(args) => ctl(args),
+        Command::Ctl(args) => {
+            die_quietly_when_stdout_closes();
+            ctl(args)
+        }
     }
+}
+
+/// A command that prints for a shell (`… | head`) dies of SIGPIPE, quietly, when its reader goes
+/// away — as Unix tools do — instead of panicking in `println!` (Rust ignores SIGPIPE). Not for
+/// `run`, whose stdout is the guest's console: a VM must outlive its console's reader.
+fn die_quietly_when_stdout_closes() {
+    // SAFETY: restores the default disposition of one signal; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {

@@ -84,6 +84,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     auction::init_logging("warn");
+    // Its reports go to a shell (`… | head`): when the reader goes away, die of SIGPIPE quietly
+    // as Unix tools do instead of panicking in `println!`. Its sockets' writes use MSG_NOSIGNAL.
+    // SAFETY: restores the default disposition of one signal; no handler is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match go(Cli::parse().cmd) {
         Ok(code) => code,
         Err(e) => {
