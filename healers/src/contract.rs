@@ -85,6 +85,32 @@ impl Checker {
             .unwrap_or(s.threshold)
     }
 
+    /// The threshold in force for `s`, or `None` where its value means "no threshold": an upper
+    /// level or pressure bound of `u64::MAX`, a lower bound of 0, a progress stall time of 0.
+    pub fn threshold_in_force(&self, s: &Sensor) -> Option<u64> {
+        let t = self.threshold(s);
+        let none = match s.class {
+            SensorClass::Level if s.flags & FLAG_LOWER_BOUND != 0 => t == 0,
+            SensorClass::Level | SensorClass::Pressure => t == u64::MAX,
+            SensorClass::Progress => t == 0,
+            SensorClass::Unknown(_) => true,
+        };
+        (!none).then_some(t)
+    }
+
+    /// The threshold in force for `s` as a person reads it: `<= T` or `>= T` for a level,
+    /// `> T` (and rising) for pressure, `T ms` (the longest stall) for a progress counter, `-`
+    /// for none.
+    pub fn describe_threshold(&self, s: &Sensor) -> String {
+        match (self.threshold_in_force(s), s.class) {
+            (None, _) => "-".into(),
+            (Some(t), SensorClass::Level) if s.flags & FLAG_LOWER_BOUND != 0 => format!(">= {t}"),
+            (Some(t), SensorClass::Level) => format!("<= {t}"),
+            (Some(t), SensorClass::Pressure) => format!("> {t}"),
+            (Some(t), _) => format!("{t} ms"),
+        }
+    }
+
     /// Forgets progress history (e.g. after the guest was seen paused, or after a repair that held
     /// the lock).
     pub fn reset_progress(&mut self, now: Instant) {
@@ -178,6 +204,34 @@ mod tests {
         let mut img = sensorbox::encode(&sensors, 250, 2);
         img[0x28..0x30].copy_from_slice(&boot.to_le_bytes());
         sensorbox::parse(&img, 0).unwrap()
+    }
+
+    #[test]
+    fn thresholds_that_mean_none_are_shown_as_none() {
+        let c = Checker::new(HashMap::new());
+        let sensor = |class, flags, threshold| Sensor {
+            id: 1,
+            class,
+            flags: flags | FLAG_VALID,
+            threshold,
+            value: 4_294_893_411,
+            updated: 0,
+            name: "S".into(),
+        };
+        let shown = |class, flags, t| c.describe_threshold(&sensor(class, flags, t));
+        assert_eq!(shown(SensorClass::Level, 0, u64::MAX), "-");
+        assert_eq!(shown(SensorClass::Level, 0, 300), "<= 300");
+        assert_eq!(shown(SensorClass::Level, FLAG_LOWER_BOUND, 0), "-");
+        assert_eq!(shown(SensorClass::Level, FLAG_LOWER_BOUND, 1024), ">= 1024");
+        assert_eq!(shown(SensorClass::Pressure, 0, u64::MAX), "-");
+        assert_eq!(shown(SensorClass::Pressure, 0, 0), "> 0");
+        assert_eq!(shown(SensorClass::Progress, 0, 0), "-");
+        assert_eq!(shown(SensorClass::Progress, 0, 1000), "1000 ms");
+        assert_eq!(shown(SensorClass::Unknown(9), 0, 5), "-");
+        assert_eq!(
+            c.threshold_in_force(&sensor(SensorClass::Level, 0, u64::MAX)),
+            None
+        );
     }
 
     #[test]

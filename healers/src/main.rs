@@ -232,7 +232,7 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
                     .iter()
                     .map(|s| {
                         serde_json::json!({"id": s.id, "name": s.name, "class": format!("{:?}", s.class),
-                            "value": s.value, "threshold": checker.threshold(s), "ok": checker.level_ok(s)})
+                            "value": s.value, "threshold": checker.threshold_in_force(s), "ok": checker.level_ok(s)})
                     })
                     .collect();
                 all.push(serde_json::json!({"guest": g.name, "bridge": g.bridge,
@@ -259,9 +259,13 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
                         s.name,
                         class,
                         s.value,
-                        checker.threshold(s)
+                        checker.describe_threshold(s)
                     );
                 }
+                println!(
+                    "  (a progress counter's value means nothing by itself: it must move; its \
+                     threshold is the longest stall allowed)"
+                );
             }
             (Err(e), _) => {
                 failed = true;
