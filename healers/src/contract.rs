@@ -86,13 +86,15 @@ impl Checker {
     }
 
     /// The threshold in force for `s`, or `None` where its value means "no threshold": an upper
-    /// level or pressure bound of `u64::MAX`, a lower bound of 0, a progress stall time of 0.
+    /// level or pressure bound of `u64::MAX`, a lower bound of 0, a progress stall time of 0 or
+    /// `u64::MAX`.
     pub fn threshold_in_force(&self, s: &Sensor) -> Option<u64> {
         let t = self.threshold(s);
         let none = match s.class {
             SensorClass::Level if s.flags & FLAG_LOWER_BOUND != 0 => t == 0,
             SensorClass::Level | SensorClass::Pressure => t == u64::MAX,
-            SensorClass::Progress => t == 0,
+            // 0 and "never" both switch stall detection off.
+            SensorClass::Progress => t == 0 || t == u64::MAX,
             SensorClass::Unknown(_) => true,
         };
         (!none).then_some(t)
@@ -226,6 +228,7 @@ mod tests {
         assert_eq!(shown(SensorClass::Pressure, 0, u64::MAX), "-");
         assert_eq!(shown(SensorClass::Pressure, 0, 0), "> 0");
         assert_eq!(shown(SensorClass::Progress, 0, 0), "-");
+        assert_eq!(shown(SensorClass::Progress, 0, u64::MAX), "-");
         assert_eq!(shown(SensorClass::Progress, 0, 1000), "1000 ms");
         assert_eq!(shown(SensorClass::Unknown(9), 0, 5), "-");
         assert_eq!(

@@ -298,6 +298,15 @@ impl<'a> GuestLoop<'a> {
             }
         }
         self.set_up(true, "");
+        if self.guest.take_sensor_box_appeared() {
+            self.events.emit(
+                &name,
+                "sensor_box",
+                json!({"stock_kernel": false, "note": "a Sensor Box appeared in the backdoor range: \
+                    the guest's patched kernel was still booting when bdmon attached; its Sensor \
+                    Box and repair hooks are used from now on"}),
+            );
+        }
         if self.guest.cfg.failover.is_some() && !self.guest.located() {
             // Sessions can be moved only from a guest whose kernel is known: find it while the
             // guest is healthy (a failed one may not answer a pause).

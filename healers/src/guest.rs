@@ -259,6 +259,10 @@ struct HeldLock {
     repair: bool,
 }
 
+/// How often a guest found stock (no configured files, no Sensor Box) is looked at again for a
+/// Sensor Box: one small read of its backdoor range.
+pub const STOCK_RECHECK: Duration = Duration::from_secs(1);
+
 /// One guest.
 pub struct Guest {
     /// Its config.
@@ -271,6 +275,11 @@ pub struct Guest {
     /// Whether the guest runs a stock kernel, found out at the first sample when no files say
     /// so: a guest whose backdoor range holds no Sensor Box is stock.
     detected_stock: Option<bool>,
+    /// When a guest found stock was last looked at again for a Sensor Box: a patched kernel
+    /// that was still booting when bdmon attached publishes one a moment later.
+    stock_rechecked: Option<Instant>,
+    /// A Sensor Box appeared in a guest first found stock (not yet reported).
+    sensor_box_appeared: bool,
     budget: PauseBudget,
     locked: Option<HeldLock>,
 }
@@ -347,6 +356,8 @@ impl Guest {
             files: None,
             found: None,
             detected_stock: None,
+            stock_rechecked: None,
+            sensor_box_appeared: false,
             locked: None,
         }
     }
@@ -362,11 +373,19 @@ impl Guest {
         self.cfg.system_map.is_some() || self.detected_stock == Some(true)
     }
 
-    /// Finds out, once per boot, whether a guest without configured files is stock: its backdoor
-    /// range holds no Sensor Box (read with the guest running).
+    /// Finds out whether a guest without configured files is stock: its backdoor range holds no
+    /// Sensor Box (read with the guest running). Found once per boot — except that a guest found
+    /// stock is looked at again every [`STOCK_RECHECK`]: a patched kernel still booting when
+    /// bdmon attached has published no Sensor Box yet, and it must not be watched (and repaired)
+    /// as a stock kernel for the rest of its boot.
     fn detect(&mut self) -> Result<(), GuestError> {
-        if self.cfg.system_map.is_some() || self.detected_stock.is_some() {
+        if self.cfg.system_map.is_some() {
             return Ok(());
+        }
+        match (self.detected_stock, self.stock_rechecked) {
+            (Some(false), _) => return Ok(()),
+            (Some(true), Some(t)) if t.elapsed() < STOCK_RECHECK => return Ok(()),
+            _ => {}
         }
         let mem = self.session()?;
         let (gpa, size) = mem.bridge().backdoor();
@@ -374,8 +393,21 @@ impl Guest {
             (KernelFiles::Auto { gpa, size }).resolve(mem),
             KernelFiles::Memory
         );
+        if self.detected_stock == Some(true) && !stock {
+            // What was found in its memory belongs to the stock view: start over.
+            self.kernel = None;
+            self.found = None;
+            self.sensor_box_appeared = true;
+        }
         self.detected_stock = Some(stock);
+        self.stock_rechecked = Some(Instant::now());
         Ok(())
+    }
+
+    /// True once after a guest first found stock turned out to have a Sensor Box (a patched
+    /// kernel that was still booting): bdmon says so and samples the Sensor Box from then on.
+    pub fn take_sensor_box_appeared(&mut self) -> bool {
+        std::mem::take(&mut self.sensor_box_appeared)
     }
 
     fn session(&mut self) -> Result<&BridgeMem, GuestError> {
@@ -451,6 +483,7 @@ impl Guest {
         self.kernel = None;
         self.found = None;
         self.detected_stock = None;
+        self.stock_rechecked = None;
         self.guard(r)
     }
 
