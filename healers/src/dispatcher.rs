@@ -231,12 +231,20 @@ impl<'a> GuestLoop<'a> {
         self.metrics
             .set("bdmon_up", &[("guest", &name)], if up { 1.0 } else { 0.0 });
         if self.up != Some(up) {
-            self.up = Some(up);
+            let was = self.up.replace(up);
             if up {
                 self.events.emit(
                     &name,
                     "attached",
                     json!({"bridge": self.guest.cfg.bridge, "stock_kernel": self.guest.stock()}),
+                );
+            } else if was.is_none() {
+                // Never attached yet: most often a guest still booting, not a failure.
+                self.events.emit(
+                    &name,
+                    "waiting",
+                    json!({"bridge": self.guest.cfg.bridge, "for": "the guest (booting, or its \
+                        bridge not up yet); retrying", "reason": reason}),
                 );
             } else {
                 self.events.emit(

@@ -354,6 +354,7 @@ fn healed(engine: Engine, kernel: Kernel, scenario: &str, hm: &str) {
 /// kernel boots and has published no Sensor Box yet. It must not watch the guest as a stock
 /// kernel for the rest of the boot (whose repairs are RAM writes, refused by a bridge that grants
 /// only the hooks): it looks again, says so, and heals through the Sensor Box and the hooks.
+/// Until the first sample works it reports `waiting`, never `detached`.
 #[test]
 fn tcg_bdmon_attached_while_a_patched_guest_boots_heals_through_its_sensor_box() {
     let mut w = world_from(
@@ -392,6 +393,13 @@ fn tcg_bdmon_attached_while_a_patched_guest_boots_heals_through_its_sensor_box()
         .iter()
         .find(|e| e["event"] == "attached")
         .unwrap_or_else(|| panic!("never attached: {}", dump(&ev)));
+    // A guest still booting is waited for, not reported lost.
+    let before: Vec<&Value> = ev.iter().take_while(|e| e["event"] != "attached").collect();
+    assert!(
+        before.iter().all(|e| e["event"] != "detached"),
+        "{}",
+        dump(&ev)
+    );
     let appeared = ev.iter().any(|e| e["event"] == "sensor_box");
     // Attached before the Sensor Box was there (the case under test), or after (a slow start).
     assert!(
