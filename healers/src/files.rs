@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bridge_client::client::{Bridge, BridgeMem, InspectError};
-use introspect::target::StockKernel;
-use introspect::tasks::KernelMem;
+use introspect::target::{StockKernel, TargetError};
+use introspect::tasks::{KernelMem, TaskError};
 
 use crate::config::GuestConfig;
 
@@ -22,15 +22,55 @@ const REACH: Duration = Duration::from_secs(3);
 /// Symbols that must agree between System.map and the running kernel.
 const COMPARED: [&str; 4] = ["_text", "linux_banner", "init_task", "tasklist_lock"];
 
+/// What is wrong with a guest's `system_map`/`vmlinux`, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The files do not parse.
+    #[error("guest {guest}: {source}\n  fix `system_map`/`vmlinux`, or leave both out: bdmon finds a stock kernel's symbols and types in its memory")]
+    Parse {
+        /// The guest's name.
+        guest: String,
+        /// Why.
+        source: TargetError,
+    },
+    /// The running kernel could not be found to compare with.
+    #[error("guest {guest}: cannot find its kernel in memory to compare: {source}")]
+    Locate {
+        /// The guest's name.
+        guest: String,
+        /// Why.
+        source: InspectError,
+    },
+    /// The running kernel's banner could not be read.
+    #[error("guest {guest}: cannot read its linux_banner: {source}")]
+    Banner {
+        /// The guest's name.
+        guest: String,
+        /// Why.
+        source: TaskError,
+    },
+    /// The files belong to another kernel.
+    #[error("guest {guest}: system_map/vmlinux do not belong to the kernel it runs ({release}): {what}\n  give that kernel's files, or leave both out: bdmon finds them in its memory")]
+    Mismatch {
+        /// The guest's name.
+        guest: String,
+        /// The running kernel's release.
+        release: String,
+        /// What differs.
+        what: String,
+    },
+}
+
 /// Checks `g`'s files; `Ok` says what was checked, `Err` what is wrong. A guest without files
 /// is `Ok(None)`.
-pub fn check(g: &GuestConfig) -> Result<Option<String>, String> {
+pub fn check(g: &GuestConfig) -> Result<Option<String>, FilesError> {
     let (Some(map), Some(vmlinux)) = (&g.system_map, &g.vmlinux) else {
         return Ok(None);
     };
     let name = &g.name;
-    let files = StockKernel::load(map, vmlinux).map_err(|e| {
-        format!("guest {name}: {e}\n  fix `system_map`/`vmlinux`, or leave both out: bdmon finds a stock kernel's symbols and types in its memory")
+    let files = StockKernel::load(map, vmlinux).map_err(|source| FilesError::Parse {
+        guest: name.clone(),
+        source,
     })?;
     let bridge = match Bridge::connect_timeout(g.bridge.as_str(), &g.identity(), REACH) {
         Ok(b) => b,
@@ -47,13 +87,15 @@ pub fn check(g: &GuestConfig) -> Result<Option<String>, String> {
         let r = mem.bridge().regs(0)?;
         Ok::<_, InspectError>((r.cr3, r.cr4))
     })
-    .map_err(|e| format!("guest {name}: cannot find its kernel in memory to compare: {e}"))?;
+    .map_err(|source| FilesError::Locate {
+        guest: name.clone(),
+        source,
+    })?;
     let release = running.release().unwrap_or("(unknown release)").to_string();
-    let mismatch = |what: String| {
-        format!(
-            "guest {name}: system_map/vmlinux do not belong to the kernel it runs ({release}): \
-             {what}\n  give that kernel's files, or leave both out: bdmon finds them in its memory"
-        )
+    let mismatch = |what: String| FilesError::Mismatch {
+        guest: name.clone(),
+        release: release.clone(),
+        what,
     };
     for n in COMPARED {
         let (f, r) = (files.symbols().get(n), running.symbols().get(n));
@@ -67,7 +109,10 @@ pub fn check(g: &GuestConfig) -> Result<Option<String>, String> {
     let mut text = [0u8; 256];
     KernelMem::new(&mem, loc.clone())
         .read_fresh(banner.wrapping_add(loc.slide), "linux_banner", &mut text)
-        .map_err(|e| format!("guest {name}: cannot read its linux_banner: {e}"))?;
+        .map_err(|source| FilesError::Banner {
+            guest: name.clone(),
+            source,
+        })?;
     let end = text.iter().position(|&c| c == 0).unwrap_or(text.len());
     let banner_text = &text[..end];
     if !contains(vmlinux, banner_text) {

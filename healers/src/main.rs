@@ -135,7 +135,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
                 match bdmon::files::check(g) {
                     Ok(Some(note)) => println!("{note}"),
                     Ok(None) => {}
-                    Err(e) => bad.push(e),
+                    Err(e) => bad.push(e.to_string()),
                 }
             }
             if !bad.is_empty() {
