@@ -518,7 +518,7 @@ fn percentile(sorted: &[Duration], p: usize) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-fn bench(transport: &str, n: usize, mut op: impl FnMut() -> Result<(), String>) {
+fn bench<E: std::fmt::Display>(transport: &str, n: usize, mut op: impl FnMut() -> Result<(), E>) {
     let mut t = Vec::with_capacity(n);
     for _ in 0..n {
         let start = Instant::now();
@@ -608,18 +608,8 @@ fn main() -> ExitCode {
             Ok(sb) => {
                 let len = sb.len();
                 let len32 = u32::try_from(len).unwrap_or(u32::MAX);
-                bench("rdma", n, || {
-                    r.mon
-                        .read(bd + SB_OFFSET, len)
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                });
-                bench("tcp", n, || {
-                    r.bridge
-                        .read(bd + SB_OFFSET, len32)
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                });
+                bench("rdma", n, || r.mon.read(bd + SB_OFFSET, len).map(drop));
+                bench("tcp", n, || r.bridge.read(bd + SB_OFFSET, len32).map(drop));
             }
             Err(e) => eprintln!("bd-verbs-check: bench: FETCH_SB: {e}"),
         }
