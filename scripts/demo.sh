@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # make demo: remote healing as it happens.
 #
-# A guest under bdvmm (tcg engine here; kvm where the CPU has vmx/svm) runs `useful` as user2;
-# after three iterations a CPU-bound fork bomb starts as user1. rdma-bridge serves the guest's
+# Twice, the same guest and the same bomb: first without bdmon (the guest crawls until the bomb's
+# own bound, DEMO_WITHOUT_SECONDS, default 15; 0 skips this part), then with it. A guest under
+# bdvmm (tcg engine here; kvm where the CPU has vmx/svm) runs `useful` as user2; after three
+# iterations a CPU-bound fork bomb starts as user1. rdma-bridge serves the guest's
 # memory and pause lock over mutual TLS; bdmon, attached through it, samples the Sensor Box every
 # 10 ms, detects the bomb, takes the lock, finds the culprit, posts SIGKILL through the repair
 # hooks and lets the guest run on. Watch the USEFUL lines (guest) and the bdmon lines (monitor):
 # iteration times jump when the bomb starts and are back at their baseline right after the repair.
 #
 # The bomb is bounded (DEMO_SECONDS, default 30) so that the demo ends even if healing failed.
+# The demo ends with a summary table of both runs and exits 0 when bdmon healed the guest, 1 when
+# it did not. IMAGES_ENV names the images' env file (default: the cache's images.env), DEMO_BIN_DIR
+# the release binaries (default: target/release).
 #
 # DEMO_ENGINE (make demo ENGINE=...): auto (default), tcg or kvm. With kvm on a host whose CPU has
 # no vmx/svm (this project's development machines: nested PVM), the demo first boots a kvm host
@@ -16,11 +21,11 @@
 # stays here, outside, and reaches the bridge over a tap device, as a remote monitor would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-env_file=${BACKDOORS_CACHE:-$HOME/.cache/backdoors}/images.env
+env_file=${IMAGES_ENV:-${BACKDOORS_CACHE:-$HOME/.cache/backdoors}/images.env}
 [ -f "$env_file" ] || { echo "demo: $env_file missing; run images/build.sh" >&2; exit 1; }
 # shellcheck source=/dev/null
 . "$env_file"
-bin=target/release
+bin=${DEMO_BIN_DIR:-target/release}
 engine=${DEMO_ENGINE:-auto}
 case "$engine" in
 auto | tcg | kvm) ;;
@@ -108,17 +113,80 @@ else
 	vm_bin=$bin
 fi
 
-say "booting the patched kernel under bdvmm (engine: $engine)"
-inside mkdir -p "$run_dir"
-inside_bg "$work/console.log" "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" \
-	--mem 512 --vcpus 1 --engine "$engine" --api "$run_dir/vm.sock" \
-	--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${seconds} bd.iterations=40"
-for _ in $(seq 100); do inside test -S "$run_dir/vm.sock" && break; sleep 0.1; done
-inside test -S "$run_dir/vm.sock" || {
-	cat "$work/console.log" >&2
-	exit 1
+# boot_guest NAME BOMB_SECONDS: boot the patched kernel under bdvmm with the demo's scenario
+# (useful as user2, then the fork bomb as user1, bounded to BOMB_SECONDS); its console goes to
+# $work/NAME.console, its API socket is $run_dir/NAME.sock; sets vm_pid.
+boot_guest() {
+	local name=$1 bomb_seconds=$2
+	inside_bg "$work/$name.console" "$vm_bin/bdvmm" run --kernel "$kernel" --initrd "$initrd" \
+		--mem 512 --vcpus 1 --engine "$engine" --api "$run_dir/$name.sock" \
+		--cmdline "console=ttyS0 reboot=k panic=-1 quiet bd.halt=wait bd.scenario=forkbomb bd.seconds=${bomb_seconds} bd.iterations=${iterations}"
+	vm_pid=${pids[-1]}
+	for _ in $(seq 100); do inside test -S "$run_dir/$name.sock" && break; sleep 0.1; done
+	inside test -S "$run_dir/$name.sock" || {
+		cat "$work/$name.console" >&2
+		exit 1
+	}
 }
 
+# follow_guest NAME: print the guest's USEFUL/SCENARIO/FORKBOMB lines as they come, until the
+# demo ends.
+follow_guest() {
+	tail --pid="$watch_pid" -n +1 -f "$work/$1.console" |
+		grep --line-buffered -E '^(USEFUL|SCENARIO|FORKBOMB)' | sed -u 's/^/  guest | /' &
+	pids+=($!)
+}
+
+# wait_useful NAME SECONDS: wait (bounded) until useful has finished in guest NAME.
+wait_useful() {
+	for _ in $(seq $(($2 * 10))); do
+		grep -q "useful finished" "$work/$1.console" && return 0
+		sleep 0.1
+	done
+	return 1
+}
+
+# summarize NAME: one line of the summary table from guest NAME's console: useful's baseline (the
+# median of its iterations before the bomb), its worst iteration after the bomb started, and how
+# long its remaining iterations took (the sum of their own times).
+summarize() {
+	python3 - "$work/$1.console" "$iterations" <<'PY'
+import re, statistics, sys
+path, total = sys.argv[1], int(sys.argv[2])
+before, after, started = [], [], False
+for line in open(path, errors="replace"):
+    if line.startswith("SCENARIO") and "fault starts" in line:
+        started = True
+    m = re.match(r"USEFUL iter=\d+ wall_us=(\d+)", line)
+    if m:
+        (after if started else before).append(int(m.group(1)) / 1e6)
+base = statistics.median(before) if before else float("nan")
+left = total - len(before)
+worst = max(after) if after else float("nan")
+if len(after) < left:
+    took = "%d of %d iterations" % (len(after), left)
+else:
+    took = "%.1f s (%.1f at baseline)" % (sum(after), left * base)
+print("%8.0f ms %10.0f ms  %-26s" % (base * 1000, worst * 1000, took))
+PY
+}
+
+inside mkdir -p "$run_dir"
+iterations=40
+bomb_seconds_without=${DEMO_WITHOUT_SECONDS:-15}
+if [ "$bomb_seconds_without" != 0 ]; then
+	say "1/2: the fork bomb WITHOUT bdmon (bounded to ${bomb_seconds_without}s by the bomb itself)"
+	boot_guest without "$bomb_seconds_without"
+	follow_guest without
+	# The bomb ends by its own bound; useful then finishes its remaining iterations.
+	wait_useful without $((bomb_seconds_without + 300)) || say "useful did not finish; stopping this guest"
+	kill "$vm_pid" 2>/dev/null || true
+	wait "$vm_pid" 2>/dev/null || true
+	say "without bdmon, useful crawled while the bomb ran; now the same guest and bomb with bdmon"
+fi
+
+say "2/2: the fork bomb WITH bdmon: booting the patched kernel under bdvmm (engine: $engine)"
+boot_guest with "$seconds"
 say "keys for the bridge and one monitor (mutual TLS)"
 "$bin/rdma-bridge" pki init --dir "$work/pki" >/dev/null
 "$bin/rdma-bridge" pki issue --dir "$work/pki" --name mon1 >/dev/null
@@ -144,7 +212,7 @@ if [ "$kvm_host" = yes ]; then
 		"$bin/bd-kvmhost" exec --stdin --agent "$agent" -- sh -c "mkdir -p $run_dir && tar -xf - -C $run_dir"
 fi
 inside_bg "$work/bridge.log" "$vm_bin/rdma-bridge" serve --config "$run_dir/bridge.toml" \
-	--api "$run_dir/vm.sock"
+	--api "$run_dir/with.sock"
 addr=
 for _ in $(seq 100); do
 	addr=$(sed -n 's/^rdma-bridge: listening on //p' "$work/bridge.log")
@@ -172,9 +240,7 @@ touch "$work/events.jsonl"
 say "bdmon attached, sampling every 10 ms; guest console and bdmon events follow"
 
 # Interleave the guest's USEFUL/SCENARIO lines and bdmon's events as they happen.
-tail --pid="$watch_pid" -n +1 -f "$work/console.log" | grep --line-buffered -E '^(USEFUL|SCENARIO|FORKBOMB)' |
-	sed -u 's/^/  guest | /' &
-pids+=($!)
+follow_guest with
 tail --pid="$watch_pid" -n +1 -f "$work/events.jsonl" | python3 -u -c '
 import json, sys
 for line in sys.stdin:
@@ -184,15 +250,28 @@ for line in sys.stdin:
 ' &
 pids+=($!)
 
-for _ in $(seq $((seconds * 10 + 600))); do
-	grep -q "useful finished" "$work/console.log" && break
-	sleep 0.1
-done
+wait_useful with $((seconds + 60)) || true
 sleep 1
 say "bdmon status:"
 "$bin/bdmon" status --config "$work/bdmon.toml" || true
-if grep -q '"event":"healed"' "$work/events.jsonl"; then
-	say "healed: $(grep -c '"event":"repair"' "$work/events.jsonl") repair(s); useful finished at its baseline pace"
+repairs=$(grep -c '"event":"repair"' "$work/events.jsonl" || true)
+healed=no
+grep -q '"event":"healed"' "$work/events.jsonl" && healed=yes
+say "summary: useful (user2) next to a CPU fork bomb (user1), $iterations iterations"
+printf '  %-14s %11s %13s  %-26s %s\n' "" baseline "worst iter" "iterations after the bomb" "healing"
+if [ "$bomb_seconds_without" != 0 ]; then
+	printf '  %-14s %s  %s\n' "without bdmon" "$(summarize without)" "none (the bomb ended by its own ${bomb_seconds_without}s bound)"
+fi
+if [ "$healed" = yes ]; then
+	healing="$repairs repair(s) by bdmon"
 else
-	say "no healing seen; the bomb ended by its own ${seconds}s bound"
+	healing="none seen (the bomb ended by its own ${seconds}s bound)"
+fi
+printf '  %-14s %s  %s\n' "with bdmon" "$(summarize with)" "$healing"
+say "baseline: useful's median iteration before the bomb; worst iter: its slowest once the bomb started; then the time its remaining iterations took (and would take at baseline)"
+if [ "$healed" = yes ]; then
+	say "healed: useful finished at its baseline pace"
+else
+	say "no healing seen"
+	exit 1
 fi
