@@ -15,7 +15,8 @@ pkgs=(
 	mmdebstrap e2fsprogs libc6-dev # the Debian root filesystem image (images/rootfs/, as root)
 	redis-tools # redis-benchmark and redis-cli: the load generator runs outside the guest
 	postgresql binutils # the auction service's database tier (tests start their own cluster); strip
-	python3-matplotlib # the failover bench's figures (scripts/plot_failover.py)
+	python3-matplotlib # the figures (scripts/plot_failover.py, scripts/plot_experiments.py)
+	tmux # the terminal bdmon top is tested in (tests/tests/bdmon.rs)
 )
 # cargo-nextest runs the test suite (one process per test, per-test retries: .config/nextest.toml).
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -31,6 +31,7 @@ pub mod mem_reclaim;
 pub mod metrics;
 pub mod policy;
 pub mod proc_repair;
+pub mod top;
 
 use config::{Config, GuestConfig};
 use hm::Registry;

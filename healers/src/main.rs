@@ -58,6 +58,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every guest of the config in this terminal: vCPU state, sensors with a
+    /// sparkline of recent samples, the contract's verdict, the last events of the event log
+    /// (what `bdmon run` writes) and the time repairs held each guest paused. Read only: it never
+    /// pauses or writes a guest. Keys: q quits, ↑/↓ choose a guest.
+    Top {
+        /// Config file (the same as `bdmon run`'s: its guests, keys and event log).
+        #[arg(long)]
+        config: PathBuf,
+        /// Milliseconds between samples of each guest.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+        interval_ms: u64,
+    },
     /// Send SIGCONT to every process of a user in one guest (CONT_UID through the repair hooks
     /// of a patched guest kernel): undoes CPU_Share_Healer's `action = "stop"` before its
     /// `resume_after_s`. bdmon stops the user again if they hog the CPU again; spare them
@@ -145,6 +157,10 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             Ok(())
         }
         Cmd::Status { config, json } => status(&load(&config)?, json),
+        Cmd::Top {
+            config,
+            interval_ms,
+        } => top(&load(&config)?, Duration::from_millis(interval_ms)),
         Cmd::ResumeUser { config, guest, uid } => {
             let c = load(&config)?;
             let g = c.guests.iter().find(|g| g.name == guest).ok_or_else(|| {
@@ -214,6 +230,18 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             Ok(())
         }
     }
+}
+
+fn top(cfg: &Config, every: Duration) -> Result<(), (u8, String)> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return Err((
+            2,
+            "bdmon top draws in a terminal; stdout is not one (for a script: bdmon status --json)"
+                .into(),
+        ));
+    }
+    bdmon::top::run(cfg, every).map_err(|e| (1, format!("terminal: {e}")))
 }
 
 fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {

@@ -417,6 +417,133 @@ fn tcg_bdmon_attached_while_a_patched_guest_boots_heals_through_its_sensor_box()
     );
 }
 
+/// A tmux session running one command in a 160x50 terminal; killed when dropped.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(cmd: &str) -> Tmux {
+        let name = format!("bdtop{}", std::process::id());
+        let st = std::process::Command::new("tmux")
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                &name,
+                "-x",
+                "160",
+                "-y",
+                "50",
+                cmd,
+            ])
+            .status()
+            .expect("run tmux (Debian package tmux)");
+        assert!(st.success(), "tmux new-session: {st}");
+        Tmux(name)
+    }
+
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.0])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        let st = std::process::Command::new("tmux")
+            .args(["send-keys", "-t", &self.0, keys])
+            .status()
+            .expect("tmux send-keys");
+        assert!(st.success());
+    }
+
+    /// Waits (bounded) for a screen on which `ok` holds; returns the last screen either way.
+    fn wait(&self, timeout: Duration, ok: impl Fn(&str) -> bool) -> (bool, String) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if ok(&s) || std::time::Instant::now() > deadline {
+                return (ok(&s), s);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .status();
+    }
+}
+
+/// `bdmon top` in a real terminal (tmux) while `bdmon run` heals a fork bomb in the guest: the
+/// screen shows the guest running, its sensors with their sparklines, bdmon's repair among the
+/// last events and the time it held the guest paused; `q` ends it with status 0 and the terminal
+/// restored.
+#[test]
+fn tcg_bdmon_top_shows_a_guest_being_healed_live_in_a_terminal() {
+    let mut w = world(
+        Engine::Tcg,
+        Kernel::Patched,
+        "bd.scenario=forkbomb bd.mode=cpu bd.seconds=30 bd.iterations=25",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mon = w.bdmon(dir.path(), "[cpu]\nenabled = false");
+    let top = Tmux::start(&format!(
+        "{} top --config {} --interval-ms 200; echo TOP-EXIT=$?; sleep 60",
+        backdoors_tests::workspace_bin("bdmon").display(),
+        dir.path().join("bdmon.toml").display()
+    ));
+    let (seen, screen) = top.wait(Duration::from_secs(120), |s| {
+        s.contains("repair(s), held") && s.contains(" repair ")
+    });
+    let dump = || {
+        format!(
+            "screen:\n{screen}\nevents:\n{:#?}\nbdmon:\n{}",
+            events(dir.path()),
+            mon.output()
+        )
+    };
+    assert!(seen, "no repair on the screen: {}", dump());
+    eprintln!("bdmon top, as the terminal showed it:\n{screen}");
+    for want in [
+        "bdmon top",
+        "vm1",
+        "running",
+        "NPROCS",
+        "TIMER_TICKS",
+        "<= 300",
+        "LOCK TIME",
+    ] {
+        assert!(
+            screen.contains(want),
+            "{want:?} not on the screen: {}",
+            dump()
+        );
+    }
+    assert!(
+        screen.chars().any(|c| ('▁'..='█').contains(&c)),
+        "no sparkline: {}",
+        dump()
+    );
+    if let Err(why) =
+        w.vm.wait_for("useful finished rc=0", Duration::from_secs(300))
+    {
+        panic!("{why}\n{}", dump());
+    }
+    top.keys("q");
+    let (ended, screen) = top.wait(Duration::from_secs(10), |s| s.contains("TOP-EXIT="));
+    assert!(ended, "q did not end bdmon top:\n{screen}");
+    assert!(screen.contains("TOP-EXIT=0"), "bdmon top failed:\n{screen}");
+    // The alternate screen is gone: the shell's line is on the restored terminal.
+    assert!(
+        !screen.contains("LOCK TIME"),
+        "terminal not restored:\n{screen}"
+    );
+}
+
 #[test]
 fn tcg_bdmon_heals_a_cpu_fork_bomb() {
     healed(
