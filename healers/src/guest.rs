@@ -44,12 +44,22 @@ pub const LOCATE_LEASE: Duration = Duration::from_secs(10);
 /// lease (half of [`MIN_PAUSE`], so such a lease is at least 5 ms).
 const STOP_MARGIN: Duration = Duration::from_millis(5);
 
+/// "bridge A: why", saying the address once (the client's own errors may name it already).
+fn connect_message(bridge: &str, source: &ClientError) -> String {
+    let why = source.to_string();
+    let named = format!("bridge {bridge}: ");
+    match why.strip_prefix(&named) {
+        Some(rest) => format!("{named}{rest}"),
+        None => format!("{named}{why}"),
+    }
+}
+
 /// Why a call on the guest failed: the session to its bridge (dropped, re-opened at the next call)
 /// or what its memory holds.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// The bridge cannot be reached.
-    #[error("bridge {bridge}: {source}")]
+    #[error("{}", connect_message(bridge, source))]
     Connect {
         /// Its address.
         bridge: String,

@@ -472,3 +472,74 @@ fn printing_commands_end_quietly_when_their_reader_goes_away() {
         &["check", "--config", cfg.to_str().expect("utf-8")],
     );
 }
+
+/// A guest bdmon cannot read (its bridge refuses connections) is reported on stderr with the
+/// reason, and then at a backed-off rate — not once per 10 ms sample, and never silently.
+#[test]
+fn bdmon_reports_an_unreadable_guest_on_stderr_at_a_backed_off_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki = pki.to_str().expect("utf-8 path");
+    let bridge = backdoors_tests::workspace_bin("rdma-bridge");
+    for args in [
+        vec!["pki", "init", "--dir", pki],
+        vec!["pki", "issue", "--dir", pki, "--name", "m"],
+    ] {
+        let st = std::process::Command::new(&bridge)
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("rdma-bridge pki");
+        assert!(st.success(), "rdma-bridge {args:?}: {st}");
+    }
+    let cfg = dir.path().join("bdmon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "sample_ms = 10\nevents = \"events.jsonl\"\n[[guest]]\nname = \"g\"\n\
+             bridge = \"127.0.0.1:1\"\npki = \"{pki}\"\nmonitor = \"m\"\n"
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(backdoors_tests::workspace_bin("bdmon"))
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "--for",
+            "8",
+        ])
+        .output()
+        .expect("bdmon run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("guest g: sample failed"))
+        .collect();
+    // 8 s of 10 ms samples would be 800 lines; backed off, a handful.
+    assert!(
+        (2..=12).contains(&lines.len()),
+        "{} report line(s):\n{stderr}",
+        lines.len()
+    );
+    assert!(
+        lines[0].contains("127.0.0.1:1") || lines[0].to_lowercase().contains("refused"),
+        "the reason is not said: {}",
+        lines[0]
+    );
+    let waits: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.rsplit("next try in ").next())
+        .filter_map(|w| w.trim_end_matches(" s").trim().parse().ok())
+        .collect();
+    assert_eq!(
+        waits.len(),
+        lines.len(),
+        "every line says when the next try is:\n{stderr}"
+    );
+    assert!(
+        waits.windows(2).all(|w| w[1] >= w[0]) && waits.last() > waits.first(),
+        "not backing off: {waits:?}"
+    );
+}
