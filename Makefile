@@ -6,7 +6,7 @@ CARGO ?= cargo
 # make demo ENGINE=kvm|tcg|auto (kvm on a CPU without vmx/svm runs inside a kvm host)
 ENGINE ?= $(or $(DEMO_ENGINE),auto)
 
-.PHONY: all deps images build release rxe-bins test lint bench demo fuzz clean-cache
+.PHONY: all deps images build release rxe-bins test lint bench demo experiments fuzz clean-cache
 
 all: build
 
@@ -64,6 +64,22 @@ bench: images release
 	NOSB=$$(images/kernel/build.sh --variant nosb | tail -n 1) && \
 	BD_IMAGES_ENV=$(IMAGES_ENV) BD_KERNEL_NOSB_BZIMAGE=$$NOSB/bzImage \
 	$(CARGO) bench -p backdoors-tests --bench sb_cost
+
+# The paper's evaluation as figures (docs/evaluation.md): Figures 2 and 3 with the baselines
+# (tests/benches/experiments.rs), Table 1 and the monitor's CPU use (tests/benches/bdmon.rs), and
+# redis's latency through an attack (tests/benches/service.rs), as CSV, SVG and PNG in
+# docs/figures. About 35 minutes for tcg and 70 more for kvm on this 2-core machine (measured in
+# docs/evaluation.md); EXPERIMENTS_ENGINES=tcg for tcg alone.
+EXPERIMENTS_ENGINES ?= tcg,kvm
+FIGURES := $(CURDIR)/docs/figures
+experiments: images release
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench experiments -- \
+		--engines $(EXPERIMENTS_ENGINES) --out $(FIGURES)
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench bdmon -- \
+		--engines $(EXPERIMENTS_ENGINES) --rounds 3 --periods 0,1,2,5,10,20,50,100 --csv $(FIGURES)
+	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench service -- \
+		--engines $(EXPERIMENTS_ENGINES) --attacks cpu,mem --csv-dir $(FIGURES)
+	/usr/bin/python3 scripts/plot_experiments.py $(FIGURES)
 
 # A short run of every cargo-fuzz target (introspect: guest data; rdma-bridge: the wire format).
 # cargo-fuzz runs on the stable toolchain with -s none (no sanitizer; panics and hangs are found).

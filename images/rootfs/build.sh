@@ -30,8 +30,9 @@ suite=bookworm
 # their shell and applets, iproute2 for the network; util-linux's setpriv
 # comes with minbase), redis-tools for a check from inside, and for the
 # device benchmarks (tests/benches/devices.rs) iperf3 (a server started with
-# bd.iperf3=yes), fio and jq (the fio scenario parses fio's JSON with it).
-image_packages=(redis-server redis-tools busybox-static iproute2 procps iperf3 fio jq)
+# bd.iperf3=yes), fio and jq (the fio scenario parses fio's JSON with it), and
+# earlyoom, a baseline of the evaluation (started with bd.earlyoom=yes).
+image_packages=(redis-server redis-tools busybox-static iproute2 procps iperf3 fio jq earlyoom)
 size=1G
 overlays=()
 extra_packages=()

@@ -14,7 +14,8 @@
 //! 3. **Monitor CPU use** sampling a 100-sensor Sensor Box in a busy loop, at 10 ms and at 100 ms
 //!    (paper: 46 %, ~5 %, <1 %), with the bridge in another process serving a memory image.
 //!
-//! `cargo bench -p backdoors-tests --bench bdmon [-- --rounds N --sizes 100,500 --engines tcg,kvm]`
+//! `cargo bench -p backdoors-tests --bench bdmon [-- --rounds N --sizes 100,500 --engines tcg,kvm
+//!  --periods 0,10,100 --csv DIR]` (`--csv`: also monitor-cpu.csv and table1-<engine>.csv in DIR)
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -241,7 +242,19 @@ fn cpu_seconds() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-fn cpu_use() {
+/// The paper's monitor CPU use: busy loop 46 %, 10 ms ~5 %, 100 ms < 1 % (one 100-sensor box).
+fn paper_cpu(period_ms: u64) -> &'static str {
+    match period_ms {
+        0 => "46",
+        10 => "5",
+        100 => "1",
+        _ => "",
+    }
+}
+
+/// Monitor CPU use at each sampling period of `periods_ms` (0: a busy loop); with `csv`, also
+/// written there (`period_ms,samples_per_s,cpu_percent,paper_percent`).
+fn cpu_use(periods_ms: &[u64], csv: Option<&std::path::Path>) {
     let dir = tempfile::tempdir().unwrap();
     let backdoor = 0x100_0000u64;
     let dump = dir.path().join("mem");
@@ -251,11 +264,14 @@ fn cpu_use() {
     println!(
         "--- monitor CPU use, one guest with a 100-sensor Sensor Box, bridge in another process"
     );
-    for (label, period) in [
-        ("busy loop", Duration::ZERO),
-        ("every 10 ms", Duration::from_millis(10)),
-        ("every 100 ms", Duration::from_millis(100)),
-    ] {
+    let mut rows = String::from("period_ms,samples_per_s,cpu_percent,paper_percent\n");
+    for &ms in periods_ms {
+        let period = Duration::from_millis(ms);
+        let label = if ms == 0 {
+            "busy loop".to_string()
+        } else {
+            format!("every {ms} ms")
+        };
         let cfg = config(&bridge.addr, &setup.pki(), 1, 100_000);
         let events = Events::to_writer(Box::new(Sink::default()));
         let metrics = Metrics::default();
@@ -284,6 +300,15 @@ fn cpu_use() {
             n as f64 / wall,
             100.0 * cpu / wall
         );
+        rows.push_str(&format!(
+            "{ms},{:.0},{:.2},{}\n",
+            n as f64 / wall,
+            100.0 * cpu / wall,
+            paper_cpu(ms)
+        ));
+    }
+    if let Some(path) = csv {
+        std::fs::write(path, rows).expect("write the CPU CSV");
     }
 }
 
@@ -295,8 +320,18 @@ fn main() {
         .filter_map(|s| s.parse().ok())
         .collect();
     let repair_only = std::env::args().any(|a| a == "--repair-only");
+    // --csv DIR: also write monitor-cpu.csv and table1.csv there (make experiments).
+    let csv = arg("--csv").map(std::path::PathBuf::from);
+    let periods: Vec<u64> = arg("--periods")
+        .unwrap_or_else(|| "0,10,100".into())
+        .split(',')
+        .map(|v| v.parse().expect("--periods: milliseconds"))
+        .collect();
     if !repair_only {
-        cpu_use();
+        cpu_use(
+            &periods,
+            csv.as_ref().map(|d| d.join("monitor-cpu.csv")).as_deref(),
+        );
     }
     let engines: Vec<Engine> = arg("--engines")
         .unwrap_or_else(|| "tcg,kvm".into())
@@ -324,6 +359,8 @@ fn main() {
     );
     println!("    (kvm: nested inside a kvm host, QEMU TCG emulating AMD-V: not hardware times)");
     let paper: HashMap<u64, u64> = [(100, 140), (500, 263), (1000, 350), (1500, 426)].into();
+    // Per engine, for table1-<engine>.csv.
+    let mut table1: HashMap<&str, String> = HashMap::new();
     for n in sizes {
         for &engine in &engines {
             let r = bomb_rounds(engine, n, rounds, 10);
@@ -336,12 +373,31 @@ fn main() {
             let held = r.iter().map(|r| r.held_us).max().unwrap_or(0);
             let killed = r.iter().map(|r| r.killed).max().unwrap_or(0);
             let walked = r.iter().filter(|r| r.walked).count();
+            table1.entry(engine.name()).or_default().push_str(&format!(
+                "{},{n},{:.1},{:.1},{},{killed},{:.2},{},{walked}\n",
+                engine.name(),
+                med.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                paper.get(&n).copied().unwrap_or(0),
+                held as f64 / 1000.0,
+                r.len()
+            ));
             println!(
             "{n_label}: median {med:>9.2?}  max {p99:>9.2?}  (paper {} ms)  killed {killed}  guest held paused <= {:.1} ms  ({} rounds, {walked} walked the table)",
             paper.get(&n).copied().unwrap_or(0),
             held as f64 / 1000.0,
             r.len()
         );
+        }
+    }
+    if let Some(dir) = csv {
+        for (engine, rows) in table1 {
+            let head = "engine,processes,median_ms,max_ms,paper_ms,killed,held_ms,rounds,walked\n";
+            std::fs::write(
+                dir.join(format!("table1-{engine}.csv")),
+                format!("{head}{rows}"),
+            )
+            .expect("write table1-<engine>.csv");
         }
     }
 }

@@ -10,7 +10,8 @@
 //! repair, how long from that repair until a window's p99 was back within 1.2x the baseline, the
 //! p99 the test judges (the median p99 of the first windows from 2 s after the repair), and what
 //! the same attack did without bdmon. With `--csv-dir`, each run's windows also go to
-//! `<engine>-<attack>.csv`.
+//! `service-<engine>-<attack>.csv`, and the moments to mark (attacks, last repair, baseline p99)
+//! to `service-<engine>-<attack>-marks.csv` (make experiments plots them).
 
 use backdoors_tests::bench::arg;
 use backdoors_tests::load::Outcome;
@@ -93,11 +94,23 @@ fn main() {
                         rel(w.end_ms)
                     ));
                 }
-                std::fs::write(
-                    dir.join(format!("{}-{}.csv", engine.name(), attack.kind())),
-                    csv,
-                )
-                .expect("write csv");
+                let base = format!("service-{}-{}", engine.name(), attack.kind());
+                std::fs::write(dir.join(format!("{base}.csv")), csv).expect("write csv");
+                // The moments the figure marks, ms on the same axis.
+                let mut marks = format!(
+                    "mark,t_ms\nbaseline_p99_ms,{}\nhealed_attack,{}\n",
+                    r.baseline_p99,
+                    rel(r.healed_attack_ms)
+                );
+                if let Some(l) = r.last_repair_ms {
+                    marks.push_str(&format!("last_repair,{}\n", rel(l)));
+                }
+                marks.push_str(&format!(
+                    "unhealed_attack,{}\nunhealed_over,{}\n",
+                    rel(r.crippled_ms.0),
+                    rel(r.crippled_ms.1)
+                ));
+                std::fs::write(dir.join(format!("{base}-marks.csv")), marks).expect("write marks");
             }
         }
     }

@@ -130,7 +130,9 @@ bd_kill_uid() {
 # iterations the fault command starts as user1; the scenario ends when
 # useful ends. With BD_SECONDS set (the fault command must then stop by
 # itself), it also waits for the fault command and removes what is left of
-# user1's processes. Returns useful's exit status.
+# user1's processes. With BD_NPROC set, the fault runs under RLIMIT_NPROC =
+# BD_NPROC (the per-user process limit an operator would set instead of a
+# healer). Returns useful's exit status.
 bd_fault_scenario() {
 	bd_name=$1
 	shift
@@ -144,7 +146,8 @@ bd_fault_scenario() {
 		echo "SCENARIO $bd_name: no baseline from useful; starting the fault anyway"
 	fi
 	echo "SCENARIO $bd_name: fault starts processes=$(bd_nprocs)"
-	bd_as "$BD_USER1" "$@" &
+	# shellcheck disable=SC2086 # optional single-word arguments
+	bd_as ${BD_NPROC:+--nproc "$BD_NPROC"} "$BD_USER1" "$@" &
 	bd_fault_pid=$!
 	wait "$bd_useful_pid"
 	bd_rc=$?
