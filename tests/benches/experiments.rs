@@ -216,6 +216,12 @@ fn run_point(engine: Engine, fig: &Figure, healer: Healer, x: u64) -> Result<Poi
         if in_window(&after).1 {
             break console;
         }
+        if let Some(st) = g.vm.try_exit() {
+            return Err(format!(
+                "the guest ended ({st}) before the window did\n{}",
+                g.vm.diagnostics()
+            ));
+        }
         if Instant::now() > deadline {
             return Err(format!(
                 "the window did not end in time\n{}",
