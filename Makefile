@@ -68,7 +68,7 @@ bench: images release
 # The paper's evaluation as figures (docs/evaluation.md): Figures 2 and 3 with the baselines
 # (tests/benches/experiments.rs), Table 1 and the monitor's CPU use (tests/benches/bdmon.rs), and
 # redis's latency through an attack (tests/benches/service.rs), as CSV, SVG and PNG in
-# docs/figures. About 35 minutes for tcg and 70 more for kvm on this 2-core machine (measured in
+# docs/figures. About 25 minutes for tcg and 45 more for kvm on this 2-core machine (measured in
 # docs/evaluation.md); EXPERIMENTS_ENGINES=tcg for tcg alone.
 EXPERIMENTS_ENGINES ?= tcg,kvm
 FIGURES := $(CURDIR)/docs/figures
