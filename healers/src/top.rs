@@ -56,10 +56,27 @@ pub fn sparkline(values: impl IntoIterator<Item = u64>) -> String {
         .collect()
 }
 
+/// What the sampler thread saw of one guest.
+enum Reading {
+    /// Its Sensor Box and its vCPUs' state as words ("running", "paused", …).
+    Sampled(Box<SensorBox>, String),
+    /// Why it could not be read.
+    Unreadable(String),
+}
+
 /// One sample of one guest, from the sampler thread.
 struct Sample {
     guest: usize,
-    result: Result<(SensorBox, String), String>,
+    reading: Reading,
+}
+
+/// A guest's state on the screen.
+enum Shown {
+    NotYet,
+    /// Its vCPUs' state.
+    Vcpus(String),
+    /// Why it could not be read.
+    Unreadable(String),
 }
 
 /// What the screen shows of one guest.
@@ -67,8 +84,7 @@ struct GuestView {
     name: String,
     bridge: String,
     checker: Checker,
-    /// vCPU state, or why the guest could not be read.
-    state: Result<String, String>,
+    state: Shown,
     sensors: Vec<Sensor>,
     bad: HashSet<u32>,
     history: HashMap<u32, VecDeque<u64>>,
@@ -87,7 +103,7 @@ impl GuestView {
             name: g.name.clone(),
             bridge: g.bridge.clone(),
             checker: Checker::new(g.threshold_overrides()).with_names(g.threshold_names()),
-            state: Err("not sampled yet".into()),
+            state: Shown::NotYet,
             sensors: Vec::new(),
             bad: HashSet::new(),
             history: HashMap::new(),
@@ -101,11 +117,11 @@ impl GuestView {
         }
     }
 
-    fn take(&mut self, r: Result<(SensorBox, String), String>) {
+    fn take(&mut self, r: Reading) {
         let (sb, state) = match r {
-            Ok(v) => v,
-            Err(e) => {
-                self.state = Err(e);
+            Reading::Sampled(sb, state) => (*sb, state),
+            Reading::Unreadable(why) => {
+                self.state = Shown::Unreadable(why);
                 return;
             }
         };
@@ -131,7 +147,7 @@ impl GuestView {
             h.push_back(point);
         }
         self.sensors = sb.sensors;
-        self.state = Ok(state);
+        self.state = Shown::Vcpus(state);
         self.sampled = Some(now);
         self.samples += 1;
     }
@@ -238,16 +254,19 @@ fn sampler(guests: Vec<GuestConfig>, every: Duration, tx: Sender<Sample>, stop: 
             if stop.load(Ordering::SeqCst) {
                 return;
             }
-            let result = g.sample().map_err(|e| e.to_string()).map(|sb| {
-                let state = match g.status() {
-                    Ok(s) if s.state == 0 => "running".to_string(),
-                    Ok(s) if s.state == 1 => "paused".to_string(),
-                    Ok(_) => "stopped".to_string(),
-                    Err(e) => format!("state unknown ({e})"),
-                };
-                (sb, state)
-            });
-            if tx.send(Sample { guest: i, result }).is_err() {
+            let reading = match g.sample() {
+                Ok(sb) => {
+                    let state = match g.status() {
+                        Ok(s) if s.state == 0 => "running".to_string(),
+                        Ok(s) if s.state == 1 => "paused".to_string(),
+                        Ok(_) => "stopped".to_string(),
+                        Err(e) => format!("state unknown ({e})"),
+                    };
+                    Reading::Sampled(Box::new(sb), state)
+                }
+                Err(e) => Reading::Unreadable(e.to_string()),
+            };
+            if tx.send(Sample { guest: i, reading }).is_err() {
                 return;
             }
         }
@@ -324,12 +343,15 @@ impl App {
         );
         let rows = self.guests.iter().map(|g| {
             let (state, style) = match &g.state {
-                Ok(s) if !g.bad.is_empty() => (
+                Shown::Vcpus(s) if !g.bad.is_empty() => (
                     format!("{s}, {} sensor(s) out of contract", g.bad.len()),
                     Style::new().fg(Color::Red),
                 ),
-                Ok(s) => (format!("{s}, ok"), Style::new().fg(Color::Green)),
-                Err(e) => (format!("unreachable: {e}"), Style::new().fg(Color::Yellow)),
+                Shown::Vcpus(s) => (format!("{s}, ok"), Style::new().fg(Color::Green)),
+                Shown::Unreadable(e) => {
+                    (format!("unreachable: {e}"), Style::new().fg(Color::Yellow))
+                }
+                Shown::NotYet => ("not sampled yet".into(), Style::new()),
             };
             let lock = match g.lock_last_us {
                 Some(last) => format!(
@@ -468,7 +490,7 @@ pub fn run(cfg: &Config, every: Duration) -> std::io::Result<()> {
         loop {
             while let Ok(s) = rx.try_recv() {
                 if let Some(g) = app.guests.get_mut(s.guest) {
-                    g.take(s.result);
+                    g.take(s.reading);
                 }
             }
             app.take_events();
