@@ -83,7 +83,29 @@ struct Checker {
 }
 
 /// A check's verdict: what it saw when it passed, or why it failed.
-type Outcome = Result<String, String>;
+type Outcome = Result<String, Failed>;
+
+/// Why a check failed, as its report line says it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failed(String);
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed(why)
+    }
+}
+
+impl From<&str> for Failed {
+    fn from(why: &str) -> Failed {
+        Failed(why.to_owned())
+    }
+}
+
+/// A failed check.
+fn fail(why: String) -> Outcome {
+    Err(Failed(why))
+}
 
 /// A session or queue pair the checks need could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -106,9 +128,9 @@ enum SetupError {
 }
 
 /// A check that could not set up fails with the reason.
-impl From<SetupError> for String {
-    fn from(e: SetupError) -> String {
-        e.to_string()
+impl From<SetupError> for Failed {
+    fn from(e: SetupError) -> Failed {
+        Failed(e.to_string())
     }
 }
 
@@ -167,7 +189,7 @@ impl Checker {
     fn report(&mut self, check: &str, outcome: Outcome) {
         let (ok, detail) = match outcome {
             Ok(d) => (true, d),
-            Err(d) => (false, d),
+            Err(Failed(d)) => (false, d),
         };
         if !ok {
             self.failed += 1;
@@ -211,7 +233,7 @@ fn check_connect_rw(rw: &Rdma) -> Outcome {
     if sb && hooks && ram {
         Ok(format!("regions: {}", show(&rw.regions)))
     } else {
-        Err(format!(
+        fail(format!(
             "expected sb (read), ram (read) and hooks (write); got {}",
             show(&rw.regions)
         ))
@@ -229,7 +251,7 @@ fn check_read_sb(rw: &mut Rdma) -> Outcome {
         Ok(format!("{} bytes equal FETCH_SB", tcp.len()))
     } else {
         let first = rdma.iter().zip(&tcp).position(|(a, b)| a != b);
-        Err(format!(
+        fail(format!(
             "{} bytes differ from FETCH_SB (first difference at {first:?})",
             tcp.len()
         ))
@@ -289,7 +311,7 @@ fn check_read_tasks(c: &Checker, rw: Rdma) -> (Outcome, Rdma) {
                 rdma_mem.round_trips(),
             ))
         } else {
-            Err(format!(
+            fail(format!(
                 "the walks differ: {} tasks over RDMA, {} over TCP",
                 over_rdma.len(),
                 over_tcp.len()
@@ -332,7 +354,7 @@ fn check_write_hooks(rw: &mut Rdma) -> Outcome {
                 "32 bytes at {slot:#x} written over RDMA read back equal over TCP (and restored)"
             ))
         } else {
-            Err(format!(
+            fail(format!(
                 "wrote {pattern:02x?} over RDMA, read {after:02x?} over TCP"
             ))
         }
@@ -351,7 +373,7 @@ fn check_write_without_lock(rw: &mut Rdma) -> Outcome {
         .read(slot, 32)
         .map_err(|e| format!("TCP READ: {e}"))?;
     let refused = match rw.mon.write(slot, &[0x5A; 32]) {
-        Ok(()) => return Err("an RDMA WRITE without the lock completed".into()),
+        Ok(()) => return fail("an RDMA WRITE without the lock completed".into()),
         Err(e) => e.to_string(),
     };
     let after = rw
@@ -359,7 +381,7 @@ fn check_write_without_lock(rw: &mut Rdma) -> Outcome {
         .read(slot, 32)
         .map_err(|e| format!("TCP READ back: {e}"))?;
     if after != before {
-        return Err(format!(
+        return fail(format!(
             "the WRITE failed ({refused}) but the slot changed anyway"
         ));
     }
@@ -371,7 +393,7 @@ fn check_write_without_lock(rw: &mut Rdma) -> Outcome {
 /// same session: a refusal breaks the one it was posted on).
 fn check_ro_cannot_write(c: &Checker, ro: Rdma, rw_regions: &[RegionInfo]) -> Outcome {
     if let Some(w) = ro.regions.iter().find(|r| r.access == Access::RemoteWrite) {
-        return Err(format!(
+        return fail(format!(
             "the read-only monitor got a write region: {}",
             w.name
         ));
@@ -412,7 +434,7 @@ fn check_ro_cannot_write(c: &Checker, ro: Rdma, rw_regions: &[RegionInfo]) -> Ou
             .read(slot, 32)
             .map_err(|e| format!("TCP READ: {e}"))?;
         match r.mon.write_raw(addr, rkey, &[0x66; 32]) {
-            Ok(()) => return Err(format!("an RDMA WRITE with {what} completed")),
+            Ok(()) => return fail(format!("an RDMA WRITE with {what} completed")),
             Err(e) => refusals.push(format!("with {what}: {e}")),
         }
         let after = r
@@ -420,7 +442,7 @@ fn check_ro_cannot_write(c: &Checker, ro: Rdma, rw_regions: &[RegionInfo]) -> Ou
             .read(slot, 32)
             .map_err(|e| format!("TCP READ back: {e}"))?;
         if after != before {
-            return Err(format!(
+            return fail(format!(
                 "the WRITE with {what} failed but the bytes changed"
             ));
         }
@@ -448,7 +470,7 @@ fn check_guessed_rkey(rw: &mut Rdma, ro: &mut Rdma) -> Outcome {
         .map_err(|e| format!("the rw monitor's own READ with its rkey failed: {e}"))?;
     // ... and not on another monitor's.
     match ro.mon.read_raw(ram.remote_addr + off, ram.rkey, 64) {
-        Ok(got) => Err(format!(
+        Ok(got) => fail(format!(
             "the ro monitor READ the rw monitor's ram with its rkey {:#x} ({} bytes{})",
             ram.rkey,
             got.len(),
@@ -481,7 +503,7 @@ fn check_closed_session(c: &Checker) -> Outcome {
                 ))
             }
             Ok(_) if Instant::now() >= give_up => {
-                return Err(format!(
+                return fail(format!(
                     "{reads} READs on the closed session's QP still succeeded after 15 s"
                 ))
             }
@@ -501,7 +523,7 @@ fn check_qp_quota(c: &Checker, held: usize) -> Outcome {
     }
     let mut over = c.session(&c.cli.rw)?;
     match c.rdma_on(&mut over) {
-        Ok(_) => Err(format!(
+        Ok(_) => fail(format!(
             "a queue pair beyond the cap of {MAX_QPS_PER_MONITOR} was connected"
         )),
         Err(e) => Ok(format!(
@@ -551,7 +573,7 @@ fn main() -> ExitCode {
             None
         }
     };
-    let skipped = || Err::<String, String>("skipped: rdma_connect_rw failed".into());
+    let skipped = || fail("skipped: rdma_connect_rw failed".into());
 
     let o = rw.as_mut().map_or_else(skipped, check_read_sb);
     c.report("read_sb_rdma", o);
