@@ -17,6 +17,9 @@ pkgs=(
 	postgresql binutils # the auction service's database tier (tests start their own cluster); strip
 	python3-matplotlib # the figures (scripts/plot_failover.py, scripts/plot_experiments.py)
 	tmux # the terminal bdmon top is tested in (tests/tests/bdmon.rs)
+	etcd-server # the fleet coordination store (fleet/: guests and monitors meet in etcd; its tests run /usr/bin/etcd)
+	etcd-client # etcdctl, to look at the fleet keys by hand
+	protobuf-compiler # protoc: the etcd-client crate (fleet/) generates its gRPC code at build time
 )
 # cargo-nextest runs the test suite (one process per test, per-test retries: .config/nextest.toml).
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -118,6 +118,11 @@ impl VmBackend {
         }
     }
 
+    /// The VM's engine as bdvmm reports it (`kvm`, `tcg`), if it answers.
+    pub fn engine(&self) -> Option<String> {
+        self.api().status().ok().map(|s| s.engine)
+    }
+
     /// Blocks until bdvmm goes away (its API socket closes), on a connection of its own.
     pub fn watch_exit(&self) -> Result<(), BackendError> {
         let mut s = UnixStream::connect(&self.socket).map_err(|source| BackendError::Watch {

@@ -49,7 +49,27 @@
 //!
 //! [rdma]                           # optional, feature `verbs`: one-sided RDMA data path
 //! device = "mlx5_0"                # the first device if absent
+//!
+//! [fleet]                          # optional: register the guest in etcd, obey the assignment
+//! guest = "vm17"                   # required: the guest's name in the fleet ([A-Za-z0-9._-])
+//! endpoints = ["127.0.0.1:2379"]   # etcd client endpoints (default: this one)
+//! prefix = "/backdoors"            # keys live under it (default)
+//! ttl_s = 5                        # lease TTL: the guest leaves the fleet this long after the
+//!                                  # bridge dies (at once on a clean stop)
+//! connect_timeout_ms = 2000        # bound on each etcd connection attempt and request
+//! advertise = "10.0.0.5:7070"      # where monitors connect; default: the bound listen address
+//! kernel = "patched"               # or "stock": told to monitors in the guest record
+//! monitors_per_guest = 2           # assigned monitors; default agreement.k; must be
+//!                                  # >= agreement.k and <= the number of [[monitor]] entries
 //! ```
+//!
+//! With `[fleet]` the bridge registers its guest under a lease and watches the members of the
+//! monitor group. Of the listed monitors only those the fleet assigns to this guest
+//! (`fleet::assigned(guest, members, monitors_per_guest)`, computed here, never taken from a
+//! monitor's word) may LOCK, WRITE (vote) or RESTART; the others keep their READ, FETCH_SB and
+//! STATUS grants. Write agreement needs `agreement.k` of the assigned monitors. If etcd cannot be
+//! reached the last known assignment stays in force: monitors that cannot prove their own
+//! membership fence themselves.
 //!
 //! Ranges are names resolved against the VM's layout when the bridge starts — `backdoor` (bdvmm's
 //! whole reserved range), `sb` (its first 16 KiB: the Sensor Box ABI v1 region), `hooks` (the
@@ -145,6 +165,74 @@ pub struct BridgeConfig {
     /// The RDMA verbs data path (feature `verbs`); absent: TCP only.
     #[serde(default)]
     pub rdma: Option<RdmaConfig>,
+    /// Registration in etcd and the fleet's assignment; absent: a static bridge.
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
+}
+
+/// `[fleet]`: the [`fleet::FleetConfig`] keys, plus this guest's part.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// The guest's name in the fleet.
+    pub guest: String,
+    /// etcd client endpoints.
+    #[serde(default = "fleet_defaults::endpoints")]
+    pub endpoints: Vec<String>,
+    /// Key prefix.
+    #[serde(default = "fleet_defaults::prefix")]
+    pub prefix: String,
+    /// Lease TTL in seconds.
+    #[serde(default = "fleet_defaults::ttl_s")]
+    pub ttl_s: u64,
+    /// Connect and request timeout in milliseconds.
+    #[serde(default = "fleet_defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// `host:port` monitors connect to; the bound listen address if absent.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The guest's kernel kind, for monitors (`patched`, `stock`).
+    #[serde(default = "default_kernel")]
+    pub kernel: String,
+    /// How many monitors the fleet assigns to this guest; `agreement.k` if absent.
+    #[serde(default)]
+    pub monitors_per_guest: Option<usize>,
+}
+
+mod fleet_defaults {
+    pub fn endpoints() -> Vec<String> {
+        fleet::FleetConfig::default().endpoints
+    }
+    pub fn prefix() -> String {
+        fleet::FleetConfig::default().prefix
+    }
+    pub fn ttl_s() -> u64 {
+        fleet::FleetConfig::default().ttl_s
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        fleet::FleetConfig::default().connect_timeout_ms
+    }
+}
+
+fn default_kernel() -> String {
+    "patched".into()
+}
+
+impl FleetSection {
+    /// The etcd side of the section.
+    pub fn fleet_config(&self) -> fleet::FleetConfig {
+        fleet::FleetConfig {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.clone(),
+            ttl_s: self.ttl_s,
+            connect_timeout_ms: self.connect_timeout_ms,
+        }
+    }
+
+    /// Monitors assigned per guest, given the write agreement's `k`.
+    pub fn per_guest(&self, k: usize) -> usize {
+        self.monitors_per_guest.unwrap_or(k)
+    }
 }
 
 /// `[rdma]`: register the monitors' grants with an RDMA device.
@@ -385,6 +473,36 @@ impl BridgeConfig {
                 ));
             }
         }
+        if let Some(f) = &self.fleet {
+            f.fleet_config()
+                .validate()
+                .map_err(|e| ConfigError::Invalid(format!("[fleet]: {e}")))?;
+            if fleet::check_name(&f.guest).is_err() {
+                return bad(format!(
+                    "[fleet] guest = {:?}: a name of 1..={} bytes of [A-Za-z0-9._-]",
+                    f.guest,
+                    fleet::MAX_NAME
+                ));
+            }
+            let n = f.per_guest(self.agreement.k);
+            if n < self.agreement.k || n > self.monitors.len() {
+                return bad(format!(
+                    "[fleet] monitors_per_guest = {n} must be at least agreement.k ({}) and at most the {} listed monitor(s)",
+                    self.agreement.k,
+                    self.monitors.len()
+                ));
+            }
+            if let Some(a) = &f.advertise {
+                if a.is_empty() || a.len() > 256 || !a.contains(':') {
+                    return bad(format!("[fleet] advertise = {a:?}: expected host:port"));
+                }
+            }
+            if f.kernel.is_empty() || f.kernel.len() > 64 {
+                return bad(
+                    "[fleet] kernel must be 1..=64 bytes (e.g. \"patched\" or \"stock\")".into(),
+                );
+            }
+        }
         for (i, m) in self.monitors.iter().enumerate() {
             if m.name.is_empty() || m.name.len() > crate::wire::MAX_MONITOR_ID {
                 return bad(format!("monitor #{i}: name must be 1..=64 bytes"));
@@ -548,6 +666,13 @@ key = "b.key"
                 "[lock]\nmax_lease_ms = 5000\nmax_pause_per_window_ms = 1000\n[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n",
                 "no such lease could be granted",
             ),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\n", "missing field `guest`"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"a/b\"\n", "[fleet] guest"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"g\"\nttl_s = 0\n", "ttl_s must be 1..=60"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"g\"\nendpoints = []\n", "at least one etcd endpoint"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"g\"\nmonitors_per_guest = 2\n", "monitors_per_guest = 2"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"g\"\nmonitors_per_guest = 0\n", "at least agreement.k"),
+            ("[[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[fleet]\nguest = \"g\"\nbogus = 1\n", "unknown field"),
         ];
         for (extra, want) in cases {
             std::fs::write(&p, format!("{base}{extra}")).unwrap();
@@ -569,5 +694,37 @@ key = "b.key"
         let cfg = BridgeConfig::load(&p).unwrap();
         assert_eq!(cfg.monitors[0].cert, dir.path().join("m.pem"));
         assert_eq!(cfg.agreement.k, 1);
+        assert!(cfg.fleet.is_none());
+    }
+
+    #[test]
+    fn the_fleet_section_has_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.toml");
+        let text = "audit_log = \"a.jsonl\"\n[tls]\nca = \"ca.pem\"\ncert = \"b.pem\"\nkey = \"b.key\"\n\
+            [agreement]\nk = 2\nwindow_ms = 100\n\
+            [[monitor]]\nname = \"m\"\ncert = \"m.pem\"\n[[monitor]]\nname = \"n\"\ncert = \"n.pem\"\n\
+            [[monitor]]\nname = \"o\"\ncert = \"o.pem\"\n[fleet]\nguest = \"vm-1\"\n";
+        std::fs::write(&p, text).unwrap();
+        let cfg = BridgeConfig::load(&p).unwrap();
+        let f = cfg.fleet.as_ref().unwrap();
+        assert_eq!(f.fleet_config(), fleet::FleetConfig::default());
+        assert_eq!(f.kernel, "patched");
+        assert_eq!(f.advertise, None);
+        assert_eq!(f.per_guest(cfg.agreement.k), 2);
+        std::fs::write(
+            &p,
+            format!("{text}endpoints = [\"http://10.0.0.1:2379\"]\nttl_s = 3\nmonitors_per_guest = 3\nadvertise = \"10.0.0.5:7070\"\nkernel = \"stock\"\n"),
+        )
+        .unwrap();
+        let cfg = BridgeConfig::load(&p).unwrap();
+        let f = cfg.fleet.as_ref().unwrap();
+        assert_eq!(f.fleet_config().ttl_s, 3);
+        assert_eq!(f.per_guest(cfg.agreement.k), 3);
+        assert_eq!(f.advertise.as_deref(), Some("10.0.0.5:7070"));
+        // Fewer than k assigned monitors could never agree on a write.
+        std::fs::write(&p, format!("{text}monitors_per_guest = 1\n")).unwrap();
+        let e = BridgeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("at least agreement.k (2)"), "{e}");
     }
 }

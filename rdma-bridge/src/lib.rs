@@ -5,6 +5,7 @@
 //! * [`wire`], [`tls`], [`client`], [`jsonl`] — the monitor's side, in the `bridge-client` crate
 //!   (re-exported here); a monitor depends on that crate alone.
 //! * [`config`] — the bridge's TOML config: listening address, TLS files, monitors and their grants.
+//! * [`assignment`] — the fleet's assignment (`[fleet]`): which monitors may LOCK, WRITE, RESTART.
 //! * [`guard`] — grants and delayed (k-of-n) write agreement.
 //! * [`audit`] — the JSON-lines audit log.
 //! * [`backend`] — guest memory and the pause lock from bdvmm (or a dump file).
@@ -14,6 +15,7 @@
 //! * [`rdma`] — the data path's server glue: per-monitor regions, queue-pair caps, the write window
 //!   (built without the feature too; the device behind it needs `verbs`).
 
+pub mod assignment;
 pub mod audit;
 pub mod backend;
 pub mod config;

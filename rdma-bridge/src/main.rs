@@ -285,8 +285,38 @@ fn serve(
         }
         (None, None) => return Err((BAD_INPUT, "give --api or --dump".into())),
     };
-    let server = Arc::new(Server::bind(&cfg, backend).map_err(|e| (FAILED, e.to_string()))?);
+    // With [fleet], SIGTERM and SIGINT are taken by a thread of ours (blocked here, before any
+    // thread starts, so every thread inherits the mask) that takes the guest out of the fleet.
+    let signals = if cfg.fleet.is_some() {
+        Some(block_stop_signals())
+    } else {
+        None
+    };
+    // The engine bdvmm reports ("kvm", "tcg"), "vm" if it does not say, "dump" for --dump.
+    let engine = match &vm {
+        Some(vm) => vm.engine().unwrap_or_else(|| "vm".into()),
+        None => "dump".into(),
+    };
+    let mut server = Server::bind(&cfg, backend).map_err(|e| (FAILED, e.to_string()))?;
     let addr = server.local_addr().map_err(|e| (FAILED, e.to_string()))?;
+    let registration = match &cfg.fleet {
+        Some(f) => Some(join_fleet(&cfg, f, &mut server, addr, engine)?),
+        None => None,
+    };
+    let registration = Arc::new(std::sync::Mutex::new(registration));
+    if let Some(set) = signals {
+        let reg = registration.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = wait_signal(&set);
+                leave_fleet(&reg);
+                eprintln!("rdma-bridge: signal {sig}; stopping");
+                std::process::exit(0);
+            })
+            .map_err(|e| (FAILED, format!("cannot start the signal thread: {e}")))?;
+    }
+    let server = Arc::new(server);
     // Scripts wait for this line.
     println!("rdma-bridge: listening on {addr}");
     if let Some(vm) = vm {
@@ -299,10 +329,101 @@ fn serve(
         });
         vm.watch_exit().map_err(|e| (FAILED, e.to_string()))?;
         server.audit("vm_exited", serde_json::json!({}));
+        leave_fleet(&registration);
         eprintln!("rdma-bridge: the VM exited; stopping");
         return Ok(());
     }
-    server
+    let r = server
         .run()
-        .map_err(|e| (FAILED, format!("accept failed: {e}")))
+        .map_err(|e| (FAILED, format!("accept failed: {e}")));
+    leave_fleet(&registration);
+    r
+}
+
+/// Registers the guest in etcd and makes the server enforce the fleet's assignment.
+fn join_fleet(
+    cfg: &BridgeConfig,
+    f: &rdma_bridge::config::FleetSection,
+    server: &mut Server,
+    addr: std::net::SocketAddr,
+    engine: String,
+) -> Result<fleet::Registration, (u8, String)> {
+    let fc = f.fleet_config();
+    let cert_sha256 = tls::load_certs(&cfg.tls.cert)
+        .ok()
+        .and_then(|c| c.first().map(|c| tls::fingerprint(c)))
+        .unwrap_or_default();
+    let watcher = fleet::Watcher::start(fc.clone()).map_err(|e| (FAILED, e.to_string()))?;
+    if !watcher.connected() {
+        eprintln!(
+            "rdma-bridge: etcd {} does not answer yet; watching the fleet in the background",
+            fc.endpoints.join(",")
+        );
+    }
+    let per_guest = f.per_guest(cfg.agreement.k);
+    server
+        .use_fleet(rdma_bridge::assignment::Assignment::new(
+            &f.guest, per_guest, watcher,
+        ))
+        .map_err(|e| (FAILED, e.to_string()))?;
+    let record = fleet::GuestRecord {
+        name: f.guest.clone(),
+        bridge: f.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        cert_sha256,
+        kernel: f.kernel.clone(),
+        engine,
+    };
+    let reg =
+        fleet::Registration::start(fc.clone(), record).map_err(|e| (FAILED, e.to_string()))?;
+    if reg.registered() {
+        eprintln!(
+            "rdma-bridge: registered guest {} in etcd {}",
+            f.guest,
+            fc.endpoints.join(",")
+        );
+    } else {
+        eprintln!(
+            "rdma-bridge: etcd {} does not answer yet; registering guest {} in the background",
+            fc.endpoints.join(","),
+            f.guest
+        );
+    }
+    Ok(reg)
+}
+
+/// Takes the guest out of the fleet at once (revokes its lease), once.
+fn leave_fleet(reg: &std::sync::Mutex<Option<fleet::Registration>>) {
+    let taken = match reg.lock() {
+        Ok(mut g) => g.take(),
+        Err(p) => p.into_inner().take(),
+    };
+    if let Some(r) = taken {
+        r.close();
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and the threads it starts); returns the set.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only change this thread's signal mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Waits for one of the signals in `set` (blocked in every thread); returns its number.
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is a valid, initialised sigset_t and `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+            return sig;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

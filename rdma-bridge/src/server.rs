@@ -29,6 +29,9 @@
 //! lock, so a vote does not need to hold it: it needs the write grant *and* `lock = true`, and the
 //! defence is the agreement of `k` distinct monitors on the same bytes, applied as one copy.
 //!
+//! **The fleet** (`[fleet]`, [`crate::assignment`]): LOCK, WRITE and RESTART also need the monitor
+//! to be one of those the fleet assigns to this guest now; a refusal is audited as `denied`.
+//!
 //! **REGS** needs `regs = true`, is audited, and is rate-limited per session ([`REGS_BURST`],
 //! [`REGS_PER_SECOND`]): each call costs the guest a vCPU exit.
 
@@ -157,6 +160,8 @@ struct Shared {
     max_conns: usize,
     idle: Duration,
     rdma: Option<crate::rdma::RdmaGlue>,
+    /// The fleet's assignment (`[fleet]`): only assigned monitors may LOCK, WRITE and RESTART.
+    fleet: Option<crate::assignment::Assignment>,
 }
 
 /// A bound, ready server.
@@ -215,6 +220,7 @@ impl Server {
                 max_conns: cfg.max_connections,
                 idle: Duration::from_millis(cfg.idle_timeout_ms),
                 rdma,
+                fleet: None,
             }),
         })
     }
@@ -241,6 +247,21 @@ impl Server {
                 }
             })?,
         );
+        Ok(())
+    }
+
+    /// Enforces the fleet's assignment (the `[fleet]` section): from now on only monitors assigned
+    /// to this guest may LOCK, WRITE and RESTART. Call before [`Server::run`].
+    pub fn use_fleet(&mut self, a: crate::assignment::Assignment) -> Result<(), ServerError> {
+        let sh = Arc::get_mut(&mut self.shared).ok_or_else(|| ServerError::Io {
+            what: "use_fleet".into(),
+            source: std::io::Error::other("the server is already running"),
+        })?;
+        sh.audit.log(
+            "fleet",
+            json!({"guest": a.guest(), "assigned": a.assigned(), "connected": a.watcher().connected()}),
+        );
+        sh.fleet = Some(a);
         Ok(())
     }
 
@@ -665,6 +686,21 @@ impl Session<'_> {
         }
     }
 
+    /// Refuses `op` if the fleet does not assign this guest to this monitor now (`[fleet]`).
+    fn unassigned(&self, op: &str) -> Option<Reply> {
+        let fleet = self.sh.fleet.as_ref()?;
+        let message = fleet.check(&self.monitor).err()?;
+        self.sh.audit.log(
+            "denied",
+            json!({"monitor": self.monitor, "op": op, "reason": "not assigned in the fleet",
+                   "guest": fleet.guest(), "assigned": fleet.assigned()}),
+        );
+        Some(Reply::Error {
+            code: code::DENIED,
+            message,
+        })
+    }
+
     /// Refuses an operation this monitor's entry does not allow, and says which setting would.
     fn not_permitted(&self, op: &str, setting: &str) -> Reply {
         self.sh.audit.log(
@@ -848,6 +884,9 @@ impl Session<'_> {
         if len == 0 || !self.grant.may_write(gpa, len) {
             return self.denied("WRITE", gpa, len);
         }
+        if let Some(refused) = self.unassigned("WRITE") {
+            return refused;
+        }
         if self.sh.agreement.k() >= 2 {
             // k-of-n: one monitor alone cannot write, so a vote need not hold the lock (only one
             // monitor could); it needs the lock permission as well as the write grant.
@@ -963,6 +1002,9 @@ impl Session<'_> {
     fn lock(&self, lease_ms: u32) -> Reply {
         if !self.grant.lock {
             return self.not_permitted("LOCK", "lock = true");
+        }
+        if let Some(refused) = self.unassigned("LOCK") {
+            return refused;
         }
         let max = self.sh.limits.max_lease_ms;
         if lease_ms == 0 || u64::from(lease_ms) > max {
@@ -1215,6 +1257,9 @@ impl Session<'_> {
     fn restart(&self) -> Reply {
         if !self.grant.restart {
             return self.denied("RESTART", 0, 0);
+        }
+        if let Some(refused) = self.unassigned("RESTART") {
+            return refused;
         }
         // A restart ends any pause lock: the guest boots afresh.
         let mut st = self.state();
