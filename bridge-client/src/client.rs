@@ -98,6 +98,34 @@ impl ClientError {
     }
 }
 
+/// The reply to request `id` in frame `f`: an `ERROR` reply becomes [`ClientError::Remote`], a
+/// frame for another request or a request from the bridge a protocol error.
+pub(crate) fn reply_to(id: u64, f: Frame) -> Result<Reply, ClientError> {
+    if f.request_id != id {
+        return Err(ClientError::Protocol(format!(
+            "reply to request {} while waiting for {id}",
+            f.request_id
+        )));
+    }
+    match f.message {
+        Message::Reply(Reply::Error { code, message }) => {
+            Err(ClientError::Remote { code, message })
+        }
+        Message::Reply(r) => Ok(r),
+        Message::Request(_) => Err(ClientError::Protocol("the bridge sent a request".into())),
+    }
+}
+
+/// The HELLO request of monitor `name`, with a fresh random nonce.
+pub(crate) fn hello(name: &str) -> Request {
+    let mut nonce = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
+    Request::Hello {
+        monitor_id: name.to_owned(),
+        nonce: u64::from_le_bytes(nonce),
+    }
+}
+
 /// One authenticated session with a bridge.
 pub struct Bridge {
     s: StreamOwned<ClientConnection, TcpStream>,
@@ -156,12 +184,7 @@ impl Bridge {
             backdoor: (0, 0),
             buf: vec![0u8; 256 << 10],
         };
-        let mut nonce = [0u8; 8];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce);
-        match b.call(Request::Hello {
-            monitor_id: id.name.clone(),
-            nonce: u64::from_le_bytes(nonce),
-        })? {
+        match b.call(hello(&id.name))? {
             Reply::Hello {
                 backdoor_gpa,
                 backdoor_size,
@@ -195,21 +218,7 @@ impl Bridge {
         self.s.flush().map_err(io)?;
         loop {
             if let Some(f) = self.dec.next_frame()? {
-                if f.request_id != id {
-                    return Err(ClientError::Protocol(format!(
-                        "reply to request {} while waiting for {id}",
-                        f.request_id
-                    )));
-                }
-                return match f.message {
-                    Message::Reply(Reply::Error { code, message }) => {
-                        Err(ClientError::Remote { code, message })
-                    }
-                    Message::Reply(r) => Ok(r),
-                    Message::Request(_) => {
-                        Err(ClientError::Protocol("the bridge sent a request".into()))
-                    }
-                };
+                return reply_to(id, f);
             }
             let n = self
                 .s
@@ -340,7 +349,7 @@ impl Bridge {
     }
 }
 
-fn unexpected(op: &str, r: &Reply) -> ClientError {
+pub(crate) fn unexpected(op: &str, r: &Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply to {op}: {r:?}"))
 }
 

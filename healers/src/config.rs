@@ -126,6 +126,65 @@ pub struct Config {
     /// The guests.
     #[serde(rename = "guest", default)]
     pub guests: Vec<GuestConfig>,
+    /// `[fleet]`: guests found in etcd (in addition to any `[[guest]]`), divided among the
+    /// monitors of the fleet.
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
+}
+
+/// `[fleet]`: where etcd is, who this monitor is, and how many monitors each guest gets.
+///
+/// ```toml
+/// [fleet]
+/// endpoints = ["127.0.0.1:2379"]   # etcd client URLs
+/// prefix = "/backdoors"            # the fleet's keys
+/// ttl_s = 5                        # lease TTL: a dead monitor's guests move this long after
+/// connect_timeout_ms = 2000        # one etcd connection attempt or request
+/// monitor = "mon1"                 # this monitor's name (its HELLO and member key)
+/// pki = "pki"                      # where mon1.pem / mon1.key / ca.pem are
+/// monitors_per_guest = 2           # k: each guest is watched by this many monitors
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// etcd client endpoints.
+    #[serde(default = "fleet::config::default_endpoints")]
+    pub endpoints: Vec<String>,
+    /// Key prefix.
+    #[serde(default = "fleet::config::default_prefix")]
+    pub prefix: String,
+    /// Lease TTL in seconds.
+    #[serde(default = "fleet::config::default_ttl_s")]
+    pub ttl_s: u64,
+    /// Connect and request timeout in milliseconds.
+    #[serde(default = "fleet::config::default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// This monitor's name.
+    pub monitor: String,
+    /// Its PKI directory.
+    pub pki: PathBuf,
+    /// The name the bridges' certificates carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// Monitors per guest.
+    #[serde(default = "one")]
+    pub monitors_per_guest: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl FleetSection {
+    /// The etcd side.
+    pub fn fleet_config(&self) -> fleet::FleetConfig {
+        fleet::FleetConfig {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.clone(),
+            ttl_s: self.ttl_s,
+            connect_timeout_ms: self.connect_timeout_ms,
+        }
+    }
 }
 
 /// `[proc]`.
@@ -426,6 +485,27 @@ pub struct GuestConfig {
     /// standby front end instead of the `[hang]` action.
     #[serde(default)]
     pub failover: Option<FailoverConfig>,
+    /// Set for a guest the fleet assigned: bdmon takes no lock on it while this says it cannot
+    /// prove it still owns the guest.
+    #[serde(skip)]
+    pub fence: Option<Ownership>,
+}
+
+/// Whether this monitor may act on a fleet guest now: its etcd membership is confirmed.
+#[derive(Clone)]
+pub struct Ownership(pub std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl Ownership {
+    /// True while the monitor may not act.
+    pub fn fenced(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ownership(fenced: {})", self.fenced())
+    }
 }
 
 /// `[guest.failover]`: where a failed guest's sessions go.
@@ -628,6 +708,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        if let Some(f) = &mut c.fleet {
+            fix(&mut f.pki);
+        }
         for g in &mut c.guests {
             g.pause_budget_percent.get_or_insert(c.pause_budget_percent);
             g.pause_budget_window_s = Some(c.pause_budget_window_s);
@@ -647,10 +730,35 @@ impl Config {
         Ok(c)
     }
 
+    /// The `[[guest]]` bdmon watches for fleet guest `name`, whose bridge is at `bridge`: this
+    /// monitor's identity and every default of the file. None without `[fleet]`.
+    pub fn fleet_guest(&self, name: &str, bridge: &str) -> Option<GuestConfig> {
+        let f = self.fleet.as_ref()?;
+        let mut g: GuestConfig = serde_json::from_value(serde_json::json!({
+            "name": name, "bridge": bridge, "pki": f.pki, "monitor": f.monitor,
+            "server_name": f.server_name,
+        }))
+        .ok()?;
+        g.pause_budget_percent = Some(self.pause_budget_percent);
+        g.pause_budget_window_s = Some(self.pause_budget_window_s);
+        g.retry_ms = Some((self.retry_min_ms, self.retry_max_ms));
+        Some(g)
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.guests.is_empty() {
-            return bad("no [[guest]]: nothing to watch".into());
+        if self.guests.is_empty() && self.fleet.is_none() {
+            return bad("no [[guest]] and no [fleet]: nothing to watch".into());
+        }
+        if let Some(f) = &self.fleet {
+            f.fleet_config()
+                .validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            fleet::check_name(&f.monitor)
+                .map_err(|e| ConfigError::Invalid(format!("[fleet] monitor: {e}")))?;
+            if f.monitors_per_guest == 0 || f.monitors_per_guest > 16 {
+                return bad("[fleet] monitors_per_guest must be 1..=16".into());
+            }
         }
         if self.sample_ms == 0 || self.sample_ms > 3_600_000 {
             return bad("sample_ms must be 1..=3600000".into());

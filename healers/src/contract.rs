@@ -78,6 +78,9 @@ impl Checker {
 
     /// The threshold in force for `s`.
     pub fn threshold(&self, s: &Sensor) -> u64 {
+        if self.overrides.is_empty() && self.by_name.is_empty() {
+            return s.threshold;
+        }
         self.overrides
             .get(&s.id)
             .or_else(|| self.by_name.get(&s.name))

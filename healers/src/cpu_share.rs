@@ -236,6 +236,10 @@ impl Diagnosis for CpuShare {
         self.resume_due(ctx);
     }
 
+    fn busy(&self) -> bool {
+        self.cfg.resume_after_s != 0 && !self.stopped.is_empty()
+    }
+
     fn recovered(&mut self, checker: &Checker, _v: &Violation, sb: &SensorBox) -> bool {
         if let Some(at) = self.reniced_at {
             let done = sb.value(ids::REPAIRS_APPLIED).is_some_and(|n| n > at);

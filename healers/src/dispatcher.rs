@@ -1,12 +1,17 @@
 //! The event dispatcher (ED): samples each guest's Sensor Box, checks each sensor against its
 //! contract and calls the HMs registered for violated sensors.
 //!
-//! Each guest has a thread of its own, so a slow or dead guest (or a long repair) never delays the
-//! sampling of the others. Sampling is periodic (`sample_ms`, 1 ms and up; a late sample is not
-//! made up for with a burst) and on demand ([`Handle::sample_now`]). A handler that found no
-//! culprit or failed is not called again for the same sensor for [`RETRY_AFTER`], doubling at each
-//! further failure up to `retry_max_ms`, so a violation nobody can heal is logged once per period,
-//! not once per sample.
+//! Sampling is event-driven: one tokio runtime thread (the sampler) drives every guest's
+//! `FETCH_SB` session ([`bridge_client::nonblocking`]) and checks each sample where it arrives —
+//! a thousand guests need one thread, not a thousand. Whatever may block — a repair under the
+//! lock, a stock kernel's virtual sensors read through introspection, locating a kernel, an HM
+//! with work pending — runs on the runtime's blocking pool with the guest's [`GuestLoop`] moved
+//! there, so a slow or dead guest (or a long repair) never delays the sampling of the others.
+//! Sampling is periodic (`sample_ms`, 1 ms and up; a late sample is not made up for with a
+//! burst) and on demand ([`Handle::sample_now`]). A handler that found no culprit or failed is
+//! not called again for the same sensor for [`RETRY_AFTER`], doubling at each further failure up
+//! to `retry_max_ms`, so a violation nobody can heal is logged once per period, not once per
+//! sample.
 //!
 //! First, do no harm: a sample that fails (the bridge unreachable, the kernel not locatable, a
 //! lock the pause budget refused) is not retried at the next period but after a backoff, 1 s
@@ -17,97 +22,270 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bridge_client::nonblocking::AsyncBridge;
+use introspect::sensorbox::SensorBox;
 use serde_json::json;
+use tokio::sync::Notify;
 
 use crate::budget::Backoff;
 use crate::config::{Config, GuestConfig};
-use crate::contract::{Breach, Checker};
+use crate::contract::{Breach, Checker, Violation};
 use crate::events::{millis, Events};
 use crate::guest::{Guest, GuestError};
 use crate::hm::{HealContext, HealOutcome, HmId, Registry};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SampleGauges};
 
 /// Pause before calling a handler again for a sensor it could not heal.
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
 
+/// Longest wait for one sample's reply (and for a session to open) on the sampler.
+pub const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Builds the HMs for one guest.
 pub type MakeRegistry = dyn Fn(&Config, &GuestConfig) -> Registry + Send + Sync;
 
+/// One watched guest's task on the sampler.
+struct Watched {
+    stop: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// The running dispatcher.
 pub struct Handle {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-    wake: HashMap<String, Sender<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+    cfg: Arc<Config>,
+    make: Arc<MakeRegistry>,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
+    guests: Mutex<HashMap<String, Watched>>,
 }
 
 impl Handle {
     /// Samples `guest` now (between periods).
     pub fn sample_now(&self, guest: &str) -> bool {
-        self.wake.get(guest).is_some_and(|s| s.send(()).is_ok())
+        self.lock_guests().get(guest).is_some_and(|w| {
+            w.wake.notify_one();
+            true
+        })
     }
 
-    /// Stops every guest thread (each releases any lock it holds) and waits for them.
-    pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for s in self.wake.values() {
-            let _ = s.send(());
+    fn lock_guests(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watched>> {
+        match self.guests.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
-        for t in self.threads {
-            let _ = t.join();
+    }
+
+    /// The guests watched now.
+    pub fn watched(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock_guests().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Starts watching `g` (a guest of that name already watched is left as it is: false).
+    pub fn add(&self, g: GuestConfig) -> bool {
+        let Some(rt) = &self.rt else {
+            return false;
+        };
+        let mut guests = self.lock_guests();
+        if guests.contains_key(&g.name) {
+            return false;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        let name = g.name.clone();
+        let l = GuestLoop::new(
+            self.cfg.clone(),
+            g.clone(),
+            (self.make)(&self.cfg, &g),
+            self.events.clone(),
+            self.metrics.clone(),
+        );
+        let task = rt.spawn(watch(l, stop.clone(), wake.clone()));
+        guests.insert(name, Watched { stop, wake, task });
+        true
+    }
+
+    /// Stops watching `guest` and waits until its task ended (any lock it held is released, its
+    /// sessions closed). False if it was not watched.
+    pub fn remove(&self, guest: &str) -> bool {
+        let w = self.lock_guests().remove(guest);
+        let Some(w) = w else {
+            return false;
+        };
+        self.metrics.forget_guest(guest);
+        self.end(vec![w]);
+        true
+    }
+
+    fn end(&self, ws: Vec<Watched>) {
+        for w in &ws {
+            w.stop.store(true, Ordering::SeqCst);
+            w.wake.notify_one();
+        }
+        if let Some(rt) = &self.rt {
+            rt.block_on(async {
+                for w in ws {
+                    let _ = w.task.await;
+                }
+            });
+        }
+    }
+
+    /// Stops every guest (each releases any lock it holds) and waits for them.
+    pub fn stop(mut self) {
+        let ws: Vec<Watched> = self.lock_guests().drain().map(|(_, w)| w).collect();
+        self.end(ws);
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
         }
     }
 }
 
-/// Starts one sampling thread per guest.
+/// Starts the sampler and watches every guest of `cfg`.
 pub fn start(
     cfg: Arc<Config>,
     make: Arc<MakeRegistry>,
     events: Arc<Events>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<Handle> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
-    let mut wake = HashMap::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bdmon-sampler")
+        .enable_all()
+        .build()?;
+    let h = Handle {
+        rt: Some(rt),
+        cfg: cfg.clone(),
+        make,
+        events,
+        metrics,
+        guests: Mutex::new(HashMap::new()),
+    };
     for g in &cfg.guests {
-        let (tx, rx) = mpsc::channel();
-        wake.insert(g.name.clone(), tx);
-        let (cfg, make, events, metrics, stop, g) = (
-            cfg.clone(),
-            make.clone(),
-            events.clone(),
-            metrics.clone(),
-            stop.clone(),
-            g.clone(),
-        );
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("ed-{}", g.name))
-                .spawn(move || {
-                    let reg = make(&cfg, &g);
-                    GuestLoop::new(&cfg, g, reg, &events, &metrics).run(&stop, &rx)
-                })?,
-        );
+        h.add(g.clone());
     }
-    Ok(Handle {
-        stop,
-        threads,
-        wake,
+    Ok(h)
+}
+
+/// One guest's life on the sampler: quiet samples are taken and checked here; anything that may
+/// block runs on the blocking pool with the loop moved there.
+async fn watch(mut l: GuestLoop, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
+    let mut fast: Option<AsyncBridge> = None;
+    // The sample, parsed in place again and again (no allocation while the box keeps its shape).
+    let mut sb = SensorBox::default();
+    let mut next = tokio::time::Instant::now();
+    let name = l.guest.cfg.name.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = wake.notified() => {}
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        next = (next + l.period).max(tokio::time::Instant::now());
+        if l.backing_off() {
+            continue;
+        }
+        if l.wants_blocking() {
+            fast = None;
+            l = match blocking(l, GuestLoop::once).await {
+                Some(l) => l,
+                None => return,
+            };
+            if !l.wants_blocking() {
+                // From now on the sampler samples: the blocking session is opened again by the
+                // next repair (an idle one would be closed by the bridge in the meantime).
+                l.guest.disconnect();
+            }
+            continue;
+        }
+        let t = Instant::now();
+        let b = match fast.as_mut() {
+            Some(b) => b,
+            None => match AsyncBridge::connect(
+                &l.guest.cfg.bridge,
+                &l.guest.cfg.identity(),
+                SAMPLE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(b) => fast.insert(b),
+                Err(source) => {
+                    l.sample_failed(GuestError::Connect {
+                        bridge: l.guest.cfg.bridge.clone(),
+                        source,
+                    });
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = b.sensor_box_into(&mut sb).await {
+            fast = None;
+            l.sample_failed(e.into());
+            continue;
+        }
+        let took = t.elapsed();
+        let violations = l.observe(&sb, t, took);
+        if violations.is_empty() && !l.reg.busy() {
+            continue;
+        }
+        let sb = std::mem::take(&mut sb);
+        l = match blocking(l, move |l| {
+            l.dispatch(&sb, violations, took);
+            if !l.guest.holds_lock() {
+                l.guest.disconnect();
+            }
+        })
+        .await
+        {
+            Some(l) => l,
+            None => return,
+        };
+    }
+    // Dropping the loop closes its sessions (a held lock ends with them).
+    let _ = tokio::task::spawn_blocking(move || drop(l)).await;
+    tracing::debug!("guest {name}: no longer watched");
+}
+
+/// Runs `f` on the loop on the blocking pool; None if it panicked (the guest is no longer
+/// watched; said on stderr).
+async fn blocking(
+    mut l: GuestLoop,
+    f: impl FnOnce(&mut GuestLoop) + Send + 'static,
+) -> Option<GuestLoop> {
+    let name = l.guest.cfg.name.clone();
+    match tokio::task::spawn_blocking(move || {
+        f(&mut l);
+        l
     })
+    .await
+    {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(
+                "guest {name}: its healing loop failed ({e}); the guest is no longer watched"
+            );
+            None
+        }
+    }
 }
 
 /// One guest's sampling loop.
-pub struct GuestLoop<'a> {
-    cfg: &'a Config,
+pub struct GuestLoop {
+    cfg: Arc<Config>,
     guest: Guest,
     reg: Registry,
     checker: Checker,
-    events: &'a Events,
-    metrics: &'a Metrics,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
+    gauges: Arc<SampleGauges>,
     period: Duration,
     up: Option<bool>,
     /// Per handler and sensor: no call before, and the delay after the next failure.
@@ -120,20 +298,22 @@ pub struct GuestLoop<'a> {
     retry_max: Duration,
 }
 
-impl<'a> GuestLoop<'a> {
+impl GuestLoop {
     /// A loop for guest `g`.
     pub fn new(
-        cfg: &'a Config,
+        cfg: Arc<Config>,
         g: GuestConfig,
         reg: Registry,
-        events: &'a Events,
-        metrics: &'a Metrics,
+        events: Arc<Events>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let overrides = g.threshold_overrides();
         let names = g.threshold_names();
         let retry = g.backoff();
+        let retry_max = Duration::from_millis(cfg.retry_max_ms).max(RETRY_AFTER);
         GuestLoop {
             period: Duration::from_millis(g.sample_ms.unwrap_or(cfg.sample_ms).max(1)),
+            gauges: metrics.guest(&g.name),
             cfg,
             guest: Guest::new(g),
             reg,
@@ -144,7 +324,7 @@ impl<'a> GuestLoop<'a> {
             backoff: HashMap::new(),
             retry,
             not_before: None,
-            retry_max: Duration::from_millis(cfg.retry_max_ms).max(RETRY_AFTER),
+            retry_max,
         }
     }
 
@@ -193,62 +373,47 @@ impl<'a> GuestLoop<'a> {
 
     /// Publishes what bdmon has cost the guest outside repairs.
     fn budget_metrics(&mut self) {
-        let name = self.guest.cfg.name.clone();
         let b = self.guest.budget();
         let used = b.used(Instant::now());
         let ratio = used.as_secs_f64() / b.allowed().as_secs_f64().max(f64::MIN_POSITIVE);
         let total = b.total().as_secs_f64();
-        self.metrics
-            .set("bdmon_pause_budget_used_ratio", &[("guest", &name)], ratio);
-        self.metrics.set(
-            "bdmon_budget_pause_seconds_total",
-            &[("guest", &name)],
-            total,
-        );
+        self.gauges.budget(ratio, total);
     }
 
-    fn run(mut self, stop: &AtomicBool, wake: &mpsc::Receiver<()>) {
-        let mut next = Instant::now();
-        while !stop.load(Ordering::SeqCst) {
-            let wait = next.saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                match wake.recv_timeout(wait) {
-                    Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-            }
-            let now = Instant::now();
-            next = (next + self.period).max(now);
-            self.once();
-        }
+    /// True while a failed sample backs off (nothing to do until then).
+    pub fn backing_off(&self) -> bool {
+        self.not_before.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// True while sampling needs the blocking session: until the guest is known to run a patched
+    /// kernel (a stock kernel's virtual sensors are read through introspection), and while a
+    /// guest with failover has not been located yet.
+    pub fn wants_blocking(&self) -> bool {
+        !self.guest.patched() || (self.guest.cfg.failover.is_some() && !self.guest.located())
     }
 
     fn set_up(&mut self, up: bool, reason: &str) {
-        let name = self.guest.cfg.name.clone();
-        self.metrics
-            .set("bdmon_up", &[("guest", &name)], if up { 1.0 } else { 0.0 });
+        self.gauges.set_up(up);
         if self.up != Some(up) {
+            let name = &self.guest.cfg.name;
             let was = self.up.replace(up);
             if up {
                 self.events.emit(
-                    &name,
+                    name,
                     "attached",
                     json!({"bridge": self.guest.cfg.bridge, "stock_kernel": self.guest.stock()}),
                 );
             } else if was.is_none() {
                 // Never attached yet: most often a guest still booting, not a failure.
                 self.events.emit(
-                    &name,
+                    name,
                     "waiting",
                     json!({"bridge": self.guest.cfg.bridge, "for": "the guest (booting, or its \
                         bridge not up yet); retrying", "reason": reason}),
                 );
             } else {
                 self.events.emit(
-                    &name,
+                    name,
                     "detached",
                     json!({"bridge": self.guest.cfg.bridge, "reason": reason}),
                 );
@@ -256,10 +421,10 @@ impl<'a> GuestLoop<'a> {
         }
     }
 
-    /// One sample, its checks and the dispatch of its violations (nothing while a failed sample
-    /// backs off).
+    /// One sample through the blocking session, its checks and the dispatch of its violations
+    /// (nothing while a failed sample backs off).
     pub fn once(&mut self) {
-        if self.not_before.is_some_and(|t| Instant::now() < t) {
+        if self.backing_off() {
             return;
         }
         self.step();
@@ -283,38 +448,22 @@ impl<'a> GuestLoop<'a> {
         }
     }
 
-    fn step(&mut self) {
+    /// A sample that failed (`e`): reported once, then backed off.
+    pub fn sample_failed(&mut self, e: GuestError) {
         let name = self.guest.cfg.name.clone();
+        self.metrics
+            .add("bdmon_sample_errors_total", &[("guest", &name)], 1.0);
+        self.set_up(false, &e.to_string());
+        self.failed("sample", &e);
+    }
+
+    fn step(&mut self) {
         let t = Instant::now();
         let sb = match self.guest.sample() {
             Ok(sb) => sb,
-            Err(e) => {
-                self.metrics
-                    .add("bdmon_sample_errors_total", &[("guest", &name)], 1.0);
-                self.set_up(false, &e.to_string());
-                self.failed("sample", &e);
-                return;
-            }
+            Err(e) => return self.sample_failed(e),
         };
         let took = t.elapsed();
-        if self.not_before.take().is_some() {
-            let failures = self.retry.reset();
-            self.metrics
-                .set("bdmon_backoff_seconds", &[("guest", &name)], 0.0);
-            if failures > 0 {
-                tracing::warn!("guest {name}: sampling works again after {failures} failure(s)");
-            }
-        }
-        self.set_up(true, "");
-        if self.guest.take_sensor_box_appeared() {
-            self.events.emit(
-                &name,
-                "sensor_box",
-                json!({"stock_kernel": false, "note": "a Sensor Box appeared in the backdoor range: \
-                    the guest's patched kernel was still booting when bdmon attached; its Sensor \
-                    Box and repair hooks are used from now on"}),
-            );
-        }
         if self.guest.cfg.failover.is_some() && !self.guest.located() {
             // Sessions can be moved only from a guest whose kernel is known: find it while the
             // guest is healthy (a failed one may not answer a pause).
@@ -324,29 +473,49 @@ impl<'a> GuestLoop<'a> {
                 return;
             }
             self.events.emit(
-                &name,
+                &self.guest.cfg.name,
                 "located",
                 json!({"for": "failover", "took_us": crate::events::micros(t.elapsed())}),
             );
             self.report_layout();
         }
-        self.metrics
-            .add("bdmon_samples_total", &[("guest", &name)], 1.0);
-        self.metrics.set(
-            "bdmon_sample_seconds",
-            &[("guest", &name)],
-            took.as_secs_f64(),
-        );
-        for s in &sb.sensors {
-            let l = [("guest", name.as_str()), ("sensor", s.name.as_str())];
-            self.metrics.set("bdmon_sensor_value", &l, s.value as f64);
-            self.metrics.set(
-                "bdmon_sensor_threshold",
-                &l,
-                self.checker.threshold(s) as f64,
+        let violations = self.observe(&sb, t, took);
+        self.dispatch(&sb, violations, took);
+    }
+
+    /// What a good sample `sb` (asked for at `t`, answered after `took`) says: the gauges, and
+    /// the sensors out of contract. Cheap and never blocks: it runs on the sampler thread.
+    pub fn observe(&mut self, sb: &SensorBox, t: Instant, took: Duration) -> Vec<Violation> {
+        if self.not_before.take().is_some() {
+            let failures = self.retry.reset();
+            if failures > 0 {
+                tracing::warn!(
+                    "guest {}: sampling works again after {failures} failure(s)",
+                    self.guest.cfg.name
+                );
+            }
+        }
+        self.set_up(true, "");
+        if self.guest.take_sensor_box_appeared() {
+            self.events.emit(
+                &self.guest.cfg.name,
+                "sensor_box",
+                json!({"stock_kernel": false, "note": "a Sensor Box appeared in the backdoor range: \
+                    the guest's patched kernel was still booting when bdmon attached; its Sensor \
+                    Box and repair hooks are used from now on"}),
             );
         }
-        let mut violations = self.checker.check(&sb, t);
+        let checker = &self.checker;
+        self.gauges
+            .sampled(took, &sb.sensors, |s| checker.threshold(s));
+        self.budget_metrics();
+        self.checker.check(sb, t)
+    }
+
+    /// Calls the HMs of `violations` (found in `sb`, a sample that took `took`) and every HM's
+    /// per-sample work. May block: a repair takes the lock.
+    pub fn dispatch(&mut self, sb: &SensorBox, mut violations: Vec<Violation>, took: Duration) {
+        let name = self.guest.cfg.name.clone();
         if violations
             .iter()
             .any(|v| matches!(v.breach, Breach::Stalled { .. }))
@@ -397,10 +566,10 @@ impl<'a> GuestLoop<'a> {
                 let mut ctx = HealContext {
                     guest: &mut self.guest,
                     checker: &self.checker,
-                    cfg: self.cfg,
-                    sb: &sb,
-                    events: self.events,
-                    metrics: self.metrics,
+                    cfg: &self.cfg,
+                    sb,
+                    events: &self.events,
+                    metrics: &self.metrics,
                 };
                 let out = hm.handle(&mut ctx, &v);
                 let hm_name = hm.name().to_owned();
@@ -452,10 +621,10 @@ impl<'a> GuestLoop<'a> {
                 let mut ctx = HealContext {
                     guest: &mut self.guest,
                     checker: &self.checker,
-                    cfg: self.cfg,
-                    sb: &sb,
-                    events: self.events,
-                    metrics: self.metrics,
+                    cfg: &self.cfg,
+                    sb,
+                    events: &self.events,
+                    metrics: &self.metrics,
                 };
                 hm.on_sample(&mut ctx);
             }
@@ -493,15 +662,10 @@ mod tests {
         )
         .unwrap();
         let buf = Buf::default();
-        let events = Events::to_writer(Box::new(buf.clone()));
-        let metrics = Metrics::default();
-        let mut l = GuestLoop::new(
-            &cfg,
-            cfg.guests[0].clone(),
-            Registry::new(),
-            &events,
-            &metrics,
-        );
+        let events = Arc::new(Events::to_writer(Box::new(buf.clone())));
+        let metrics = Arc::new(Metrics::default());
+        let g = cfg.guests[0].clone();
+        let mut l = GuestLoop::new(Arc::new(cfg), g, Registry::new(), events, metrics.clone());
         for _ in 0..50 {
             l.once();
         }

@@ -112,6 +112,10 @@ pub enum GuestError {
     /// A call that needs the lock, made without it.
     #[error("lock the guest first")]
     NotLocked,
+    /// A fleet guest, and this monitor cannot prove it still owns it (its etcd lease is not
+    /// confirmed): it takes no lock and writes nothing until it can.
+    #[error("fenced: this monitor's fleet membership is not confirmed by etcd, so it does not act on the guest")]
+    Fenced,
     /// The CPUs' runqueues cannot be read.
     #[error("the guest's runqueues: {0}")]
     Cpus(Box<CpusError>),
@@ -204,7 +208,10 @@ impl GuestError {
     fn lock_free(&self) -> bool {
         matches!(
             self,
-            GuestError::Files(_) | GuestError::Budget { .. } | GuestError::Cpus(_)
+            GuestError::Files(_)
+                | GuestError::Budget { .. }
+                | GuestError::Cpus(_)
+                | GuestError::Fenced
         )
     }
 }
@@ -433,6 +440,17 @@ impl Guest {
             ),
         };
         Ok(self.mem.insert(mem))
+    }
+
+    /// True for a guest known to run a patched kernel (its own Sensor Box): it can be sampled
+    /// without this session, by the sampler.
+    pub fn patched(&self) -> bool {
+        self.cfg.system_map.is_none() && self.detected_stock == Some(false)
+    }
+
+    /// True while this session holds the guest's pause lock.
+    pub fn holds_lock(&self) -> bool {
+        self.locked.is_some()
     }
 
     /// Drops the session (it will be re-opened; the bridge ends any lock it held).
@@ -668,6 +686,9 @@ impl Guest {
     }
 
     fn lock_inner(&mut self, sb: Option<&SensorBox>) -> Result<LockInfo, GuestError> {
+        if self.cfg.fence.as_ref().is_some_and(|f| f.fenced()) {
+            return Err(GuestError::Fenced);
+        }
         self.ensure_kernel(sb)?;
         let lease = Duration::from_millis(self.cfg.lease_ms);
         let (Some(k), Some(mem), budget) = (&self.kernel, &self.mem, &mut self.budget) else {

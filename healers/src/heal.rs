@@ -76,8 +76,13 @@ pub trait Diagnosis: Send {
     /// True once a fresh sample shows the guest healed.
     fn recovered(&mut self, checker: &Checker, v: &Violation, sb: &SensorBox) -> bool;
 
-    /// [`HealingModule::on_sample`]: after every sample of the guest.
+    /// [`HealingModule::on_sample`]: after every sample of the guest while [`Diagnosis::busy`].
     fn on_sample(&mut self, _ctx: &mut HealContext<'_>) {}
+
+    /// [`HealingModule::busy`].
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Diagnosis`] as a healing module: the loop of [`heal`] around it.
@@ -94,6 +99,10 @@ impl<D: Diagnosis> HealingModule for Healer<D> {
 
     fn on_sample(&mut self, ctx: &mut HealContext<'_>) {
         self.0.on_sample(ctx)
+    }
+
+    fn busy(&self) -> bool {
+        self.0.busy()
     }
 }
 

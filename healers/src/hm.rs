@@ -226,8 +226,15 @@ pub trait HealingModule: Send {
     /// Heals (or reports) one violation.
     fn handle(&mut self, ctx: &mut HealContext<'_>, v: &Violation) -> HealOutcome;
     /// Called after every sample of the guest, violated or not (e.g. to undo a reversible
-    /// repair whose time is up). Must be cheap when it has nothing to do.
+    /// repair whose time is up). Called only while [`HealingModule::busy`] says there is
+    /// something to do, or the sample showed a violation.
     fn on_sample(&mut self, _ctx: &mut HealContext<'_>) {}
+    /// True while [`HealingModule::on_sample`] has work pending (e.g. a stopped user to resume
+    /// later). A quiet sample of a guest whose HMs are all idle is checked on the sampling thread
+    /// without calling any HM.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// Identifies a registered HM.
@@ -272,6 +279,11 @@ impl Registry {
     /// The HM itself.
     pub fn get_mut(&mut self, id: HmId) -> Option<&mut (dyn HealingModule + 'static)> {
         self.hms.get_mut(id.0).map(|b| b.as_mut())
+    }
+
+    /// Whether any HM has work pending at the next sample ([`HealingModule::busy`]).
+    pub fn busy(&self) -> bool {
+        self.hms.iter().any(|h| h.busy())
     }
 
     /// Number of HMs registered.

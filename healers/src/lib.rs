@@ -28,6 +28,7 @@ pub mod hang;
 pub mod heal;
 pub mod hm;
 pub mod mem_reclaim;
+pub mod membership;
 pub mod metrics;
 pub mod policy;
 pub mod proc_repair;

@@ -189,6 +189,7 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
         } => {
             let mut cfg = load(&config)?;
             cfg.dry_run |= dry_run;
+            raise_open_files();
             let events = Arc::new(
                 Events::open(&cfg.events)
                     .map_err(|e| (2, format!("cannot open event log {}: {e}", cfg.events)))?,
@@ -210,23 +211,39 @@ fn run(cli: Cli) -> Result<(), (u8, String)> {
             let handle = bdmon::dispatcher::start(
                 cfg.clone(),
                 Arc::new(bdmon::default_registry),
-                events,
+                events.clone(),
                 metrics,
             )
             .map_err(|e| (1, format!("cannot start: {e}")))?;
+            let mut fleet = bdmon::membership::Membership::start(&cfg)
+                .map_err(|e| (1, format!("cannot join the fleet: {e}")))?;
             eprintln!(
-                "bdmon: watching {} guest(s){}",
+                "bdmon: watching {} guest(s){}{}",
                 cfg.guests.len(),
+                match &cfg.fleet {
+                    Some(f) => format!(
+                        " and the fleet's guests assigned to {} in etcd {}",
+                        f.monitor,
+                        f.endpoints.join(",")
+                    ),
+                    None => String::new(),
+                },
                 if cfg.dry_run { " (dry run)" } else { "" }
             );
             let until = for_secs.map(|s| Instant::now() + Duration::from_secs(s));
             while !STOP.load(Ordering::SeqCst) && until.is_none_or(|u| Instant::now() < u) {
+                if let Some(f) = &mut fleet {
+                    f.reconcile(&cfg, &handle, &events);
+                }
                 if SAMPLE_NOW.swap(false, Ordering::SeqCst) {
-                    for g in &cfg.guests {
-                        handle.sample_now(&g.name);
+                    for g in handle.watched() {
+                        handle.sample_now(&g);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(5));
+            }
+            if let Some(f) = fleet {
+                f.leave(&handle);
             }
             handle.stop();
             Ok(())
@@ -314,5 +331,21 @@ fn status(cfg: &Config, json: bool) -> Result<(), (u8, String)> {
         Err((1, "some guests could not be read".into()))
     } else {
         Ok(())
+    }
+}
+
+/// Every watched guest holds a socket or two: lift the soft limit on open files to the hard one
+/// (1,024 by default, which a thousand guests would exceed).
+fn raise_open_files() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
     }
 }

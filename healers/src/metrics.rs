@@ -16,9 +16,133 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Gauges and counters, keyed by name and labels.
+///
+/// Two kinds: the per-sample gauges of each guest ([`SampleGauges`]: written in place at every
+/// sample, formatted only when scraped) and everything else (rare events: a map keyed by name
+/// and formatted labels).
 #[derive(Default)]
 pub struct Metrics {
     values: Mutex<BTreeMap<(String, String), f64>>,
+    guests: Mutex<BTreeMap<String, Arc<SampleGauges>>>,
+}
+
+/// What one guest's sampling updates at every sample. A sample costs one uncontended lock and
+/// stores of numbers: no label formatting and no allocation once its sensor set is known (a new
+/// set, e.g. after a reboot, is copied once).
+#[derive(Default)]
+pub struct SampleGauges {
+    inner: Mutex<Sampled>,
+}
+
+#[derive(Default)]
+struct Sampled {
+    up: Option<bool>,
+    samples: u64,
+    sample_seconds: f64,
+    budget_ratio: Option<f64>,
+    budget_seconds: f64,
+    sensors: Vec<SensorGauge>,
+}
+
+struct SensorGauge {
+    id: u32,
+    name: String,
+    value: u64,
+    threshold: u64,
+}
+
+impl SampleGauges {
+    fn with<T>(&self, f: impl FnOnce(&mut Sampled) -> T) -> T {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    /// Whether the last sample succeeded (`bdmon_up`).
+    pub fn set_up(&self, up: bool) {
+        self.with(|g| g.up = Some(up));
+    }
+
+    /// One good sample: how long it took, and each sensor's value and the threshold in force
+    /// (`threshold(sensor)`).
+    pub fn sampled(
+        &self,
+        took: Duration,
+        sensors: &[introspect::sensorbox::Sensor],
+        threshold: impl Fn(&introspect::sensorbox::Sensor) -> u64,
+    ) {
+        self.with(|g| {
+            g.samples += 1;
+            g.sample_seconds = took.as_secs_f64();
+            let same = g.sensors.len() == sensors.len()
+                && g.sensors.iter().zip(sensors).all(|(a, b)| a.id == b.id);
+            if !same {
+                g.sensors = sensors
+                    .iter()
+                    .map(|s| SensorGauge {
+                        id: s.id,
+                        name: s.name.clone(),
+                        value: 0,
+                        threshold: 0,
+                    })
+                    .collect();
+            }
+            for (gauge, s) in g.sensors.iter_mut().zip(sensors) {
+                gauge.value = s.value;
+                gauge.threshold = threshold(s);
+            }
+        });
+    }
+
+    /// The pause budget: share used in the current window, and all pause time charged.
+    pub fn budget(&self, ratio: f64, total_seconds: f64) {
+        self.with(|g| {
+            g.budget_ratio = Some(ratio);
+            g.budget_seconds = total_seconds;
+        });
+    }
+
+    /// Appends this guest's lines of metric `name` to `out`.
+    fn render(&self, guest: &str, name: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let l = labels(&[("guest", guest)]);
+        self.with(|g| {
+            let mut line = |v: f64| {
+                let _ = writeln!(out, "{name}{{{l}}} {v}");
+            };
+            match name {
+                "bdmon_up" => {
+                    if let Some(up) = g.up {
+                        line(if up { 1.0 } else { 0.0 });
+                    }
+                }
+                "bdmon_samples_total" if g.samples > 0 => line(g.samples as f64),
+                "bdmon_sample_seconds" if g.samples > 0 => line(g.sample_seconds),
+                "bdmon_pause_budget_used_ratio" => {
+                    if let Some(r) = g.budget_ratio {
+                        line(r);
+                    }
+                }
+                "bdmon_budget_pause_seconds_total" if g.budget_ratio.is_some() => {
+                    line(g.budget_seconds)
+                }
+                "bdmon_sensor_value" | "bdmon_sensor_threshold" => {
+                    for s in &g.sensors {
+                        let v = if name == "bdmon_sensor_value" {
+                            s.value
+                        } else {
+                            s.threshold
+                        };
+                        let sl = labels(&[("guest", guest), ("sensor", &s.name)]);
+                        let _ = writeln!(out, "{name}{{{sl}}} {}", v as f64);
+                    }
+                }
+                _ => {}
+            }
+        });
+    }
 }
 
 fn labels(l: &[(&str, &str)]) -> String {
@@ -102,6 +226,24 @@ const HELP: &[(&str, &str, &str)] = &[
 ];
 
 impl Metrics {
+    /// The per-sample gauges of `guest` (made on first use; keep the `Arc`).
+    pub fn guest(&self, guest: &str) -> Arc<SampleGauges> {
+        let mut m = match self.guests.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(guest.to_owned()).or_default().clone()
+    }
+
+    /// Forgets `guest`'s per-sample gauges (it left the fleet).
+    pub fn forget_guest(&self, guest: &str) {
+        let mut m = match self.guests.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.remove(guest);
+    }
+
     fn with(&self, f: impl FnOnce(&mut BTreeMap<(String, String), f64>)) {
         let mut m = match self.values.lock() {
             Ok(m) => m,
@@ -128,9 +270,20 @@ impl Metrics {
             Ok(m) => m.clone(),
             Err(p) => p.into_inner().clone(),
         };
+        let guests: Vec<(String, Arc<SampleGauges>)> = match self.guests.lock() {
+            Ok(g) => g.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
         let mut out = String::new();
         for (name, kind, help) in HELP {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (guest, g) in &guests {
+                g.render(guest, name, &mut out);
+            }
             for ((n, l), v) in m.iter().filter(|((n, _), _)| n == name) {
                 if l.is_empty() {
                     out.push_str(&format!("{n} {v}\n"));

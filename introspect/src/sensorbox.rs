@@ -169,7 +169,7 @@ impl Sensor {
 }
 
 /// The header fields a monitor uses.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Header {
     /// Layout version.
     pub version: u32,
@@ -194,7 +194,7 @@ pub struct Header {
 }
 
 /// A consistent copy of a Sensor Box.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SensorBox {
     /// Guest-physical address it was read from.
     pub gpa: u64,
@@ -421,6 +421,30 @@ pub fn encode(sensors: &[Sensor], hz: u32, seq: u64) -> Vec<u8> {
 
 /// Parses a copy of the region (at least `extent` bytes long), read from `gpa`.
 pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
+    let mut sensors = Vec::new();
+    let (header, state) = parse_parts(bytes, &mut sensors)?;
+    Ok(SensorBox {
+        gpa,
+        header,
+        sensors,
+        state,
+    })
+}
+
+/// [`parse`] into `out`, reusing its sensors' memory: a monitor sampling the same box again and
+/// again allocates nothing once the names fit. On error `out` is unspecified (parse again).
+pub fn parse_into(bytes: &[u8], gpa: u64, out: &mut SensorBox) -> Result<(), SbError> {
+    let (header, state) = parse_parts(bytes, &mut out.sensors)?;
+    out.gpa = gpa;
+    out.header = header;
+    out.state = state;
+    Ok(())
+}
+
+fn parse_parts(
+    bytes: &[u8],
+    sensors: &mut Vec<Sensor>,
+) -> Result<(Header, Option<ExternalState>), SbError> {
     let ext = extent(bytes, MAX_REGION)?;
     if (bytes.len() as u64) < ext {
         return Err(SbError::Malformed("copy shorter than the layout".into()));
@@ -439,7 +463,7 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
     };
     let sensor_off = u32_at(bytes, 0x18) as usize;
     let count = u32_at(bytes, 0x20) as usize;
-    let mut sensors = Vec::with_capacity(count);
+    let mut used = 0;
     for i in 0..count {
         let s = &bytes[sensor_off + i * SENSOR_SIZE..sensor_off + (i + 1) * SENSOR_SIZE];
         let flags = u16_at(s, 0x06);
@@ -451,20 +475,37 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
             .iter()
             .position(|b| *b == 0)
             .unwrap_or(name_field.len());
-        let name: String = name_field[..name_len]
-            .iter()
-            .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
-            .collect();
-        sensors.push(Sensor {
+        let raw = &name_field[..name_len];
+        let sensor = Sensor {
             id: u32_at(s, 0x00),
             class: SensorClass::from_raw(u16_at(s, 0x04)),
             flags,
             threshold: u64_at(s, 0x08),
             value: u64_at(s, 0x10),
             updated: u64_at(s, 0x18),
-            name,
-        });
+            name: String::new(),
+        };
+        let slot = match sensors.get_mut(used) {
+            Some(slot) => {
+                let name = std::mem::take(&mut slot.name);
+                *slot = Sensor { name, ..sensor };
+                slot
+            }
+            None => {
+                sensors.push(sensor);
+                &mut sensors[used]
+            }
+        };
+        used += 1;
+        if slot.name.as_bytes() != raw {
+            slot.name.clear();
+            slot.name.extend(
+                raw.iter()
+                    .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' }),
+            );
+        }
     }
+    sensors.truncate(used);
     let (state_off, state_size) = (header.state.0 as usize, header.state.1 as usize);
     let state = if state_size >= STATE_SIZE_BASE {
         // `extent` checked that the descriptor lies within the copy.
@@ -496,12 +537,7 @@ pub fn parse(bytes: &[u8], gpa: u64) -> Result<SensorBox, SbError> {
     } else {
         None
     };
-    Ok(SensorBox {
-        gpa,
-        header,
-        sensors,
-        state,
-    })
+    Ok((header, state))
 }
 
 /// The per-user fork table named by descriptor `d`, if it is long enough to name one; its number

@@ -174,13 +174,13 @@ fn bomb_rounds(engine: Engine, max: u64, rounds: usize, sample_ms: u64) -> Vec<R
     }));
     reg.register_sensor(hm, ids::NPROCS);
     let sink = Sink::default();
-    let events = Events::to_writer(Box::new(sink.clone()));
-    let metrics = Metrics::default();
+    let events = Arc::new(Events::to_writer(Box::new(sink.clone())));
+    let metrics = Arc::new(Metrics::default());
     let g: GuestConfig = cfg.guests[0].clone();
     let done = Arc::new(AtomicBool::new(false));
     std::thread::scope(|s| {
         let d = done.clone();
-        let (cfg, events, metrics) = (&cfg, &events, &metrics);
+        let (cfg, events, metrics) = (Arc::new(cfg.clone()), events.clone(), metrics.clone());
         s.spawn(move || {
             let mut ed = GuestLoop::new(cfg, g, reg, events, metrics);
             let period = Duration::from_millis(sample_ms);
@@ -283,14 +283,14 @@ fn cpu_use(periods_ms: &[u64], csv: Option<&std::path::Path>) {
             format!("every {ms} ms")
         };
         let cfg = config(&bridge.addr, &setup.pki(), 1, 100_000, Engine::Tcg);
-        let events = Events::to_writer(Box::new(Sink::default()));
-        let metrics = Metrics::default();
+        let events = Arc::new(Events::to_writer(Box::new(Sink::default())));
+        let g = cfg.guests[0].clone();
         let mut ed = GuestLoop::new(
-            &cfg,
-            cfg.guests[0].clone(),
+            Arc::new(cfg),
+            g,
             Registry::new(),
-            &events,
-            &metrics,
+            events,
+            Arc::new(Metrics::default()),
         );
         ed.once(); // connect
         let (wall0, cpu0) = (Instant::now(), cpu_seconds());

@@ -222,6 +222,41 @@ impl Decoder {
         r
     }
 
+    /// The next complete frame as `(request id, op, payload)` handed to `read`, without copying
+    /// the payload out; the frame is consumed after `read` returns. `Ok(None)` if more bytes are
+    /// needed. Any error (of the frame or of `read`) poisons the decoder.
+    pub fn next_raw<T>(
+        &mut self,
+        read: impl FnOnce(u64, u8, &[u8]) -> Result<T, WireError>,
+    ) -> Result<Option<T>, WireError> {
+        if self.poisoned {
+            return Err(WireError::Poisoned);
+        }
+        let r = self.try_next_raw(read);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn try_next_raw<T>(
+        &mut self,
+        read: impl FnOnce(u64, u8, &[u8]) -> Result<T, WireError>,
+    ) -> Result<Option<T>, WireError> {
+        let Some(h) = self.buf.first_chunk::<HEADER_LEN>() else {
+            check_magic_prefix(&self.buf)?;
+            return Ok(None);
+        };
+        let header = Header::parse(h, self.max_payload)?;
+        let total = header.frame_len();
+        let Some(payload) = self.buf.get(HEADER_LEN..total) else {
+            return Ok(None);
+        };
+        let out = read(header.request_id, header.op, payload)?;
+        self.buf.drain(..total);
+        Ok(Some(out))
+    }
+
     fn try_next(&mut self) -> Result<Option<Frame>, WireError> {
         let Some(h) = self.buf.first_chunk::<HEADER_LEN>() else {
             check_magic_prefix(&self.buf)?;

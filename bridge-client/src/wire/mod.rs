@@ -584,4 +584,5 @@ mod payload;
 mod tests;
 
 pub use decoder::{decode, encode, Decoder, Header};
+pub use payload::decode_payload;
 use payload::encode_payload;

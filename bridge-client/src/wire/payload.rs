@@ -290,7 +290,7 @@ fn put_regs(out: &mut Vec<u8>, r: &Regs, op: Op) -> Result<(), WireError> {
 }
 
 /// Decodes the payload of a frame whose header has been validated (`payload.len()` ≤ the limit).
-pub(super) fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
+pub fn decode_payload(op: u8, payload: &[u8]) -> Result<Message, WireError> {
     let op = Op::from_u8(op).ok_or(WireError::UnknownOp { op })?;
     let mut c = Cursor::new(payload, op.name());
     let m = match op {
