@@ -355,10 +355,11 @@ async fn wait_stop(stop: &mut watch::Receiver<Stop>) -> Stop {
     }
 }
 
-/// `sent + ttl - margin`, the margin 10 % of the TTL and at least 100 ms.
+/// `sent + ttl - margin`, the margin a quarter of the TTL and at least 100 ms: room for a
+/// loaded monitor to notice before etcd expires the lease and another monitor takes over.
 fn owned_until(sent: Instant, ttl_s: i64) -> Instant {
     let ttl = Duration::from_secs(u64::try_from(ttl_s).unwrap_or(0));
-    let margin = (ttl / 10).max(Duration::from_millis(100));
+    let margin = (ttl / 4).max(Duration::from_millis(100));
     sent + ttl.saturating_sub(margin)
 }
 
@@ -444,7 +445,7 @@ impl Member {
     }
 
     /// The instant until which this monitor can prove its membership: when the last successful
-    /// keepalive was sent, plus the TTL etcd answered, minus a safety margin (10 % of the TTL, at
+    /// keepalive was sent, plus the TTL etcd answered, minus a safety margin (a quarter of the TTL, at
     /// least 100 ms). `None` when it never joined or etcd said the lease is gone.
     pub fn owns_until(&self) -> Option<Instant> {
         self.holder.shared.lock().owns_until

@@ -15,13 +15,14 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// One etcd member, killed on drop.
 pub struct EtcdServer {
     child: Option<Child>,
+    ip: String,
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("cannot bind a loopback port");
+fn free_port(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).expect("cannot bind a free port");
     l.local_addr()
         .expect("local address of a bound socket")
         .port()
@@ -30,6 +31,12 @@ fn free_port() -> u16 {
 impl EtcdServer {
     /// Starts etcd and waits until it answers. Panics (with what to install) if it cannot.
     pub fn start() -> EtcdServer {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// As [`EtcdServer::start`], listening on local address `ip` (e.g. a veth's, so that a
+    /// monitor in a network namespace reaches it and a test can cut that path).
+    pub fn start_on(ip: &str) -> EtcdServer {
         assert!(
             Path::new(ETCD).exists(),
             "{ETCD} is missing: install the Debian package etcd-server (scripts/install-deps.sh)"
@@ -37,8 +44,9 @@ impl EtcdServer {
         let dir = tempfile::tempdir().expect("cannot make a temporary directory for etcd");
         let mut s = EtcdServer {
             child: None,
-            client_port: free_port(),
-            peer_port: free_port(),
+            ip: ip.to_owned(),
+            client_port: free_port(ip),
+            peer_port: free_port(ip),
             dir,
         };
         s.spawn();
@@ -50,8 +58,8 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -104,12 +112,12 @@ impl EtcdServer {
 
     /// Whether etcd answers `GET /health` with a healthy status.
     pub fn healthy(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut s) = TcpStream::connect((self.ip.as_str(), self.client_port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: etcd\r\n\r\n")
             .is_err()
         {
             return false;
@@ -124,9 +132,9 @@ impl EtcdServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The client endpoint, `127.0.0.1:PORT`.
+    /// The client endpoint, `IP:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip, self.client_port)
     }
 
     /// The process id, while it runs.

@@ -375,19 +375,22 @@ fn join_fleet(
     };
     let reg =
         fleet::Registration::start(fc.clone(), record).map_err(|e| (FAILED, e.to_string()))?;
-    if reg.registered() {
-        eprintln!(
-            "rdma-bridge: registered guest {} in etcd {}",
+    // One write per line: scripts read stdout and stderr together, and a line written in pieces
+    // could be cut by the "listening on" line.
+    let line = if reg.registered() {
+        format!(
+            "rdma-bridge: registered guest {} in etcd {}\n",
             f.guest,
             fc.endpoints.join(",")
-        );
+        )
     } else {
-        eprintln!(
-            "rdma-bridge: etcd {} does not answer yet; registering guest {} in the background",
+        format!(
+            "rdma-bridge: etcd {} does not answer yet; registering guest {} in the background\n",
             fc.endpoints.join(","),
             f.guest
-        );
-    }
+        )
+    };
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     Ok(reg)
 }
 

@@ -86,6 +86,37 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Adds `10.231.S.last` on the test's side of the veth (a second local address, e.g. for a
+    /// service that one test cuts off from the namespace while the first address stays
+    /// reachable) and returns it.
+    pub fn add_host_address(&self, last: u8) -> Result<String, String> {
+        let prefix = self
+            .host_ip
+            .rsplit_once('.')
+            .map(|(p, _)| p.to_owned())
+            .ok_or_else(|| format!("bad host address {}", self.host_ip))?;
+        let addr = format!("{prefix}.{last}");
+        ip(&["addr", "add", &format!("{addr}/32"), "dev", &self.host_if])?;
+        Ok(addr)
+    }
+
+    /// Inside the namespace, drops every packet to `addr` (`cut`) or stops dropping them: a
+    /// network partition between the namespace and that address only.
+    pub fn blackhole(&self, addr: &str, cut: bool) -> Result<(), String> {
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "route",
+            if cut { "add" } else { "del" },
+            "blackhole",
+            &format!("{addr}/32"),
+        ])
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.host_if]);
