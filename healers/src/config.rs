@@ -143,6 +143,9 @@ pub struct Config {
 /// monitor = "mon1"                 # this monitor's name (its HELLO and member key)
 /// pki = "pki"                      # where mon1.pem / mon1.key / ca.pem are
 /// monitors_per_guest = 2           # k: each guest is watched by this many monitors
+/// sample_ms = 10                   # optional: the fleet guests' sampling period
+/// [fleet.thresholds]               # optional: threshold overrides for every fleet guest
+/// NPROCS = 300
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +172,12 @@ pub struct FleetSection {
     /// Monitors per guest.
     #[serde(default = "one")]
     pub monitors_per_guest: usize,
+    /// Sample period of the fleet's guests, in milliseconds (the file's `sample_ms` if absent).
+    #[serde(default)]
+    pub sample_ms: Option<u64>,
+    /// Threshold overrides for every fleet guest (as a `[[guest]]`'s `thresholds`).
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, u64>,
 }
 
 fn one() -> usize {
@@ -742,6 +751,8 @@ impl Config {
         g.pause_budget_percent = Some(self.pause_budget_percent);
         g.pause_budget_window_s = Some(self.pause_budget_window_s);
         g.retry_ms = Some((self.retry_min_ms, self.retry_max_ms));
+        g.sample_ms = f.sample_ms;
+        g.thresholds = f.thresholds.clone();
         Some(g)
     }
 

@@ -29,6 +29,10 @@
 //! lock, so a vote does not need to hold it: it needs the write grant *and* `lock = true`, and the
 //! defence is the agreement of `k` distinct monitors on the same bytes, applied as one copy.
 //!
+//! **Joint pause** (`agreement.k >= 2`): a LOCK while another monitor holds the pause joins it at
+//! once (audited `lock_joined`; its UNLOCK ends nothing) rather than queueing behind a holder that
+//! is waiting for this very monitor's vote. The holder's lease alone bounds the pause.
+//!
 //! **The fleet** (`[fleet]`, [`crate::assignment`]): LOCK, WRITE and RESTART also need the monitor
 //! to be one of those the fleet assigns to this guest now; a refusal is audited as `denied`.
 //!
@@ -105,6 +109,8 @@ struct Holder {
 struct LockState {
     holder: Option<Holder>,
     queue: VecDeque<u64>,
+    /// Sessions that joined the holder's pause (`agreement.k >= 2`, see [`Session::lock`]).
+    joined: std::collections::HashSet<u64>,
     /// Per monitor, `(start, end)` of each pause it held within the last duty window; `end` is the
     /// lease's end until the pause ends earlier.
     history: HashMap<String, VecDeque<(Instant, Instant)>>,
@@ -1022,6 +1028,26 @@ impl Session<'_> {
             .holder
             .as_ref()
             .is_some_and(|h| h.conn == self.conn && now < h.deadline);
+        if !renewing && self.sh.agreement.k() >= 2 {
+            // k-of-n: the monitors that must agree on a repair diagnose the same paused guest.
+            // A LOCK while another monitor holds the pause joins it (at once, for the rest of the
+            // holder's lease) instead of queueing behind a holder that waits for this monitor's
+            // vote. Joining pauses nothing more: the holder's lease still bounds the pause.
+            if let Some(h) = st
+                .holder
+                .as_ref()
+                .filter(|h| h.conn != self.conn && now < h.deadline)
+            {
+                let (holder, left) = (h.monitor.clone(), h.deadline - now);
+                st.joined.insert(self.conn);
+                self.sh.audit.log(
+                    "lock_joined",
+                    json!({"monitor": self.monitor, "holder": holder,
+                           "left_ms": u64::try_from(left.as_millis()).unwrap_or(u64::MAX)}),
+                );
+                return Reply::Lock { lock_ns: 0 };
+            }
+        }
         if renewing {
             if !st.queue.is_empty() {
                 return self.lock_busy(
@@ -1145,6 +1171,12 @@ impl Session<'_> {
 
     fn unlock(&self) -> Reply {
         let mut st = self.state();
+        if st.joined.remove(&self.conn) {
+            self.sh
+                .audit
+                .log("unlock_joined", json!({"monitor": self.monitor}));
+            return Reply::Unlock;
+        }
         match st.holder.as_ref() {
             Some(cur) if cur.conn == self.conn => {
                 let now = Instant::now();
@@ -1186,6 +1218,7 @@ impl Session<'_> {
     fn release_lock(&self) {
         let mut st = self.state();
         st.queue.retain(|&c| c != self.conn);
+        st.joined.remove(&self.conn);
         if st.holder.as_ref().is_some_and(|cur| cur.conn == self.conn) {
             st.end_hold(Instant::now());
             self.sh.lock_freed.notify_all();

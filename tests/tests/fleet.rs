@@ -330,3 +330,140 @@ fn a_fleet_of_three_monitors_shares_thirty_guests_and_survives_a_death_a_partiti
     eprintln!("etcd restarted after an outage: fleet whole again after {took:?}");
     drop(bridges);
 }
+
+/// A fork bomb in a real guest (tcg, patched kernel) whose bridge wants two monitors to agree
+/// on every write (`agreement.k = 2`) and gets two of the fleet's three: the two assigned bdmons
+/// diagnose the same paused guest (the second joins the first's pause), issue the same mailbox
+/// writes, and the bridge applies each once both voted; the third monitor never touches it.
+#[test]
+fn tcg_a_fork_bomb_is_healed_by_the_two_monitors_the_fleet_assigns_with_two_agreeing() {
+    use backdoors_tests::site::Engine;
+    use backdoors_tests::vm::{Vm, VmSpec};
+    use backdoors_tests::Images;
+    let etcd = EtcdServer::start();
+    let endpoint = etcd.endpoint();
+    let img = Images::load();
+    let spec = VmSpec::on(
+        Engine::Tcg,
+        img.get("BD_KERNEL_BZIMAGE"),
+        img.get("BD_INITRAMFS"),
+        "quiet bd.halt=wait bd.scenario=forkbomb bd.mode=cpu bd.iterations=25",
+    );
+    let mut vm = Vm::start(&spec);
+    vm.expect("BACKDOORS: scenario", Duration::from_secs(180));
+    let mons: Vec<MonitorSpec> = MONITORS
+        .into_iter()
+        .map(|name| MonitorSpec {
+            name,
+            read: &["sb", "ram"],
+            write: &["hooks"],
+            restart: false,
+            lock: true,
+            regs: true,
+        })
+        .collect();
+    let setup = BridgeSetup::new(&vm.site().listen_addr(), &mons, 2, 2000);
+    let mut text = std::fs::read_to_string(&setup.config).unwrap();
+    text.push_str(&format!(
+        "[fleet]\nguest = \"vm1\"\nendpoints = [\"{endpoint}\"]\nttl_s = 5\nmonitors_per_guest = 2\n"
+    ));
+    std::fs::write(&setup.config, text).unwrap();
+    let bridge = BridgeProc::start(&vm, &setup);
+    let pki = setup.pki();
+    let dirs: Vec<tempfile::TempDir> = MONITORS
+        .iter()
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let mut procs: Vec<Spawned> = MONITORS
+        .iter()
+        .zip(&dirs)
+        .map(|(name, dir)| {
+            let cfg = format!(
+                "sample_ms = 10\nevents = \"events.jsonl\"\nspare_users = [1001]\n[cpu]\nenabled = false\n\
+                 [fleet]\nendpoints = [\"{endpoint}\"]\nttl_s = 5\nmonitor = \"{name}\"\n\
+                 pki = \"{}\"\nmonitors_per_guest = 2\n[fleet.thresholds]\nNPROCS = 300\n",
+                pki.display()
+            );
+            backdoors_tests::start_bdmon(dir.path(), &cfg)
+        })
+        .collect();
+    let events = |dir: &tempfile::TempDir| -> Vec<Value> {
+        std::fs::read_to_string(dir.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let dump = |procs: &[Spawned]| {
+        let logs: Vec<String> = MONITORS
+            .iter()
+            .zip(&dirs)
+            .zip(procs)
+            .map(|((n, d), p)| format!("--- {n}: {:#?}\n{}", events(d), p.output()))
+            .collect();
+        format!("{}\n{}", logs.join("\n"), bridge.output())
+    };
+    if let Err(why) = vm.wait_for("useful finished rc=0", Duration::from_secs(300)) {
+        panic!("{why}\n{}\n{}", dump(&procs), vm.diagnostics());
+    }
+    let live: Vec<&'static str> = MONITORS.to_vec();
+    let want = assigned("vm1", &live);
+    assert_eq!(want.len(), 2);
+    for (name, dir) in MONITORS.iter().zip(&dirs) {
+        let ev = events(dir);
+        let got = ev
+            .iter()
+            .any(|e| e["event"] == "assigned" && e["guest"] == "vm1");
+        assert_eq!(
+            got,
+            want.contains(name),
+            "{name}: assigned {got}; {}",
+            dump(&procs)
+        );
+        if want.contains(name) {
+            assert!(
+                ev.iter()
+                    .any(|e| e["event"] == "repair" && e["uid"] == 1000),
+                "{name} took no part in the repair; {}",
+                dump(&procs)
+            );
+        } else {
+            assert!(
+                !ev.iter().any(|e| e["event"] == "repair"),
+                "{name} repaired a guest it was not assigned"
+            );
+        }
+    }
+    let healed = dirs
+        .iter()
+        .flat_map(events)
+        .filter(|e| e["event"] == "healed")
+        .count();
+    assert!(
+        healed > 0,
+        "no monitor saw the guest healed; {}",
+        dump(&procs)
+    );
+    // Every write the bridge applied was voted by exactly the two assigned monitors.
+    let applied = setup.audit_events("write_applied");
+    assert!(!applied.is_empty(), "no write applied; {}", dump(&procs));
+    for a in &applied {
+        let voters: BTreeSet<&str> = a["voters"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(voters, want, "{a}");
+    }
+    // The second monitor's LOCK came while the first held the pause waiting for its vote.
+    let joined = setup.audit_events("lock_joined");
+    assert!(!joined.is_empty(), "no joint pause; {}", dump(&procs));
+    eprintln!(
+        "fork bomb healed with k = 2 by {want:?}: {} agreed writes, {} joined pauses",
+        applied.len(),
+        joined.len()
+    );
+    for p in &mut procs {
+        assert!(p.terminate(Duration::from_secs(10)).is_some());
+    }
+    drop(bridge);
+}
