@@ -6,7 +6,7 @@ CARGO ?= cargo
 # make demo ENGINE=kvm|tcg|auto (kvm on a CPU without vmx/svm runs inside a kvm host)
 ENGINE ?= $(or $(DEMO_ENGINE),auto)
 
-.PHONY: all deps images build release rxe-bins test lint bench demo experiments fuzz clean-cache
+.PHONY: all deps images build release rxe-bins test lint bench demo experiments scale fuzz clean-cache
 
 all: build
 
@@ -80,6 +80,22 @@ experiments: images release
 	BD_IMAGES_ENV=$(IMAGES_ENV) $(CARGO) bench -p backdoors-tests --bench service -- \
 		--engines $(EXPERIMENTS_ENGINES) --attacks cpu,mem --csv-dir $(FIGURES)
 	/usr/bin/python3 scripts/plot_experiments.py $(FIGURES)
+
+# One bdmon and many guests (issue 18): the instructions of one sample (callgrind, two runs of
+# K samples; the difference divided by the difference of K, so setup cancels out), then one real
+# bdmon against SCALE_GUESTS memory-image bridges for SCALE_SECONDS. Figures in docs/benchmarks.md.
+SCALE_GUESTS ?= 100,1000
+SCALE_PERIOD_MS ?= 10
+SCALE_SECONDS ?= 10
+scale: release
+	$(CARGO) bench -p backdoors-tests --bench scale --no-run
+	cd tests && B=$$(ls -t ../target/release/deps/scale-* | grep -v '\.d$$' | head -n 1) && \
+	for k in 200 400; do \
+		valgrind --tool=callgrind --callgrind-out-file=/tmp/bd-scale-cg.$$k $$B --per-sample $$k \
+			2>&1 | grep -E 'Collected'; \
+	done
+	$(CARGO) bench -p backdoors-tests --bench scale -- --guests $(SCALE_GUESTS) \
+		--period-ms $(SCALE_PERIOD_MS) --seconds $(SCALE_SECONDS)
 
 # A short run of every cargo-fuzz target (introspect: guest data; rdma-bridge: the wire format).
 # cargo-fuzz runs on the stable toolchain with -s none (no sanitizer; panics and hangs are found).

@@ -97,13 +97,7 @@ impl AsyncBridge {
         let timeout = self.timeout;
         match tokio::time::timeout(timeout, self.exchange(req)).await {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Io {
-                addr: self.addr.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no reply within {timeout:?}"),
-                ),
-            }),
+            Err(_) => Err(late(timeout, &self.addr)),
         }
     }
 
@@ -168,15 +162,10 @@ impl AsyncBridge {
     /// calls at every sample. On error `out` is unspecified.
     pub async fn sensor_box_into(&mut self, out: &mut SensorBox) -> Result<(), ClientError> {
         let timeout = self.timeout;
+        // The address is cloned only when the reply is late.
         match tokio::time::timeout(timeout, self.fetch_into(out)).await {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Io {
-                addr: self.addr.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no reply within {timeout:?}"),
-                ),
-            }),
+            Err(_) => Err(late(timeout, &self.addr)),
         }
     }
 
@@ -214,6 +203,17 @@ impl AsyncBridge {
             Reply::Status(s) => Ok(s),
             r => Err(unexpected("STATUS", &r)),
         }
+    }
+}
+
+/// The error of a reply that did not come within `timeout` from `addr`.
+fn late(timeout: Duration, addr: &str) -> ClientError {
+    ClientError::Io {
+        addr: addr.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no reply within {timeout:?}"),
+        ),
     }
 }
 

@@ -189,7 +189,13 @@ async fn watch(mut l: GuestLoop, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        next = (next + l.period).max(tokio::time::Instant::now());
+        // The timer fires up to a millisecond late: a sample late by less than a period keeps
+        // the schedule (the next one comes sooner); one a whole period late is not made up for.
+        next += l.period;
+        let now = tokio::time::Instant::now();
+        if next + l.period < now {
+            next = now;
+        }
         if l.backing_off() {
             continue;
         }

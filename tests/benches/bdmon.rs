@@ -15,7 +15,7 @@
 //!    (paper: 46 %, ~5 %, <1 %), with the bridge in another process serving a memory image.
 //!
 //! `cargo bench -p backdoors-tests --bench bdmon [-- --rounds N --sizes 100,500 --engines tcg,kvm
-//!  --periods 0,10,100 --csv DIR]` (`--csv`: also monitor-cpu.csv and table1-<engine>.csv in DIR)
+//!  --periods 0,10,100 --csv DIR --cpu-only]` (`--csv`: also monitor-cpu.csv and table1-<engine>.csv in DIR)
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -242,6 +242,55 @@ fn bomb_rounds(engine: Engine, max: u64, rounds: usize, sample_ms: u64) -> Vec<R
     out
 }
 
+/// Samples bdmon's dispatcher took of its guests (from its metrics).
+fn samples(metrics: &Metrics) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("bdmon_samples_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Back-to-back samples for 5 s through bdmon's sampling path (its tokio session, the parse in
+/// place, `GuestLoop::observe`) on one thread: (samples, wall seconds, CPU seconds).
+fn busy_loop(cfg: &Config) -> (f64, f64, f64) {
+    let g = cfg.guests[0].clone();
+    let id = g.identity();
+    let addr = g.bridge.clone();
+    let mut l = GuestLoop::new(
+        Arc::new(cfg.clone()),
+        g,
+        Registry::new(),
+        Arc::new(Events::to_writer(Box::new(Sink::default()))),
+        Arc::new(Metrics::default()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let mut b =
+            bridge_client::nonblocking::AsyncBridge::connect(&addr, &id, Duration::from_secs(10))
+                .await
+                .expect("connect");
+        let mut sb = introspect::sensorbox::SensorBox::default();
+        let (wall0, cpu0) = (Instant::now(), cpu_seconds());
+        let mut n = 0u64;
+        while wall0.elapsed() < Duration::from_secs(5) {
+            let t = Instant::now();
+            b.sensor_box_into(&mut sb).await.expect("FETCH_SB");
+            let _ = l.observe(&sb, t, t.elapsed());
+            n += 1;
+        }
+        (
+            n as f64,
+            wall0.elapsed().as_secs_f64(),
+            cpu_seconds() - cpu0,
+        )
+    })
+}
+
 fn cpu_seconds() -> f64 {
     let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct we own.
@@ -276,43 +325,43 @@ fn cpu_use(periods_ms: &[u64], csv: Option<&std::path::Path>) {
     );
     let mut rows = String::from("period_ms,samples_per_s,cpu_percent,paper_percent\n");
     for &ms in periods_ms {
-        let period = Duration::from_millis(ms);
         let label = if ms == 0 {
             "busy loop".to_string()
         } else {
             format!("every {ms} ms")
         };
-        let cfg = config(&bridge.addr, &setup.pki(), 1, 100_000, Engine::Tcg);
-        let events = Arc::new(Events::to_writer(Box::new(Sink::default())));
-        let g = cfg.guests[0].clone();
-        let mut ed = GuestLoop::new(
-            Arc::new(cfg),
-            g,
-            Registry::new(),
-            events,
-            Arc::new(Metrics::default()),
-        );
-        ed.once(); // connect
-        let (wall0, cpu0) = (Instant::now(), cpu_seconds());
-        let mut n = 0u64;
-        let mut next = Instant::now();
-        while wall0.elapsed() < Duration::from_secs(5) {
-            ed.once();
-            n += 1;
-            if !period.is_zero() {
-                next += period;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
-            }
-        }
-        let (wall, cpu) = (wall0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+        let cfg = config(&bridge.addr, &setup.pki(), ms.max(1), 100_000, Engine::Tcg);
+        let (n, wall, cpu) = if ms == 0 {
+            busy_loop(&cfg)
+        } else {
+            // bdmon's own dispatcher: its sampler thread, its session, its checks and gauges.
+            let metrics = Arc::new(Metrics::default());
+            let h = bdmon::dispatcher::start(
+                Arc::new(cfg),
+                Arc::new(|_: &Config, _: &GuestConfig| Registry::new()),
+                Arc::new(Events::to_writer(Box::new(Sink::default()))),
+                metrics.clone(),
+            )
+            .expect("start the dispatcher");
+            std::thread::sleep(Duration::from_secs(1)); // connect, detect the patched box
+            let (s0, wall0, cpu0) = (samples(&metrics), Instant::now(), cpu_seconds());
+            std::thread::sleep(Duration::from_secs(5));
+            let (s1, wall, cpu) = (
+                samples(&metrics),
+                wall0.elapsed().as_secs_f64(),
+                cpu_seconds() - cpu0,
+            );
+            h.stop();
+            (s1 - s0, wall, cpu)
+        };
         println!(
             "sampling {label:<13} {:>8.0} samples/s   monitor CPU {:>5.1} % of one core",
-            n as f64 / wall,
+            n / wall,
             100.0 * cpu / wall
         );
         rows.push_str(&format!(
             "{ms},{:.0},{:.2},{}\n",
-            n as f64 / wall,
+            n / wall,
             100.0 * cpu / wall,
             paper_cpu(ms)
         ));
@@ -342,6 +391,9 @@ fn main() {
             &periods,
             csv.as_ref().map(|d| d.join("monitor-cpu.csv")).as_deref(),
         );
+    }
+    if std::env::args().any(|a| a == "--cpu-only") {
+        return;
     }
     let engines: Vec<Engine> = arg("--engines")
         .unwrap_or_else(|| "tcg,kvm".into())

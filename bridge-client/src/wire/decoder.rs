@@ -212,14 +212,12 @@ impl Decoder {
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. Any error poisons the decoder.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        if self.poisoned {
-            return Err(WireError::Poisoned);
-        }
-        let r = self.try_next();
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r
+        self.next_raw(|request_id, op, payload| {
+            Ok(Frame {
+                request_id,
+                message: decode_payload(op, payload)?,
+            })
+        })
     }
 
     /// The next complete frame as `(request id, op, payload)` handed to `read`, without copying
@@ -255,23 +253,5 @@ impl Decoder {
         let out = read(header.request_id, header.op, payload)?;
         self.buf.drain(..total);
         Ok(Some(out))
-    }
-
-    fn try_next(&mut self) -> Result<Option<Frame>, WireError> {
-        let Some(h) = self.buf.first_chunk::<HEADER_LEN>() else {
-            check_magic_prefix(&self.buf)?;
-            return Ok(None);
-        };
-        let header = Header::parse(h, self.max_payload)?;
-        let total = header.frame_len();
-        let Some(payload) = self.buf.get(HEADER_LEN..total) else {
-            return Ok(None);
-        };
-        let message = decode_payload(header.op, payload)?;
-        self.buf.drain(..total);
-        Ok(Some(Frame {
-            request_id: header.request_id,
-            message,
-        }))
     }
 }
