@@ -41,6 +41,11 @@ use crate::metrics::{Metrics, SampleGauges};
 /// Pause before calling a handler again for a sensor it could not heal.
 pub const RETRY_AFTER: Duration = Duration::from_secs(2);
 
+/// A blocking session unused this long is closed by the sampler (bridges close idle sessions
+/// after `idle_timeout_ms`, 30 s by default; a repair should never start on a dead one). Kept open
+/// while it is in use, e.g. by a hang check at every sample of a stalled guest.
+pub const BLOCKING_IDLE: Duration = Duration::from_secs(5);
+
 /// Longest wait for one sample's reply (and for a session to open) on the sampler.
 pub const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -205,12 +210,14 @@ async fn watch(mut l: GuestLoop, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
                 Some(l) => l,
                 None => return,
             };
-            if !l.wants_blocking() {
-                // From now on the sampler samples: the blocking session is opened again by the
-                // next repair (an idle one would be closed by the bridge in the meantime).
-                l.guest.disconnect();
-            }
+            l.blocking_at = Some(Instant::now());
             continue;
+        }
+        if l.blocking_at.is_some_and(|at| at.elapsed() > BLOCKING_IDLE) && !l.guest.holds_lock() {
+            // The sampler samples; the blocking session, unused for a while, is closed before
+            // the bridge closes it for idleness (the next repair opens a fresh one).
+            l.guest.disconnect();
+            l.blocking_at = None;
         }
         let t = Instant::now();
         let b = match fast.as_mut() {
@@ -245,9 +252,7 @@ async fn watch(mut l: GuestLoop, stop: Arc<AtomicBool>, wake: Arc<Notify>) {
         let sb = std::mem::take(&mut sb);
         l = match blocking(l, move |l| {
             l.dispatch(&sb, violations, took);
-            if !l.guest.holds_lock() {
-                l.guest.disconnect();
-            }
+            l.blocking_at = Some(Instant::now());
         })
         .await
         {
@@ -302,6 +307,8 @@ pub struct GuestLoop {
     not_before: Option<Instant>,
     /// Longest handler backoff.
     retry_max: Duration,
+    /// When the blocking session (repairs, stock sampling, hang checks) was last used.
+    blocking_at: Option<Instant>,
 }
 
 impl GuestLoop {
@@ -331,6 +338,7 @@ impl GuestLoop {
             retry,
             not_before: None,
             retry_max,
+            blocking_at: None,
         }
     }
 

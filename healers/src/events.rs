@@ -16,6 +16,9 @@
 //! | `pause_skipped` | a lock not taken because it would break the guest's pause budget: `step`, `reason` (used and allowed ms, window), `retry_in_ms`, `retry_at_ms` |
 //! | `degraded` | once per located kernel, for each field or symbol it lacks: `release`, `field`, `looked_for`, `disables` (what is off, e.g. the memory policies without `mm_struct.rss_stat`), `reason` |
 //! | `error` | `what` |
+//! | `assigned` | (`[fleet]`) the fleet gave this monitor the guest: `monitor`, `bridge`, `monitors` (the guest's assigned set) |
+//! | `released` | (`[fleet]`) no longer this monitor's: `monitor`, `fenced` |
+//! | `fenced` / `unfenced` | (`[fleet]`, guest `-`) this monitor can no longer / can again prove its membership in etcd: `monitor`, `etcd_connected` |
 
 use std::io::Write;
 
