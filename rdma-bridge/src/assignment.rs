@@ -56,20 +56,31 @@ impl Assignment {
         a
     }
 
-    /// `Err(message)` unless `monitor` is assigned to the guest now.
-    pub fn check(&self, monitor: &str) -> Result<(), String> {
-        let a = self.assigned();
-        if a.iter().any(|m| m == monitor) {
+    /// `Err` unless `monitor` is assigned to the guest now.
+    pub fn check(&self, monitor: &str) -> Result<(), NotAssigned> {
+        let assigned = self.assigned();
+        if assigned.iter().any(|m| m == monitor) {
             return Ok(());
         }
-        Err(format!(
-            "monitor {monitor} is not assigned to guest {} in the fleet (assigned: {})",
-            self.guest,
-            if a.is_empty() {
-                "none".to_string()
-            } else {
-                a.join(", ")
-            }
-        ))
+        Err(NotAssigned {
+            monitor: monitor.to_owned(),
+            guest: self.guest.clone(),
+            assigned,
+        })
     }
+}
+
+/// A monitor the fleet does not assign to the guest asked to LOCK, WRITE or RESTART.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "monitor {monitor} is not assigned to guest {guest} in the fleet (assigned: {})",
+    if assigned.is_empty() { "none".to_string() } else { assigned.join(", ") }
+)]
+pub struct NotAssigned {
+    /// Who asked.
+    pub monitor: String,
+    /// The guest.
+    pub guest: String,
+    /// Who is assigned now.
+    pub assigned: Vec<String>,
 }

@@ -695,7 +695,7 @@ impl Session<'_> {
     /// Refuses `op` if the fleet does not assign this guest to this monitor now (`[fleet]`).
     fn unassigned(&self, op: &str) -> Option<Reply> {
         let fleet = self.sh.fleet.as_ref()?;
-        let message = fleet.check(&self.monitor).err()?;
+        let message = fleet.check(&self.monitor).err()?.to_string();
         self.sh.audit.log(
             "denied",
             json!({"monitor": self.monitor, "op": op, "reason": "not assigned in the fleet",
