@@ -126,6 +126,18 @@ pub(crate) fn hello(name: &str) -> Request {
     }
 }
 
+/// The VM's backdoor range `(gpa, size)` from the bridge's answer to HELLO.
+pub(crate) fn backdoor_of(r: Reply) -> Result<(u64, u64), ClientError> {
+    match r {
+        Reply::Hello {
+            backdoor_gpa,
+            backdoor_size,
+            ..
+        } => Ok((backdoor_gpa, backdoor_size)),
+        r => Err(unexpected("HELLO", &r)),
+    }
+}
+
 /// One authenticated session with a bridge.
 pub struct Bridge {
     s: StreamOwned<ClientConnection, TcpStream>,
@@ -184,14 +196,7 @@ impl Bridge {
             backdoor: (0, 0),
             buf: vec![0u8; 256 << 10],
         };
-        match b.call(hello(&id.name))? {
-            Reply::Hello {
-                backdoor_gpa,
-                backdoor_size,
-                ..
-            } => b.backdoor = (backdoor_gpa, backdoor_size),
-            r => return Err(unexpected("HELLO", &r)),
-        }
+        b.backdoor = backdoor_of(b.call(hello(&id.name))?)?;
         Ok(b)
     }
 

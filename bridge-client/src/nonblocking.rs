@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::client::{hello, reply_to, unexpected, ClientError};
+use crate::client::{backdoor_of, hello, reply_to, unexpected, ClientError};
 use crate::tls::Identity;
 use crate::wire::{self, Decoder, Frame, Op, Reply, Request, VmStatus};
 
@@ -71,14 +71,7 @@ impl AsyncBridge {
             out: Vec::with_capacity(64),
             buf: vec![0u8; READ_CHUNK],
         };
-        match b.call(hello(&id.name)).await? {
-            Reply::Hello {
-                backdoor_gpa,
-                backdoor_size,
-                ..
-            } => b.backdoor = (backdoor_gpa, backdoor_size),
-            r => return Err(unexpected("HELLO", &r)),
-        }
+        b.backdoor = backdoor_of(b.call(hello(&id.name)).await?)?;
         Ok(b)
     }
 
