@@ -14,7 +14,7 @@
 //! [`Registration::close`] (and Drop) revokes the lease, bounded by [`REVOKE_TIMEOUT`], so the key
 //! disappears at once instead of a TTL later.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,13 +23,10 @@ use tokio::sync::watch;
 
 use crate::config::{FleetConfig, FleetError};
 use crate::records::{check_name, GuestRecord, MemberRecord};
+use crate::shared::{BACKOFF_MAX, BACKOFF_MIN};
 
 /// Longest [`Registration::close`] waits for etcd to revoke the lease.
 pub const REVOKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// First retry delay after a failure.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest retry delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// What the owner asks of the background task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,19 +50,7 @@ struct State {
     client: Option<Client>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-}
+type Shared = crate::shared::Shared<State>;
 
 /// The common machinery of [`Registration`] and [`Member`].
 struct Holder {
@@ -83,10 +68,7 @@ impl Holder {
         what: &str,
     ) -> Result<Holder, FleetError> {
         cfg.validate()?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
-            changed: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(State::default()));
         let (stop, stop_rx) = watch::channel(Stop::Run);
         // Connect, grant and put, each bounded by the connect timeout (and usually far quicker).
         let first_wait = cfg.connect_timeout() * 2;
@@ -118,19 +100,7 @@ impl Holder {
 
     /// Waits until the key was put more than `since` times, or `timeout`; returns the count.
     fn wait_put(&self, since: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        while st.puts <= since {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = match self.shared.changed.wait_timeout(st, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        st.puts
+        self.shared.wait_until(timeout, |st| st.puts > since).puts
     }
 
     fn end(&mut self, how: Stop) {
@@ -260,7 +230,7 @@ impl Task {
             st.lease = Some(id);
             st.owns_until = Some(owned_until(sent, granted));
             st.puts += 1;
-            self.shared.changed.notify_all();
+            self.shared.notify();
         }
         tracing::debug!("fleet: {} put under lease {id:x}", self.key);
         let period = self.cfg.ttl() / 3;
@@ -287,7 +257,7 @@ impl Task {
             }
             let mut st = self.shared.lock();
             st.owns_until = Some(owned_until(sent, granted));
-            self.shared.changed.notify_all();
+            self.shared.notify();
         }
     }
 
@@ -300,7 +270,7 @@ impl Task {
         let mut st = self.shared.lock();
         st.lease = None;
         st.owns_until = None;
-        self.shared.changed.notify_all();
+        self.shared.notify();
     }
 
     async fn revoke(&self) {

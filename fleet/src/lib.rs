@@ -22,6 +22,7 @@ mod assign;
 pub mod config;
 mod lease;
 mod records;
+mod shared;
 #[doc(hidden)]
 pub mod testing;
 mod watch;

@@ -8,7 +8,7 @@
 //! next good list the view keeps its last content and [`Watcher::connected`] is false.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,10 @@ use tokio::sync::watch;
 use crate::config::{FleetConfig, FleetError};
 use crate::lease::connect;
 use crate::records::{classify, parse_guest, parse_member, Entry, GuestRecord};
+use crate::shared::{BACKOFF_MAX, BACKOFF_MIN};
 
 /// Most keys one listing takes in.
 pub const MAX_KEYS: i64 = 100_000;
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// A watch quiet this long is asked for a progress report.
 const QUIET: Duration = Duration::from_secs(1);
 
@@ -43,19 +42,9 @@ struct Inner {
     connected: bool,
 }
 
-struct Shared {
-    inner: Mutex<Inner>,
-    cond: Condvar,
-}
+type Shared = crate::shared::Shared<Inner>;
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
     /// Replaces the view; bumps the counter when members or guests changed.
     fn set(&self, view: View) {
         let mut g = self.lock();
@@ -64,14 +53,14 @@ impl Shared {
         if differs {
             g.changed += 1;
         }
-        self.cond.notify_all();
+        self.notify();
     }
 
     fn set_connected(&self, c: bool) {
         let mut g = self.lock();
         if g.connected != c {
             g.connected = c;
-            self.cond.notify_all();
+            self.notify();
         }
     }
 }
@@ -88,14 +77,11 @@ impl Watcher {
     /// etcd cannot be reached it goes on trying in the background ([`Watcher::connected`]).
     pub fn start(cfg: FleetConfig) -> Result<Watcher, FleetError> {
         cfg.validate()?;
-        let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner {
-                view: View::default(),
-                changed: 0,
-                connected: false,
-            }),
-            cond: Condvar::new(),
-        });
+        let shared = Arc::new(Shared::new(Inner {
+            view: View::default(),
+            changed: 0,
+            connected: false,
+        }));
         let (stop, mut stop_rx) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -119,16 +105,7 @@ impl Watcher {
             stop,
             thread: Some(thread),
         };
-        let deadline = Instant::now() + first_wait;
-        let mut g = w.shared.lock();
-        while !g.connected && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            g = match w.shared.cond.wait_timeout(g, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        drop(g);
+        drop(w.shared.wait_until(first_wait, |g| g.connected));
         Ok(w)
     }
 
@@ -144,19 +121,9 @@ impl Watcher {
 
     /// Waits up to `timeout` for [`Watcher::changed`] to pass `since`; returns its value.
     pub fn wait_changed(&self, since: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.shared.lock();
-        while g.changed <= since {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            g = match self.shared.cond.wait_timeout(g, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        g.changed
+        self.shared
+            .wait_until(timeout, |g| g.changed > since)
+            .changed
     }
 
     /// Whether the last listing and watch are healthy (etcd answers).
