@@ -174,3 +174,30 @@ pub fn bdmon_events(dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("events are JSON lines"))
         .collect()
 }
+
+/// Also prints the first lines of a panic's message, and where it happened, on stdout.
+///
+/// A CI summary that must be short keeps a failing test's stdout, which comes first in
+/// nextest's report, and may cut its stderr, where the panic and the diagnostics go. The long
+/// end-to-end tests call this first so that the reason for a failure survives the cut.
+pub fn panic_summary_on_stdout() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            let head: Vec<&str> = msg.lines().take(4).collect();
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            println!("PANIC at {at}: {}", head.join(" | "));
+            default(info);
+        }));
+    });
+}

@@ -9,6 +9,7 @@ use backdoors_tests::failover::{Fault, Pair};
 use backdoors_tests::site::Engine;
 
 fn every_fault(engine: Engine) {
+    backdoors_tests::panic_summary_on_stdout();
     let mut pair = Pair::boot(engine);
     for (k, &fault) in Fault::ALL.iter().enumerate() {
         let failed = pair.primary;
@@ -16,6 +17,12 @@ fn every_fault(engine: Engine) {
         eprintln!(
             "{engine:?} {fault:?}: front {failed} failed; failover {}",
             r.failover().map(|f| f.to_string()).unwrap_or_default()
+        );
+        println!(
+            "{engine:?} {fault:?}: front {failed} failed; {} sessions completed, {} gave up, {} wrong",
+            r.load.completed,
+            r.load.gave_up.len(),
+            r.load.wrong.len()
         );
         r.assert_recovered();
         if k + 1 < Fault::ALL.len() {

@@ -11,6 +11,7 @@ use backdoors_tests::service::{self, Attack, USER1};
 use backdoors_tests::site::Engine;
 
 fn healed_while_clients_watch(engine: Engine, attack: Attack) {
+    backdoors_tests::panic_summary_on_stdout();
     let r = service::run(engine, attack);
     let text = r.text();
     eprintln!("{text}");
