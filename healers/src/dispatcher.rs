@@ -67,6 +67,23 @@ pub struct Handle {
     events: Arc<Events>,
     metrics: Arc<Metrics>,
     guests: Mutex<HashMap<String, Watched>>,
+    /// Removed guests whose task has not ended yet (e.g. in the middle of a repair).
+    ending: Mutex<Vec<(String, Watched)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Watched {
+    /// Tells the task to end, at its next step.
+    fn signal(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }
 
 impl Handle {
@@ -79,10 +96,7 @@ impl Handle {
     }
 
     fn lock_guests(&self) -> std::sync::MutexGuard<'_, HashMap<String, Watched>> {
-        match self.guests.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.guests)
     }
 
     /// The guests watched now.
@@ -92,11 +106,15 @@ impl Handle {
         v
     }
 
-    /// Starts watching `g` (a guest of that name already watched is left as it is: false).
+    /// Starts watching `g`. False, and nothing done, if a guest of that name is watched, or was
+    /// removed and its task has not ended yet ([`Handle::ending`]): a guest never has two loops.
     pub fn add(&self, g: GuestConfig) -> bool {
         let Some(rt) = &self.rt else {
             return false;
         };
+        if self.ending(&g.name) {
+            return false;
+        }
         let mut guests = self.lock_guests();
         if guests.contains_key(&g.name) {
             return false;
@@ -116,22 +134,37 @@ impl Handle {
         true
     }
 
-    /// Stops watching `guest` and waits until its task ended (any lock it held is released, its
-    /// sessions closed). False if it was not watched.
+    /// Stops watching `guest`, without waiting: its task ends at its next step, after the work
+    /// it is in the middle of (a repair, which its lock's lease bounds); then any lock it held is
+    /// released and its sessions closed. Until then [`Handle::ending`] is true and the name
+    /// cannot be added again. False if it was not watched.
     pub fn remove(&self, guest: &str) -> bool {
         let w = self.lock_guests().remove(guest);
         let Some(w) = w else {
             return false;
         };
         self.metrics.forget_guest(guest);
-        self.end(vec![w]);
+        w.signal();
+        lock(&self.ending).push((guest.to_string(), w));
         true
+    }
+
+    /// True while the task of `guest`, removed, has not ended yet.
+    pub fn ending(&self, guest: &str) -> bool {
+        let mut ending = lock(&self.ending);
+        ending.retain(|(_, w)| !w.task.is_finished());
+        ending.iter().any(|(n, _)| n == guest)
+    }
+
+    /// Waits until every removed guest's task has ended (each released any lock it held).
+    pub fn wait_removed(&self) {
+        let ws: Vec<Watched> = lock(&self.ending).drain(..).map(|(_, w)| w).collect();
+        self.end(ws);
     }
 
     fn end(&self, ws: Vec<Watched>) {
         for w in &ws {
-            w.stop.store(true, Ordering::SeqCst);
-            w.wake.notify_one();
+            w.signal();
         }
         if let Some(rt) = &self.rt {
             rt.block_on(async {
@@ -142,9 +175,11 @@ impl Handle {
         }
     }
 
-    /// Stops every guest (each releases any lock it holds) and waits for them.
+    /// Stops every guest (each releases any lock it holds) and waits for them, and for the
+    /// removed ones still ending.
     pub fn stop(mut self) {
-        let ws: Vec<Watched> = self.lock_guests().drain().map(|(_, w)| w).collect();
+        let mut ws: Vec<Watched> = self.lock_guests().drain().map(|(_, w)| w).collect();
+        ws.extend(lock(&self.ending).drain(..).map(|(_, w)| w));
         self.end(ws);
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
@@ -171,6 +206,7 @@ pub fn start(
         events,
         metrics,
         guests: Mutex::new(HashMap::new()),
+        ending: Mutex::new(Vec::new()),
     };
     for g in &cfg.guests {
         h.add(g.clone());

@@ -111,6 +111,12 @@ impl Membership {
             if self.mine.contains_key(&name) {
                 continue;
             }
+            if h.ending(&name) {
+                // Released a moment ago and its loop not ended yet (a repair it is finishing):
+                // look again at the next call.
+                self.seen = None;
+                continue;
+            }
             let Some(mut g) = cfg.fleet_guest(&name, &bridge) else {
                 continue;
             };
@@ -141,6 +147,8 @@ impl Membership {
         for name in std::mem::take(&mut self.mine).into_keys() {
             h.remove(&name);
         }
+        // Every lock released before the lease goes, and the guests with it to other monitors.
+        h.wait_removed();
         match Arc::try_unwrap(self.member) {
             Ok(m) => m.leave(),
             Err(m) => drop(m),

@@ -90,3 +90,59 @@ fn a_dead_guest_never_delays_the_others() {
     assert!(h.sample_now("live"));
     h.stop();
 }
+
+/// Removing a guest does not wait for the work its loop is in the middle of (here a session
+/// that hangs until the client's 10 s timeout; in a fleet, a repair when the monitor is fenced or
+/// loses the guest): the caller goes on at once, and the name cannot be watched twice until
+/// the old loop has ended.
+#[test]
+fn removing_a_guest_in_the_middle_of_a_step_does_not_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
+    tls::pki_issue(&pki, "mon1").unwrap();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let text = format!(
+        "sample_ms = 10\n\
+         [[guest]]\nname = \"dead\"\nbridge = \"{dead}\"\npki = \"{p}\"\nmonitor = \"mon1\"\n",
+        p = pki.display()
+    );
+    let cfg = Arc::new(Config::parse(&text, &dir.path().join("bdmon.toml")).unwrap());
+    let g = cfg.guests[0].clone();
+    let h = bdmon::dispatcher::start(
+        cfg,
+        Arc::new(bdmon::default_registry),
+        Arc::new(Events::to_writer(Box::new(std::io::sink()))),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    // The first step (on the blocking pool: the kernel kind is not known yet) is now stuck in
+    // the TLS handshake with the silent port.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(h.remove("dead"));
+    assert!(h.watched().is_empty());
+    assert!(h.ending("dead"), "remove waited for the stuck step to end");
+    assert!(
+        !h.add(g.clone()),
+        "a second loop for a guest whose first is still ending"
+    );
+    // The stuck handshake ends at the client's timeout, and the loop with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.ending("dead") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed loop never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(h.add(g), "the name is free again once its old loop ended");
+    assert!(h.remove("dead"));
+    h.stop();
+}
