@@ -24,12 +24,32 @@ fn samples(metrics: &Metrics, guest: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A PKI in `dir/pki` with a certificate for monitor `mon1`.
+fn pki(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki = dir.join("pki");
+    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
+    tls::pki_issue(&pki, "mon1").unwrap();
+    pki
+}
+
+/// A port that accepts, then never speaks: a TLS handshake with it hangs until the client's
+/// timeout.
+fn silent_port() -> std::net::SocketAddr {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    addr
+}
+
 #[test]
 fn a_dead_guest_never_delays_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    tls::pki_issue(&pki, "mon1").unwrap();
+    let pki = pki(dir.path());
     let sensors = vec![Sensor {
         id: 3,
         class: SensorClass::Level,
@@ -55,15 +75,7 @@ fn a_dead_guest_never_delays_the_others() {
     let server = Server::bind(&bcfg, Arc::new(backend)).unwrap();
     let live = server.local_addr().unwrap();
     std::thread::spawn(move || server.run());
-    // Accepts, then never speaks: a TLS handshake with it hangs until the client's timeout.
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = silent.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in silent.incoming().flatten() {
-            held.push(c);
-        }
-    });
+    let dead = silent_port();
 
     let text = format!(
         "sample_ms = 10\n\
@@ -98,17 +110,8 @@ fn a_dead_guest_never_delays_the_others() {
 #[test]
 fn removing_a_guest_in_the_middle_of_a_step_does_not_wait_for_it() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    tls::pki_init(&pki, tls::DEFAULT_SERVER_NAME).unwrap();
-    tls::pki_issue(&pki, "mon1").unwrap();
-    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = silent.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in silent.incoming().flatten() {
-            held.push(c);
-        }
-    });
+    let pki = pki(dir.path());
+    let dead = silent_port();
     let text = format!(
         "sample_ms = 10\n\
          [[guest]]\nname = \"dead\"\nbridge = \"{dead}\"\npki = \"{p}\"\nmonitor = \"mon1\"\n",
