@@ -144,6 +144,9 @@ pub struct Config {
 /// pki = "pki"                      # where mon1.pem / mon1.key / ca.pem are
 /// monitors_per_guest = 2           # k: each guest is watched by this many monitors
 /// sample_ms = 10                   # optional: the fleet guests' sampling period
+/// lease_ms = 2000                  # optional: as a [[guest]]'s (pause lease while healing)
+/// walk_ms = 1000                   # optional: as a [[guest]]'s (longest task-list walk)
+/// walk_entries = 100000            # optional: as a [[guest]]'s (most task_structs per walk)
 /// [fleet.thresholds]               # optional: threshold overrides for every fleet guest
 /// NPROCS = 300
 /// ```
@@ -178,6 +181,15 @@ pub struct FleetSection {
     /// Threshold overrides for every fleet guest (as a `[[guest]]`'s `thresholds`).
     #[serde(default)]
     pub thresholds: BTreeMap<String, u64>,
+    /// Every fleet guest's pause lease while healing (as a `[[guest]]`'s `lease_ms`).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Every fleet guest's walk bound in task_structs (as a `[[guest]]`'s `walk_entries`).
+    #[serde(default = "default_walk_entries")]
+    pub walk_entries: usize,
+    /// Every fleet guest's walk bound in ms (as a `[[guest]]`'s `walk_ms`).
+    #[serde(default = "default_walk_ms")]
+    pub walk_ms: u64,
 }
 
 fn one() -> usize {
@@ -753,6 +765,9 @@ impl Config {
         g.retry_ms = Some((self.retry_min_ms, self.retry_max_ms));
         g.sample_ms = f.sample_ms;
         g.thresholds = f.thresholds.clone();
+        g.lease_ms = f.lease_ms;
+        g.walk_entries = f.walk_entries;
+        g.walk_ms = f.walk_ms;
         Some(g)
     }
 
@@ -808,41 +823,53 @@ impl Config {
             if g.name.is_empty() || self.guests[..i].iter().any(|o| o.name == g.name) {
                 return bad(format!("guest #{i}: empty or duplicate name {:?}", g.name));
             }
-            if g.system_map.is_some() != g.vmlinux.is_some() {
-                return bad(format!(
-                    "guest {}: give both system_map and vmlinux (stock kernel) or neither",
-                    g.name
-                ));
-            }
-            if g.sample_ms == Some(0) {
-                return bad(format!("guest {}: sample_ms must be at least 1", g.name));
-            }
-            if g.pause_budget_percent.is_some_and(|p| !percent_ok(p)) {
-                return bad(format!(
-                    "guest {}: pause_budget_percent must be more than 0 and at most 100",
-                    g.name
-                ));
-            }
-            if !(10..=600_000).contains(&g.lease_ms) {
-                return bad(format!("guest {}: lease_ms must be 10..=600000", g.name));
-            }
-            if !(1..=1 << 22).contains(&g.walk_entries) || !(1..=600_000).contains(&g.walk_ms) {
-                return bad(format!(
-                    "guest {}: walk_entries must be 1..=4194304 and walk_ms 1..=600000",
-                    g.name
-                ));
-            }
-            for name in g.thresholds.keys() {
-                if !SENSOR_NAMES.iter().any(|(n, _)| n == name) && !is_device_sensor(name) {
-                    return bad(format!(
-                        "guest {}: unknown sensor {name:?} in thresholds",
-                        g.name
-                    ));
-                }
-            }
+            check_guest(g)?;
+        }
+        if let Some(g) = self.fleet_guest("[fleet]", "-") {
+            check_guest(&g)?;
         }
         Ok(())
     }
+}
+
+/// What every guest, static or from the fleet, must hold to.
+fn check_guest(g: &GuestConfig) -> Result<(), ConfigError> {
+    let bad = |m: String| Err(ConfigError::Invalid(m));
+    if g.system_map.is_some() != g.vmlinux.is_some() {
+        return bad(format!(
+            "guest {}: give both system_map and vmlinux (stock kernel) or neither",
+            g.name
+        ));
+    }
+    if g.sample_ms == Some(0) {
+        return bad(format!("guest {}: sample_ms must be at least 1", g.name));
+    }
+    if g.pause_budget_percent
+        .is_some_and(|p| !(p > 0.0 && p <= 100.0))
+    {
+        return bad(format!(
+            "guest {}: pause_budget_percent must be more than 0 and at most 100",
+            g.name
+        ));
+    }
+    if !(10..=600_000).contains(&g.lease_ms) {
+        return bad(format!("guest {}: lease_ms must be 10..=600000", g.name));
+    }
+    if !(1..=1 << 22).contains(&g.walk_entries) || !(1..=600_000).contains(&g.walk_ms) {
+        return bad(format!(
+            "guest {}: walk_entries must be 1..=4194304 and walk_ms 1..=600000",
+            g.name
+        ));
+    }
+    for name in g.thresholds.keys() {
+        if !SENSOR_NAMES.iter().any(|(n, _)| n == name) && !is_device_sensor(name) {
+            return bad(format!(
+                "guest {}: unknown sensor {name:?} in thresholds",
+                g.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -907,6 +934,30 @@ mod tests {
         }
     }
 
+    const FLEET: &str = "[fleet]\nmonitor = \"m\"\npki = \"p\"\n";
+
+    /// A fleet guest gets the [fleet] section's settings, or a [[guest]]'s defaults.
+    #[test]
+    fn fleet_guests_take_the_sections_settings() {
+        let c = Config::parse(FLEET, Path::new("/etc/bdmon/bdmon.toml")).unwrap();
+        let g = c.fleet_guest("vm1", "10.0.0.1:7070").unwrap();
+        assert_eq!(g.pki, Path::new("/etc/bdmon/p"));
+        assert_eq!(g.walk_limits(), introspect::tasks::Limits::default());
+        assert_eq!(g.lease_ms, default_lease_ms());
+        let c = Config::parse(
+            &format!(
+                "{FLEET}sample_ms = 20\nlease_ms = 10000\nwalk_ms = 8000\nwalk_entries = 5000\n"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let g = c.fleet_guest("vm1", "10.0.0.1:7070").unwrap();
+        assert_eq!(
+            (g.sample_ms, g.lease_ms, g.walk_ms, g.walk_entries),
+            (Some(20), 10_000, 8_000, 5_000)
+        );
+    }
+
     #[test]
     fn nonsense_is_refused_with_a_reason() {
         for (text, want) in [
@@ -936,6 +987,20 @@ mod tests {
                 "pause_budget_percent",
             ),
             (&format!("retry_max_ms = 10\n{GUEST}"), "retry_max_ms"),
+            // The fleet's guests are held to what a [[guest]] is.
+            (
+                &format!("{FLEET}sample_ms = 0\n"),
+                "guest [fleet]: sample_ms",
+            ),
+            (&format!("{FLEET}lease_ms = 5\n"), "guest [fleet]: lease_ms"),
+            (
+                &format!("{FLEET}walk_ms = 0\n"),
+                "guest [fleet]: walk_entries",
+            ),
+            (
+                &format!("{FLEET}[fleet.thresholds]\nNPROC = 3\n"),
+                "guest [fleet]: unknown sensor",
+            ),
         ] {
             let e = Config::parse(text, Path::new("x.toml"))
                 .unwrap_err()
