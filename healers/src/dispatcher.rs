@@ -112,11 +112,10 @@ impl Handle {
         let Some(rt) = &self.rt else {
             return false;
         };
-        if self.ending(&g.name) {
-            return false;
-        }
+        // Checked under the guests' lock, which `remove` takes first: no remove of this name
+        // can slip between the two checks.
         let mut guests = self.lock_guests();
-        if guests.contains_key(&g.name) {
+        if guests.contains_key(&g.name) || self.ending(&g.name) {
             return false;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -139,13 +138,14 @@ impl Handle {
     /// released and its sessions closed. Until then [`Handle::ending`] is true and the name
     /// cannot be added again. False if it was not watched.
     pub fn remove(&self, guest: &str) -> bool {
-        let w = self.lock_guests().remove(guest);
-        let Some(w) = w else {
+        let mut guests = self.lock_guests();
+        let Some(w) = guests.remove(guest) else {
             return false;
         };
-        self.metrics.forget_guest(guest);
         w.signal();
         lock(&self.ending).push((guest.to_string(), w));
+        drop(guests);
+        self.metrics.forget_guest(guest);
         true
     }
 
